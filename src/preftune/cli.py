@@ -1,0 +1,160 @@
+"""``preftune <command> ...``: one flat table from command to handler. Handlers are imported lazily
+(``module:function``) so ``--help`` is instant; each takes the parsed ``argparse.Namespace``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+CONFIG = (("config",), dict(help="YAML config file"))
+OVERRIDES = (("overrides",), dict(nargs="*", help="dotted key=value overrides, e.g. dpo.beta=0.3"))
+RESUME = (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in output_dir"))
+MODEL = (("--model",), dict(required=True, help="run folder, model/adapter folder, or embedded: name"))
+OUT = (("--out",), dict(required=True, help="output path"))
+
+# command -> (handler, help, arguments)
+COMMANDS: dict[str, tuple[str, str, tuple]] = {
+    "config show": ("preftune.commands:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
+    "data inspect": (
+        "preftune.data.inspect:main",
+        "read, tokenize and summarise a dataset: kept/dropped rows, lengths, a rendered sample",
+        (
+            (("target",), dict(help="config YAML or data file/folder")),
+            (("overrides",), dict(nargs="*", help="dotted key=value overrides (with a config)")),
+            (("--format",), dict(default=None, help="row format (default: auto-detect)")),
+            (("--json",), dict(action="store_true", help="print one JSON object")),
+            (("--sft",), dict(action="store_true", help="inspect as SFT data")),
+        ),
+    ),
+    "data synth": (
+        "preftune.data.synth:main",
+        "regenerate the generated part of the embedded preference data",
+        (
+            (("--n",), dict(type=int, default=400, help="number of pairs")),
+            (("--seed",), dict(type=int, default=0)),
+            (("--out",), dict(required=True, help="output .jsonl")),
+        ),
+    ),
+    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME)),
+    "dpo": ("preftune.commands:dpo", "DPO family (sigmoid, ipo, hinge, robust) and simpo", (CONFIG, OVERRIDES, RESUME)),
+    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
+    "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
+                 (CONFIG, OVERRIDES, RESUME)),
+    "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
+    "merge": (
+        "preftune.commands:merge",
+        "merge a LoRA adapter into its base model",
+        ((("run",), dict(help="run folder or adapter folder")), OUT),
+    ),
+    "generate": (
+        "preftune.eval.generate:main",
+        "batched generation over the held-out prompts; writes JSONL",
+        (CONFIG, OVERRIDES, MODEL, (("--out",), dict(default=None, help="output .jsonl"))),
+    ),
+    "chat": (
+        "preftune.eval.generate:chat",
+        "chat with a model in the terminal",
+        ((("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
+         (("--max-new-tokens",), dict(type=int, default=256)), (("--temperature",), dict(type=float, default=0.7))),
+    ),
+    "serve": (
+        "preftune.serve:main",
+        "OpenAI-compatible chat server (/v1/chat/completions, /v1/models)",
+        (
+            (("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
+            (("--host",), dict(default="127.0.0.1")),
+            (("--port",), dict(type=int, default=8000)),
+            (("--api-key-env",), dict(default="PREFTUNE_API_KEY", help="env var holding the required API key")),
+            (("--max-tokens",), dict(type=int, default=512, help="cap on max_tokens per request")),
+        ),
+    ),
+    "eval": ("preftune.eval.suite:main", "run the configured evaluations for base, SFT and DPO; writes eval.json",
+             (CONFIG, OVERRIDES, (("--models",), dict(nargs="*", default=None, help="models to evaluate")))),
+    "eval rewards": ("preftune.eval.suite:rewards_main", "held-out reward accuracy against the reference",
+                     (CONFIG, OVERRIDES, MODEL, (("--reference",), dict(default=None)))),
+    "eval winrate": ("preftune.eval.suite:winrate_main", "judged win-rate against chosen (or another model)",
+                     (CONFIG, OVERRIDES, MODEL, (("--against",), dict(default=None, help="second model")))),
+    "eval heldout": ("preftune.eval.suite:heldout_main", "held-out LM loss, perplexity and bits per byte",
+                     (CONFIG, OVERRIDES, MODEL, (("--base",), dict(default=None)))),
+    "eval tasks": ("preftune.eval.suite:tasks_main", "downstream tasks through lm-evaluation-harness",
+                   (CONFIG, OVERRIDES, MODEL)),
+    "report": (
+        "preftune.report.report:main",
+        "Markdown + HTML report with plots from run or sweep folders",
+        ((("runs",), dict(nargs="+", help="run or sweep folders")), (("--out",), dict(default=None))),
+    ),
+    "sweep": ("preftune.sweep:main", "run a grid of variants with shared reference and base evaluation",
+              (CONFIG, OVERRIDES, (("--dry-run",), dict(action="store_true")))),
+    "push": ("preftune.card:push", "upload a run's model with its card to the Hub",
+             ((("run",), dict()), (("--repo",), dict(required=True)))),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preftune", description=__doc__.split("\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    heads = {n.split(" ", 1)[0] for n in COMMANDS if " " in n}
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (target, help_, args) in COMMANDS.items():
+        head, _, tail = name.partition(" ")
+        if not tail and name in heads:
+            continue  # e.g. bare `eval CONFIG`, routed in main()
+        if tail:
+            if head not in groups:
+                extra = f"; `preftune {head} CONFIG` {COMMANDS[head][1]}" if head in COMMANDS else ""
+                groups[head] = sub.add_parser(head, help=f"{head} commands{extra}").add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND")
+            sp = groups[head].add_parser(tail, help=help_, description=help_)
+        else:
+            sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        for flags, kw in args:
+            sp.add_argument(*flags, **kw)
+        sp.set_defaults(target=target)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    # `eval CONFIG` (no subcommand) runs the suite; argparse cannot mix a positional with subparsers.
+    if len(argv) >= 2 and argv[0] == "eval" and argv[1] not in {n.split(" ", 1)[1] for n in COMMANDS if n.startswith("eval ")} \
+            and not argv[1].startswith("-"):
+        target, help_, args = COMMANDS["eval"]
+        p = argparse.ArgumentParser(prog="preftune eval", description=help_)
+        p.add_argument("--debug", action="store_true")
+        for flags, kw in args:
+            p.add_argument(*flags, **kw)
+        ns = p.parse_args(argv[1:])
+        ns.target = target
+    else:
+        parser = _parser()
+        ns = parser.parse_args(argv)
+        if not getattr(ns, "target", None):
+            parser.print_help()
+            return 0 if not argv else 2
+    module, func = ns.target.split(":")
+    try:
+        handler = getattr(importlib.import_module(module), func)
+        rc = handler(ns)
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for the user's errors; tracebacks only with --debug
+        from preftune.errors import PreftuneError
+
+        if debug:
+            raise
+        if isinstance(e, (PreftuneError, FileNotFoundError)):
+            msg = str(e)
+        else:
+            msg = f"{type(e).__name__}: {e} (internal error; rerun with --debug for the traceback)"
+        print(f"preftune: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

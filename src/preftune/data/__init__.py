@@ -1,0 +1,1 @@
+"""Data: source files -> rows (formats.py) -> ids (tokenize.py) -> batches (collate.py)."""
