@@ -128,6 +128,10 @@ class SFTConfig(TrainConfig):
     """Run this stage in ``preftune pipeline``."""
     completion_only: bool = True
     """Mask the prompt out of the loss."""
+    early_stopping_metric: str = "eval/loss"
+    """Metric that early stopping and ``best/`` follow."""
+    early_stopping_mode: Literal["max", "min"] = "min"
+    """Whether a larger metric is better."""
     data: DataConfig | None = None
     """SFT data; null means the chosen responses of ``data`` (SFT on the preferred subset)."""
 

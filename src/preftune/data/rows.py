@@ -60,6 +60,11 @@ def row_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def fingerprint(keys: list[str]) -> str:
+    """A data fingerprint: the hash of the row keys in order."""
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+
+
 @dataclass
 class TokenizedPair:
     """Token ids of one preference row. ``chosen_ids``/``rejected_ids`` are completion ids only

@@ -1,0 +1,107 @@
+"""Downstream tasks through lm-evaluation-harness (the ``eval`` extra), run on an already-loaded model
+and tokenizer: lm-eval task names (online), local task YAMLs, and the embedded ``embedded:mc`` task.
+Generation, win-rate and held-out loss live elsewhere in ``preftune.eval``."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from preftune.errors import MissingExtraError, PreftuneError
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "tasks"
+
+# config name -> (packaged YAML, lm-eval task name)
+EMBEDDED_TASKS: dict[str, tuple[str, str]] = {
+    "embedded:mc": ("preftune_mc.yaml", "preftune_mc"),
+}
+
+METRICS = ("acc", "acc_norm")
+
+
+def _lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise MissingExtraError("lm-eval", "eval", "downstream tasks") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _embedded_yaml(name: str, folder: Path) -> str:
+    """Copy a packaged task YAML into ``folder`` with its data files made absolute; return the task name."""
+    yaml_name, task = EMBEDDED_TASKS[name]
+    spec = yaml.safe_load((TASKS_DIR / yaml_name).read_text())
+    files = spec["dataset_kwargs"]["data_files"]
+    spec["dataset_kwargs"]["data_files"] = {split: str(TASKS_DIR / f) for split, f in files.items()}
+    (folder / yaml_name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return task
+
+
+def _local_yaml(spec: str) -> tuple[Path, str]:
+    """A local task YAML -> (folder to include, task name)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise PreftuneError(f"task YAML not found: {spec} (give an lm-eval task name, a .yaml file, or embedded:mc)")
+    task = (yaml.safe_load(path.read_text()) or {}).get("task")
+    if not isinstance(task, str):
+        raise PreftuneError(f"task YAML {spec} has no 'task:' name; lm-eval needs one")
+    return path.resolve().parent, task
+
+
+def resolve_tasks(specs: list[str], tmp: Path) -> tuple[list[str], list[str], bool]:
+    """Config task names -> (lm-eval task names, folders to include, whether lm-eval's own tasks are needed)."""
+    names, include, defaults = [], [str(tmp)], False
+    for spec in specs:
+        if spec in EMBEDDED_TASKS:
+            names.append(_embedded_yaml(spec, tmp))
+        elif spec.startswith("embedded:"):
+            raise PreftuneError(f"unknown embedded task {spec!r}; known: {', '.join(EMBEDDED_TASKS)}")
+        elif spec.endswith((".yaml", ".yml")):
+            folder, task = _local_yaml(spec)
+            names.append(task)
+            include.append(str(folder))
+        else:
+            names.append(spec)
+            defaults = True
+    return names, include, defaults
+
+
+def _metrics(results: dict, task: str) -> dict:
+    row = results["results"].get(task, {})
+    out = {m: float(row[f"{m},none"]) for m in METRICS if f"{m},none" in row}
+    n = results.get("n-samples", {}).get(task, {})
+    out["n"] = int(n.get("effective", n.get("original", 0)))
+    return out
+
+
+def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+              seed: int = 0) -> dict[str, dict]:
+    """Evaluate ``tasks`` zero-shot on ``model``; return ``{config task name: {"acc", "acc_norm", "n"}}``.
+
+    ``acc`` picks the choice with the highest summed log-likelihood; ``acc_norm`` divides by the
+    choice's length in bytes first (lm-eval's definitions). ``limit`` caps examples per task."""
+    if not tasks:
+        return {}
+    lm_eval, HFLM, TaskManager = _lm_eval()
+    padding_side = tokenizer.padding_side
+    with tempfile.TemporaryDirectory(prefix="preftune-tasks-") as tmp:
+        names, include, defaults = resolve_tasks(list(tasks), Path(tmp))
+        manager = TaskManager(include_path=include, include_defaults=defaults, verbosity="ERROR")
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            hint = " (lm-eval's own tasks need their datasets: online, or in the HF cache)" if defaults else ""
+            raise PreftuneError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
+                bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed, verbosity="ERROR",
+            )
+        finally:
+            tokenizer.padding_side = padding_side
+    return {spec: _metrics(results, name) for spec, name in zip(tasks, names)}

@@ -1,0 +1,190 @@
+"""Model and tokenizer loading: resolve a name (embedded, tiny, local folder, run folder, Hub name),
+set the dtype, wrap in LoRA / QLoRA via peft, and merge adapters. Training and log-probs live
+elsewhere."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from preftune import embedded
+from preftune.config import Config
+from preftune.errors import PreftuneError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_run(path: Path) -> Path:
+    """A pipeline run -> its last stage; a stage run -> ``best/`` when kept, else ``final/``."""
+    for stage in ("dpo", "sft"):
+        if (path / stage / "run.json").is_file():
+            return resolve_run(path / stage)
+    if (path / "run.json").is_file():
+        for sub in ("best", "final"):
+            if (path / sub).is_dir():
+                return path / sub
+        raise PreftuneError(f"run folder {path} has no best/ or final/ model yet (did the run finish?)")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """``embedded:...``, ``tiny[:SEED]``, a local model/adapter/run folder, or a Hub name -> a local folder."""
+    if name == embedded.SMOLLM2:
+        return str(embedded.model_dir())
+    if name == "tiny" or name.startswith("tiny:"):
+        seed = name.partition(":")[2]
+        return str(embedded.tiny_dir(int(seed) if seed else 0))
+    if name.startswith("embedded:"):
+        raise PreftuneError(f"unknown embedded model {name!r}; the embedded model is {embedded.SMOLLM2!r}")
+    p = Path(name).expanduser()
+    if p.exists():
+        return str(resolve_run(p))
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise PreftuneError(f"model folder not found: {name}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, local_files_only=offline())
+    except Exception as e:
+        how = "offline (HF_HUB_OFFLINE=1)" if offline() else f"could not be fetched ({type(e).__name__})"
+        raise PreftuneError(
+            f"model {name!r} is not a local folder and is not in the Hugging Face cache; {how}. "
+            "Pass a local path to a model folder."
+        ) from None
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return resolve_model(base)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if is_adapter(folder) and not (folder / "tokenizer_config.json").is_file():
+        folder = Path(adapter_base(folder))
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        # Batches mark padding by length, never by pad id, so reusing EOS is safe here.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_base(path: str, cfg: Config, trainable: bool):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": DTYPES[cfg.precision]}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.lora.quantize_4bit:
+        if not torch.cuda.is_available():
+            raise PreftuneError(
+                "lora.quantize_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit kernels do not run on the CPU. "
+                "Use lora.quantize_4bit=false (plain LoRA) here."
+            )
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError:  # pragma: no cover
+            raise PreftuneError("QLoRA needs bitsandbytes: pip install 'preftune[gpu]'") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["dtype"] = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.lora.quantize_4bit and trainable:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.lora.target_modules
+    return PeftLoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+    )
+
+
+def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpointing: bool = False):
+    """Load the model at ``path`` (a resolved folder); add fresh LoRA adapters when ``cfg.lora.enabled``.
+
+    An adapter folder loads onto its base (trainable when ``trainable``)."""
+    from peft import PeftModel, get_peft_model
+
+    if is_adapter(path):
+        base = _load_base(adapter_base(path), cfg, trainable)
+        model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+    else:
+        model = _load_base(path, cfg, trainable)
+        if cfg.lora.enabled and trainable:
+            model = get_peft_model(model, lora_config(cfg))
+    if not trainable:
+        model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    return model
+
+
+def load_for_inference(path_or_run: str, precision: str = "fp32"):
+    """(model in eval mode, tokenizer) for generation and scoring: a run folder, an adapter (kept
+    unmerged), a full model folder, or an embedded/tiny/Hub name."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(path_or_run)
+    tok = load_tokenizer(path)
+    dtype = DTYPES.get(precision, torch.float32)
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = True
+    return model.eval(), tok
+
+
+def merge_adapter(adapter: str, out: str | Path) -> Path:
+    """Merge a LoRA adapter into its base and save a full model folder (written atomically)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preftune.checkpoint import atomic_dir
+
+    path = resolve_model(adapter)
+    if not is_adapter(path):
+        raise PreftuneError(f"{adapter} is not a LoRA adapter (no adapter_config.json in {path})")
+    base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+    tok = load_tokenizer(path)
+
+    def write(tmp: Path):
+        merged.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return atomic_dir(Path(out), write, replace=True)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

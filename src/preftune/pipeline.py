@@ -1,0 +1,104 @@
+"""``preftune pipeline``: SFT, then DPO with the SFT model as the reference (never the bare base),
+then evaluation of base, SFT and DPO side by side and a report. ``preftune quickstart`` runs it on
+the shipped ``configs/quickstart.yaml``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from preftune.config import Config, load_config, to_yaml
+
+QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
+
+
+def run_pipeline(cfg: Config, resume: bool = False) -> dict:
+    """Run every enabled stage into ``cfg.output_dir``; return the timings and the paths."""
+    from preftune.model import is_adapter, merge_adapter, resolve_model
+    from preftune.train import run_stage
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    timings: dict[str, float] = {}
+    base = resolve_model(cfg.model)
+    dpo_base = base
+
+    if cfg.sft.enabled:
+        t = time.time()
+        if not (resume and (out / "sft" / "run.json").is_file()):
+            run_stage(cfg, "sft", out / "sft", base, resume=resume)
+        sft_model = out / "sft" / "final"
+        if is_adapter(sft_model):
+            # DPO's policy and reference both start from the SFT model: merge the SFT adapter into its
+            # base so that fresh DPO adapters (or a disabled-adapter reference) sit on top of it.
+            merged = out / "sft" / "merged"
+            if not (merged / "config.json").is_file():
+                merge_adapter(str(sft_model), merged)
+            dpo_base = str(merged)
+        else:
+            dpo_base = str(sft_model)
+        timings["sft"] = round(time.time() - t, 1)
+
+    if cfg.dpo.enabled:
+        t = time.time()
+        if not (resume and (out / "dpo" / "run.json").is_file()):
+            run_stage(cfg, "dpo", out / "dpo", dpo_base, resume=resume)
+        timings["dpo"] = round(time.time() - t, 1)
+
+    models = {"base": cfg.model}
+    if cfg.sft.enabled:
+        models["sft"] = str(out / "sft")
+    if cfg.dpo.enabled:
+        models["dpo"] = str(out / "dpo")
+    t = time.time()
+    from preftune.eval.suite import evaluate_models
+
+    results = evaluate_models(cfg, models, out / "eval", reference_for={"dpo": dpo_base, "sft": base})
+    timings["eval"] = round(time.time() - t, 1)
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+
+    t = time.time()
+    from preftune.report.report import write_report
+
+    report = write_report([out], out / "report")
+    timings["report"] = round(time.time() - t, 1)
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    return {"timings": timings, "report": str(report), "eval": results}
+
+
+def headline(result: dict) -> str:
+    """A short table of the headline figures per model."""
+    rows = [("model", "reward acc", "win-rate [95% CI]", "bits/byte (Δ vs base)", "task acc")]
+    for name, r in result["eval"].get("models", {}).items():
+        rw, wr, ho = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {})
+        tasks = r.get("tasks", {})
+        acc = sum(t.get("acc", 0) for t in tasks.values()) / len(tasks) if tasks else None
+        diff = ho.get("diff_vs_base")
+        rows.append((
+            name,
+            f"{rw['rewards/accuracies']:.3f}" if "rewards/accuracies" in rw else "-",
+            f"{wr['winrate']:.3f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]" if "winrate" in wr else "-",
+            (f"{ho['bpb']:.4f}" + (f" ({diff['mean']:+.4f})" if diff else "")) if "bpb" in ho else "-",
+            f"{acc:.3f}" if acc is not None else "-",
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def main(ns) -> int:
+    from preftune.commands import setup_logging
+
+    setup_logging()
+    cfg = load_config(ns.config, ns.overrides)
+    result = run_pipeline(cfg, resume=getattr(ns, "resume", False))
+    print(headline(result))
+    print(f"\ntimings (s): {result['timings']}")
+    print(f"report: {result['report']}")
+    return 0
+
+
+def quickstart(ns) -> int:
+    ns.config = str(QUICKSTART)
+    return main(ns)
