@@ -1,16 +1,32 @@
 """Batch layouts against the oracle: the model run on each plain sequence on its own.
 
 Every layout's per-sequence summed log-probs (segment sums of the scored tokens by ``score_seq``)
-must equal the oracle's within 1e-5 in fp32."""
+must equal the oracle's within 1e-5 in fp32. Model, logits and log-softmax are fp32; the sums are
+accumulated in fp64 on both sides, because a random model's sequence sums are about -100, where one
+fp32 ulp is 7.6e-6 and summation order alone would eat the tolerance."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from preftune.data.collate import collate_padded, collate_sft
+from preftune.data.collate import (
+    LAYOUTS,
+    MASK_MIN,
+    choose_layout,
+    collate_packed,
+    collate_padded,
+    collate_prefix_shared,
+    collate_sft,
+    pack_into_batches,
+    to_device,
+)
 from preftune.data.rows import TokenizedPair, TokenizedSFT
-from preftune.embedded import tiny_llama
+from preftune.embedded import tiny_llama, tokenizer_dir
+from preftune.errors import PreftuneError
 
 PAD = 0
 ATOL = 1e-5
@@ -23,7 +39,7 @@ def oracle_logps(model, prompt: list[int], completion: list[int]) -> torch.Tenso
     logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
     p = max(len(prompt), 1)
     targets = ids[0, p:]
-    return logp[p - 1 : ids.shape[1] - 1].gather(-1, targets[:, None]).sum()
+    return logp[p - 1 : ids.shape[1] - 1].gather(-1, targets[:, None]).double().sum()
 
 
 def batch_logps(model, b: dict) -> torch.Tensor:
@@ -32,8 +48,8 @@ def batch_logps(model, b: dict) -> torch.Tensor:
         input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]
     ).logits
     flat = logits.reshape(-1, logits.shape[-1])[b["score_index"]].float().log_softmax(-1)
-    token_logps = flat.gather(-1, b["score_target"][:, None]).squeeze(-1)
-    return torch.zeros(b["num_seqs"], dtype=token_logps.dtype).index_add(0, b["score_seq"], token_logps)
+    token_logps = flat.gather(-1, b["score_target"][:, None]).squeeze(-1).double()
+    return torch.zeros(b["num_seqs"], dtype=torch.float64).index_add(0, b["score_seq"], token_logps)
 
 
 def oracle_pairs(model, items: list[TokenizedPair]) -> torch.Tensor:
@@ -113,3 +129,182 @@ def test_sft_completion_only_and_all_tokens(tiny) -> None:
                                  for it in items])
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(got_full, want_full, atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- prefix-shared: by hand
+def test_prefix_shared_layout_by_hand() -> None:
+    """prompt [1,2], chosen [3,4], rejected [5] (P=2, C=2, R=1), then prompt [6], chosen [7], rejected [8,9].
+
+    Row 0 = [1,2,3,4,5], positions [0,1,2,3,2]; row 1 = [6,7,8,9,pad], positions [0,1,1,2,0]; T = 5.
+    Scores, pair 0: 3 <- 1, 4 <- 2 (seq 0); 5 <- 1 (seq 2, from the prompt's last position 1).
+    Pair 1: 7 <- 5+0 (seq 1); 8 <- 5+0, 9 <- 5+2 (seq 3).
+    tokens as TRL counts them: (2+2)+(2+1) + (1+1)+(1+2) = 7 + 5 = 12."""
+    b = collate_prefix_shared([pair([1, 2], [3, 4], [5], "x"), pair([6], [7], [8, 9], "y")], PAD)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, PAD]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
+    assert b["score_index"].tolist() == [1, 2, 1, 5, 5, 7]
+    assert b["score_target"].tolist() == [3, 4, 5, 7, 8, 9]
+    assert b["score_seq"].tolist() == [0, 0, 2, 1, 3, 3]
+    assert (b["num_seqs"], b["num_pairs"], b["tokens"], b["keys"]) == (4, 2, 12, ["x", "y"])
+    mask = b["attention_mask"]
+    assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.float32
+    allowed = (mask[:, 0] == 0).int().tolist()
+    assert allowed[0] == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # rejected: prompt and itself, not chosen
+    ]
+    assert allowed[1] == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 0, 1, 1, 0],
+        [0, 0, 0, 0, 1],  # pad sees only itself: no fully masked row
+    ]
+    assert set(mask.unique().tolist()) == {0.0, MASK_MIN}
+
+
+def test_packed_layout_by_hand() -> None:
+    """Budget 6: pair a (3 tokens) and pair b (3 tokens) share row 0; pair c (4 tokens) opens row 1.
+
+    Positions restart per pair; a key in another pair's block is masked. tokens = 4 + 4 + 6 = 14."""
+    items = [pair([1], [2], [3], "a"), pair([4], [5], [6], "b"), pair([7, 8], [9], [10], "c")]
+    b = collate_packed(items, PAD, token_budget=6)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, PAD, PAD]]
+    assert b["position_ids"].tolist() == [[0, 1, 1, 0, 1, 1], [0, 1, 2, 2, 0, 0]]
+    assert b["score_seq"].tolist() == [0, 3, 1, 4, 2, 5]
+    assert b["score_index"].tolist() == [0, 0, 3, 3, 7, 7]
+    allowed = (b["attention_mask"][:, 0] == 0).int()
+    assert allowed[0, 3].tolist() == [0, 0, 0, 1, 0, 0]  # pair b's prompt does not see pair a
+    assert allowed[0, 5].tolist() == [0, 0, 0, 1, 0, 1]
+    assert allowed[1, 5].tolist() == [0, 0, 0, 0, 0, 1]
+    assert (b["num_seqs"], b["num_pairs"], b["tokens"]) == (6, 3, 14)
+
+
+def test_pack_into_batches_first_fit_decreasing() -> None:
+    """Lengths 5, 3, 4, 2, 9 with budget 7: sorted 9, 5, 4, 3, 2 -> [9], [5, 2], [4, 3]."""
+    items = [pair([1] * (n - 2), [2], [3], str(n)) for n in (5, 3, 4, 2, 9)]
+    groups = pack_into_batches(items, token_budget=7)
+    assert [[it.key for it in g] for g in groups] == [["9"], ["5", "2"], ["4", "3"]]
+    assert pack_into_batches(items, token_budget=7) == groups
+    with pytest.raises(PreftuneError, match="token_budget"):
+        pack_into_batches(items, token_budget=0)
+
+
+# ----------------------------------------------------------------------------- against the oracle
+def smollm2_shaped(vocab: int, attn: str) -> LlamaForCausalLM:
+    """SmolLM2's architecture scaled down: head_dim 64, 3 query heads over 1 KV head, tied embeddings,
+    rope theta 1e5."""
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=3,
+        num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, max_position_embeddings=2048,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(1)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+@pytest.fixture(scope="module")
+def chat_pairs() -> list[TokenizedPair]:
+    """Multi-turn prompts rendered with the real SmolLM2 chat template; replies + EOS."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    conversations = [
+        ([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+          {"role": "user", "content": "Name a colour."}], "Blue.", "I refuse to answer that question."),
+        ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "4", "Five, probably."),
+    ]
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    out = []
+    for i, (messages, chosen, rejected) in enumerate(conversations):
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out.append(pair(encode(prompt), encode(chosen) + [tok.eos_token_id],
+                        encode(rejected) + [tok.eos_token_id], f"chat{i}"))
+    return out
+
+
+def make_model(arch: str, attn: str, tiny):
+    if arch == "tiny":
+        model, _ = tiny_llama()
+        model.set_attn_implementation(attn)
+        return model.eval()
+    return smollm2_shaped(len(tiny[1]), attn)
+
+
+SHARED = {
+    "padded": lambda items: collate_padded(items, PAD),
+    "prefix_shared": lambda items: collate_prefix_shared(items, PAD),
+    "packed": lambda items: collate_packed(items, PAD, token_budget=40),
+}
+
+
+@pytest.mark.parametrize("arch", ["tiny", "smollm2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_layouts_match_oracle(arch, attn, tiny, chat_pairs) -> None:
+    """Padding, a truncated completion, unequal lengths and multi-turn chat prompts, in one batch."""
+    model = make_model(arch, attn, tiny)
+    assert model.config._attn_implementation == attn
+    items = synthetic_pairs(tiny[1].eos_token_id) + chat_pairs
+    with torch.no_grad():
+        want = oracle_pairs(model, items)
+        for name, collate in SHARED.items():
+            b = collate(items)
+            got = batch_logps(model, b)
+            assert torch.isfinite(got).all(), name
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert collate_packed(items, PAD, token_budget=40)["input_ids"].shape[0] < len(items)  # really packed
+
+
+@pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
+def test_gradients_match_padded(layout, tiny, chat_pairs) -> None:
+    """d/dθ sum_i (chosen_i - rejected_i) is the same through a shared layout as through padded."""
+    model = make_model("tiny", "sdpa", tiny)
+    items = synthetic_pairs(tiny[1].eos_token_id)[:2] + chat_pairs[:1]
+
+    def grads(b: dict) -> list[torch.Tensor]:
+        model.zero_grad()
+        logps = batch_logps(model, b)
+        (logps[: b["num_pairs"]] - logps[b["num_pairs"]:]).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want = grads(collate_padded(items, PAD))
+    got = grads(SHARED[layout](items))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+
+
+def test_tokens_count_prompt_per_sequence(chat_pairs) -> None:
+    """Every layout reports TRL's count: sum over pairs of (P + C) + (P + R)."""
+    items = chat_pairs
+    want = sum(2 * len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for it in items)
+    for name, collate in SHARED.items():
+        assert collate(items)["tokens"] == want, name
+        assert collate(items)["keys"] == ["chat0", "chat1"], name
+
+
+# ----------------------------------------------------------------------------- layout choice
+def test_choose_layout(tiny, caplog) -> None:
+    model = make_model("tiny", "sdpa", tiny)
+    assert set(LAYOUTS) == {"padded", "prefix_shared", "packed"}
+    with caplog.at_level(logging.INFO, logger="preftune"):
+        assert choose_layout("auto", model) == "prefix_shared"
+    assert "batch layout: prefix_shared" in caplog.text
+    assert choose_layout("packed", model) == "packed"
+    model.config._attn_implementation = "flash_attention_2"  # only read here, never run
+    assert choose_layout("auto", model) == "padded"
+    with pytest.raises(PreftuneError, match="padded"):
+        choose_layout("prefix_shared", model)
+    with pytest.raises(PreftuneError, match="unknown"):
+        choose_layout("ragged", model)
+
+
+def test_to_device_moves_tensors_only() -> None:
+    b = collate_padded([pair([1], [2], [3])], PAD)
+    moved = to_device(b, "meta")
+    assert moved["input_ids"].device.type == "meta" and moved["score_seq"].device.type == "meta"
+    assert moved["position_ids"] is None and moved["keys"] == b["keys"] and moved["tokens"] == b["tokens"]

@@ -92,7 +92,7 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="preftune", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="preftune", description="Align causal language models with human preferences.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     heads = {n.split(" ", 1)[0] for n in COMMANDS if " " in n}
@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         if tail:
             if head not in groups:
                 extra = f"; `preftune {head} CONFIG` {COMMANDS[head][1]}" if head in COMMANDS else ""
-                groups[head] = sub.add_parser(head, help=f"{head} commands{extra}").add_subparsers(
+                groups[head] = sub.add_parser(head, help=f"{head} commands{extra}",
+                                              description=f"{head} commands{extra}").add_subparsers(
                     dest="subcommand", metavar="SUBCOMMAND")
             sp = groups[head].add_parser(tail, help=help_, description=help_)
         else:

@@ -123,12 +123,14 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+"""Config fields of models (Gemma 2, Cohere, Granite, Falcon-H1, ...) whose logits are not just ``h @ W.T + b``."""
 
 
 def _check_plain_head(model: nn.Module, head: nn.Module) -> None:
     """The chunked path computes ``hidden @ W.T + b`` only: refuse heads or configs that do more."""
     config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):

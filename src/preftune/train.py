@@ -177,13 +177,13 @@ def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> di
 
     items, _ = tokenize_rows(rows, tokenizer, cfg.data, "preference")
     layout = choose_layout(cfg.dpo.layout, model)
-    policy = SequenceLogps(model, chunked=cfg.dpo.chunked_logps)
+    policy = SequenceLogps(model)
     if reference_model is None:
         reference = None
     elif reference_model == "adapter":
         reference = ModelReference(policy, "adapter", model.disable_adapter)
     else:
-        reference = ModelReference(SequenceLogps(reference_model, chunked=cfg.dpo.chunked_logps), "copy")
+        reference = ModelReference(SequenceLogps(reference_model), "copy")
     bs = cfg.eval.batch_size
     batches = [LAYOUTS[layout](items[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(items), bs)]
     out = evaluate_batches(policy, batches, METHODS["dpo"], cfg.dpo, reference)
@@ -244,10 +244,12 @@ class MetricsLog:
 # ---------------------------------------------------------------- the loop
 
 
-def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False) -> dict:
+def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
+              stop_at: int | None = None) -> dict:
     """Train one stage (``sft`` or ``dpo``) of ``cfg`` from ``model_path`` into ``out_dir``.
 
-    Returns the run summary also written to ``run.json``."""
+    ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
+    time-boxed runs and resume tests. Returns the run summary also written to ``run.json``."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -276,7 +278,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
     n_train, n_total = trainable_parameters(model)
     layout = choose_layout(cfg.dpo.layout, model) if stage == "dpo" else "padded"
-    policy = SequenceLogps(model, chunked=cfg.dpo.chunked_logps)
+    policy = SequenceLogps(model)
     collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -297,7 +299,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
             reference = refs.ModelReference(policy, "adapter", disable)
         elif ref_strategy == "copy":
             frozen = load_model(cfg, model_path, trainable=False)
-            reference = refs.ModelReference(SequenceLogps(frozen, chunked=cfg.dpo.chunked_logps), "copy")
+            reference = refs.ModelReference(SequenceLogps(frozen), "copy")
         elif ref_strategy == "precomputed":
             all_items = data.train + data.test
             bs = stage_cfg.eval_batch_size
@@ -319,10 +321,12 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     latest = ckpt.step_checkpoints(out)[-1] if resume and ckpt.step_checkpoints(out) else None
     if resume and latest is None and main:
         log.warning("--resume: no checkpoint in %s; starting from scratch", out)
+    resumed_from = None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(policy).model, optimizer)
         for k, v in state.pop("early_stopping").items():
             setattr(stopper, k, v)
+        resumed_from = state["step"]
         log.info("resumed from %s at step %d", latest, state["step"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -407,6 +411,10 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
                 ckpt.save_checkpoint(out / "checkpoints" / f"step-{step}", accelerator.unwrap_model(policy).model,
                                      optimizer, state | {"early_stopping": stopper.state()})
                 ckpt.prune(out, stage_cfg.save_total_limit)
+        if stop_at is not None and step >= stop_at:
+            bar.close()
+            metrics_log.close()
+            return {"stage": stage, "steps": step, "stopped_at": step, "resumed_from": resumed_from}
     bar.close()
     metrics_log.close()
 
@@ -420,7 +428,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         "early_stopping_metric": _es_metric(stage_cfg), "wall_time_s": round(time.time() - started, 2),
         "base_model": model_path, "layout": layout, "reference": ref_strategy, "lora": cfg.lora.enabled,
         "precision": cfg.precision, "train_rows": len(data.train), "test_rows": len(data.test),
-        "data_fingerprint": data.fingerprint,
+        "data_fingerprint": data.fingerprint, "resumed_from": resumed_from,
     }
     if main:
         unwrapped = accelerator.unwrap_model(policy).model

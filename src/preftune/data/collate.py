@@ -124,7 +124,7 @@ def _shared_block(
     base = row * width + offset
     chosen_from = range(max(p, 1) - 1, p + c - 1)  # predicting positions inside the block
     chosen_at = range(max(p, 1), p + c)
-    rejected_from = ([p - 1] if p else []) + list(range(p + c, p + c + r - 1))
+    rejected_from = ([p + c - 1] if p else []) + list(range(p + c, p + c + r - 1))
     rejected_at = range(p + c + (0 if p else 1), p + c + r)
     for seq, sources, targets in ((pair, chosen_from, chosen_at), (num_pairs + pair, rejected_from, rejected_at)):
         for src, dst in zip(sources, targets):

@@ -1,0 +1,336 @@
+"""Format adapters: one function per source layout turning a record (a dict) into a PreferenceRow or
+SFTRow, plus format auto-detection by columns. No file reading (sources.py) and no tokens here.
+
+Preference: hh, shp, chat, standard, implicit. SFT: alpaca, messages, completion. Completions are
+the assistant's reply text only (stripped); prompts are plain strings or message lists
+``[{"role": ..., "content": ...}]`` so the chat template applies at tokenization.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from preftune.data.rows import Messages, PreferenceRow, Prompt, SFTRow
+from preftune.errors import DataError
+
+HH_ASSISTANT = "\n\nAssistant:"
+TRANSCRIPT_ROLES = {"Human": "user", "User": "user", "Assistant": "assistant", "System": "system"}
+TURN_MARKER = re.compile(r"(?:^|\n\n)(Human|User|Assistant|System):")
+HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class RowError(DataError):
+    """A malformed record. ``reason`` is the counter it goes under when ``data.on_error=skip``."""
+
+    def __init__(self, message: str, field: str | None = None, reason: str = "malformed",
+                 file: str | None = None, row: int | None = None):
+        self.detail, self.reason = message, reason
+        super().__init__(message, file=file, row=row, field=field)
+
+    def at(self, file: str, row: int) -> RowError:
+        """The same error, now naming where the record came from."""
+        return RowError(self.detail, self.field, self.reason, file, row)
+
+
+class RowFiltered(Exception):
+    """A well-formed record that the format's own rule leaves out (SHP's score ratio); counted, not an error."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- field helpers
+
+
+def _get(rec: dict, key: str) -> Any:
+    if key not in rec or rec[key] is None:
+        raise RowError(f"missing field '{key}'", key, "missing_field")
+    return rec[key]
+
+
+def _str(rec: dict, key: str) -> str:
+    value = _get(rec, key)
+    if not isinstance(value, str):
+        raise RowError(f"'{key}' must be a string, got {type(value).__name__}", key, "wrong_type")
+    return value
+
+
+def _completion(text: str, key: str) -> str:
+    if not text.strip():
+        raise RowError(f"'{key}' is an empty completion", key, "empty_completion")
+    return text.strip()
+
+
+def _messages(value: Any, key: str) -> Messages:
+    if not isinstance(value, list):
+        raise RowError(f"'{key}' must be a list of messages, got {type(value).__name__}", key, "wrong_type")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise RowError(f"'{key}' message {i} must have string 'role' and 'content', got {m!r:.120}", key,
+                           "wrong_type")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt(value: Any, key: str) -> Prompt:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, key)
+    raise RowError(f"'{key}' must be a string or a list of messages, got {type(value).__name__}", key, "wrong_type")
+
+
+def _last_assistant(messages: Messages, key: str) -> tuple[Messages, str]:
+    """Split a conversation into (messages before the last assistant turn, that turn's text)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError(f"'{key}' must end with an assistant message", key, "no_assistant_turn")
+    return messages[:-1], _completion(messages[-1]["content"], key)
+
+
+def _reply(value: Any, key: str) -> str:
+    """A completion given as a string or as messages ending in the assistant's reply."""
+    if isinstance(value, str):
+        return _completion(value, key)
+    if isinstance(value, list):
+        return _last_assistant(_messages(value, key), key)[1]
+    raise RowError(f"'{key}' must be a string or a list of messages, got {type(value).__name__}", key, "wrong_type")
+
+
+def _number(rec: dict, key: str) -> float:
+    value = _get(rec, key)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"'{key}' must be a number, got {value!r:.60}", key, "wrong_type") from None
+
+
+def _shared_prompt(chosen: Messages, rejected: Messages) -> Messages:
+    if chosen != rejected:
+        raise RowError("chosen and rejected must share the messages before their last assistant turn",
+                       "rejected", "prompt_mismatch")
+    return chosen
+
+
+def _transcript(text: str, key: str, marker: re.Pattern = TURN_MARKER) -> Messages:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> messages; text before the first turn becomes a system message."""
+    parts = marker.split(text)
+    messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
+    for name, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": TRANSCRIPT_ROLES[name], "content": content.strip()})
+    if not any(m["role"] != "system" for m in messages):
+        raise RowError(f"'{key}' is not a transcript with Human:/Assistant: turns", key, "not_a_transcript")
+    return messages
+
+
+def _meta(rec: dict, used: frozenset[str]) -> dict[str, Any]:
+    """The record's ``meta`` mapping plus any extra scalar columns (e.g. ``category``)."""
+    meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
+    for k, v in rec.items():
+        if k not in used and k != "meta" and (v is None or isinstance(v, (str, int, float, bool))):
+            meta.setdefault(k, v)
+    return meta
+
+
+# ---------------------------------------------------------------- preference adapters
+
+
+def hh(rec: dict) -> PreferenceRow:
+    """Anthropic HH-RLHF: the prompt is ``chosen`` up to and including its LAST ``\\n\\nAssistant:``
+    (never a character-level common prefix), which ``rejected`` must share; as messages."""
+    chosen, rejected = _str(rec, "chosen"), _str(rec, "rejected")
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise RowError("'chosen' has no '\\n\\nAssistant:' turn", "chosen", "not_a_transcript")
+    prompt_text = chosen[: cut + len(HH_ASSISTANT)]
+    if not rejected.startswith(prompt_text):
+        raise RowError("'rejected' does not start with chosen's prompt (chosen up to its last '\\n\\nAssistant:')",
+                       "rejected", "prompt_mismatch")
+    prompt = _transcript(chosen[:cut], "chosen", HH_MARKER)
+    return PreferenceRow(prompt, _completion(chosen[len(prompt_text):], "chosen"),
+                         _completion(rejected[len(prompt_text):], "rejected"), _meta(rec, COLUMNS_USED["hh"]))
+
+
+def shp(rec: dict, min_score_ratio: float = 2.0) -> PreferenceRow:
+    """Stanford SHP: prompt = ``history``; ``labels`` 1 means A is preferred. Pairs whose score ratio
+    (preferred / dispreferred) is below ``min_score_ratio`` raise RowFiltered("score_ratio")."""
+    history, ref_a, ref_b = _str(rec, "history"), _str(rec, "human_ref_A"), _str(rec, "human_ref_B")
+    label = _number(rec, "labels")
+    if label not in (0, 1):
+        raise RowError(f"'labels' must be 0 or 1, got {rec['labels']!r}", "labels", "wrong_type")
+    if rec.get("score_ratio") is not None:
+        ratio = _number(rec, "score_ratio")
+    else:
+        score_a, score_b = _number(rec, "score_A"), _number(rec, "score_B")
+        better, worse = (score_a, score_b) if label == 1 else (score_b, score_a)
+        ratio = better / worse if worse > 0 else math.inf
+    if ratio < min_score_ratio:
+        raise RowFiltered("score_ratio")
+    a, b = _completion(ref_a, "human_ref_A"), _completion(ref_b, "human_ref_B")
+    chosen, rejected = (a, b) if label == 1 else (b, a)
+    return PreferenceRow(history, chosen, rejected, _meta(rec, COLUMNS_USED["shp"]))
+
+
+def chat(rec: dict) -> PreferenceRow:
+    """Message lists under ``chosen``/``rejected`` (dpo-mix-7k, UltraFeedback-binarized): the prompt is
+    the shared messages before the last assistant turn (system message kept)."""
+    chosen_prompt, chosen = _last_assistant(_messages(_get(rec, "chosen"), "chosen"), "chosen")
+    rejected_prompt, rejected = _last_assistant(_messages(_get(rec, "rejected"), "rejected"), "rejected")
+    return PreferenceRow(_shared_prompt(chosen_prompt, rejected_prompt), chosen, rejected,
+                         _meta(rec, COLUMNS_USED["chat"]))
+
+
+def standard(rec: dict) -> PreferenceRow:
+    """Explicit ``prompt``/``chosen``/``rejected``: strings, or message lists (the prompt column is the
+    prompt; a chosen/rejected list contributes its final assistant message)."""
+    prompt = _prompt(_get(rec, "prompt"), "prompt")
+    return PreferenceRow(prompt, _reply(_get(rec, "chosen"), "chosen"), _reply(_get(rec, "rejected"), "rejected"),
+                         _meta(rec, COLUMNS_USED["standard"]))
+
+
+def implicit(rec: dict) -> PreferenceRow:
+    """Only ``chosen``/``rejected``, each a whole conversation: a transcript string with
+    ``Human:``/``User:``/``Assistant:`` turns, or a message list. The prompt is split at the turn
+    boundary before the last assistant turn, and both must share it."""
+    chosen_raw, rejected_raw = _get(rec, "chosen"), _get(rec, "rejected")
+    convs = []
+    for key, raw in (("chosen", chosen_raw), ("rejected", rejected_raw)):
+        if isinstance(raw, str):
+            convs.append(_last_assistant(_transcript(raw, key), key))
+        else:
+            convs.append(_last_assistant(_messages(raw, key), key))
+    (chosen_prompt, chosen), (rejected_prompt, rejected) = convs
+    if not chosen_prompt:
+        raise RowError("'chosen' has no turn before its last assistant turn to use as the prompt", "chosen",
+                       "no_prompt")
+    return PreferenceRow(_shared_prompt(chosen_prompt, rejected_prompt), chosen, rejected,
+                         _meta(rec, COLUMNS_USED["implicit"]))
+
+
+# ---------------------------------------------------------------- SFT adapters
+
+
+def alpaca(rec: dict) -> SFTRow:
+    """``instruction``/``input``/``output`` with the Alpaca prompt template (input optional)."""
+    instruction = _str(rec, "instruction")
+    if not instruction.strip():
+        raise RowError("'instruction' is empty", "instruction", "empty_prompt")
+    extra = rec.get("input") or ""
+    if not isinstance(extra, str):
+        raise RowError(f"'input' must be a string, got {type(extra).__name__}", "input", "wrong_type")
+    template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
+    prompt = template.format(instruction=instruction.strip(), input=extra.strip())
+    return SFTRow(prompt, _completion(_str(rec, "output"), "output"), _meta(rec, COLUMNS_USED["alpaca"]))
+
+
+def messages(rec: dict) -> SFTRow:
+    """A ``messages`` conversation: the prompt is every message before the last assistant turn,
+    the completion is that turn (earlier assistant turns are context, not trained on)."""
+    prompt, completion = _last_assistant(_messages(_get(rec, "messages"), "messages"), "messages")
+    if not prompt:
+        raise RowError("'messages' has no message before the last assistant turn", "messages", "no_prompt")
+    return SFTRow(prompt, completion, _meta(rec, COLUMNS_USED["messages"]))
+
+
+def completion(rec: dict) -> SFTRow:
+    """``prompt`` (string or messages) and ``completion`` (string)."""
+    return SFTRow(_prompt(_get(rec, "prompt"), "prompt"), _completion(_str(rec, "completion"), "completion"),
+                  _meta(rec, COLUMNS_USED["completion"]))
+
+
+def sft_rows_from_pairs(rows: Iterable[PreferenceRow]) -> list[SFTRow]:
+    """SFT on the preferred subset: each pair's prompt with its chosen completion."""
+    return [SFTRow(r.prompt, r.chosen, dict(r.meta)) for r in rows]
+
+
+# ---------------------------------------------------------------- tables and detection
+
+FORMATS: dict[str, Callable[[dict], PreferenceRow | SFTRow]] = {
+    "hh": hh, "shp": shp, "chat": chat, "standard": standard, "implicit": implicit,
+    "alpaca": alpaca, "messages": messages, "completion": completion,
+}
+PREFERENCE_FORMATS = ("hh", "shp", "chat", "standard", "implicit")
+SFT_FORMATS = ("alpaca", "messages", "completion")
+KIND_FORMATS = {"preference": PREFERENCE_FORMATS, "sft": SFT_FORMATS}
+
+COLUMNS: dict[str, frozenset[str]] = {
+    "hh": frozenset({"chosen", "rejected"}),
+    "shp": frozenset({"history", "human_ref_A", "human_ref_B", "labels"}),
+    "chat": frozenset({"chosen", "rejected"}),
+    "standard": frozenset({"prompt", "chosen", "rejected"}),
+    "implicit": frozenset({"chosen", "rejected"}),
+    "alpaca": frozenset({"instruction", "output"}),
+    "messages": frozenset({"messages"}),
+    "completion": frozenset({"prompt", "completion"}),
+}
+"""Columns a record must have for the format to fit."""
+
+COLUMNS_USED: dict[str, frozenset[str]] = {
+    **COLUMNS,
+    "shp": COLUMNS["shp"] | {"score_A", "score_B", "score_ratio"},
+    "alpaca": COLUMNS["alpaca"] | {"input"},
+}
+"""Columns the adapter reads; the other scalar columns go into ``meta``."""
+
+SAMPLE_FITS: dict[str, Callable[[dict], bool]] = {
+    "hh": lambda r: isinstance(r.get("chosen"), str) and HH_ASSISTANT in r["chosen"],
+    "chat": lambda r: isinstance(r.get("chosen"), list),
+}
+"""Value checks that split formats sharing the same columns, given one sample record."""
+
+FALLBACK = "implicit"
+"""Fits whatever hh and chat fit; chosen only when no more specific format does."""
+
+FORMAT_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "shp": lambda data: {"min_score_ratio": data.min_score_ratio},
+}
+"""Adapter keyword arguments taken from a DataConfig."""
+
+
+def adapter(name: str, data: Any = None) -> Callable[[dict], PreferenceRow | SFTRow]:
+    """The adapter for ``name`` with its options from ``data`` (a DataConfig) bound."""
+    if name not in FORMATS:
+        raise DataError(f"unknown data format {name!r}; choose one of: auto, {', '.join(FORMATS)}",
+                        field="data.format")
+    fn = FORMATS[name]
+    if data is not None and name in FORMAT_OPTIONS:
+        return functools.partial(fn, **FORMAT_OPTIONS[name](data))
+    return fn
+
+
+def detect_format(columns: Iterable[str], kind: str, sample: dict | None = None) -> str:
+    """The one format of ``kind`` ("preference" or "sft") whose columns the data has.
+
+    A format whose columns are a strict subset of another fitting format's gives way (prompt +
+    chosen + rejected is ``standard``, not ``chat``); ``sample`` (one record) splits formats with
+    the same columns by their values (HH transcript strings vs message lists). Unknown or ambiguous
+    layouts raise DataError listing the columns found and the formats that fit."""
+    if kind not in KIND_FORMATS:
+        raise DataError(f"unknown data kind {kind!r}; expected 'preference' or 'sft'")
+    cols = set(columns)
+    fits = [f for f in KIND_FORMATS[kind] if COLUMNS[f] <= cols]
+    fits = [f for f in fits if not any(COLUMNS[f] < COLUMNS[g] for g in fits)]
+    if len(fits) > 1 and sample is not None:
+        fits = [f for f in fits if SAMPLE_FITS.get(f, lambda r: True)(sample)]
+    specific = [f for f in fits if f != FALLBACK] if len(fits) > 1 else fits
+    if len(specific) == 1:
+        return specific[0]
+    needs = "; ".join(f"{f}: {', '.join(sorted(COLUMNS[f]))}" for f in KIND_FORMATS[kind])
+    problem = f"ambiguous: formats that fit: {', '.join(fits)}" if fits else f"no {kind} format fits (each needs: {needs})"
+    raise DataError(f"cannot detect the {kind} data format from columns {sorted(cols)}: {problem}. "
+                    f"Set data.format (or --format) to one of: {', '.join(KIND_FORMATS[kind])}", field="data.format")

@@ -1,0 +1,89 @@
+"""Config loading: typed fields, dotted overrides, every problem at once, did-you-mean, and every
+shipped YAML loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.config import Config, ConfigError, config_from_dict, load_config, to_yaml
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_defaults_are_valid():
+    cfg = config_from_dict({})
+    assert isinstance(cfg, Config) and cfg.dpo.beta == 0.1 and cfg.model.startswith("embedded:")
+
+
+def test_overrides_are_typed(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  beta: 0.2\n")
+    cfg = load_config(p, ["dpo.beta=0.5", "lora.enabled=false", "dpo.max_steps=7", "data.source=x.jsonl"])
+    assert cfg.dpo.beta == 0.5 and cfg.lora.enabled is False and cfg.dpo.max_steps == 7
+    assert cfg.data.source == "x.jsonl"
+
+
+def test_every_problem_is_reported_at_once_with_did_you_mean(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  bta: 0.1\n  loss: sigmod\nlora:\n  rr: 4\nsft:\n  batch_size: x\nprecison: bf16\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert len(e.value.problems) == 5
+    assert "unknown key 'dpo.bta' (did you mean 'dpo.beta'?)" in msg
+    assert "did you mean 'sigmoid'" in msg
+    assert "unknown key 'lora.rr' (did you mean 'lora.r'?)" in msg
+    assert "sft.batch_size: expected an integer" in msg
+    assert "unknown key 'precison' (did you mean 'precision'?)" in msg
+    assert str(p) in msg
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"dpo": {"loss": "simpo", "reference": "copy", "beta": -1},
+                          "data": {"max_length": 64, "max_prompt_length": 64}, "report_to": ["tensorbord"]})
+    msg = str(e.value)
+    assert "trains without a reference" in msg and "dpo.beta: must be positive" in msg
+    assert "max_prompt_length (64) must be below" in msg and "did you mean 'tensorboard'" in msg
+
+
+def test_shorthands_and_roundtrip():
+    cfg = config_from_dict({"lora": False, "data": "file.jsonl"})
+    assert cfg.lora.enabled is False and cfg.data.source == "file.jsonl"
+    again = config_from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("dpo: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["dpo.beta"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_preftune_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1 and str(cfg.distributed_type)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert {"quickstart.yaml", "sweep_beta.yaml"} <= names
+    acc = {p.name for p in (CONFIGS / "accelerate").glob("*.yaml")}
+    assert {"deepspeed_zero2_offload.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"} <= acc

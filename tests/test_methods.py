@@ -1,0 +1,160 @@
+"""The SFT and DPO step functions on the tiny Llama: step-0 values with policy == reference, metric
+wiring, the RPO term, reference-free losses, and gradients reaching the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from preftune.config import DPOConfig, SFTConfig
+from preftune.embedded import tiny_llama
+from preftune.errors import PreftuneError
+from preftune.logprobs import SequenceLogps
+from preftune.methods import METHODS, reference_logps_of
+
+# Two pairs: (prompt, chosen, rejected) token ids.
+PAIRS = [([1, 5, 9, 13], [40, 41, 42], [60]), ([1, 7], [50, 51, 52, 53, 54], [70, 71])]
+
+
+def preference_batch(pairs, pad_id: int = 0) -> dict:
+    """Padded layout: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected (batch contract)."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    rows = [p + c for p, c in seqs]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_id)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    index, target, seq = [], [], []
+    for r, ((prompt, _), ids) in enumerate(zip(seqs, rows)):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+        for p in range(len(prompt), len(ids)):
+            index += [r * width + p - 1]
+            target += [ids[p]]
+            seq += [r]
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": None,
+        "score_index": torch.tensor(index), "score_target": torch.tensor(target), "score_seq": torch.tensor(seq),
+        "num_seqs": len(rows), "num_pairs": len(pairs), "tokens": int(attention_mask.sum()), "keys": ["a", "b"],
+    }
+
+
+def manual_logps(model, prompt, completion) -> tuple[float, int]:
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+    return float(sum(logp[p - 1, ids[0, p]] for p in range(len(prompt), ids.shape[1]))), len(completion)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, _ = tiny_llama(seed=0)
+    return SequenceLogps(model.eval())
+
+
+STEP0 = [
+    # (loss, label_smoothing, expected loss at policy == reference with beta = 0.1)
+    ("sigmoid", 0.0, math.log(2)),
+    ("sigmoid", 0.1, math.log(2)),  # cDPO: -(0.9 + 0.1) log sigma(0) = ln 2
+    ("robust", 0.1, math.log(2)),  # (0.9 - 0.1) ln 2 / (1 - 0.2) = ln 2
+    ("hinge", 0.0, 1.0),  # relu(1 - 0) = 1: ln 2 does not hold for hinge
+    ("ipo", 0.0, 25.0),  # (0 - 1 / (2 * 0.1))^2 = 25: nor for ipo
+]
+
+
+@pytest.mark.parametrize("loss,smoothing,expected", STEP0)
+def test_step0_policy_equals_reference(policy, loss, smoothing, expected):
+    """Reference log-probs from the same model: every reward and margin is 0, accuracy 0 (ties are not
+    wins, as in TRL) and the loss is ln 2 for sigmoid/cDPO/robust (1 for hinge, 1/(4 beta^2) for ipo)."""
+    batch = preference_batch(PAIRS)
+    cfg = DPOConfig(loss=loss, beta=0.1, label_smoothing=smoothing)
+    ref = reference_logps_of(policy, batch)
+    loss_value, metrics = METHODS["dpo"].step(policy, batch, cfg, ref)
+    assert loss_value.item() == pytest.approx(expected, abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert float(metrics[key]) == pytest.approx(0.0, abs=1e-7), key
+
+
+def test_step0_adapter_reference_is_ln2():
+    """LoRA policy with fresh (zero-B) adapters; reference = the same module inside disable_adapter():
+    loss ln 2 and rewards 0."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_llama(seed=2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    policy = SequenceLogps(peft_model)
+    batch = preference_batch(PAIRS)
+    with peft_model.disable_adapter():
+        ref = reference_logps_of(policy, batch)
+    loss, metrics = METHODS["dpo"].step(policy, batch, DPOConfig(beta=0.1), ref)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-7)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+
+
+def test_dpo_metrics_match_manual_logps(policy):
+    """logps/* are batch means of summed (and per-token mean) completion log-probs, computed by hand
+    per sequence; rewards/chosen with a shifted reference (-1 per chosen) is beta * (logp + 1) on average."""
+    batch = preference_batch(PAIRS)
+    model = policy.model
+    chosen = [manual_logps(model, p, c) for p, c, _ in PAIRS]
+    rejected = [manual_logps(model, p, r) for p, _, r in PAIRS]
+    ref = {"chosen": torch.tensor([s for s, _ in chosen]) - 1, "rejected": torch.tensor([s for s, _ in rejected])}
+    _, m = METHODS["dpo"].step(policy, batch, DPOConfig(beta=0.5), ref)
+    assert float(m["logps/chosen"]) == pytest.approx(sum(s for s, _ in chosen) / 2, abs=1e-5)
+    assert float(m["logps/rejected"]) == pytest.approx(sum(s for s, _ in rejected) / 2, abs=1e-5)
+    assert float(m["logps/chosen_mean"]) == pytest.approx(sum(s / n for s, n in chosen) / 2, abs=1e-5)
+    assert float(m["rewards/chosen"]) == pytest.approx(0.5, abs=1e-5)
+    assert float(m["rewards/rejected"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(m["rewards/accuracies"]) == 1.0
+    assert float(m["loss"]) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), abs=1e-5)
+
+
+def test_sft_weight_adds_chosen_token_mean_nll(policy):
+    """RPO: loss = DPO loss + w * (-(sum of chosen logps) / (number of chosen tokens)); at step 0
+    that is ln 2 + 0.5 * NLL with NLL = -(s0 + s1) / (3 + 5)."""
+    batch = preference_batch(PAIRS)
+    chosen = [manual_logps(policy.model, p, c) for p, c, _ in PAIRS]
+    nll = -sum(s for s, _ in chosen) / sum(n for _, n in chosen)
+    ref = reference_logps_of(policy, batch)
+    loss, m = METHODS["dpo"].step(policy, batch, DPOConfig(beta=0.1, sft_weight=0.5), ref)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-5)
+    assert float(m["nll_loss"]) == pytest.approx(nll, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_run_without_reference(policy, loss):
+    batch = preference_batch(PAIRS)
+    cfg = DPOConfig(loss=loss)
+    assert not METHODS["dpo"].needs_reference(cfg)
+    value, metrics = METHODS["dpo"].step(policy, batch, cfg, None)
+    assert torch.isfinite(value) and "rewards/margins" in metrics
+
+
+def test_missing_reference_is_an_error(policy):
+    assert METHODS["dpo"].needs_reference(DPOConfig(loss="sigmoid"))
+    with pytest.raises(PreftuneError, match="reference"):
+        METHODS["dpo"].step(policy, preference_batch(PAIRS), DPOConfig(loss="sigmoid"), None)
+
+
+def test_sft_step_is_token_mean_nll_and_trains(policy):
+    """SFT on the chosen halves: loss = -(sum of all completion logps) / (3 + 5 tokens), and its
+    gradient reaches the embedding."""
+    pairs = PAIRS
+    seqs = [(p, c) for p, c, _ in pairs]
+    batch = preference_batch(pairs)  # use the first B rows only as an SFT batch
+    keep = batch["score_seq"] < len(pairs)
+    sft_batch = dict(batch, input_ids=batch["input_ids"][:2], attention_mask=batch["attention_mask"][:2],
+                     score_index=batch["score_index"][keep], score_target=batch["score_target"][keep],
+                     score_seq=batch["score_seq"][keep], num_seqs=2)
+    expected = [manual_logps(policy.model, p, c) for p, c in seqs]
+    assert not METHODS["sft"].needs_reference(SFTConfig())
+    loss, metrics = METHODS["sft"].step(policy, sft_batch, SFTConfig(), None)
+    assert loss.item() == pytest.approx(-sum(s for s, _ in expected) / 8, abs=1e-5)
+    assert float(metrics["logps/mean"]) == pytest.approx(sum(s / n for s, n in expected) / 2, abs=1e-5)
+    policy.model.zero_grad()
+    loss.backward()
+    assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
+    policy.model.zero_grad()

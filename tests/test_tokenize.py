@@ -1,0 +1,184 @@
+"""Tokenization invariants on the real SmolLM2 tokenizer: rendering, BOS/EOS, shared prompt ids,
+truncation policy, counted drops and boundary merges."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from preftune.config import DataConfig
+from preftune.data.rows import PreferenceRow, SFTRow
+from preftune.data.tokenize import (
+    percentiles,
+    render_prompt,
+    tokenize_pair,
+    tokenize_rows,
+    tokenize_sft,
+)
+
+EOS = 2  # <|im_end|>
+BOS = 1  # <|im_start|>
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer(tokenizer):
+    """The same vocabulary without a chat template: prompts render as plain text."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """SmolLM2's tokenizer told to add BOS by default (its BOS is also the template's first token)."""
+    from transformers import AutoTokenizer
+
+    import preftune.embedded
+
+    return AutoTokenizer.from_pretrained(preftune.embedded.tokenizer_dir(), add_bos_token=True)
+
+
+def test_render_prompt_uses_chat_template_with_generation_prompt(tokenizer):
+    text = render_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], tokenizer)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    # A plain string is one user message (the template then adds its default system turn).
+    assert render_prompt("Hi", tokenizer).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_render_prompt_plain_text_without_template(plain_tokenizer):
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    assert render_prompt(msgs, plain_tokenizer) == "User: Hi\n\nAssistant: Hello\n\nUser: 2+2?\n\nAssistant:"
+    assert render_prompt("Q: 2+2?\nA:", plain_tokenizer) == "Q: 2+2?\nA:"
+
+
+def test_pair_ids_match_template_and_end_in_one_eos(tokenizer):
+    row = PreferenceRow([{"role": "user", "content": "Capital of France?"}], "Paris.", "London.")
+    t = tokenize_pair(row, tokenizer, max_length=128, max_prompt_length=64)
+    expected_prompt = tokenizer.encode(render_prompt(row.prompt, tokenizer), add_special_tokens=False)
+    assert t.prompt_ids == expected_prompt
+    assert t.prompt_ids[0] == BOS and t.prompt_ids[1] != BOS  # template's BOS once, none added
+    assert t.chosen_ids == tokenizer.encode("Paris.", add_special_tokens=False) + [EOS]
+    assert t.rejected_ids[-1] == EOS and t.rejected_ids[-2] != EOS
+    assert t.key == row.key and not t.truncated
+
+
+def test_no_double_bos_when_tokenizer_adds_bos_and_template_has_it(bos_tokenizer):
+    row = PreferenceRow("Hi", "Hello!", "Go away.")
+    t = tokenize_pair(row, bos_tokenizer, 128, 64)
+    assert t.prompt_ids[:2] != [BOS, BOS] and t.prompt_ids[0] == BOS
+
+
+def test_bos_prepended_once_for_plain_text(bos_tokenizer):
+    tok = copy.deepcopy(bos_tokenizer)
+    tok.chat_template = None
+    t = tokenize_pair(PreferenceRow("Question: 2+2?\nAnswer:", " 4", " 5"), tok, 64, 32)
+    assert t.prompt_ids[0] == BOS and t.prompt_ids[1] != BOS
+    assert t.prompt_ids[1:] == tok.encode("Question: 2+2?\nAnswer:", add_special_tokens=False)
+
+
+def test_plain_message_prompt_puts_a_space_before_the_reply(plain_tokenizer):
+    row = PreferenceRow([{"role": "user", "content": "Hi"}], "Hello", "Bye")
+    t = tokenize_pair(row, plain_tokenizer, 64, 32)
+    assert t.chosen_ids == plain_tokenizer.encode(" Hello", add_special_tokens=False) + [EOS]
+
+
+def test_literal_eos_in_text_is_not_doubled(tokenizer):
+    t = tokenize_pair(PreferenceRow("Hi", "Hello<|im_end|>", "Bye"), tokenizer, 64, 32)
+    assert t.chosen_ids[-1] == EOS and t.chosen_ids[-2] != EOS
+
+
+def test_truncation_keeps_prompt_end_and_completion_start(tokenizer):
+    prompt = " ".join(f"w{i}" for i in range(200))
+    chosen = " ".join(f"c{i}" for i in range(100))
+    row = PreferenceRow(prompt, chosen, "short answer")
+    full_prompt = tokenizer.encode(render_prompt(prompt, tokenizer), add_special_tokens=False)
+    full_chosen = tokenizer.encode(chosen, add_special_tokens=False) + [EOS]
+    t = tokenize_pair(row, tokenizer, max_length=96, max_prompt_length=64)
+    assert t.prompt_ids == full_prompt[-64:]  # the end of the prompt, down to max_prompt_length
+    assert t.chosen_ids == full_chosen[: 96 - 64]  # the start of the completion, to fit max_length
+    assert t.chosen_ids[-1] != EOS  # a cut completion lacks EOS
+    assert t.rejected_ids[-1] == EOS  # the short one is whole
+    assert t.truncated
+
+
+def test_prompt_too_long_is_dropped(tokenizer):
+    row = PreferenceRow("a long prompt " * 20, "yes", "no")
+    assert tokenize_pair(row, tokenizer, max_length=16, max_prompt_length=16) == "prompt_too_long"
+    assert tokenize_sft(SFTRow("a long prompt " * 20, "yes"), tokenizer, 16, 16) == "prompt_too_long"
+
+
+def test_chosen_equals_rejected_before_and_after_truncation(tokenizer):
+    assert tokenize_pair(PreferenceRow("Hi", "same", "same"), tokenizer, 64, 32) == "chosen_equals_rejected"
+    # Different only after the 20th word: equal once both are cut to the budget.
+    common = " ".join(["alpha"] * 20)
+    row = PreferenceRow("Hi", common + " beta", common + " gamma")
+    assert not isinstance(tokenize_pair(row, tokenizer, 200, 100), str)
+    assert tokenize_pair(row, tokenizer, max_length=40, max_prompt_length=32) == "chosen_equals_rejected"
+
+
+def test_empty_completion_dropped(tokenizer):
+    assert tokenize_pair(PreferenceRow("Hi", "  ", "no"), tokenizer, 64, 32) == "empty_completion"
+    assert tokenize_sft(SFTRow("Hi", ""), tokenizer, 64, 32) == "empty_completion"
+
+
+def test_tokenize_sft(tokenizer):
+    row = SFTRow([{"role": "user", "content": "Say hi"}], "Hi!", meta={"category": "greet"})
+    t = tokenize_sft(row, tokenizer, 64, 48)
+    assert t.completion_ids == tokenizer.encode("Hi!", add_special_tokens=False) + [EOS]
+    assert t.meta == {"category": "greet"} and t.key == row.key
+
+
+def test_tokenize_rows_counts_every_drop_and_lengths(tokenizer):
+    rows = [
+        PreferenceRow("Hi", "Hello", "Go away"),
+        PreferenceRow("Hi", "same", "same"),
+        PreferenceRow("Hi", "", "x"),
+        PreferenceRow("Hi", "word " * 100, "no"),
+    ]
+    data = DataConfig(max_length=64, max_prompt_length=48)
+    out, rep = tokenize_rows(rows, tokenizer, data, "preference")
+    assert rep.rows_in == 4 and rep.kept == len(out) == 2
+    assert rep.dropped == {"chosen_equals_rejected": 1, "empty_completion": 1}
+    assert rep.truncated == 1 and rep.truncation_rate == 0.5
+    assert sorted(rep.lengths) == ["chosen", "prompt", "rejected"]
+    assert rep.length_stats()["chosen"]["max"] == len(out[1].chosen_ids)
+    assert set(rep.to_dict()) >= {"kept", "dropped", "truncated", "boundary_merges", "lengths"}
+
+
+def test_boundary_merges_counted_not_dropped(plain_tokenizer):
+    # Plain prompt "Answer" + completion "s are here": encoded jointly, "Answers" merges across the cut.
+    rows = [PreferenceRow("Answer", "s are here", "s were there"), PreferenceRow("Q?\n", "yes", "no")]
+    out, rep = tokenize_rows(rows, plain_tokenizer, DataConfig(max_length=64, max_prompt_length=32), "preference")
+    assert rep.kept == 2 and rep.boundary_merges == 1
+
+
+def test_percentiles_nearest_rank():
+    """Lengths 1..100: nearest-rank p50 = 50, p90 = 90, p99 = 99, max = 100."""
+    assert percentiles(list(range(1, 101))) == {"p50": 50, "p90": 90, "p99": 99, "max": 100}
+    assert percentiles([]) == {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+
+
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=60)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=text, chosen=text, rejected=text, max_length=st.integers(8, 64), prompt_frac=st.floats(0.1, 0.9))
+def test_tokenize_pair_invariants_property(tokenizer, prompt, chosen, rejected, max_length, prompt_frac):
+    max_prompt = max(1, int(max_length * prompt_frac))
+    t = tokenize_pair(PreferenceRow(prompt, chosen, rejected), tokenizer, max_length, max_prompt)
+    if isinstance(t, str):
+        assert t in {"empty_completion", "chosen_equals_rejected", "prompt_too_long"}
+        if t == "empty_completion":
+            assert not chosen.strip() or not rejected.strip()
+        return
+    full_prompt = tokenizer.encode(render_prompt(prompt, tokenizer), add_special_tokens=False)
+    assert t.prompt_ids == full_prompt[-max_prompt:]
+    assert t.prompt_ids[:2] != [BOS, BOS]
+    assert t.chosen_ids != t.rejected_ids
+    for ids in (t.chosen_ids, t.rejected_ids):
+        assert 1 <= len(t.prompt_ids) + len(ids) <= max_length
+        if t.truncated is False:
+            assert ids[-1] == EOS and ids[-2:-1] != [EOS]

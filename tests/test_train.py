@@ -1,0 +1,211 @@
+"""The training loop: schedule, early stopping, step-0 ln 2 for every reference strategy and for the
+chained SFT -> DPO pipeline, exact resume, and 1-process vs 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from preftune.config import config_from_dict
+from preftune.train import EarlyStopping, lr_at, run_stage
+
+LN2 = math.log(2)
+
+
+def write_pairs(folder: Path, n_train: int = 24, n_test: int = 8) -> Path:
+    """A folder with train.jsonl / test.jsonl of simple arithmetic preference pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, off in (("train", n_train, 0), ("test", n_test, 100)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(off, off + n):
+                a, b = i % 7 + 1, i % 5 + 2
+                f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                    "rejected": f"{a} + {b} = {a + b + 1 + i % 3}, I think."}) + "\n")
+    return folder
+
+
+def make_cfg(tmp_path: Path, model: str, **over) -> object:
+    raw = {
+        "model": model, "seed": 0, "output_dir": str(tmp_path / "run"),
+        "data": {"source": str(write_pairs(tmp_path / "data")), "max_length": 64, "max_prompt_length": 32},
+        "sft": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0},
+        "dpo": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0, "eval_batch_size": 4},
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+    }
+    for k, v in over.items():
+        node = raw
+        *path, last = k.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return config_from_dict(raw)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_lr_schedule_hand_values():
+    """warmup 2 of 10 steps: step 0 -> 1/3, step 1 -> 2/3; cosine from step 2: progress (s-2)/8,
+    so step 6 -> 0.5 * (1 + cos(pi/2)) = 0.5; linear at step 6 -> 1 - 4/8 = 0.5; constant -> 1."""
+    assert lr_at(0, 10, 2, "cosine") == pytest.approx(1 / 3)
+    assert lr_at(1, 10, 2, "cosine") == pytest.approx(2 / 3)
+    assert lr_at(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_at(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_at(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_at(9, 10, 2, "linear") == pytest.approx(1 / 8)
+    assert lr_at(6, 10, 2, "constant") == 1.0
+
+
+def test_early_stopping_stops_at_the_peak():
+    """Accuracies 0.50, 0.60, 0.70 (peak), 0.65, 0.68, 0.66 with patience 3 and min_delta 0:
+    the best is step 30 and the third round without a new best (step 60) stops the run."""
+    es = EarlyStopping("max", patience=3, min_delta=0.0)
+    seen = []
+    for step, v in zip(range(10, 70, 10), [0.50, 0.60, 0.70, 0.65, 0.68, 0.66]):
+        improved, stop = es.update(v, step)
+        seen.append((step, improved, stop))
+    assert es.best_step == 30 and es.best == 0.70
+    assert [s for s, _, stop in seen if stop] == [60]
+    assert [s for s, imp, _ in seen if imp] == [10, 20, 30]
+
+
+def test_early_stopping_auto_delta_ignores_noise():
+    """With min_delta='auto' a gain smaller than the reported standard error is not an improvement."""
+    es = EarlyStopping("max", patience=2, min_delta="auto")
+    assert es.update(0.60, 1, se=0.05) == (True, False)
+    assert es.update(0.63, 2, se=0.05) == (False, False)  # +0.03 < se
+    assert es.update(0.70, 3, se=0.05) == (True, False)  # +0.10 > se
+    assert es.best_step == 3
+
+
+# ---------------------------------------------------------------- runs on the tiny model
+
+
+@pytest.mark.parametrize("strategy,lora", [("copy", False), ("adapter", True), ("precomputed", True),
+                                           ("precomputed", False)])
+def test_step0_loss_is_ln2(tmp_path, tiny_model_dir, monkeypatch, strategy, lora):
+    """Policy == reference before the first update: sigmoid DPO loss = ln 2 and every reward = 0."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.reference": strategy, "lora.enabled": lora,
+                                                     "dpo.max_steps": 2})
+    run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    first = metrics(Path(cfg.output_dir))[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-5)
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert first[k] == pytest.approx(0.0, abs=1e-5)
+    second = metrics(Path(cfg.output_dir))[1]
+    assert second["loss"] != pytest.approx(LN2, abs=1e-5), "the first update must move the policy"
+
+
+def test_chained_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, tiny_model_dir, monkeypatch):
+    """SFT(LoRA) changes the model; DPO(LoRA) after it starts at ln 2 because its reference is the SFT
+    model. Against the bare base the same step-0 policy would have non-zero rewards."""
+    from preftune.data.collate import collate_padded
+    from preftune.data.sources import load_rows
+    from preftune.data.tokenize import tokenize_rows
+    from preftune.logprobs import SequenceLogps
+    from preftune.methods import reference_logps_of
+    from preftune.model import load_for_inference
+    from preftune.pipeline import run_pipeline
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"sft.max_steps": 4, "dpo.max_steps": 1})
+    run_pipeline_stages_only(cfg, run_pipeline)
+    out = Path(cfg.output_dir)
+    first = metrics(out / "dpo")[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    # The SFT model really differs from the base on these pairs (so the check above means something).
+    base, tok = load_for_inference(str(tiny_model_dir))
+    sft, _ = load_for_inference(str(out / "sft" / "merged"))
+    rows, _, _ = load_rows(cfg.data, "preference", 0)
+    items, _ = tokenize_rows(rows[:4], tok, cfg.data, "preference")
+    batch = collate_padded(items, tok.pad_token_id)
+    lb = reference_logps_of(SequenceLogps(base), batch)["chosen"]
+    ls = reference_logps_of(SequenceLogps(sft), batch)["chosen"]
+    assert (ls - lb).abs().max() > 1e-2
+    assert json.loads((out / "dpo" / "run.json").read_text())["base_model"].endswith("merged")
+
+
+def run_pipeline_stages_only(cfg, run_pipeline):
+    """The pipeline's training stages, without evaluation (covered in the pipeline test)."""
+    cfg.eval.rewards = False
+    cfg.eval.winrate.enabled = False
+    cfg.eval.heldout.enabled = False
+    cfg.eval.tasks = []
+    return run_pipeline(cfg)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, tiny_model_dir, monkeypatch):
+    """10 steps straight vs 5 steps, a stop, and a resume for 5 more: identical per-step losses."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    over = {"dpo.max_steps": 10, "dpo.save_every": 5, "dpo.batch_size": 2, "dpo.warmup_ratio": 0.2,
+            "lora.dropout": 0.1}
+    straight = make_cfg(tmp_path / "a", str(tiny_model_dir), **over)
+    run_stage(straight, "dpo", Path(straight.output_dir), str(tiny_model_dir))
+    resumed = make_cfg(tmp_path / "b", str(tiny_model_dir), **over)
+    out = Path(resumed.output_dir)
+    first = run_stage(resumed, "dpo", out, str(tiny_model_dir), stop_at=5)
+    assert first["stopped_at"] == 5 and not (out / "final").exists()
+    second = run_stage(resumed, "dpo", out, str(tiny_model_dir), resume=True)
+    assert second["resumed_from"] == 5 and second["steps"] == 10
+    a = [m["loss"] for m in metrics(Path(straight.output_dir))]
+    b = [m["loss"] for m in metrics(out)]
+    assert len(a) == len(b) == 10
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+
+
+@pytest.mark.e2e
+def test_two_processes_match_one(tmp_path, tiny_model_dir):
+    """DDP on 2 CPU processes (gloo) with batch 2 each == 1 process with batch 4: same losses."""
+    cfg_path = tmp_path / "cfg.yaml"
+    data = write_pairs(tmp_path / "data")
+    cfg_path.write_text(json.dumps({
+        "model": str(tiny_model_dir), "data": {"source": str(data), "max_length": 64, "max_prompt_length": 32},
+        "lora": {"enabled": False}, "sft": {"enabled": False},
+        "dpo": {"max_steps": 4, "lr": 1e-3, "warmup_ratio": 0.0, "reference": "copy", "eval_batch_size": 4},
+    }))
+    env = dict(os.environ, PREFTUNE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", str(cfg_path), f"output_dir={one}",
+                    "dpo.batch_size=4"], check=True, env=env, capture_output=True)
+    accel = Path(__file__).parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accel),
+                        "-m", "preftune.cli", "dpo", str(cfg_path), f"output_dir={two}", "dpo.batch_size=2"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-5)
+        assert x["tokens_seen"] == y["tokens_seen"] and x["pairs_seen"] == y["pairs_seen"]
+
+
+def test_nan_loss_skips_then_aborts(tmp_path, tiny_model_dir, monkeypatch):
+    """A NaN loss skips the step with a warning and aborts after nan_tolerance in a row."""
+    from preftune.errors import PreftuneError
+    from preftune.methods import METHODS, Method
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    real = METHODS["dpo"]
+
+    def nan_step(policy, batch, cfg, ref):
+        loss, m = real.step(policy, batch, cfg, ref)
+        return loss * float("nan"), m
+
+    monkeypatch.setitem(METHODS, "dpo", Method(step=nan_step, needs_reference=real.needs_reference))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 10, "dpo.nan_tolerance": 3})
+    with pytest.raises(PreftuneError, match="3 consecutive steps"):
+        run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
