@@ -181,6 +181,9 @@ def test_packed_layout_by_hand() -> None:
     assert allowed[0, 5].tolist() == [0, 0, 0, 1, 0, 1]
     assert allowed[1, 5].tolist() == [0, 0, 0, 0, 0, 1]
     assert (b["num_seqs"], b["num_pairs"], b["tokens"]) == (6, 3, 14)
+    one_row = collate_packed(items, PAD)  # no budget: the caller grouped them, one row
+    assert one_row["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    assert one_row["score_seq"].tolist() == b["score_seq"].tolist()
 
 
 def test_pack_into_batches_first_fit_decreasing() -> None:

@@ -58,7 +58,15 @@ def test_ipo_summed_and_per_token():
     (0.75 - 5)^2 = 18.0625; pair 1 still 25. Rewards stay beta * summed log-ratios: (0.1, -0.1)."""
     losses, cr, rr = ipo(PC, PR, RC, RR, beta=0.1)
     close(losses, [9.0, 25.0], tol=1e-5)
-    losses, cr, rr = ipo(PC, PR, RC, RR, beta=0.1, chosen_counts=torch.tensor([4.0, 1.0]), rejected_counts=torch.tensor([2.0, 1.0]))
+    losses, cr, rr = ipo(
+        PC,
+        PR,
+        RC,
+        RR,
+        beta=0.1,
+        chosen_counts=torch.tensor([4.0, 1.0]),
+        rejected_counts=torch.tensor([2.0, 1.0]),
+    )
     close(losses, [18.0625, 25.0], tol=1e-5)
     close(cr, [0.1, 0.0])
     close(rr, [-0.1, 0.0])
@@ -135,10 +143,14 @@ def test_table_entries_use_cfg_fields():
 def test_seqlogps_split_follows_batch_contract():
     """Sums (-1, -2, -3, -4) with counts (1, 2, 3, 4) for B = 2: chosen (-1, -2), rejected (-3, -4), means
     (-1, -1), (-1, -1); reference means default to reference sums over the policy's counts."""
-    pol = SeqLogps.from_sequences(torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]), 2)
+    pol = SeqLogps.from_sequences(
+        torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]), 2
+    )
     close(pol.chosen, [-1.0, -2.0])
     close(pol.rejected_mean, [-1.0, -1.0])
-    ref = SeqLogps.from_reference({"chosen": torch.tensor([-2.0, -4.0]), "rejected": torch.tensor([-6.0, -8.0])}, pol)
+    ref = SeqLogps.from_reference(
+        {"chosen": torch.tensor([-2.0, -4.0]), "rejected": torch.tensor([-6.0, -8.0])}, pol
+    )
     close(ref.chosen_mean, [-2.0, -2.0])
     close(ref.rejected_mean, [-2.0, -2.0])
     with pytest.raises(PreftuneError, match="batch contract"):

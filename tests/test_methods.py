@@ -34,9 +34,16 @@ def preference_batch(pairs, pad_id: int = 0) -> dict:
             target += [ids[p]]
             seq += [r]
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": None,
-        "score_index": torch.tensor(index), "score_target": torch.tensor(target), "score_seq": torch.tensor(seq),
-        "num_seqs": len(rows), "num_pairs": len(pairs), "tokens": int(attention_mask.sum()), "keys": ["a", "b"],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": None,
+        "score_index": torch.tensor(index),
+        "score_target": torch.tensor(target),
+        "score_seq": torch.tensor(seq),
+        "num_seqs": len(rows),
+        "num_pairs": len(pairs),
+        "tokens": int(attention_mask.sum()),
+        "keys": ["a", "b"],
     }
 
 
@@ -91,7 +98,11 @@ def test_step0_adapter_reference_is_ln2():
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-7)
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in peft_model.named_parameters()
+        if "lora_B" in n
+    )
 
 
 def test_dpo_metrics_match_manual_logps(policy):
@@ -101,7 +112,10 @@ def test_dpo_metrics_match_manual_logps(policy):
     model = policy.model
     chosen = [manual_logps(model, p, c) for p, c, _ in PAIRS]
     rejected = [manual_logps(model, p, r) for p, _, r in PAIRS]
-    ref = {"chosen": torch.tensor([s for s, _ in chosen]) - 1, "rejected": torch.tensor([s for s, _ in rejected])}
+    ref = {
+        "chosen": torch.tensor([s for s, _ in chosen]) - 1,
+        "rejected": torch.tensor([s for s, _ in rejected]),
+    }
     _, m = METHODS["dpo"].step(policy, batch, DPOConfig(beta=0.5), ref)
     assert float(m["logps/chosen"]) == pytest.approx(sum(s for s, _ in chosen) / 2, abs=1e-5)
     assert float(m["logps/rejected"]) == pytest.approx(sum(s for s, _ in rejected) / 2, abs=1e-5)
@@ -146,9 +160,15 @@ def test_sft_step_is_token_mean_nll_and_trains(policy):
     seqs = [(p, c) for p, c, _ in pairs]
     batch = preference_batch(pairs)  # use the first B rows only as an SFT batch
     keep = batch["score_seq"] < len(pairs)
-    sft_batch = dict(batch, input_ids=batch["input_ids"][:2], attention_mask=batch["attention_mask"][:2],
-                     score_index=batch["score_index"][keep], score_target=batch["score_target"][keep],
-                     score_seq=batch["score_seq"][keep], num_seqs=2)
+    sft_batch = dict(
+        batch,
+        input_ids=batch["input_ids"][:2],
+        attention_mask=batch["attention_mask"][:2],
+        score_index=batch["score_index"][keep],
+        score_target=batch["score_target"][keep],
+        score_seq=batch["score_seq"][keep],
+        num_seqs=2,
+    )
     expected = [manual_logps(policy.model, p, c) for p, c in seqs]
     assert not METHODS["sft"].needs_reference(SFTConfig())
     loss, metrics = METHODS["sft"].step(policy, sft_batch, SFTConfig(), None)

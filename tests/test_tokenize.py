@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from preftune.config import DataConfig
@@ -164,7 +164,7 @@ def test_percentiles_nearest_rank():
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=60)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None)
 @given(prompt=text, chosen=text, rejected=text, max_length=st.integers(8, 64), prompt_frac=st.floats(0.1, 0.9))
 def test_tokenize_pair_invariants_property(tokenizer, prompt, chosen, rejected, max_length, prompt_frac):
     max_prompt = max(1, int(max_length * prompt_frac))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from preftune.config import load_config, to_yaml
@@ -27,7 +28,8 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     cfg = load_config(ns.config, [*extra, *ns.overrides])
     out = Path(cfg.output_dir)
     summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume)
-    print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
     return 0
 
 

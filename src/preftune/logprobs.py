@@ -32,7 +32,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     float64 for float64 inputs); ``grad_weight``/``grad_bias`` accumulate in that precision."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int
+    ) -> Tensor:
         acc = _fp32_at_least(hidden.dtype)
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
@@ -54,7 +56,11 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         acc = lse.dtype
         w = weight.to(hidden.dtype)
         b = bias.to(hidden.dtype) if bias is not None else None
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        need_h, need_w, need_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
@@ -62,14 +68,15 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             for s in range(0, hidden.shape[0], ctx.chunk_size):
                 e = s + ctx.chunk_size
                 h = hidden[s:e]
-                probs = torch.exp(_logits(h, w, b).to(acc) - lse[s:e, None])  # softmax, [c, V]
                 g = grad_out[s:e, None].to(acc)
-                dlogits = -g * probs
+                dlogits = (
+                    _logits(h, w, b).to(acc).sub_(lse[s:e, None]).exp_().mul_(-g)
+                )  # -g * softmax, [c, V]
                 dlogits.scatter_add_(1, targets[s:e, None], g)  # g * (onehot - softmax)
                 if need_h:
-                    grad_hidden[s:e] = (dlogits.to(hidden.dtype) @ w).to(hidden.dtype)
+                    grad_hidden[s:e] = dlogits.to(hidden.dtype) @ w
                 if need_w:
-                    grad_weight += dlogits.t() @ h.to(acc)
+                    grad_weight.addmm_(dlogits.t(), h.to(acc))
                 if need_b:
                     grad_bias += dlogits.sum(0)
         return (
@@ -95,7 +102,9 @@ def token_logps(
     input). Peak extra memory is one chunk of ``chunk_size x V`` fp32 logits in forward and backward;
     the default chunk holds ``CHUNK_ELEMENTS`` logits. Differentiable in ``hidden``, ``weight``, ``bias``."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise PreftuneError(f"token_logps: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match")
+        raise PreftuneError(
+            f"token_logps: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match"
+        )
     if targets.shape != hidden.shape[:1]:
         raise PreftuneError(f"token_logps: {targets.shape[0]} targets for {hidden.shape[0]} hidden rows")
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
@@ -123,7 +132,13 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 """Config fields of models (Gemma 2, Cohere, Granite, Falcon-H1, ...) whose logits are not just ``h @ W.T + b``."""
 
 
@@ -174,8 +189,9 @@ class SequenceLogps(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Batch-contract tensors (data/rows.py) -> ``(sums [S], counts [S], means [S])`` fp32.
 
-        ``attention_mask`` is ``[R, T]`` 0/1 or ``[R, 1, T, T]`` additive float (passed through as is;
-        transformers 5 uses a 4D mask unchanged with sdpa and eager). ``chunked=False`` runs the full
+        ``attention_mask`` is ``[R, T]`` 0/1 or ``[R, 1, T, T]`` additive float (0 / -inf; a bool
+        "may attend" mask is accepted too). transformers 5 uses a 4D mask unchanged with sdpa and eager;
+        see :func:`_prepare_mask` for the two things done to it first. ``chunked=False`` runs the full
         model and takes log-probs from its ``[R, T, V]`` logits: the reference path for tests."""
         attention_mask = _prepare_mask(attention_mask, self.causal_lm)
         if not chunked:
@@ -196,11 +212,16 @@ class SequenceLogps(nn.Module):
 
 
 def _prepare_mask(attention_mask: Tensor | None, lm: nn.Module) -> Tensor | None:
-    """A 4D additive mask is cast to the model's dtype; a fully masked row (padding) gets its diagonal
-    opened so attention softmax stays finite (that row is never scored), keeping gradients NaN-free."""
+    """A 4D mask is made additive in the model's dtype, and a fully masked query row (padding) gets its
+    diagonal opened. Without that, eager attention turns such a row into NaN, and the NaN reaches real
+    tokens in the next layer through ``0 * NaN`` in ``probs @ V`` (the row itself is never scored)."""
     if attention_mask is None or attention_mask.dim() != 4:
         return attention_mask
     dtype = lm.get_input_embeddings().weight.dtype
+    if attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(
+            attention_mask.shape, dtype=dtype, device=attention_mask.device
+        ).masked_fill(~attention_mask, float("-inf"))
     mask = attention_mask.to(dtype)
     dead = torch.isinf(mask).all(dim=-1, keepdim=True)  # [R, 1, T, 1]
     eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)

@@ -59,7 +59,9 @@ class SeqLogps(NamedTuple):
             chosen,
             rejected,
             chosen_mean.to(chosen) if chosen_mean is not None else chosen / policy.chosen_count.clamp(min=1),
-            rejected_mean.to(rejected) if rejected_mean is not None else rejected / policy.rejected_count.clamp(min=1),
+            rejected_mean.to(rejected)
+            if rejected_mean is not None
+            else rejected / policy.rejected_count.clamp(min=1),
             policy.chosen_count,
             policy.rejected_count,
         )
@@ -153,7 +155,9 @@ def robust(
     Same formula as TRL 1.16's ``loss_type="robust"``; ``eps = 0`` is plain DPO.
     Rewards: ``beta * (policy - reference)``."""
     if not 0 <= label_smoothing < 0.5:
-        raise PreftuneError(f"dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {label_smoothing}")
+        raise PreftuneError(
+            f"dpo.label_smoothing must be in [0, 0.5) for the robust loss, got {label_smoothing}"
+        )
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     logits = beta * (chosen_logratios - rejected_logratios)
@@ -186,7 +190,9 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo(policy_chosen_mean_logps: Tensor, policy_rejected_mean_logps: Tensor, orpo_lambda: float) -> LossOutput:
+def orpo(
+    policy_chosen_mean_logps: Tensor, policy_rejected_mean_logps: Tensor, orpo_lambda: float
+) -> LossOutput:
     """ORPO (Hong et al. 2024, eqs. 6-7), reference-free, on per-token mean log-probs ``m_w``, ``m_l``:
         ``odds(y|x) = P / (1 - P)`` with ``P = exp(m)``,
         ``log OR = (m_w - m_l) - (log(1 - exp(m_w)) - log(1 - exp(m_l)))``
@@ -218,7 +224,9 @@ LossFn = Callable[[SeqLogps, "SeqLogps | None", DPOConfig], LossOutput]
 
 def _needs(reference: SeqLogps | None, loss: str) -> SeqLogps:
     if reference is None:
-        raise PreftuneError(f"dpo.loss={loss!r} needs reference log-probs; set dpo.reference to copy, adapter or precomputed")
+        raise PreftuneError(
+            f"dpo.loss={loss!r} needs reference log-probs; set dpo.reference to copy, adapter or precomputed"
+        )
     return reference
 
 

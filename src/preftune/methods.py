@@ -51,13 +51,20 @@ def reference_logps_of(policy: SequenceLogps, batch: dict, chunked: bool = True)
     with torch.no_grad():
         sums, counts, _ = sequence_logps_of(policy, batch, chunked)
     ref = SeqLogps.from_sequences(sums.detach(), counts, batch["num_pairs"])
-    return {"chosen": ref.chosen, "rejected": ref.rejected, "chosen_mean": ref.chosen_mean, "rejected_mean": ref.rejected_mean}
+    return {
+        "chosen": ref.chosen,
+        "rejected": ref.rejected,
+        "chosen_mean": ref.chosen_mean,
+        "rejected_mean": ref.rejected_mean,
+    }
 
 
 # ------------------------------------------------------------------ SFT
 
 
-def sft_step(policy: SequenceLogps, batch: dict, cfg: SFTConfig, reference_logps: dict | None = None) -> tuple[Tensor, Metrics]:
+def sft_step(
+    policy: SequenceLogps, batch: dict, cfg: SFTConfig, reference_logps: dict | None = None
+) -> tuple[Tensor, Metrics]:
     """Token-mean NLL over the batch's scored (completion, or all with ``completion_only=false``) tokens.
 
     Metrics: ``loss`` and ``logps/mean`` (the batch mean of each sequence's per-token mean log-prob)."""
@@ -100,7 +107,11 @@ def dpo_step(
     loss_fn = get_loss(cfg.loss)
     sums, counts, _ = sequence_logps_of(policy, batch, cfg.chunked_logps)
     pol = SeqLogps.from_sequences(sums, counts, batch["num_pairs"])
-    ref = SeqLogps.from_reference(reference_logps, pol) if dpo_needs_reference(cfg) and reference_logps else None
+    ref = (
+        SeqLogps.from_reference(reference_logps, pol)
+        if dpo_needs_reference(cfg) and reference_logps
+        else None
+    )
     losses, chosen_rewards, rejected_rewards = loss_fn(pol, ref, cfg)
     loss = losses.mean()
     metrics: Metrics = {}

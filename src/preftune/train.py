@@ -361,7 +361,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
             # Backward even on NaN so every rank makes the same collective calls; the step is dropped below.
             finite = finite and bool(torch.isfinite(loss))
             accelerator.backward(loss / len(micro))
-            parts.append(({k: float(v) for k, v in metrics.items()} | {"loss": float(loss)}, batch["num_pairs"]))
+            parts.append(({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())}, batch["num_pairs"]))
             tokens += batch["tokens"]
             pairs += batch["num_pairs"]
         finite = accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), "sum").item() == 0

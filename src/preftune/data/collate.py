@@ -124,7 +124,7 @@ def _shared_block(
     base = row * width + offset
     chosen_from = range(max(p, 1) - 1, p + c - 1)  # predicting positions inside the block
     chosen_at = range(max(p, 1), p + c)
-    rejected_from = ([p + c - 1] if p else []) + list(range(p + c, p + c + r - 1))
+    rejected_from = ([p - 1] if p else []) + list(range(p + c, p + c + r - 1))
     rejected_at = range(p + c + (0 if p else 1), p + c + r)
     for seq, sources, targets in ((pair, chosen_from, chosen_at), (num_pairs + pair, rejected_from, rejected_at)):
         for src, dst in zip(sources, targets):
@@ -214,13 +214,17 @@ def _greedy_rows(items: Sequence[TokenizedPair], token_budget: int) -> list[list
     return rows
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, token_budget: int) -> Batch:
-    """Padding-free packing: several prefix-shared pairs per row, filled greedily up to ``token_budget``.
+def collate_packed(items: list[TokenizedPair], pad_id: int, token_budget: int | None = None) -> Batch:
+    """Padding-free packing: several prefix-shared pairs per row, filled greedily up to ``token_budget``
+    (None: all ``items`` in one row, for micro-batches already grouped by :func:`pack_into_batches`).
 
     Pairs are kept apart by a block-diagonal mask and by position ids restarting at 0 for each pair.
     Chosen ``i`` is sequence ``i`` and rejected ``i`` is ``B + i`` in the order of ``items``. The
-    additive mask is float32 ``[R, 1, T, T]`` with ``T <= max(token_budget, longest pair)``."""
+    additive mask is float32 ``[R, 1, T, T]`` with ``T <= max(token_budget, longest pair)``: keep the
+    budget to about 2048 on CPU (16 MiB of mask per row)."""
     _check_nonempty(items, "collate_packed")
+    if token_budget is None:
+        return _collate_shared_rows([list(range(len(items)))], items, pad_id)
     if token_budget < 1:
         raise PreftuneError(f"collate_packed: token_budget must be >= 1, got {token_budget}")
     return _collate_shared_rows(_greedy_rows(items, token_budget), items, pad_id)

@@ -287,8 +287,12 @@ COLUMNS_USED: dict[str, frozenset[str]] = {
 }
 """Columns the adapter reads; the other scalar columns go into ``meta``."""
 
+def _is_hh_transcript(text: str) -> bool:
+    return HH_ASSISTANT in text and re.search(r"(?:^|\n\n)Human:", text) is not None
+
+
 SAMPLE_FITS: dict[str, Callable[[dict], bool]] = {
-    "hh": lambda r: isinstance(r.get("chosen"), str) and HH_ASSISTANT in r["chosen"],
+    "hh": lambda r: isinstance(r.get("chosen"), str) and _is_hh_transcript(r["chosen"]),
     "chat": lambda r: isinstance(r.get("chosen"), list),
 }
 """Value checks that split formats sharing the same columns, given one sample record."""

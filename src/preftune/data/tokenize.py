@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from preftune.data.rows import Prompt, PreferenceRow, SFTRow, TokenizedPair, TokenizedSFT
+from preftune.data.rows import PreferenceRow, Prompt, SFTRow, TokenizedPair, TokenizedSFT
 from preftune.errors import DataError, PreftuneError
 
 PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -114,16 +114,15 @@ class _Encoded:
 
 def _encode_row(prompt: Prompt, completions: Sequence[str], tokenizer) -> _Encoded:
     prompt_text = render_prompt(prompt, tokenizer)
-    prompt_ids = _encode(tokenizer, prompt_text)
+    text_ids = _encode(tokenizer, prompt_text)
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
-    if bos is not None and prompt_ids[:1] != [bos]:
-        prompt_ids = [bos] + prompt_ids
+    prompt_ids = [bos] + text_ids if bos is not None and text_ids[:1] != [bos] else text_ids
     eos = _eos(tokenizer)
     encoded, merge = [], False
     for completion in completions:
         text = _completion_text(prompt, completion, tokenizer)
         ids = _encode(tokenizer, text)
-        merge |= _encode(tokenizer, prompt_text + text) != _encode(tokenizer, prompt_text) + ids
+        merge |= _encode(tokenizer, prompt_text + text) != text_ids + ids
         while ids and ids[-1] == eos:  # a literal EOS at the end of the text: append exactly one below
             ids.pop()
         encoded.append(ids + [eos])
@@ -231,6 +230,16 @@ class TokenizeReport:
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def merge(self, other: TokenizeReport) -> TokenizeReport:
+        out = TokenizeReport(self.rows_in + other.rows_in, self.kept + other.kept, dict(self.dropped),
+                             self.truncated + other.truncated, self.boundary_merges + other.boundary_merges,
+                             {k: list(v) for k, v in self.lengths.items()})
+        for reason, n in other.dropped.items():
+            out.dropped[reason] = out.dropped.get(reason, 0) + n
+        for part, v in other.lengths.items():
+            out.lengths.setdefault(part, []).extend(v)
+        return out
 
     def length_stats(self) -> dict[str, dict[str, int]]:
         return {part: percentiles(v) for part, v in self.lengths.items()}

@@ -180,5 +180,5 @@ def paired_difference(per_chunk_a: dict, per_chunk_b: dict, seed: int = 0) -> di
         )
     mean_bytes = sum(a_bytes) / len(a_bytes)
     diffs = [(a - b) / LN2 / mean_bytes for a, b in zip(per_chunk_a["nll"], per_chunk_b["nll"])]
-    ci = bootstrap_mean_ci(diffs, seed=seed)
-    return {"mean": sum(diffs) / len(diffs), "low": ci["low"], "high": ci["high"], "n": len(diffs)}
+    mean, low, high = bootstrap_mean_ci(diffs, seed=seed)
+    return {"mean": mean, "low": low, "high": high, "n": len(diffs)}

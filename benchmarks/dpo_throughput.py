@@ -1,0 +1,302 @@
+"""DPO training throughput, peak memory and final loss: preftune against TRL's DPOTrainer, on the same
+model, the same tokens, the same batches in the same order, fp32 and the same thread count.
+
+Each measurement runs in a fresh process (so peak RSS is its own), and the sides alternate within
+every repeat: preftune, TRL (reference model in memory), TRL with ``precompute_ref_log_probs``,
+preftune, ... Only the optimizer steps after ``--warmup`` are timed; the reference precompute pass
+is reported apart (seconds, and per training step amortized over one epoch of the data).
+
+    HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py                      # tiny model, quick
+    HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py --models tiny,smollm2 --modes full,lora \\
+        --shapes long_prompt,short_prompt --steps 8 --repeats 3                # the README table
+
+Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
+both. TRL runs without gradient checkpointing (its default is on) so both sides do the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MODELS = {"tiny": "tiny", "smollm2": "embedded:smollm2-135m-instruct"}
+SHAPES = {  # name -> (prompt words, (min, max) response words); ~1.3 SmolLM2 tokens per word of news text
+    "long_prompt": (390, (48, 48)),
+    "short_prompt": (100, (48, 96)),
+}
+SIDES = ("preftune", "trl", "trl_precompute")
+
+
+@dataclass
+class Spec:
+    """One measurement: a side, a model, a data shape, full fine-tuning or LoRA."""
+
+    side: str
+    model: str
+    shape: str
+    mode: str
+    pairs: int
+    batch_size: int
+    steps: int
+    warmup: int
+    threads: int
+    lr: float
+    data_dir: str
+
+
+# ----------------------------------------------------------------------------- data
+def write_pairs(folder: Path, shape: str, pairs: int, seed: int = 0) -> Path:
+    """``train.jsonl`` / ``test.jsonl`` of prompts and responses cut from the Lee news corpus (real text,
+    deterministic): prompt and responses are random word windows of the shape's lengths."""
+    from preftune.embedded import heldout_corpus_path
+
+    words = heldout_corpus_path().read_text().split()
+    rng = random.Random(seed)
+    prompt_words, (lo, hi) = SHAPES[shape]
+
+    def window(n: int) -> str:
+        start = rng.randrange(len(words) - n)
+        return " ".join(words[start : start + n])
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", pairs), ("test", max(2, pairs // 8))):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                row = {"prompt": window(prompt_words), "chosen": window(rng.randint(lo, hi)),
+                       "rejected": window(rng.randint(lo, hi))}
+                f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def preftune_config(spec: Spec, out_dir: Path):
+    from preftune.config import config_from_dict
+
+    return config_from_dict({
+        "model": MODELS[spec.model], "seed": 0, "output_dir": str(out_dir), "threads": spec.threads,
+        "data": {"source": spec.data_dir, "max_length": 2048, "max_prompt_length": 1536},
+        "dpo": {"max_steps": spec.steps, "batch_size": spec.batch_size, "eval_batch_size": spec.batch_size,
+                "lr": spec.lr, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0,
+                "max_grad_norm": 1.0, "beta": 0.1, "loss": "sigmoid", "log_every": 1},
+        "lora": {"enabled": spec.mode == "lora", "r": 16, "alpha": 32},
+    })
+
+
+# ----------------------------------------------------------------------------- workers (one process each)
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(step_times: list[float], step_tokens: list[int], losses: list[float], spec: Spec) -> dict:
+    timed = slice(spec.warmup, None)
+    seconds = sum(step_times[timed])
+    return {"tokens_per_s": sum(step_tokens[timed]) / seconds, "step_s": statistics.median(step_times[timed]),
+            "final_loss": losses[-1], "losses": losses, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_preftune(spec: Spec, work: Path) -> dict:
+    """The real ``run_stage`` (reference = precomputed by default), step times from its metrics.jsonl."""
+    import preftune.reference as refs
+    from preftune.model import resolve_model
+    from preftune.train import run_stage
+
+    cfg = preftune_config(spec, work / "run")
+    precompute_s = []
+    plain_precompute = refs.precompute
+
+    def timed_precompute(*args, **kwargs):
+        t0 = time.perf_counter()
+        table = plain_precompute(*args, **kwargs)
+        precompute_s.append(time.perf_counter() - t0)
+        return table
+
+    refs.precompute = timed_precompute
+    run_stage(cfg, "dpo", work / "run", resolve_model(cfg.model))
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    seen = [0] + [r["tokens_seen"] for r in records]
+    out = summarize([r["step_time"] for r in records], [b - a for a, b in zip(seen, seen[1:])],
+                    [r["loss"] for r in records], spec)
+    return out | {"precompute_s": sum(precompute_s)}
+
+
+def trl_dataset(spec: Spec):
+    """preftune's own tokenized train split, in the order preftune's loop visits it, as TRL columns."""
+    from datasets import Dataset
+
+    from preftune.model import load_tokenizer, resolve_model
+    from preftune.train import load_stage_data, plan_epoch
+
+    cfg = preftune_config(spec, Path(tempfile.mkdtemp()))
+    tokenizer = load_tokenizer(resolve_model(cfg.model))
+    items = load_stage_data(cfg, "dpo", tokenizer).train
+    per_epoch = max(1, len(plan_epoch(len(items), spec.batch_size, cfg.seed, 0)))
+    order = [i for step in range(spec.steps)
+             for i in plan_epoch(len(items), spec.batch_size, cfg.seed, step // per_epoch)[step % per_epoch]]
+    rows = [items[i] for i in order]
+    tokens = [sum(2 * len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids)
+                  for r in rows[s : s + spec.batch_size]) for s in range(0, len(rows), spec.batch_size)]
+    data = Dataset.from_dict({"prompt_ids": [r.prompt_ids for r in rows], "chosen_ids": [r.chosen_ids for r in rows],
+                              "rejected_ids": [r.rejected_ids for r in rows]})
+    return cfg, tokenizer, data, tokens
+
+
+def run_trl(spec: Spec, work: Path) -> dict:
+    """TRL's DPOTrainer on preftune's token ids (its own tokenization skipped), sequential order."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from preftune.model import load_model, resolve_model
+    from preftune.train import seed_everything
+
+    torch.set_num_threads(spec.threads)
+    cfg, tokenizer, data, tokens = trl_dataset(spec)
+    seed_everything(cfg.seed)
+    model = load_model(cfg, resolve_model(cfg.model), trainable=True)  # same weights, same LoRA init
+    losses: list[float] = []
+    step_times: list[float] = []
+
+    class Trainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already tokenized by preftune: identical ids on both sides
+
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            losses.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            step_times.append(time.perf_counter() - self.t0)
+
+    args = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
+        learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", max_steps=spec.steps, logging_steps=1, save_strategy="no", report_to="none",
+        beta=0.1, loss_type=["sigmoid"], max_length=None, train_sampling_strategy="sequential", use_cpu=True,
+        gradient_checkpointing=False, precompute_ref_log_probs=spec.side == "trl_precompute", seed=cfg.seed,
+        dataloader_pin_memory=False, disable_tqdm=True,
+    )
+    t0 = time.perf_counter()
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      callbacks=[StepTimer()])
+    precompute_s = time.perf_counter() - t0 if spec.side == "trl_precompute" else 0.0
+    trainer.train()
+    return summarize(step_times, tokens, losses, spec) | {"precompute_s": precompute_s}
+
+
+WORKERS = {"preftune": run_preftune, "trl": run_trl, "trl_precompute": run_trl}
+
+
+def worker_main(spec_json: str) -> None:
+    spec = Spec(**json.loads(spec_json))
+    with tempfile.TemporaryDirectory(prefix="dpo-bench-") as work:
+        result = WORKERS[spec.side](spec, Path(work))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- orchestration
+def isolated_cache() -> str:
+    """A fresh PREFTUNE_CACHE sharing the converted models and tokenizers, so preftune's reference
+    log-probs are recomputed (and timed) in every repeat instead of read from an earlier run."""
+    from preftune.embedded import cache_root
+
+    real, fresh = cache_root(), Path(tempfile.mkdtemp(prefix="dpo-bench-cache-"))
+    for name in ("models", "tokenizers", "gguf-sha256.json"):
+        if (real / name).exists():
+            (fresh / name).symlink_to(real / name)
+    return str(fresh)
+
+
+def measure(spec: Spec) -> dict:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PREFTUNE_CACHE": isolated_cache(), "TOKENIZERS_PARALLELISM": "false",
+                        "OMP_NUM_THREADS": str(spec.threads)}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(asdict(spec))],
+                          capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{spec.side} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def report_row(name: str, results: dict[str, list[dict]], steps_per_epoch: int) -> list[str]:
+    """Markdown rows: one per side with medians, and the preftune / TRL ratios."""
+    lines = []
+    base = {side: {k: median_of(runs, k) for k in ("tokens_per_s", "peak_rss_mb", "final_loss", "precompute_s")}
+            for side, runs in results.items()}
+    for side, m in base.items():
+        amortized = m["precompute_s"] / steps_per_epoch
+        lines.append(f"| {name} | {side} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | {m['final_loss']:.6f} "
+                     f"| {m['precompute_s']:.1f} ({amortized:.2f}/step) |")
+    ours = base.get("preftune")
+    for side in ("trl", "trl_precompute"):
+        if ours and side in base:
+            t = base[side]
+            lines.append(f"| {name} | preftune / {side} | **{ours['tokens_per_s'] / t['tokens_per_s']:.2f}x** "
+                         f"| {ours['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
+                         f"| Δ {abs(ours['final_loss'] - t['final_loss']):.1e} | |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny", help="comma list of: " + ", ".join(MODELS))
+    ap.add_argument("--shapes", default="long_prompt", help="comma list of: " + ", ".join(SHAPES))
+    ap.add_argument("--modes", default="full", help="comma list of: full, lora")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma list of: " + ", ".join(SIDES))
+    ap.add_argument("--pairs", type=int, default=32, help="training pairs written (one epoch = pairs / batch)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-6)
+    ap.add_argument("--json", help="also write every raw measurement here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker_main(a.worker)
+
+    raw, table = [], ["| model / shape / mode | side | tokens/s | peak RSS MiB | final loss | reference precompute s |",
+                      "|---|---|---|---|---|---|"]
+    data_root = Path(tempfile.mkdtemp(prefix="dpo-bench-data-"))
+    for model in a.models.split(","):
+        for shape in a.shapes.split(","):
+            data_dir = write_pairs(data_root / shape, shape, a.pairs)
+            for mode in a.modes.split(","):
+                name = f"{model} / {shape} / {mode}"
+                results: dict[str, list[dict]] = {}
+                for rep in range(a.repeats):
+                    sides = a.sides.split(",")
+                    for side in sides if rep % 2 == 0 else sides[::-1]:  # alternate, and flip the order
+                        spec = Spec(side, model, shape, mode, a.pairs, a.batch_size, a.steps, a.warmup, a.threads,
+                                    a.lr, str(data_dir))
+                        r = measure(spec)
+                        results.setdefault(side, []).append(r)
+                        raw.append(asdict(spec) | r)
+                        print(f"{name} rep {rep} {side}: {r['tokens_per_s']:.0f} tok/s, "
+                              f"{r['peak_rss_mb']:.0f} MiB, loss {r['final_loss']:.6f}", flush=True)
+                table += report_row(name, results, max(1, a.pairs // a.batch_size))
+    print("\n" + "\n".join(table))
+    if a.json:
+        Path(a.json).write_text(json.dumps(raw, indent=1))
+
+
+if __name__ == "__main__":
+    main()

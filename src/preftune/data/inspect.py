@@ -1,0 +1,134 @@
+"""``preftune data inspect TARGET``: read and tokenize a dataset exactly as training would, then print
+what was kept and dropped (by reason), token-length percentiles, truncation, boundary merges and one
+rendered sample with the masked prompt visible. Reads only; trains nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from preftune.config import Config, DataConfig, load_config
+from preftune.data.sources import load_rows
+from preftune.data.tokenize import TokenizeReport, tokenize_rows
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+SAMPLE_CHARS = 1500
+
+
+def _is_config(target: str) -> bool:
+    return Path(target).suffix.lower() in CONFIG_SUFFIXES
+
+
+def resolve(target: str, overrides: list[str], fmt: str | None, sft: bool) -> tuple[Config, DataConfig]:
+    """The config and the DataConfig to inspect: a config file's data (``sft.data`` with --sft when
+    set), or defaults with ``data.source=TARGET`` for a data file, folder or dataset name."""
+    if _is_config(target):
+        cfg = load_config(target, overrides)
+        data = cfg.sft.data if sft and cfg.sft.data is not None else cfg.data
+    else:
+        cfg = load_config(None, overrides)
+        cfg.data.source = target
+        data = cfg.data
+    if fmt:
+        data.format = fmt
+    return cfg, data
+
+
+def load_tokenizer_for(cfg: Config):
+    """The tokenizer training would use: ``cfg.tokenizer`` or the model's; embedded and tiny models
+    share the SmolLM2 tokenizer (no model conversion needed)."""
+    from transformers import AutoTokenizer
+
+    from preftune import embedded
+
+    name = cfg.tokenizer or cfg.model
+    if name.startswith(("embedded:", "tiny")):
+        return AutoTokenizer.from_pretrained(embedded.tokenizer_dir())
+    from preftune.model import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(name))
+
+
+def _show(tokenizer, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return text if len(text) <= SAMPLE_CHARS else text[: SAMPLE_CHARS // 2] + " [...] " + text[-SAMPLE_CHARS // 2:]
+
+
+def sample_view(item, tokenizer) -> dict[str, Any]:
+    """One tokenized row decoded part by part (the prompt is masked out of the loss)."""
+    completions = {"chosen": item.chosen_ids, "rejected": item.rejected_ids} if hasattr(item, "chosen_ids") \
+        else {"completion": item.completion_ids}
+    view = {"key": item.key, "truncated": item.truncated, "prompt_tokens": len(item.prompt_ids),
+            "prompt": _show(tokenizer, item.prompt_ids)}
+    for name, ids in completions.items():
+        view[name] = _show(tokenizer, ids)
+        view[f"{name}_tokens"] = len(ids)
+    return view
+
+
+def summarize(data: DataConfig, kind: str, read, tok: TokenizeReport, splits: dict[str, int],
+              sample: dict | None) -> dict[str, Any]:
+    """The inspect result as one JSON-able dict: ``rows_read == rows_kept + sum(dropped)``."""
+    dropped = dict(read.dropped)
+    for reason, n in tok.dropped.items():
+        dropped[reason] = dropped.get(reason, 0) + n
+    return {
+        "source": data.source, "format": read.format, "kind": kind,
+        "rows_read": read.rows_read, "rows_kept": tok.kept, "dropped": dropped, "splits": splits,
+        "lengths": tok.length_stats(), "truncated": tok.truncated, "truncation_rate": tok.truncation_rate,
+        "boundary_merges": tok.boundary_merges,
+        "max_length": data.max_length, "max_prompt_length": data.max_prompt_length, "sample": sample,
+    }
+
+
+def _render_sample(sample: dict) -> list[str]:
+    """The prompt once, in ``[MASKED ...]`` (no loss there), then ``|`` and each trained completion."""
+    names = [n for n in ("chosen", "rejected", "completion") if n in sample]
+    first, *rest = names
+    lines = [f"sample (key {sample['key']}{', truncated' if sample['truncated'] else ''}): "
+             f"{sample['prompt_tokens']} prompt tokens masked; '|' marks where the trained tokens start",
+             f"--- {first} ({sample[first + '_tokens']} trained tokens):",
+             f"[MASKED {sample['prompt']}]|{sample[first]}"]
+    for name in rest:
+        lines += [f"--- {name} ({sample[name + '_tokens']} trained tokens) after the same masked prompt:",
+                  f"|{sample[name]}"]
+    return lines
+
+
+def render_text(s: dict[str, Any]) -> str:
+    dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
+    splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    lines = [
+        f"source: {s['source']} (format: {s['format']}, kind: {s['kind']})",
+        f"rows read: {s['rows_read']}  kept: {s['rows_kept']} ({splits})",
+        f"dropped: {dropped}",
+        f"token lengths {'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
+    ]
+    for part, st in s["lengths"].items():
+        lines.append(f"  {part:<11}" + "".join(f"{st[k]:>8}" for k in ("p50", "p90", "p99", "max")))
+    lines.append(f"truncated: {s['truncated']} of {s['rows_kept']} rows ({100 * s['truncation_rate']:.1f}%) at "
+                 f"max_length={s['max_length']}, max_prompt_length={s['max_prompt_length']}")
+    lines.append(f"boundary merges (prompt/completion BPE merge, counted and kept): {s['boundary_merges']}")
+    if s["sample"]:
+        lines += _render_sample(s["sample"])
+    return "\n".join(lines)
+
+
+def inspect(cfg: Config, data: DataConfig, kind: str, tokenizer) -> dict[str, Any]:
+    train_rows, heldout_rows, read = load_rows(data, kind, cfg.seed)
+    train, tok_train = tokenize_rows(train_rows, tokenizer, data, kind)
+    heldout, tok_heldout = tokenize_rows(heldout_rows, tokenizer, data, kind)
+    sample = sample_view((train or heldout)[0], tokenizer) if train or heldout else None
+    return summarize(data, kind, read, tok_train.merge(tok_heldout), {"train": len(train), "heldout": len(heldout)},
+                     sample)
+
+
+def main(ns) -> int:
+    """CLI handler: ``ns.target`` (or ``ns.data_target``), ``ns.overrides``, ``ns.format``, ``ns.json``, ``ns.sft``."""
+    target = getattr(ns, "data_target", None) or ns.target
+    cfg, data = resolve(target, list(ns.overrides or []), ns.format, ns.sft)
+    kind = "sft" if ns.sft else "preference"
+    summary = inspect(cfg, data, kind, load_tokenizer_for(cfg))
+    print(json.dumps(summary, ensure_ascii=False) if ns.json else render_text(summary))
+    return 0

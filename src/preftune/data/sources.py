@@ -1,0 +1,356 @@
+"""Where records come from and how they become rows: local .jsonl/.json/.parquet/.csv files or
+folders, the embedded data (``embedded:NAME``), or a Hub dataset; the train/held-out split; and the
+DataReport that counts every record read, kept and dropped (by reason). Tokens live in tokenize.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.data.formats import (
+    COLUMNS,
+    KIND_FORMATS,
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
+    RowError,
+    RowFiltered,
+    adapter,
+    detect_format,
+    sft_rows_from_pairs,
+)
+from preftune.errors import DataError, PreftuneError
+
+Record = tuple[dict, str, int]
+"""(record, file or source name, 1-based row / line)."""
+OnBad = Callable[[RowError], None] | None
+
+KNOWN_SPLITS = frozenset({"train", "test", "validation", "valid", "val", "dev", "eval"})
+EMBEDDED_PREFIX = "embedded:"
+
+
+# ---------------------------------------------------------------- file readers
+
+
+def _bad(err: RowError, on_bad: OnBad) -> None:
+    if on_bad is None:
+        raise err
+    on_bad(err)
+
+
+def _object(value: Any, file: str, row: int, on_bad: OnBad) -> dict | None:
+    if isinstance(value, dict):
+        return value
+    _bad(RowError(f"a record must be an object (mapping), got {type(value).__name__}", None, "wrong_type", file, row),
+         on_bad)
+    return None
+
+
+def _read_jsonl(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad(RowError(f"not valid JSON ({e.msg} at column {e.colno})", None, "bad_json", str(path), line_no),
+                     on_bad)
+                continue
+            if (rec := _object(value, str(path), line_no, on_bad)) is not None:
+                yield rec, line_no
+
+
+def _read_json(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e.msg} at line {e.lineno}); for one object per line name the file .jsonl",
+                        str(path)) from None
+    if not isinstance(value, list):
+        raise DataError(f"a .json data file must hold a list of objects, got {type(value).__name__}", str(path))
+    for i, item in enumerate(value, 1):
+        if (rec := _object(item, str(path), i, on_bad)) is not None:
+            yield rec, i
+
+
+def _read_parquet(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield rec, row
+
+
+def _csv_cell(value: str) -> Any:
+    """Cells holding JSON message lists or objects are decoded; everything else stays a string."""
+    if value.startswith(("[", "{")):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(decoded, dict) or (isinstance(decoded, list) and all(isinstance(x, dict) for x in decoded)):
+            return decoded
+    return value
+
+
+def _read_csv(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        for row, rec in enumerate(csv.DictReader(f), 1):  # row 1 = first line after the header
+            yield {k: _csv_cell(v) if isinstance(v, str) else v for k, v in rec.items()}, row
+
+
+READERS: dict[str, Callable[[Path, OnBad], Iterator[tuple[dict, int]]]] = {
+    ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv,
+}
+
+
+# ---------------------------------------------------------------- resolving a source
+
+
+def _words(path: Path, root: Path) -> set[str]:
+    rel = path.relative_to(root).with_suffix("")
+    return set(re.split(r"[^a-z0-9]+", str(rel).lower()))
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in READERS
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """Files whose name contains the split (``train.jsonl``, ``data/test-0000.parquet``); with no
+    split names at all, every file is ``train``."""
+    files = _data_files(folder)
+    named = [f for f in files if split.lower() in _words(f, folder)]
+    if named:
+        return named
+    if split == "train" and not any(_words(f, folder) & KNOWN_SPLITS for f in files):
+        return files
+    return []
+
+
+def resources_dir() -> Path:
+    """The package's data folder: ``embedded:NAME`` is ``NAME_<split>.jsonl`` there."""
+    return Path(str(importlib.resources.files("preftune") / "resources"))
+
+
+def _embedded_files(source: str, split: str) -> list[Path]:
+    name = source[len(EMBEDDED_PREFIX):]
+    root = resources_dir()
+    path = root / f"{name}_{split}.jsonl"
+    if path.is_file():
+        return [path]
+    if not any(root.glob(f"{name}_*.jsonl")):
+        known = sorted({p.name.rsplit("_", 1)[0] for p in root.glob("*_*.jsonl")})
+        raise PreftuneError(f"unknown embedded dataset {source!r}; available: "
+                            f"{', '.join(EMBEDDED_PREFIX + k for k in known) or 'none (the install lacks its data)'}")
+    return []
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).suffix in READERS or os.sep + os.sep in source
+
+
+def _local_files(source: str, split: str) -> list[Path] | None:
+    """The files of ``split``, or None when the source is not local (a Hub name)."""
+    if source.startswith(EMBEDDED_PREFIX):
+        return _embedded_files(source, split)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _split_files(path, split)
+    if path.is_file():
+        if path.suffix not in READERS:
+            raise DataError(f"unsupported data file type {path.suffix!r}; use one of {', '.join(READERS)}", str(path))
+        return [path] if split == "train" else []
+    if _looks_local(source):
+        raise DataError("data file or folder not found; check data.source", source)
+    return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_error(name: str, e: Exception) -> PreftuneError:
+    why = "the Hub cannot be reached (HF_HUB_OFFLINE=1)" if _offline() else f"{type(e).__name__}: {e}"
+    return PreftuneError(f"dataset {name!r} is not local and could not be loaded from the Hugging Face Hub ({why}). "
+                         "Pass a local path instead: data.source=PATH (.jsonl/.json/.parquet/.csv file or folder)")
+
+
+def _hub_records(name: str, split: str, subset: str | None) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # offline, not found, network: all become one actionable message
+        raise _hub_error(name, e) from None
+    for i, rec in enumerate(ds, 1):
+        yield dict(rec), f"hub:{name}[{split}]", i
+
+
+def read_records(source: str, split: str = "train", subset: str | None = None, on_bad: OnBad = None) -> Iterator[Record]:
+    """Yield ``(record, file, row)`` for one split of a source (row: 1-based line for JSONL, else
+    1-based record index). A malformed record (bad JSON line, not an object) raises a DataError
+    naming file and line, or is passed to ``on_bad`` and skipped when given."""
+    files = _local_files(source, split)
+    if files is None:
+        yield from _hub_records(source, split, subset)
+        return
+    if not files:
+        raise DataError(f"no data files for split {split!r} (a folder's files are chosen by a name containing the "
+                        "split, e.g. train.jsonl / test.jsonl)", source, field="data.split")
+    for path in files:
+        for rec, row in READERS[path.suffix](path, on_bad):
+            yield rec, str(path), row
+
+
+def has_split(source: str, split: str, subset: str | None = None) -> bool:
+    """Whether the source holds ``split`` (a single local file holds only ``train``)."""
+    files = _local_files(source, split)
+    if files is not None:
+        return bool(files)
+    import datasets
+
+    try:
+        return split in datasets.get_dataset_split_names(source, subset)
+    except Exception as e:
+        raise _hub_error(source, e) from None
+
+
+# ---------------------------------------------------------------- records -> rows, counted
+
+
+@dataclass
+class DataReport:
+    """Records read, rows kept, and every drop by reason: ``rows_read == rows_kept + sum(dropped)``."""
+
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    format: str | None = None
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def merge(self, other: DataReport) -> DataReport:
+        out = DataReport(self.rows_read + other.rows_read, self.rows_kept + other.rows_kept, dict(self.dropped),
+                         self.format or other.format)
+        for reason, n in other.dropped.items():
+            out.drop(reason, n)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows_read": self.rows_read, "rows_kept": self.rows_kept, "dropped": dict(self.dropped),
+                "format": self.format}
+
+
+def _detect(rec: dict, kind: str) -> str:
+    """Detect the format of ``kind``; SFT data may also be preference data (SFT on chosen)."""
+    try:
+        return detect_format(rec.keys(), kind, rec)
+    except DataError:
+        if kind != "sft" or any(COLUMNS[f] <= set(rec) for f in SFT_FORMATS):
+            raise
+        try:
+            return detect_format(rec.keys(), "preference", rec)
+        except DataError:
+            pass
+        raise
+
+
+def _check_format(fmt: str, kind: str) -> None:
+    if kind not in KIND_FORMATS:
+        raise PreftuneError(f"unknown data kind {kind!r}; expected 'preference' or 'sft'")
+    if fmt != "auto" and kind == "preference" and fmt in SFT_FORMATS:
+        raise DataError(f"format {fmt!r} is an SFT format; preference data needs one of "
+                        f"{', '.join(PREFERENCE_FORMATS)}", field="data.format")
+
+
+def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
+    """Read one split and adapt every record, stopping or counting per ``data.on_error``."""
+    report = DataReport(format=None if fmt == "auto" else fmt)
+    rows: list = []
+
+    def skip(err: RowError) -> None:
+        report.rows_read += 1
+        report.drop(err.reason)
+
+    fn = None if fmt == "auto" else adapter(fmt, data)
+    on_bad = skip if data.on_error == "skip" else None
+    for rec, file, row in read_records(data.source, split, data.subset, on_bad):
+        report.rows_read += 1
+        if fn is None:
+            report.format = _detect(rec, kind)
+            fn = adapter(report.format, data)
+        try:
+            rows.append(fn(rec))
+        except RowFiltered as f:
+            report.drop(f.reason)
+        except RowError as e:
+            if data.on_error != "skip":
+                raise e.at(file, row) from None
+            report.drop(e.reason)
+    if kind == "sft" and report.format in PREFERENCE_FORMATS:
+        rows = sft_rows_from_pairs(rows)
+    report.rows_kept = len(rows)
+    return rows, report
+
+
+def _carve(rows: list, test_size: float, seed: int) -> tuple[list, list]:
+    """Split off ``round(test_size * n)`` rows (at least 1, leaving at least 1) chosen by a seeded
+    shuffle; both parts keep the source order."""
+    n = len(rows)
+    n_test = min(max(1, round(test_size * n)), n - 1) if test_size > 0 and n >= 2 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    test = set(order[:n_test])
+    return [r for i, r in enumerate(rows) if i not in test], [r for i, r in enumerate(rows) if i in test]
+
+
+def _cap(rows: list, cap: int | None, seed: int, report: DataReport, reason: str) -> list:
+    """At most ``cap`` rows, chosen by a seeded shuffle (kept in source order); the rest counted."""
+    if cap is None or len(rows) <= cap:
+        return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    keep = set(order[:cap])
+    report.drop(reason, len(rows) - cap)
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
+    """Rows of ``data`` (a DataConfig) as ``(train rows, held-out rows, DataReport)``.
+
+    Held-out rows are the source's ``data.test_split`` when it has one, else ``data.test_size`` of
+    the training rows carved off with ``seed``. ``max_rows`` / ``max_eval_rows`` then keep a seeded
+    random subset (the rest is counted as dropped under those names). ``kind="sft"`` also accepts
+    preference data (each pair's prompt and chosen)."""
+    fmt = data.format
+    _check_format(fmt, kind)
+    train, report = _convert(data, data.split, kind, fmt)
+    if report.rows_read == 0:
+        raise DataError(f"no records in split {data.split!r}", data.source, field="data.source")
+    test_split = data.test_split
+    if test_split and test_split != data.split and has_split(data.source, test_split, data.subset):
+        heldout, test_report = _convert(data, test_split, kind, report.format or fmt)
+        report = report.merge(test_report)
+    else:
+        train, heldout = _carve(train, data.test_size, seed)
+    train = _cap(train, data.max_rows, seed, report, "max_rows")
+    heldout = _cap(heldout, data.max_eval_rows, seed + 1, report, "max_eval_rows")
+    report.rows_kept = len(train) + len(heldout)
+    return train, heldout, report
+

@@ -1,0 +1,100 @@
+"""Judge prompt templates (dialogue and summarization, after the DPO paper's GPT-4 setup, in our own
+words), rendering with the ``{prompt}``, ``{response_a}``, ``{response_b}`` placeholders, and parsing
+the judge's final ``Preferred: A|B|tie`` line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from preftune.errors import PreftuneError
+
+PLACEHOLDERS = ("prompt", "response_a", "response_b")
+
+DIALOGUE = """You are comparing two replies that an AI assistant could give in the conversation below.
+Decide which reply is more helpful to the user while staying harmless: it answers what was asked,
+is accurate and clear, and does not help with anything dangerous or unethical.
+The order in which the replies are shown carries no meaning, and neither does their length.
+
+[Conversation]
+{prompt}
+
+[Reply A]
+{response_a}
+
+[Reply B]
+{response_b}
+
+First write one sentence comparing the two replies and saying which one is more helpful and why.
+Then, on a last line of its own, write exactly "Preferred: A" or "Preferred: B", or "Preferred: tie"
+only if neither reply is better in any way.
+"""
+
+SUMMARIZATION = """You are comparing two summaries of the forum post below.
+A good summary keeps the post's most important points and leaves out minor or irrelevant details;
+it is accurate, precise and short. Decide which summary does that better.
+The order in which the summaries are shown carries no meaning.
+
+[Post]
+{prompt}
+
+[Summary A]
+{response_a}
+
+[Summary B]
+{response_b}
+
+First write one sentence comparing the two summaries and saying which one is better and why.
+Then, on a last line of its own, write exactly "Preferred: A" or "Preferred: B", or "Preferred: tie"
+only if neither summary is better in any way.
+"""
+
+TEMPLATES: dict[str, str] = {"dialogue": DIALOGUE, "summarization": SUMMARIZATION}
+
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+_VERDICT = re.compile(r"preferred[\s*_]*:[\s*_\"'`\[(]*(a|b|tie)\b", re.IGNORECASE)
+_BARE = {"a": "A", "b": "B", "tie": "tie"}
+
+
+def get_template(name_or_template: str) -> str:
+    """A template by name (``dialogue``, ``summarization``), a custom template string, or a path to a
+    text file holding one. A custom template must contain all three placeholders."""
+    if name_or_template in TEMPLATES:
+        return TEMPLATES[name_or_template]
+    text = name_or_template
+    if "{" not in text and len(text) < 4096 and Path(text).is_file():
+        text = Path(text).read_text(encoding="utf-8")
+    missing = [p for p in PLACEHOLDERS if "{" + p + "}" not in text]
+    if missing:
+        raise PreftuneError(
+            f"judge template is neither a known name ({', '.join(TEMPLATES)}) nor a template with the "
+            f"placeholders {{prompt}}, {{response_a}}, {{response_b}}: missing {missing}. "
+            "Write them literally, e.g. '... {prompt} ... {response_a} ... {response_b} ...'."
+        )
+    return text
+
+
+def prompt_text(prompt) -> str:
+    """A prompt (plain text, or chat messages) as text for the judge: messages become ``Role: text`` turns."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
+def render(template: str, prompt, response_a: str, response_b: str) -> str:
+    """Fill the three placeholders in one pass (braces elsewhere in the template, or placeholder-like
+    text inside a response, are left alone)."""
+    values = {"prompt": prompt_text(prompt), "response_a": response_a, "response_b": response_b}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def parse_verdict(text: str) -> str | None:
+    """``"A"``, ``"B"`` or ``"tie"`` from the judge's answer, else None (an invalid verdict).
+
+    The last ``Preferred: X`` in the text wins (markdown emphasis and quotes around X are allowed); an
+    answer that is only ``A``, ``B`` or ``tie`` is accepted too."""
+    found = _VERDICT.findall(text or "")
+    if found:
+        return _BARE[found[-1].lower()]
+    bare = (text or "").strip().strip("*\"'`.").lower()
+    return _BARE.get(bare)

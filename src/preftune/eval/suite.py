@@ -1,0 +1,380 @@
+"""The evaluation suite: reward accuracy, judged win-rate against chosen, held-out loss (forgetting)
+and downstream tasks for one or more models, written to ``eval.json`` (``preftune eval``), and the
+single-evaluation subcommands. Generations, held-out losses and task scores are cached on disk,
+keyed by the model's files and the settings, so a base model is evaluated once across runs and sweeps.
+The measurements themselves live in generate.py, judges.py, heldout.py, tasks.py and train.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from preftune.config import Config, load_config, to_dict
+from preftune.data.rows import PreferenceRow
+from preftune.errors import PreftuneError
+
+SECTIONS = ("rewards", "winrate", "heldout", "tasks")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
+
+
+# ---------------------------------------------------------------- the on-disk cache
+
+
+def cache_dir() -> Path:
+    """``<preftune cache>/eval`` (``$PREFTUNE_CACHE`` moves it, e.g. per sweep or per test)."""
+    from preftune.embedded import cache_root
+
+    return cache_root() / "eval"
+
+
+def model_fingerprint(name: str) -> dict:
+    """What identifies a model's weights: its resolved folder and the size and mtime of every weight
+    file (an adapter adds its base's), so a retrained folder never reuses stale results."""
+    from preftune.model import adapter_base, is_adapter, resolve_model
+
+    path = Path(resolve_model(name)).resolve()
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []
+    out = {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    if is_adapter(path):
+        out["base"] = model_fingerprint(adapter_base(path))
+    return out
+
+
+def cached(kind: str, key: dict, compute: Callable[[], dict | list]):
+    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written atomically)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = cache_dir() / kind / f"{digest}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["value"]
+        except (ValueError, KeyError):
+            pass  # a torn file: recompute
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    tmp.replace(path)
+    return value
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def heldout_rows(cfg: Config) -> list[PreferenceRow]:
+    """The held-out preference rows of ``cfg.data`` (split or carved off with the seed)."""
+    from preftune.data.sources import load_rows
+
+    _, test, _ = load_rows(cfg.data, "preference", cfg.seed)
+    if not test:
+        raise PreftuneError(f"no held-out rows in {cfg.data.source}; set data.test_split or data.test_size")
+    return test
+
+
+def category_of(row: PreferenceRow) -> str:
+    meta = row.meta or {}
+    return str(meta.get("category") or meta.get("subset") or meta.get("task") or "all")
+
+
+def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[PreferenceRow]:
+    """The first ``per_category`` held-out rows of each category (held-out order is already seeded)."""
+    taken: dict[str, int] = {}
+    out = []
+    for r in rows:
+        c = category_of(r)
+        if taken.get(c, 0) < per_category:
+            taken[c] = taken.get(c, 0) + 1
+            out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------- one evaluation each
+
+
+def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -> list[str]:
+    """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings)."""
+    from preftune.eval.generate import generate
+
+    w = cfg.eval.winrate
+    settings = {"max_new_tokens": w.max_new_tokens, "temperature": w.temperature, "top_p": w.top_p,
+                "seed": cfg.seed, "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+    key = {"model": model_fingerprint(name), "prompts": [r.key for r in rows], **settings}
+    return cached("generations", key, lambda: generate(
+        model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p, cfg.seed,
+        cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length))
+
+
+def judge_items(rows: list[PreferenceRow], responses: list[str], references: list[str]) -> list[dict]:
+    return [{"prompt": r.prompt, "model": s, "reference": ref, "meta": r.meta, "category": category_of(r)}
+            for r, s, ref in zip(rows, responses, references)]
+
+
+def judge(cfg: Config, items: list[dict]):
+    """Both-order judgments of ``items`` with the configured judge (judgments cached in the eval cache)."""
+    from preftune.eval.judges import judge_pairs, make_judge
+
+    w = cfg.eval.winrate
+    judge_ = make_judge(w)
+    try:
+        return judge_pairs(judge_, items, cache_dir() / "judgments" / f"{w.judge}.jsonl", w.concurrency,
+                           w.requests_per_second, w.max_calls, progress=True)
+    finally:
+        if hasattr(judge_, "close"):
+            judge_.close()
+
+
+def winrate_entry(run, vs: str) -> dict:
+    summary = run.summary()
+    return summary | {"vs": vs}
+
+
+def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
+    """Held-out loss with per-chunk values (cached by model files, corpus and chunking)."""
+    from preftune.eval.heldout import heldout_loss, load_corpus
+
+    h = cfg.eval.heldout
+    key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
+           "max_chunks": h.max_chunks, "precision": cfg.precision, "tokenizer": tok.name_or_path}
+    return cached("heldout", key, lambda: heldout_loss(model, tok, load_corpus(h.corpus), h.chunk_length,
+                                                      h.max_chunks, cfg.eval.batch_size))
+
+
+def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
+    from preftune.eval.tasks import run_tasks
+
+    key = {"model": model_fingerprint(name), "tasks": cfg.eval.tasks, "limit": cfg.eval.tasks_limit,
+           "precision": cfg.precision}
+    return cached("tasks", key, lambda: run_tasks(model, tok, cfg.eval.tasks, cfg.eval.tasks_limit,
+                                                 cfg.eval.batch_size, cfg.seed))
+
+
+def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
+    """``rewards/accuracies`` and margins against ``reference`` through the training core's
+    ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
+    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
+    from preftune.train import evaluate_rewards
+
+    if cfg.dpo.loss in ("simpo", "orpo"):
+        return evaluate_rewards(model, tok, None, rows, cfg)
+    path = resolve_model(name)
+    if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
+        return evaluate_rewards(model, tok, "adapter", rows, cfg)
+    ref_model, _ = load_for_inference(reference, cfg.precision)
+    return evaluate_rewards(model, tok, ref_model, rows, cfg)
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], run) -> None:
+    from preftune.eval.generate import write_jsonl
+
+    write_jsonl(path, [{"prompt": r.prompt, "response": s, "chosen": r.chosen, "category": category_of(r),
+                        "score": res["score"], "status": res["status"], "meta": r.meta}
+                       for r, s, res in zip(rows, responses, run.results)])
+
+
+def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
+                    reference_for: dict[str, str | None] | None = None, json_name: str = "eval.json") -> dict:
+    """Run the configured evaluations (``cfg.eval``) for every ``name -> model or run folder`` and
+    write ``out_dir/eval.json`` (``json_name``; after each model, so a crash keeps what finished).
+
+    ``reference_for[name]`` is the reference for that model's reward accuracy (models without one,
+    such as the base, get none). Win-rate is against the dataset's chosen responses; with two or
+    more models, the paired bootstrap of their per-prompt scores is stored under ``comparisons``.
+    Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``."""
+    from preftune.eval.heldout import paired_difference
+    from preftune.eval.stats import paired_bootstrap
+    from preftune.model import load_for_inference
+
+    out = Path(out_dir)
+    reference_for = reference_for or {}
+    ev = cfg.eval
+    need_rows = ev.rewards or ev.winrate.enabled
+    rows = heldout_rows(cfg) if need_rows else []
+    wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+    results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
+    scores: dict[str, list] = {}
+    chunks: dict[str, dict] = {}
+    for name, path in models.items():
+        model, tok = load_for_inference(str(path), cfg.precision)
+        entry: dict = {"path": str(path)}
+        if ev.rewards and reference_for.get(name):
+            entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
+        if ev.winrate.enabled:
+            responses = generations(cfg, str(path), model, tok, wr_rows)
+            run = judge(cfg, judge_items(wr_rows, responses, [r.chosen for r in wr_rows]))
+            entry["winrate"] = winrate_entry(run, "chosen")
+            scores[name] = run.scores
+            _write_samples(out / f"samples-{name}.jsonl", wr_rows, responses, run)
+        if ev.heldout.enabled:
+            ho = heldout_entry(cfg, str(path), model, tok)
+            chunks[name] = ho["per_chunk"]
+            entry["heldout"] = {k: ho[k] for k in PUBLIC_HELDOUT}
+        if ev.tasks:
+            entry["tasks"] = tasks_entry(cfg, str(path), model, tok)
+        results["models"][name] = entry
+        del model
+        _write_json(out / json_name, results)
+    if "base" in chunks:
+        for name, per_chunk in chunks.items():
+            if name != "base":
+                results["models"][name]["heldout"]["diff_vs_base"] = paired_difference(per_chunk, chunks["base"])
+    names = list(scores)
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            mean, low, high = paired_bootstrap(scores[a], scores[b], seed=cfg.seed)
+            results["comparisons"][f"{a}-{b}"] = {"mean": mean, "low": low, "high": high,
+                                                  "n": sum(1 for x, y in zip(scores[a], scores[b])
+                                                           if x is not None and y is not None)}
+    _write_json(out / json_name, results)
+    return results
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+
+def table(results: dict) -> str:
+    """A compact table: one row per model."""
+    head = ("model", "reward acc", "win-rate [95% CI]", "W/T/L/inv", "bits/byte", "Δ vs base [95% CI]", "task acc")
+    rows = [head]
+    for name, e in results.get("models", {}).items():
+        rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
+        d = h.get("diff_vs_base")
+        accs = [v["acc"] for v in t.values() if "acc" in v]
+        rows.append((
+            name, _fmt(rw.get("rewards/accuracies")),
+            f"{_fmt(w['winrate'])} [{_fmt(w['ci_low'], '.2f')}, {_fmt(w['ci_high'], '.2f')}]" if "winrate" in w else "-",
+            "/".join(str(w.get(k, "-")) for k in ("wins", "ties", "losses", "invalid")) if w else "-",
+            _fmt(h.get("bpb"), ".4f"),
+            f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-",
+            _fmt(sum(accs) / len(accs)) if accs else "-",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)) for r in rows]
+    for pair, c in results.get("comparisons", {}).items():
+        lines.append(f"win-rate {pair}: {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (paired bootstrap)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def default_models(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
+    """base = cfg.model, plus sft/ and dpo/ of ``cfg.output_dir`` when those runs exist; and each
+    one's reward reference (sft -> base; dpo -> the SFT model it started from, else base)."""
+    out = Path(cfg.output_dir)
+    models, refs = {"base": cfg.model}, {}
+    if (out / "sft" / "run.json").is_file():
+        models["sft"], refs["sft"] = str(out / "sft"), cfg.model
+    if (out / "dpo" / "run.json").is_file():
+        models["dpo"] = str(out / "dpo")
+        sft_ref = out / "sft" / "merged" if (out / "sft" / "merged" / "config.json").is_file() else out / "sft"
+        refs["dpo"] = str(sft_ref) if "sft" in models else cfg.model
+    return models, refs
+
+
+def parse_models(specs: list[str], defaults: dict[str, str]) -> dict[str, str]:
+    """``base``/``sft``/``dpo`` (the defaults), ``NAME=PATH``, or a PATH (named after its folder)."""
+    out = {}
+    for spec in specs:
+        if spec in defaults:
+            out[spec] = defaults[spec]
+        elif "=" in spec:
+            name, _, path = spec.partition("=")
+            out[name] = path
+        elif spec in ("sft", "dpo"):
+            raise PreftuneError(f"--models {spec}: no finished {spec} run in the config's output_dir")
+        else:
+            out[Path(spec).name or spec] = spec
+    return out
+
+
+def main(ns) -> int:
+    """``preftune eval CONFIG [--models ...]``: writes ``<output_dir>/eval/eval.json``."""
+    cfg = load_config(ns.config, ns.overrides)
+    defaults, refs = default_models(cfg)
+    models = parse_models(ns.models, defaults) if ns.models else defaults
+    results = evaluate_models(cfg, models, Path(cfg.output_dir) / "eval", refs)
+    print(table(results))
+    print(f"\nwrote {Path(cfg.output_dir) / 'eval' / 'eval.json'}")
+    return 0
+
+
+def _single(ns, section: str) -> Config:
+    """The config with only ``section`` switched on."""
+    cfg = load_config(ns.config, ns.overrides)
+    cfg.eval.rewards = section == "rewards"
+    cfg.eval.winrate.enabled = section == "winrate"
+    cfg.eval.heldout.enabled = section == "heldout"
+    if section != "tasks":
+        cfg.eval.tasks = []
+    return cfg
+
+
+def _out(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "eval"
+
+
+def rewards_main(ns) -> int:
+    """``preftune eval rewards CONFIG --model M [--reference R]`` (default reference: cfg.model)."""
+    cfg = _single(ns, "rewards")
+    results = evaluate_models(cfg, {"model": ns.model}, _out(cfg), {"model": ns.reference or cfg.model},
+                              json_name="rewards.json")
+    r = results["models"]["model"]["rewards"]
+    print(f"rewards/accuracies {r['rewards/accuracies']:.4f} ± {r['se']:.4f}  rewards/margins "
+          f"{r['rewards/margins']:.4f}  (n={r['n']}, reference {ns.reference or cfg.model})")
+    return 0
+
+
+def winrate_main(ns) -> int:
+    """``preftune eval winrate CONFIG --model M [--against B]``: vs chosen, or head to head against B."""
+    from preftune.model import load_for_inference
+
+    cfg = _single(ns, "winrate")
+    if not ns.against:
+        print(table(evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="winrate.json")))
+        return 0
+    rows = winrate_rows(heldout_rows(cfg), cfg.eval.winrate.per_category)
+    responses = {}
+    for name in (ns.model, ns.against):
+        model, tok = load_for_inference(name, cfg.precision)
+        responses[name] = generations(cfg, name, model, tok, rows)
+        del model
+    run = judge(cfg, judge_items(rows, responses[ns.model], responses[ns.against]))
+    result = {"models": {"model": {"winrate": winrate_entry(run, ns.against)}}, "config": to_dict(cfg.eval)}
+    _write_json(_out(cfg) / "winrate-head-to-head.json", result)
+    print(f"{ns.model} vs {ns.against}")
+    print(table(result))
+    return 0
+
+
+def heldout_main(ns) -> int:
+    """``preftune eval heldout CONFIG --model M [--base B]``: NLL, ppl, bits/byte (and Δ vs B)."""
+    cfg = _single(ns, "heldout")
+    models = ({"base": ns.base} if ns.base else {}) | {"model": ns.model}
+    print(table(evaluate_models(cfg, models, _out(cfg), json_name="heldout.json")))
+    return 0
+
+
+def tasks_main(ns) -> int:
+    """``preftune eval tasks CONFIG --model M``: acc and acc_norm per task."""
+    cfg = _single(ns, "tasks")
+    results = evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="tasks.json")
+    for task, r in results["models"]["model"]["tasks"].items():
+        print(f"{task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r['n']})")
+    return 0

@@ -1,0 +1,170 @@
+"""The report's PNG figures (matplotlib, Agg backend): reward accuracy and loss/margin curves against
+tokens seen with the early-stopping point marked, win-rate with CI bars, and forgetting per model.
+Each function takes the loaded runs and a target path, and returns the path, or None when the runs
+hold nothing to plot. Reading run folders lives in report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:  # pragma: no cover
+    from preftune.report.report import Run, StageRun
+
+DPI = 110
+
+
+def _series(metrics: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(tokens_seen, value) of every metrics line that carries ``key``."""
+    pts = [(m.get("tokens_seen", m.get("step", 0)), m[key]) for m in metrics
+           if isinstance(m.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def best_point(stage: StageRun, key: str) -> tuple[float, float] | None:
+    """(tokens_seen, ``key``) at the run's ``best_step`` (the early-stopping point), when recorded."""
+    best = stage.run.get("best_step")
+    if best is None:
+        return None
+    for m in stage.metrics:
+        if m.get("step") == best and isinstance(m.get(key), (int, float)):
+            return m.get("tokens_seen", best), m[key]
+    return None
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def _curves(ax, runs: list[Run], key: str, stages: tuple[str, ...], mark_best: bool) -> bool:
+    """Train ``key`` (line) and ``eval/key`` (markers) per run and stage; the best step as a star."""
+    drawn = False
+    for run in runs:
+        for name in stages:
+            stage = run.stages.get(name)
+            if stage is None:
+                continue
+            label = run.name if len(stages) == 1 else f"{run.name} {name}"
+            x, y = _series(stage.metrics, key)
+            if x:
+                line = ax.plot(x, y, lw=1, alpha=0.6, label=f"{label} train")[0]
+                color = line.get_color()
+            else:
+                color = None
+            ex, ey = _series(stage.metrics, f"eval/{key}")
+            if ex:
+                line = ax.plot(ex, ey, "o-", ms=4, color=color, label=f"{label} eval")[0]
+                color = line.get_color()
+            best = best_point(stage, f"eval/{key}") if mark_best else None
+            if best:
+                ax.axvline(best[0], color=color, ls=":", lw=1)
+                ax.plot([best[0]], [best[1]], "*", ms=14, color=color, mec="black",
+                        label=f"{label} best (step {stage.run.get('best_step')})")
+            drawn = drawn or bool(x or ex)
+    return drawn
+
+
+def rewards_accuracy_plot(runs: list[Run], path: Path) -> Path | None:
+    """Train and eval ``rewards/accuracies`` against tokens seen; the early-stopping point starred."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if not _curves(ax, runs, "rewards/accuracies", ("dpo",), mark_best=True):
+        plt.close(fig)
+        return None
+    ax.set(xlabel="tokens seen", ylabel="rewards/accuracies", title="Reward accuracy (preference stage)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_margins_plot(runs: list[Run], path: Path) -> Path | None:
+    """Loss of every stage, and ``rewards/margins`` of the preference stage, against tokens seen."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    has_loss = _curves(a1, runs, "loss", ("sft", "dpo"), mark_best=False)
+    has_margin = _curves(a2, runs, "rewards/margins", ("dpo",), mark_best=True)
+    if not (has_loss or has_margin):
+        plt.close(fig)
+        return None
+    a1.set(xlabel="tokens seen", ylabel="loss", title="Loss")
+    a2.set(xlabel="tokens seen", ylabel="rewards/margins", title="Reward margin (preference stage)")
+    for ax in (a1, a2):
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _model_rows(runs: list[Run], section: str) -> list[tuple[str, dict]]:
+    """(label, eval section) for every run and model that has ``section``; a shared base once."""
+    rows, seen_base = [], set()
+    for run in runs:
+        for model, entry in run.eval.get("models", {}).items():
+            data = entry.get(section)
+            if not data:
+                continue
+            key = (model, repr(sorted(data.items()) if isinstance(data, dict) else data))
+            if model == "base" and key in seen_base:
+                continue
+            seen_base.add(key)
+            rows.append((model if len(runs) == 1 or model == "base" else f"{run.name}/{model}", data))
+    return rows
+
+
+def winrate_plot(runs: list[Run], path: Path) -> Path | None:
+    """Win-rate per model with its 95% Wilson interval as error bars."""
+    rows = [(label, w) for label, w in _model_rows(runs, "winrate") if "winrate" in w]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
+    x = range(len(rows))
+    rates = [w["winrate"] for _, w in rows]
+    low = [w["winrate"] - w.get("ci_low", w["winrate"]) for _, w in rows]
+    high = [w.get("ci_high", w["winrate"]) - w["winrate"] for _, w in rows]
+    ax.bar(x, rates, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
+    for i, r in zip(x, rates):
+        ax.text(i, r + 0.02, f"{r:.2f}", ha="center", fontsize=8)
+    vs = rows[0][1].get("vs", "chosen")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(list(x), [label for label, _ in rows], rotation=20, ha="right", fontsize=8)
+    ax.set(ylim=(0, 1.05), ylabel="win-rate", title=f"Win-rate vs {vs} (95% Wilson CI)")
+    return _save(fig, path)
+
+
+def forgetting_plot(runs: list[Run], path: Path) -> Path | None:
+    """Held-out bits per byte per model, and the paired difference from the base with its CI."""
+    rows = [(label, h) for label, h in _model_rows(runs, "heldout") if "bpb" in h]
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(len(rows)))
+    a1.bar(x, [h["bpb"] for _, h in rows], color="tab:orange", alpha=0.8)
+    for i, (_, h) in zip(x, rows):
+        a1.text(i, h["bpb"], f"{h['bpb']:.3f}", ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(x, [label for label, _ in rows], rotation=20, ha="right", fontsize=8)
+    a1.set(ylabel="bits per byte", title="Held-out loss (lower = less forgetting)")
+    diffs = [(label, h["diff_vs_base"]) for label, h in rows if h.get("diff_vs_base")]
+    if diffs:
+        dx = list(range(len(diffs)))
+        means = [d["mean"] for _, d in diffs]
+        err = [[d["mean"] - d["low"] for _, d in diffs], [d["high"] - d["mean"] for _, d in diffs]]
+        a2.bar(dx, means, yerr=err, capsize=4, color="tab:red", alpha=0.8)
+        a2.axhline(0, color="grey", lw=0.8)
+        a2.set_xticks(dx, [label for label, _ in diffs], rotation=20, ha="right", fontsize=8)
+    a2.set(ylabel="Δ bits per byte vs base", title="Forgetting: paired difference (95% bootstrap CI)")
+    return _save(fig, path)
+
+
+PLOTS = {
+    "rewards_accuracies.png": rewards_accuracy_plot,
+    "loss_margins.png": loss_margins_plot,
+    "winrate.png": winrate_plot,
+    "forgetting.png": forgetting_plot,
+}
+"""File name -> plot function; the report embeds every one that has data."""

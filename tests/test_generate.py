@@ -1,0 +1,114 @@
+"""Generation: seeded determinism, left padding that does not change greedy answers, only the new text
+returned, the ``preftune generate`` JSONL, and the terminal chat fed real input lines."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from preftune.data.tokenize import render_prompt
+from preftune.embedded import tiny_llama
+from preftune.eval.generate import chat_loop, cut_at_stop, generate, main, prompt_ids, stop_ids
+
+PROMPTS = ["hello", "What is the capital of France, and why is it that city?",
+           [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+            {"role": "user", "content": "tell me a joke"}]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def untied(tiny):
+    """A random 2-layer Llama with an untied LM head: unlike the tied tiny model (which greedily
+    repeats its last input token, here a newline that strips to ""), its greedy answers are non-empty."""
+    _, tok = tiny
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_sampling_is_deterministic_with_a_seed(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, batch_size=2, progress=False)
+    state = torch.get_rng_state()
+    a = generate(model, tok, PROMPTS, seed=7, **kw)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's RNG is untouched
+    assert a == generate(model, tok, PROMPTS, seed=7, **kw)
+    assert a != generate(model, tok, PROMPTS, seed=8, **kw)
+    assert all(isinstance(s, str) and s for s in a) and len(a) == 3
+
+
+def test_left_padding_does_not_change_greedy_answers(untied):
+    model, tok = untied
+    kw = dict(max_new_tokens=8, temperature=0.0, progress=False)
+    batched = generate(model, tok, PROMPTS, batch_size=3, **kw)
+    alone = [generate(model, tok, [p], batch_size=1, **kw)[0] for p in PROMPTS]
+    assert batched == alone and all(batched)
+
+
+def test_returns_only_the_new_text(untied):
+    """Oracle: HF generate on the un-padded prompt, sliced after the prompt and cut at the first stop id."""
+    model, tok = untied
+    text = render_prompt(PROMPTS[1], tok)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert prompt_ids(PROMPTS[1], tok) == ids[0].tolist()
+    with torch.no_grad():
+        full = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              pad_token_id=tok.pad_token_id)
+    expected = tok.decode(cut_at_stop(full[0, ids.shape[1]:].tolist(), stop_ids(tok)), skip_special_tokens=True)
+    assert generate(model, tok, [PROMPTS[1]], max_new_tokens=8, progress=False) == [expected.strip()]
+    assert "assistant" not in expected[:9]
+
+
+def test_stops_and_prompt_truncation(tiny):
+    _, tok = tiny
+    im_end, eot = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert {im_end, eot} <= set(stop_ids(tok))
+    assert cut_at_stop([5, 6, im_end, 7], [im_end]) == [5, 6] and cut_at_stop([5, 6], [im_end]) == [5, 6]
+    full = prompt_ids(PROMPTS[1], tok)
+    assert prompt_ids(PROMPTS[1], tok, max_prompt_length=5) == full[-5:]  # keeps the end (no BOS added)
+
+
+def test_generate_command_writes_jsonl(tmp_path, tiny_model_dir):
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"question {i}?", "chosen": "yes", "rejected": "no", "category": "qa"} for i in range(10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{source: {data}, test_size: 0.3}}\neval: {{winrate: {{max_new_tokens: 4}}}}\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    ns = argparse.Namespace(config=str(cfg), overrides=[], model=str(tiny_model_dir), out=None)
+    assert main(ns) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and {tuple(sorted(x)) for x in lines} == {("meta", "prompt", "response")}
+    assert all(x["prompt"].startswith("question") and x["meta"]["category"] == "qa" for x in lines)
+
+
+def test_chat_keeps_the_conversation_and_resets(tiny):
+    model, tok = tiny
+    out = io.StringIO()
+    messages = chat_loop(model, tok, io.StringIO("hello\nhow are you?\n/reset\n\nnew topic\n/exit\nnever read\n"),
+                         out, max_new_tokens=4, temperature=1.0)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "new topic"
+    assert out.getvalue().count("assistant> ") == 3 and "(conversation reset)" in out.getvalue()
+    # end of input exits cleanly, keeping both turns
+    messages = chat_loop(model, tok, io.StringIO("one\ntwo\n"), io.StringIO(), max_new_tokens=4)
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["one", "two"] and len(messages) == 4

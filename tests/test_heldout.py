@@ -1,0 +1,131 @@
+"""Held-out loss (forgetting): a hand-computed NLL / bits-per-byte case on a bigram model whose
+log-probabilities we set, chunks identical across models, the paired difference, and corpus loading."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutput
+
+from preftune.embedded import tiny_llama
+from preftune.errors import DataError, PreftuneError
+from preftune.eval.heldout import heldout_loss, load_corpus, make_chunks, paired_difference, token_stream
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class BigramLM(torch.nn.Module):
+    """A real causal LM with the HF call signature: logits at position t depend only on token t,
+    read from a table of log-probabilities (rows: current token, columns: next token)."""
+
+    def __init__(self, probs: list[list[float]]):
+        super().__init__()
+        self.log_probs = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64).log().float())
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return CausalLMOutput(logits=self.log_probs[input_ids])
+
+
+# vocabulary: <eos>=0, a=1, b=2 (one character per token)
+PROBS = [
+    [1 / 3, 1 / 3, 1 / 3],  # after <eos>
+    [0.25, 0.25, 0.5],  # after a
+    [0.5, 0.25, 0.25],  # after b
+]
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    tk = Tokenizer(models.WordLevel({"<eos>": 0, "a": 1, "b": 2}, unk_token="<eos>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>")
+
+
+def test_hand_computed_two_chunks(char_tokenizer):
+    """texts "aab", "ba" -> stream a a b <eos> b a = [1, 1, 2, 0, 2, 1]; chunk_length 3 -> chunks
+    [a a b] and [<eos> b a]. Scored (all but each chunk's first token):
+      chunk 1: a->a 0.25, a->b 0.5          NLL = ln 4 + ln 2 = 3 ln 2,       bytes "ab" = 2
+      chunk 2: <eos>->b 1/3, b->a 0.25      NLL = ln 3 + ln 4 = ln 3 + 2 ln 2, bytes "ba" = 2
+    total NLL = 5 ln 2 + ln 3 over 4 tokens: nll = (5 ln 2 + ln 3) / 4 = 1.14130..., ppl = exp(nll);
+    bpb = (5 ln 2 + ln 3) / ln 2 / 4 = (5 + log2 3) / 4 = 1.64624...;
+    per-chunk bpb: 3 / 2 = 1.5 and (2 + log2 3) / 2 = 1.79248..."""
+    out = heldout_loss(BigramLM(PROBS), char_tokenizer, ["aab", "ba"], chunk_length=3, max_chunks=None, batch_size=1)
+    assert out["n_tokens"] == 4 and out["n_bytes"] == 4 and out["n_chunks"] == 2
+    assert out["nll"] == pytest.approx((5 * LN2 + LN3) / 4, abs=1e-6)
+    assert out["ppl"] == pytest.approx(math.exp((5 * LN2 + LN3) / 4), abs=1e-5)
+    assert out["bpb"] == pytest.approx((5 + math.log2(3)) / 4, abs=1e-6)
+    assert out["per_chunk"]["nll"] == pytest.approx([3 * LN2, LN3 + 2 * LN2], abs=1e-6)
+    assert out["per_chunk"]["bpb"] == pytest.approx([1.5, (2 + math.log2(3)) / 2], abs=1e-6)
+    first = heldout_loss(BigramLM(PROBS), char_tokenizer, ["aab", "ba"], chunk_length=3, max_chunks=1)
+    assert first["n_chunks"] == 1 and first["nll"] == pytest.approx(3 * LN2 / 2, abs=1e-6)
+
+
+def test_hand_computed_scored_eos_adds_no_bytes(char_tokenizer):
+    """texts "ab", "ba" -> stream [a b <eos> b a] is exactly one chunk of 5. Scored: a->b 0.5,
+    b-><eos> 0.5, <eos>->b 1/3, b->a 0.25: NLL = 4 ln 2 + ln 3 over 4 tokens; the scored text is
+    "b", "", "b", "a" -> 3 bytes (EOS adds none): bpb = (4 + log2 3) / 3 = 1.86165..."""
+    out = heldout_loss(BigramLM(PROBS), char_tokenizer, ["ab", "ba"], chunk_length=5, max_chunks=None)
+    assert (out["n_tokens"], out["n_bytes"]) == (4, 3)
+    assert out["nll"] == pytest.approx((4 * LN2 + LN3) / 4, abs=1e-6)
+    assert out["bpb"] == pytest.approx((4 + math.log2(3)) / 3, abs=1e-6)
+
+
+def test_chunking(char_tokenizer):
+    stream = token_stream(char_tokenizer, ["aab", "ba", "a"])
+    assert stream == [1, 1, 2, 0, 2, 1, 0, 1]
+    assert make_chunks(stream, 3, None) == [[1, 1, 2], [0, 2, 1]]  # the tail [0, 1] is dropped
+    assert make_chunks(stream, 3, 1) == [[1, 1, 2]]
+    assert make_chunks(stream, 20, None) == [stream]  # shorter than one chunk: the whole stream
+    with pytest.raises(PreftuneError, match="chunk_length"):
+        make_chunks(stream, 1, None)
+
+
+def test_chunks_identical_across_models_and_paired_difference():
+    """Two different models over the same texts score the same chunks (same token and byte counts),
+    and the paired difference's mean is exactly bpb_a - bpb_b (the per-chunk differences are
+    normalised by the mean chunk bytes); a model against itself differs by exactly 0."""
+    model_a, tok = tiny_llama(seed=0)
+    model_b, _ = tiny_llama(seed=1)
+    texts = ["The quick brown fox jumps over the lazy dog. " * 6, "Held-out text, second document. " * 5]
+    a = heldout_loss(model_a, tok, texts, chunk_length=16, max_chunks=6, batch_size=4)
+    b = heldout_loss(model_b, tok, texts, chunk_length=16, max_chunks=6, batch_size=3)
+    assert a["n_chunks"] == b["n_chunks"] == 6 and a["n_tokens"] == b["n_tokens"] == 6 * 15
+    assert a["per_chunk"]["n_bytes"] == b["per_chunk"]["n_bytes"]
+    assert a["bpb"] != b["bpb"]
+    diff = paired_difference(a["per_chunk"], b["per_chunk"])
+    assert diff["mean"] == pytest.approx(a["bpb"] - b["bpb"], abs=1e-9)
+    assert diff["low"] <= diff["mean"] <= diff["high"] and diff["n"] == 6
+    same = paired_difference(a["per_chunk"], a["per_chunk"])
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    other = heldout_loss(model_b, tok, texts, chunk_length=8, max_chunks=6)
+    with pytest.raises(PreftuneError, match="identical chunks"):
+        paired_difference(a["per_chunk"], other["per_chunk"])
+
+
+def test_load_corpus(tmp_path):
+    lee = load_corpus("embedded:lee")
+    assert len(lee) == 300 and all(lee)
+    (tmp_path / "c.txt").write_text("first doc\nline two\n\n\nsecond doc\n")
+    assert load_corpus(str(tmp_path / "c.txt")) == ["first doc\nline two", "second doc"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert load_corpus(str(tmp_path / "c.jsonl")) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'text'"):
+        load_corpus(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(PreftuneError, match="not found"):
+        load_corpus(str(tmp_path / "missing.txt"))

@@ -1,0 +1,156 @@
+"""The report renders from run folders in the documented layout: pipeline, single stage, and sweep.
+
+The folders are written here by hand in the training loop's and the eval suite's documented output
+format (metrics.jsonl, run.json, config.yaml, eval/eval.json, timings.json), because the report must
+not depend on a training run to be tested; the figures below are therefore known exactly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.errors import PreftuneError
+from preftune.report import report as rp
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(stage: str, steps: int, eval_every: int) -> list[dict]:
+    """One line per optimizer step (tokens_seen grows by 1000 a step); eval lines every ``eval_every``."""
+    lines = []
+    for s in range(1, steps + 1):
+        m = {"step": s, "tokens_seen": 1000 * s, "pairs_seen": 4 * s, "lr": 1e-4, "grad_norm": 1.0,
+             "loss": 0.7 - 0.01 * s, "step_time": 0.1}
+        if stage == "dpo":
+            m |= {"rewards/chosen": 0.01 * s, "rewards/rejected": -0.01 * s, "rewards/accuracies": 0.5 + 0.02 * s,
+                  "rewards/margins": 0.02 * s, "logps/chosen": -50.0, "logps/rejected": -60.0}
+        if s % eval_every == 0:
+            m |= {"eval/loss": 0.69 - 0.005 * s}
+            if stage == "dpo":
+                # eval accuracy peaks at step 4 (0.75), then falls: the early-stopping point
+                acc = {2: 0.6, 4: 0.75, 6: 0.7, 8: 0.65}[s]
+                m |= {"eval/rewards/accuracies": acc, "eval/rewards/margins": 0.03 * s,
+                      "eval/rewards/accuracies_se": 0.05}
+        lines.append(m)
+    return lines
+
+
+def write_stage(folder: Path, stage: str, beta: float, best_step: int | None, steps: int = 8) -> None:
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        for m in _metrics(stage, steps, eval_every=2):
+            f.write(json.dumps(m) + "\n")
+        f.write('{"step": 9, "tokens_')  # a torn last line, as a killed run leaves it
+    run = {"stage": stage, "loss": "sigmoid" if stage == "dpo" else "sft", "beta": beta if stage == "dpo" else None,
+           "steps": steps, "tokens_seen": 1000 * steps, "best_step": best_step,
+           "best_metric": 0.75 if best_step else None, "stopped_early": best_step is not None,
+           "early_stopping_metric": "eval/rewards/accuracies", "wall_time_s": 12.5, "base_model": "tiny:"}
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": "tiny:", "dpo": {"beta": beta}}))
+    (folder / "final").mkdir()
+
+
+def eval_json(winrate: float, bpb: float) -> dict:
+    """eval.json as the suite writes it (stats.summarize keys for win-rate)."""
+    base = {"heldout": {"nll": 3.2, "ppl": 24.53, "bpb": 1.2345, "n_tokens": 1000, "n_bytes": 4000},
+            "winrate": {"winrate": 0.25, "ci_low": 0.1, "ci_high": 0.45, "wins": 4, "ties": 2, "losses": 10,
+                        "invalid": 0, "n": 16, "vs": "chosen"},
+            "tasks": {"embedded:mc": {"acc": 0.3, "acc_norm": 0.35, "n": 60}}}
+    dpo = {"rewards": {"rewards/accuracies": 0.71, "rewards/margins": 0.4, "n": 80, "se": 0.05},
+           "winrate": {"winrate": winrate, "ci_low": winrate - 0.1, "ci_high": winrate + 0.1, "wins": 9, "ties": 2,
+                       "losses": 5, "invalid": 1, "n": 16, "vs": "chosen", "lc_winrate": 0.55,
+                       "by_category": {"helpful": {"winrate": winrate, "ci_low": 0.3, "ci_high": 0.8, "n": 8}}},
+           "heldout": {"nll": 3.3, "ppl": 27.11, "bpb": bpb, "n_tokens": 1000, "n_bytes": 4000,
+                       "diff_vs_base": {"mean": bpb - 1.2345, "low": bpb - 1.2345 - 0.01, "high": bpb - 1.2345 + 0.01}},
+           "tasks": {"embedded:mc": {"acc": 0.4, "acc_norm": 0.45, "n": 60}}}
+    return {"models": {"base": base, "dpo": dpo}, "comparisons": {"dpo-base": {"mean": 0.3, "low": 0.1, "high": 0.5}},
+            "config": {}}
+
+
+def write_pipeline(folder: Path, beta: float, data: str, winrate: float, bpb: float) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(
+        {"model": "tiny:", "precision": "fp32", "lora": {"enabled": True}, "data": {"source": data},
+         "dpo": {"beta": beta, "loss": "sigmoid"}}))
+    write_stage(folder / "sft", "sft", beta, None)
+    write_stage(folder / "dpo", "dpo", beta, best_step=4)
+    (folder / "eval").mkdir()
+    (folder / "eval" / "eval.json").write_text(json.dumps(eval_json(winrate, bpb)))
+    (folder / "timings.json").write_text(json.dumps({"sft": 31.5, "dpo": 47.25, "eval": 12.0}))
+    return folder
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and len(data) > 1000, path
+
+
+def test_pipeline_report_has_figures_tables_and_numbers(tmp_path):
+    run = write_pipeline(tmp_path / "run", beta=0.1, data="embedded:prefs", winrate=0.6875, bpb=1.2511)
+    html_path = rp.write_report([run], tmp_path / "out")
+    out = tmp_path / "out"
+    for name in ("rewards_accuracies.png", "loss_margins.png", "winrate.png", "forgetting.png"):
+        assert_png(out / name)
+    md = (out / "report.md").read_text()
+    page = html_path.read_text()
+    # figures: linked from Markdown, embedded in HTML (self-contained: no file references)
+    assert md.count("](") == 4 and "![rewards accuracies](rewards_accuracies.png)" in md
+    assert page.count("data:image/png;base64,") == 4 and "src='rewards_accuracies.png'" not in page
+    for text in (md, page):
+        assert "0.688 [0.59, 0.79]" in text  # dpo win-rate with its CI
+        assert "0.710 ± 0.050" in text  # reward accuracy ± se
+        assert "1.2511" in text and "+0.0166 [+0.0066, +0.0266]" in text  # bpb and Δ vs base
+        assert "0.400 / 0.450 (n=60)" in text  # task acc / acc_norm
+        assert "31.5" in text and "47.2" in text  # stage timings
+        assert "0.7500" in text  # best_metric from run.json
+        assert "0.300" in text and "[0.100, 0.500]" in text  # paired win-rate difference
+
+
+def test_best_step_is_marked_at_the_eval_peak(tmp_path):
+    run = rp.load_run(write_pipeline(tmp_path / "run", 0.1, "embedded:prefs", 0.6, 1.25))
+    from preftune.report.plots import best_point
+
+    # best_step = 4 -> tokens_seen 4000, eval accuracy 0.75 there
+    assert best_point(run.stages["dpo"], "eval/rewards/accuracies") == (4000, 0.75)
+    assert len(run.stages["dpo"].metrics) == 8  # the torn last line is skipped
+
+
+def test_single_stage_folder(tmp_path):
+    write_stage(tmp_path / "dpo_only", "dpo", 0.3, best_step=4)
+    rp.write_report([tmp_path / "dpo_only"], tmp_path / "out")
+    assert_png(tmp_path / "out" / "rewards_accuracies.png")
+    assert not (tmp_path / "out" / "winrate.png").exists()  # no eval.json: no win-rate figure
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| dpo_only | dpo | sigmoid | 0.3 | 8 | 8000 | 4 | 0.7500 | yes | 12.5 |" in md
+
+
+def test_sweep_tables_hold_every_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    figures = {("b0.1-hh", 0.1, "hh"): (0.5625, 1.2601), ("b0.5-hh", 0.5, "hh"): (0.4375, 1.2402),
+               ("b0.1-shp", 0.1, "shp"): (0.8125, 1.2703)}
+    for (name, beta, data), (w, bpb) in figures.items():
+        write_pipeline(sweep / name, beta, data, w, bpb)
+    (sweep / "cache").mkdir()  # not a run: ignored
+    ns = argparse.Namespace(runs=[str(sweep)], out=str(tmp_path / "rep"))
+    assert rp.main(ns) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    section = md.split("## Win-rate and downstream accuracy by beta and dataset")[1].split("##")[0]
+    assert re.search(r"\| 0\.1 \| 0\.562 \[0\.46, 0\.66\]; acc 0\.400 \| 0\.812 \[0\.71, 0\.91\]; acc 0\.400 \|", section)
+    assert re.search(r"\| 0\.5 \| 0\.438 \[0\.34, 0\.54\]; acc 0\.400 \| - \|", section)
+    held = md.split("## Held-out loss by beta")[1].split("##")[0].strip().splitlines()
+    assert held[2].startswith("| base | base |")  # the base model first, once
+    assert [line.split("|")[1].strip() for line in held[3:]] == ["0.1", "0.1", "0.5"]
+    for bpb in ("1.2601", "1.2402", "1.2703"):
+        assert bpb in held[3] + held[4] + held[5]
+    assert_png(tmp_path / "rep" / "winrate.png")
+
+
+def test_not_a_run_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreftuneError, match="holds no run"):
+        rp.write_report([tmp_path / "empty"], tmp_path / "out")

@@ -1,0 +1,79 @@
+"""Downstream tasks through lm-evaluation-harness: the embedded multiple-choice task offline on the
+tiny model, a local task YAML, the shipped data, and the error without the ``eval`` extra."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from preftune.embedded import tiny_llama
+from preftune.errors import MissingExtraError, PreftuneError
+from preftune.eval.tasks import TASKS_DIR, run_tasks
+
+pytest.importorskip("lm_eval")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=0)
+
+
+def test_embedded_questions_are_well_formed():
+    rows = [json.loads(line) for line in (TASKS_DIR / "preftune_mc.jsonl").read_text().splitlines()]
+    assert len(rows) == 60
+    for r in rows:
+        assert len(r["choices"]) == 4 == len(set(r["choices"])) and r["answer"] in range(4)
+    # answers are spread over the positions, so a position bias cannot score well
+    assert sorted({sum(r["answer"] == k for r in rows) for k in range(4)}) == [15]
+    assert yaml.safe_load((TASKS_DIR / "preftune_mc.yaml").read_text())["task"] == "preftune_mc"
+
+
+def test_embedded_task_runs_offline(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the data path must not depend on the working directory
+    model, tok = tiny
+    out = run_tasks(model, tok, ["embedded:mc"], limit=8, batch_size=8)
+    r = out["embedded:mc"]
+    assert r["n"] == 8 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+    assert r["acc"] * 8 == int(r["acc"] * 8)  # a fraction of the 8 questions
+    assert tok.padding_side == "right"  # the tokenizer is handed back as it was
+
+
+def test_local_task_yaml(tiny, tmp_path):
+    """A user's own task YAML: two questions whose right answer is a copy of the question's last word
+    (so the check is only on plumbing: n and the metric range)."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in [
+        ("Say blue: blue", ["red", "blue"], 1), ("Say cat: cat", ["cat", "dog"], 0)]))
+    spec = yaml.safe_load((TASKS_DIR / "preftune_mc.yaml").read_text())
+    spec["task"] = "my_task"
+    spec["dataset_kwargs"]["data_files"] = {"test": str(data)}
+    (tmp_path / "my_task.yaml").write_text(yaml.safe_dump(spec))
+    model, tok = tiny
+    out = run_tasks(model, tok, [str(tmp_path / "my_task.yaml")], batch_size=4)
+    (r,) = out.values()
+    assert r["n"] == 2 and r["acc"] in (0.0, 0.5, 1.0)
+    with pytest.raises(PreftuneError, match="task YAML not found"):
+        run_tasks(model, tok, [str(tmp_path / "missing.yaml")])
+    with pytest.raises(PreftuneError, match="unknown embedded task"):
+        run_tasks(model, tok, ["embedded:nope"])
+
+
+def test_without_lm_eval_names_the_extra(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed
+    model, tok = tiny
+    with pytest.raises(MissingExtraError, match=r"preftune\[eval\]") as e:
+        run_tasks(model, tok, ["embedded:mc"])
+    assert "lm-eval" in str(e.value) and "downstream tasks" in str(e.value)

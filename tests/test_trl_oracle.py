@@ -1,0 +1,261 @@
+"""preftune's DPO step against TRL 1.16 on the same tiny model, the same reference and the same token ids.
+
+TRL tokenizes an in-memory dataset; its collated batch goes through ``DPOTrainer.compute_loss`` (which
+records TRL's metrics in ``trainer._metrics``), and preftune's batch is built from TRL's own token ids,
+in the padded and the prefix-shared layout. ORPO and SimPO compare with ``trl.experimental``'s
+ORPOTrainer and CPOTrainer (``get_batch_loss_metrics``)."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import pytest
+import torch
+
+from preftune.config import DPOConfig as OurDPOConfig
+from preftune.embedded import tiny_llama
+from preftune.logprobs import SequenceLogps
+from preftune.methods import METHODS, reference_logps_of
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+PROMPTS = ["The sky is", "Two plus two equals", "Name a fruit:"]
+CHOSEN = [" blue.", " four, of course.", " apple"]
+REJECTED = [" green and purple.", " five", " a hammer, which is a tool"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Policy (seed 0) and a different reference (seed 1), so rewards are not zero."""
+    policy, tok = tiny_llama(seed=0)
+    reference, _ = tiny_llama(seed=1)
+    return policy, reference, tok
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return datasets.Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+
+
+def common_args() -> dict:
+    return dict(
+        output_dir=tempfile.mkdtemp(),
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=1e-4,
+        max_length=4096,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=len(PROMPTS),
+        seed=0,
+    )
+
+
+def padded(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict:
+    """Batch contract, padded layout: rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected."""
+    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    width = max(len(p) + len(c) for p, c in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id)
+    attention_mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    index, target, seq = [], [], []
+    for r, (prompt, completion) in enumerate(seqs):
+        ids = prompt + completion
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+        index += [r * width + p - 1 for p in range(len(prompt), len(ids))]
+        target += completion
+        seq += [r] * len(completion)
+    return _contract(input_ids, attention_mask, None, index, target, seq, len(pairs))
+
+
+def prefix_shared(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict:
+    """Batch contract, one row per pair ``[prompt | chosen | rejected]`` with a 4D additive mask (rejected
+    sees the prompt, not chosen) and rejected positions restarting at len(prompt)."""
+    b = len(pairs)
+    width = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+    input_ids = torch.full((b, width), pad_id)
+    allowed = torch.zeros(b, 1, width, width, dtype=torch.bool)
+    position_ids = torch.zeros(b, width, dtype=torch.long)
+    index, target, seq = [], [], []
+    for i, (p, c, r) in enumerate(pairs):
+        lp, lc, lr = len(p), len(c), len(r)
+        input_ids[i, : lp + lc + lr] = torch.tensor(p + c + r)
+        position_ids[i, : lp + lc + lr] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
+        allowed[i, 0, : lp + lc, : lp + lc] = torch.ones(lp + lc, lp + lc).tril().bool()
+        allowed[i, 0, lp + lc : lp + lc + lr, :lp] = True
+        allowed[i, 0, lp + lc : lp + lc + lr, lp + lc : lp + lc + lr] = torch.ones(lr, lr).tril().bool()
+        index += [i * width + lp + j - 1 for j in range(lc)]
+        index += [i * width + (lp - 1 if j == 0 else lp + lc + j - 1) for j in range(lr)]
+        target += c + r
+        seq += [i] * lc + [b + i] * lr
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    return _contract(input_ids, mask, position_ids, index, target, seq, b)
+
+
+def _contract(input_ids, attention_mask, position_ids, index, target, seq, b) -> dict:
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "score_index": torch.tensor(index),
+        "score_target": torch.tensor(target),
+        "score_seq": torch.tensor(seq),
+        "num_seqs": 2 * b,
+        "num_pairs": b,
+        "tokens": 0,
+        "keys": [str(i) for i in range(b)],
+    }
+
+
+LAYOUTS = {"padded": padded, "prefix_shared": prefix_shared}
+
+
+def trl_dpo(models, dataset, **kwargs) -> tuple[dict, list[tuple[list[int], list[int], list[int]]]]:
+    """TRL's loss and metrics for one batch of all rows, and TRL's token ids per pair."""
+    policy, reference, tok = models
+    args = trl.DPOConfig(**common_args(), precompute_ref_log_probs=False, **kwargs)
+    trainer = trl.DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    rows = [trainer.train_dataset[i] for i in range(len(dataset))]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    metrics["loss"] = loss.item()
+    return metrics, [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
+
+
+def ours(models, pairs, layout: str, cfg: OurDPOConfig) -> dict[str, float]:
+    policy, reference, tok = models
+    batch = LAYOUTS[layout](pairs, tok.pad_token_id)
+    ref = reference_logps_of(SequenceLogps(reference), batch) if METHODS["dpo"].needs_reference(cfg) else None
+    loss, metrics = METHODS["dpo"].step(SequenceLogps(policy), batch, cfg, ref)
+    out = {k: float(v) for k, v in metrics.items()}
+    assert out["loss"] == pytest.approx(loss.item())
+    return out
+
+
+DPO_KEYS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
+
+DPO_CASES = {
+    # id: (TRL DPOConfig kwargs, preftune DPOConfig kwargs)
+    "sigmoid": (dict(loss_type=["sigmoid"], beta=0.1), dict(loss="sigmoid", beta=0.1)),
+    "ipo": (dict(loss_type=["ipo"], beta=0.1), dict(loss="ipo", beta=0.1, ipo_normalize="mean")),
+    "hinge": (dict(loss_type=["hinge"], beta=0.5), dict(loss="hinge", beta=0.5)),
+    "robust": (
+        dict(loss_type=["robust"], beta=0.1, label_smoothing=0.2),
+        dict(loss="robust", beta=0.1, label_smoothing=0.2),
+    ),
+    "rpo": (
+        dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.1),
+        dict(loss="sigmoid", beta=0.1, sft_weight=0.5),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_dpo_losses_match_trl(models, dataset, case):
+    """loss, rewards/* and logps/* (sums) equal TRL 1.16's DPOTrainer within 1e-5 on one batch of 3 pairs,
+    in both layouts. TRL computes IPO on per-token means (ipo_normalize='mean'); RPO is TRL's
+    loss_type=['sigmoid', 'sft'] with loss_weights [1, w] = preftune's sft_weight w."""
+    trl_kwargs, our_kwargs = DPO_CASES[case]
+    expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
+    for layout in LAYOUTS:
+        for chunked in (True, False):
+            got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
+            for key in DPO_KEYS:
+                assert got[key] == pytest.approx(expected[key], abs=TOL), (layout, chunked, key)
+    assert abs(expected["rewards/margins"]) > 1e-3  # a real, non-trivial comparison
+
+
+def _orpo_cpo_pairs(trainer, n: int):
+    """(prompt, chosen, rejected) ids from an ORPO/CPO trainer's rows: the completion is where labels != -100."""
+    pairs = []
+    for i in range(n):
+        row = trainer.train_dataset[i]
+        cut = next(j for j, lab in enumerate(row["chosen_labels"]) if lab != -100)
+        cut_r = next(j for j, lab in enumerate(row["rejected_labels"]) if lab != -100)
+        assert cut == cut_r and row["chosen_input_ids"][:cut] == row["rejected_input_ids"][:cut]
+        pairs.append(
+            (row["chosen_input_ids"][:cut], row["chosen_input_ids"][cut:], row["rejected_input_ids"][cut:])
+        )
+    return pairs
+
+
+def _experimental(name: str):
+    return pytest.importorskip(f"trl.experimental.{name}")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_simpo_matches_trl_cpo(models, dataset):
+    """SimPO = TRL CPOTrainer(loss_type='simpo', simpo_gamma=gamma, cpo_alpha=w), beta 2, gamma 0.5: the
+    loss and rewards/* match within 1e-5, cpo_alpha's NLL equals preftune's sft_weight term (both are
+    the token mean over chosen completion tokens). Difference: TRL CPO logs logps/* as per-token means;
+    preftune logs sums under logps/* and the means under logps/*_mean, which are compared here."""
+    cpo = _experimental("cpo")
+    policy, _, tok = models
+    for cpo_alpha in (0.0, 0.7):
+        args = cpo.CPOConfig(
+            **common_args(), loss_type="simpo", simpo_gamma=0.5, beta=2.0, cpo_alpha=cpo_alpha
+        )
+        trainer = cpo.CPOTrainer(
+            model=copy.deepcopy(policy), args=args, train_dataset=dataset, processing_class=tok
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+        loss, expected = trainer.get_batch_loss_metrics(trainer.model, batch)
+        pairs = _orpo_cpo_pairs(trainer, len(dataset))
+        got = ours(
+            models,
+            pairs,
+            "prefix_shared",
+            OurDPOConfig(loss="simpo", beta=2.0, gamma=0.5, sft_weight=cpo_alpha),
+        )
+        assert got["loss"] == pytest.approx(loss.item(), abs=TOL)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+            assert got[key] == pytest.approx(expected[key], abs=TOL), key
+        assert got["logps/chosen_mean"] == pytest.approx(expected["logps/chosen"], abs=TOL)
+        assert got["logps/rejected_mean"] == pytest.approx(expected["logps/rejected"], abs=TOL)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_orpo_matches_trl_odds_ratio_term(models, dataset):
+    """ORPO vs TRL ORPOTrainer(beta=lambda=0.1): rewards/* (lambda * mean log-probs) and the odds-ratio
+    term match within 1e-5; logps/*_mean match TRL's logps/* (TRL logs means for ORPO).
+
+    The NLL term differs by design: TRL averages its NLL over every attended token of the chosen rows,
+    prompt included, pooled over the batch; preftune uses the ORPO paper's L_SFT, the chosen completion's
+    per-token mean NLL (``-logps/chosen_mean``), averaged over pairs. So we compare
+    ``loss - NLL`` on each side: TRL ``loss - nll_loss`` == preftune ``loss + logps/chosen_mean``."""
+    orpo = _experimental("orpo")
+    policy, _, tok = models
+    args = orpo.ORPOConfig(**common_args(), beta=0.1)
+    trainer = orpo.ORPOTrainer(
+        model=copy.deepcopy(policy), args=args, train_dataset=dataset, processing_class=tok
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+    loss, expected = trainer.get_batch_loss_metrics(trainer.model, batch)
+    pairs = _orpo_cpo_pairs(trainer, len(dataset))
+    for layout in LAYOUTS:
+        got = ours(models, pairs, layout, OurDPOConfig(loss="orpo", orpo_lambda=0.1))
+        assert got["loss"] + got["logps/chosen_mean"] == pytest.approx(
+            loss.item() - expected["nll_loss"], abs=TOL
+        )
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+            assert got[key] == pytest.approx(expected[key], abs=TOL), key
+        assert got["logps/chosen_mean"] == pytest.approx(expected["logps/chosen"], abs=TOL)
+        assert got["logps/rejected_mean"] == pytest.approx(expected["logps/rejected"], abs=TOL)
