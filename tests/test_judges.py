@@ -107,7 +107,7 @@ class FaultServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -243,6 +243,32 @@ def test_unreachable_endpoint_is_an_error_not_a_loss(tmp_path):
     assert run.requests == 8 and run.retries == 4
     assert run.summary()["losses"] == 0 and run.summary()["n"] == 0
     assert not (tmp_path / "c.jsonl").read_text()
+
+
+def test_max_calls_caps_new_judgments_and_never_counts_losses(tmp_path):
+    """5 items, max_calls=5: items 0 and 1 take 4 calls; item 2 would need 2 more than the 1 left, so it
+    and everything after are ``not_judged`` (no call made for them). A second run with max_calls=2
+    reuses the 4 cached judgments and pays only for item 2."""
+    cache = tmp_path / "c.jsonl"
+    items = _items(5, bad_last=False)
+    with FaultServer({}) as server:
+        run = judge_pairs(OpenAIJudge("m", base_url=server.url, **FAST), items, cache, max_calls=5)
+        assert server.count == 4 and run.calls == 4
+        assert [r["status"] for r in run.results] == ["judged"] * 2 + ["not_judged"] * 3
+        summary = run.summary()
+        assert summary["not_judged"] == 3 and summary["losses"] == 0 and summary["n"] == 2
+        more = judge_pairs(OpenAIJudge("m", base_url=server.url, **FAST), items, cache, max_calls=2)
+        assert server.count == 6 and (more.calls, more.cache_hits) == (2, 4)
+        assert [r["status"] for r in more.results] == ["judged"] * 3 + ["not_judged"] * 2
+
+
+def test_rate_limit_spaces_the_calls(tmp_path):
+    """10 judgments at 25 per second on 4 threads: the starts are 0.04 s apart, so >= 9 * 0.04 = 0.36 s."""
+    with FaultServer({}) as server:
+        start = time.monotonic()
+        run = judge_pairs(OpenAIJudge("m", base_url=server.url, **FAST), _items(5, bad_last=False), None,
+                          concurrency=4, requests_per_second=25)
+        assert time.monotonic() - start >= 0.36 and run.calls == 10 and server.count == 10
 
 
 # ---------------------------------------------------------------- the openai judge against preftune serve

@@ -186,7 +186,8 @@ def test_sequence_logps_module_matches_each_sequence_alone(tiny, chunked):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_prefix_shared_4d_mask_matches_plain_sequences(tiny, attn):
     """[prompt | chosen | rejected] rows with a 4D additive mask and restarted positions give the same sums
-    as the separate sequences (1e-5), in the chunked and the plain path, and with the mask given as bool.
+    as the separate sequences (1e-5), in the chunked and the plain path, and with the mask given as bool
+    or with finfo.min instead of -inf.
     Row 0 (8 tokens) is padded to 9: its fully masked pad row would put NaN into every token under eager
     attention unless SequenceLogps opens its diagonal."""
     tiny.set_attn_implementation(attn)
@@ -198,7 +199,9 @@ def test_prefix_shared_4d_mask_matches_plain_sequences(tiny, attn):
         batch = prefix_shared_batch(pairs)
         expected = manual_sums(tiny, [SEQUENCES[0], SEQUENCES[1], SEQUENCES[2], SEQUENCES[3]])
         bool_batch = dict(batch, attention_mask=batch["attention_mask"] == 0)
-        for chunked, b in ((True, batch), (False, batch), (True, bool_batch)):
+        finfo_min = torch.finfo(torch.float32).min
+        min_batch = dict(batch, attention_mask=batch["attention_mask"].clamp(min=finfo_min))
+        for chunked, b in ((True, batch), (False, batch), (True, bool_batch), (True, min_batch)):
             sums, _, _ = SequenceLogps(tiny)(**model_inputs(b), chunked=chunked)
             torch.testing.assert_close(sums, expected, atol=1e-5, rtol=0)
     finally:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from preftune.eval.stats import (
-    both_order_score,
     bootstrap_mean_ci,
+    both_order_score,
     length_controlled_winrate,
     paired_bootstrap,
     summarize,

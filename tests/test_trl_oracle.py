@@ -113,6 +113,21 @@ def _contract(input_ids, attention_mask, position_ids, index, target, seq, b) ->
 LAYOUTS = {"padded": padded, "prefix_shared": prefix_shared}
 
 
+def collate_layouts() -> dict:
+    """The project's own collate functions (data/collate.py) on the same ids, packed included."""
+    from preftune.data.collate import collate_packed, collate_padded, collate_prefix_shared
+    from preftune.data.rows import TokenizedPair
+
+    def adapt(fn):
+        return lambda pairs, pad_id: fn(
+            [TokenizedPair(p, c, r, key=str(i)) for i, (p, c, r) in enumerate(pairs)], pad_id
+        )
+
+    return {
+        f"collate:{f.__name__}": adapt(f) for f in (collate_padded, collate_prefix_shared, collate_packed)
+    }
+
+
 def trl_dpo(models, dataset, **kwargs) -> tuple[dict, list[tuple[list[int], list[int], list[int]]]]:
     """TRL's loss and metrics for one batch of all rows, and TRL's token ids per pair."""
     policy, reference, tok = models
@@ -132,9 +147,10 @@ def trl_dpo(models, dataset, **kwargs) -> tuple[dict, list[tuple[list[int], list
     return metrics, [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
 
 
-def ours(models, pairs, layout: str, cfg: OurDPOConfig) -> dict[str, float]:
+def ours(models, pairs, layout, cfg: OurDPOConfig) -> dict[str, float]:
+    """preftune's DPO step on ``pairs`` laid out by ``layout`` (a name in LAYOUTS or a function)."""
     policy, reference, tok = models
-    batch = LAYOUTS[layout](pairs, tok.pad_token_id)
+    batch = (LAYOUTS[layout] if isinstance(layout, str) else layout)(pairs, tok.pad_token_id)
     ref = reference_logps_of(SequenceLogps(reference), batch) if METHODS["dpo"].needs_reference(cfg) else None
     loss, metrics = METHODS["dpo"].step(SequenceLogps(policy), batch, cfg, ref)
     out = {k: float(v) for k, v in metrics.items()}
@@ -171,15 +187,16 @@ DPO_CASES = {
 @pytest.mark.parametrize("case", list(DPO_CASES))
 def test_dpo_losses_match_trl(models, dataset, case):
     """loss, rewards/* and logps/* (sums) equal TRL 1.16's DPOTrainer within 1e-5 on one batch of 3 pairs,
-    in both layouts. TRL computes IPO on per-token means (ipo_normalize='mean'); RPO is TRL's
+    in both hand-built layouts and through data/collate.py's padded, prefix-shared and packed layouts
+    (chunked and plain log-probs). TRL computes IPO on per-token means (ipo_normalize='mean'); RPO is TRL's
     loss_type=['sigmoid', 'sft'] with loss_weights [1, w] = preftune's sft_weight w."""
     trl_kwargs, our_kwargs = DPO_CASES[case]
     expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
-    for layout in LAYOUTS:
+    for name, layout in (LAYOUTS | collate_layouts()).items():
         for chunked in (True, False):
             got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
             for key in DPO_KEYS:
-                assert got[key] == pytest.approx(expected[key], abs=TOL), (layout, chunked, key)
+                assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
     assert abs(expected["rewards/margins"]) > 1e-3  # a real, non-trivial comparison
 
 

@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         for flags, kw in args:
             sp.add_argument(*flags, **kw)
-        sp.set_defaults(target=target)
+        sp.set_defaults(_handler=target)
     return p
 
 
@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         for flags, kw in args:
             p.add_argument(*flags, **kw)
         ns = p.parse_args(argv[1:])
-        ns.target = target
+        ns._handler = target
     else:
         parser = _parser()
         ns = parser.parse_args(argv)
-        if not getattr(ns, "target", None):
+        if not getattr(ns, "_handler", None):
             parser.print_help()
             return 0 if not argv else 2
-    module, func = ns.target.split(":")
+    module, func = ns._handler.split(":")
     try:
         handler = getattr(importlib.import_module(module), func)
         rc = handler(ns)

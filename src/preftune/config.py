@@ -120,6 +120,8 @@ class TrainConfig:
     """Eval rounds without improvement before stopping."""
     min_delta: float | Literal["auto"] = "auto"
     """Improvement that counts; ``auto`` is one standard error of the eval accuracy."""
+    chunked_logps: bool = True
+    """Compute log-probs from hidden states in vocabulary chunks so [B, T, V] logits never exist."""
 
 
 @dataclass
@@ -160,8 +162,6 @@ class DPOConfig(TrainConfig):
     """Reference model strategy; ``auto`` picks precomputed (cached) log-probs, or none for simpo/orpo."""
     layout: Literal["auto", "padded", "prefix_shared"] = "auto"
     """Batch layout; ``auto`` picks prefix sharing where the model supports it."""
-    chunked_logps: bool = True
-    """Compute log-probs from hidden states in vocabulary chunks so [B, T, V] logits never exist."""
 
 
 @dataclass

@@ -68,7 +68,7 @@ def sft_step(
     """Token-mean NLL over the batch's scored (completion, or all with ``completion_only=false``) tokens.
 
     Metrics: ``loss`` and ``logps/mean`` (the batch mean of each sequence's per-token mean log-prob)."""
-    sums, counts, means = sequence_logps_of(policy, batch)
+    sums, counts, means = sequence_logps_of(policy, batch, cfg.chunked_logps)
     loss = sft_nll(sums, counts)
     return loss, {"loss": loss.detach(), "logps/mean": means.detach().mean()}
 

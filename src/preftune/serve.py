@@ -109,7 +109,11 @@ def complete(model, tokenizer, messages: list[dict], max_tokens: int, temperatur
 
     from preftune.eval.generate import cut_at_stop, prompt_ids, stop_ids
 
-    ids = prompt_ids(messages, tokenizer)
+    try:
+        ids = prompt_ids(messages, tokenizer)
+    except Exception as e:  # e.g. a chat template that refuses a system turn or non-alternating roles
+        raise RequestError(400, f"the model's chat template rejected the messages: {e}", "messages",
+                           "invalid_value") from None
     context = getattr(model.config, "max_position_embeddings", None)
     if context and len(ids) + max_tokens > context:
         raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -184,6 +188,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
     async def http_error(_, exc: HTTPException):
         err = RequestError(exc.status_code, str(exc.detail), None, {404: "not_found"}.get(exc.status_code))
         return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, exc: Exception):
+        err = RequestError(500, f"internal error: {type(exc).__name__}", None, None, "server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.get("/v1/models")
     async def models(request: Request):

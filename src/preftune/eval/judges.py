@@ -302,14 +302,14 @@ class JudgmentCache:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self._load()
+        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+        self._load(text)
         self._file = open(self.path, "a", encoding="utf-8")
-        if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+        if text and not text.endswith("\n"):
             self._file.write("\n")  # do not glue a new record onto a torn one
 
-    def _load(self) -> None:
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+    def _load(self, text: str) -> None:
+        for line in text.splitlines():
             try:
                 rec = json.loads(line)
                 key, verdict = rec["key"], rec["verdict"]
@@ -425,16 +425,19 @@ def _orders(judge: Judge, item: dict) -> list[tuple[bool, str, str, str]]:
     return [(mf, cache_key(judge, item["prompt"], a, b), a, b) for mf, a, b in pairs]
 
 
-def _judge_one(judge: Judge, limiter: RateLimiter, item: dict, first: str, second: str) -> str:
+def _judge_one(judge: Judge, limiter: RateLimiter, cache: JudgmentCache, key: str, item: dict, first: str,
+               second: str) -> str:
+    """One judgment, written to the cache by the worker itself (an interrupt keeps what finished)."""
     limiter.wait()
     try:
         verdict = judge.judge(item["prompt"], first, second, item.get("meta") or {})
     except InvalidVerdict:
-        return "invalid"
+        verdict = "invalid"
     except JudgeUnavailable:
-        return "error"
-    if verdict not in ("A", "B", "tie"):
+        return "error"  # not cached: the next run tries again
+    if verdict not in RAW_VERDICTS:
         raise PreftuneError(f"judge {judge.name!r} returned {verdict!r}; a judge must return 'A', 'B' or 'tie'")
+    cache.put(key, verdict, judge)
     return verdict
 
 
@@ -461,14 +464,11 @@ def _run_tasks(judge, tasks, cache, concurrency, requests_per_second, progress) 
     limiter = RateLimiter(requests_per_second)
     outcomes: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        futures = {pool.submit(_judge_one, judge, limiter, *task): key for key, task in tasks.items()}
+        futures = {pool.submit(_judge_one, judge, limiter, cache, key, *task): key for key, task in tasks.items()}
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"judge ({judge.name})",
                             disable=not progress):
-                key = futures[fut]
-                outcomes[key] = fut.result()
-                if outcomes[key] != "error":  # an unreachable endpoint is retried by the next run
-                    cache.put(key, outcomes[key], judge)
+                outcomes[futures[fut]] = fut.result()
         except BaseException:
             for f in futures:
                 f.cancel()

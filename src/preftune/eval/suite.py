@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,6 +170,24 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
 # ---------------------------------------------------------------- the suite
 
 
+def _has_lm_eval(results: dict) -> bool:
+    """Downstream tasks need the ``eval`` extra; without it the suite skips them, says so, and
+    records why under ``skipped`` (``preftune eval tasks`` stops with the error instead)."""
+    from preftune.errors import MissingExtraError
+
+    try:
+        import lm_eval  # noqa: F401
+
+        return True
+    except ImportError:
+        pass
+
+    msg = str(MissingExtraError("lm-eval", "eval", "downstream tasks"))
+    print(f"preftune: skipping downstream tasks: {msg}", file=sys.stderr)
+    results.setdefault("skipped", {})["tasks"] = msg
+    return False
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -204,6 +223,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     rows = heldout_rows(cfg) if need_rows else []
     wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
+    do_tasks = bool(ev.tasks) and _has_lm_eval(results)
     scores: dict[str, list] = {}
     chunks: dict[str, dict] = {}
     for name, path in models.items():
@@ -221,7 +241,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             ho = heldout_entry(cfg, str(path), model, tok)
             chunks[name] = ho["per_chunk"]
             entry["heldout"] = {k: ho[k] for k in PUBLIC_HELDOUT}
-        if ev.tasks:
+        if do_tasks:
             entry["tasks"] = tasks_entry(cfg, str(path), model, tok)
         results["models"][name] = entry
         del model
@@ -372,9 +392,16 @@ def heldout_main(ns) -> int:
 
 
 def tasks_main(ns) -> int:
-    """``preftune eval tasks CONFIG --model M``: acc and acc_norm per task."""
+    """``preftune eval tasks CONFIG --model M``: acc and acc_norm per task (writes tasks.json)."""
+    from preftune.model import load_for_inference
+
     cfg = _single(ns, "tasks")
-    results = evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="tasks.json")
-    for task, r in results["models"]["model"]["tasks"].items():
+    if not cfg.eval.tasks:
+        raise PreftuneError("eval.tasks is empty; name tasks, e.g. eval.tasks=[embedded:mc]")
+    model, tok = load_for_inference(ns.model, cfg.precision)
+    tasks = tasks_entry(cfg, ns.model, model, tok)
+    _write_json(_out(cfg) / "tasks.json", {"models": {"model": {"path": ns.model, "tasks": tasks}},
+                                           "config": to_dict(cfg.eval)})
+    for task, r in tasks.items():
         print(f"{task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r['n']})")
     return 0

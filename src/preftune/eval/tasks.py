@@ -102,6 +102,12 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
                 bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                 fewshot_random_seed=seed, verbosity="ERROR",
             )
+        except ConnectionError as e:
+            raise PreftuneError(
+                f"downstream tasks {', '.join(names)}: the dataset could not be fetched ({e}). lm-eval's own "
+                "tasks download their data from the Hub: run once online (it is cached), or use a local task "
+                "YAML or embedded:mc"
+            ) from None
         finally:
             tokenizer.padding_side = padding_side
     return {spec: _metrics(results, name) for spec, name in zip(tasks, names)}
