@@ -70,7 +70,8 @@ def tiny():
 
 
 def synthetic_pairs(eos: int) -> list[TokenizedPair]:
-    """Different prompt lengths, a truncated completion without EOS, unequal chosen/rejected lengths."""
+    """Different prompt lengths, a truncated completion without EOS, unequal chosen/rejected lengths,
+    and an empty prompt."""
     g = torch.Generator().manual_seed(0)
 
     def ids(n: int) -> list[int]:
@@ -81,6 +82,7 @@ def synthetic_pairs(eos: int) -> list[TokenizedPair]:
         pair(ids(3), ids(6) + [eos], ids(2) + [eos], "b"),
         pair(ids(12), ids(5), ids(8) + [eos], "c"),  # chosen truncated: no EOS
         pair(ids(1), ids(3) + [eos], ids(3) + [eos], "d"),
+        pair([], ids(3) + [eos], ids(4) + [eos], "e"),  # no prompt: the first token has no predictor, unscored
     ]
 
 

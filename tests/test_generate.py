@@ -112,3 +112,13 @@ def test_chat_keeps_the_conversation_and_resets(tiny):
     # end of input exits cleanly, keeping both turns
     messages = chat_loop(model, tok, io.StringIO("one\ntwo\n"), io.StringIO(), max_new_tokens=4)
     assert [m["content"] for m in messages if m["role"] == "user"] == ["one", "two"] and len(messages) == 4
+
+
+def test_chat_command_reads_stdin(tiny_model_dir, monkeypatch, capsys):
+    from preftune.eval.generate import chat
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/exit\n"))
+    ns = argparse.Namespace(model=str(tiny_model_dir), max_new_tokens=3, temperature=0.7)
+    assert chat(ns) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("type a message") and out.count("assistant> ") == 1

@@ -171,8 +171,8 @@ def test_fault_injection_run_completes_retries_counts_and_caches(tmp_path):
     faults = {1: "timeout", 2: "500", 3: "429", 4: "garbage", 5: "close", 6: "not_json"}
     cache = tmp_path / "judgments.jsonl"
     items = _items(6)
-    with FaultServer(faults, sleep=1.0) as server:
-        judge = OpenAIJudge("judge-model", base_url=server.url, api_key_env="PREFTUNE_TEST_NO_KEY", timeout=0.3,
+    with FaultServer(faults, sleep=2.0) as server:
+        judge = OpenAIJudge("judge-model", base_url=server.url, api_key_env="PREFTUNE_TEST_NO_KEY", timeout=1.0,
                             max_retries=3, invalid_retries=1, **FAST)
         run = judge_pairs(judge, items, cache, concurrency=2)
         assert server.count == 20
@@ -318,8 +318,52 @@ def test_judges_table_and_config():
     judge = make_judge(WinrateConfig(judge="openai", judge_model="gpt-4", base_url="http://127.0.0.1:9",
                                      prompt="summarization"))
     assert judge.template == TEMPLATES["summarization"] and judge.url == "http://127.0.0.1:9/v1/chat/completions"
+    custom = "Pick one. {prompt} / {response_a} / {response_b}"
+    judge = make_judge(WinrateConfig(judge="openai", judge_model="m", judge_template=custom))
+    assert judge.template == custom
 
 
 def test_items_are_checked():
     with pytest.raises(DataError, match="row 2.*reference"):
         judge_pairs(RuleJudge(), [{"prompt": "p", "model": "m", "reference": "r"}, {"prompt": "p", "model": "m"}])
+
+
+SYNTH = [  # (meta, model response, reference response) -> expected model-view score
+    ({"check": "number", "answer": "19", "category": "arithmetic"}, "7 + 12 = 19", "It is 20.", 1.0),
+    ({"check": "number", "answer": "4", "category": "arithmetic"}, "The answer is 5", "The answer is 4", 0.0),
+    ({"check": "contains", "answer": "Canberra", "category": "facts"}, "It is Canberra.", "Canberra", 0.5),
+    ({"category": "facts"}, "anything", "something", None),
+    ({"check": "uppercase", "answer": "Paris", "category": "format"}, "THE CAPITAL IS PARIS", "the capital is paris",
+     1.0),
+]
+
+
+def test_rule_judge_verdicts():
+    """Correct beats incorrect in either position; both right or both wrong tie; no checkable answer is
+    invalid."""
+    judge = RuleJudge()
+    meta = {"check": "number", "answer": "19"}
+    assert judge.judge("q", "19", "20", meta) == "A" and judge.judge("q", "20", "19", meta) == "B"
+    assert judge.judge("q", "19", "= 19", meta) == "tie" and judge.judge("q", "1", "2", meta) == "tie"
+    with pytest.raises(InvalidVerdict):
+        judge.judge("q", "19", "20", {"category": "x"})
+
+
+def test_rule_judge_pairs_on_synthetic_meta(tmp_path):
+    """Scores 1, 0, 0.5, invalid, 1 -> wins 2, ties 1, losses 1, invalid 1, n 4, winrate 2.5/4 = 0.625;
+    per category: arithmetic 1/2, facts 1 tie of 1 (0.5), format 1/1. A second run is all cache."""
+    items = [{"prompt": f"task {i}", "model": m, "reference": r, "meta": meta, "category": meta["category"]}
+             for i, (meta, m, r, _) in enumerate(SYNTH)]
+    cache = tmp_path / "rule.jsonl"
+    run = judge_pairs(RuleJudge(), items, cache, concurrency=2)
+    assert run.scores == [s for *_, s in SYNTH]
+    assert [r["status"] for r in run.results] == ["judged"] * 3 + ["invalid", "judged"]
+    summary = run.summary()
+    assert {k: summary[k] for k in ("wins", "ties", "losses", "invalid", "n")} == \
+        {"wins": 2, "ties": 1, "losses": 1, "invalid": 1, "n": 4}
+    assert summary["winrate"] == pytest.approx(0.625)
+    assert {c: v["winrate"] for c, v in summary["by_category"].items()} == \
+        {"arithmetic": 0.5, "facts": 0.5, "format": 1.0}
+    assert run.calls == 10 and run.invalid_judgments == 2
+    again = judge_pairs(RuleJudge(), items, cache)
+    assert (again.calls, again.cache_hits, again.requests) == (0, 10, 0) and again.results == run.results

@@ -5,6 +5,7 @@ recomputed), and the ``preftune eval`` command with its table."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from preftune.eval.suite import evaluate_models, winrate_rows
 
 pytestmark = pytest.mark.e2e
 
-CHECKABLE = {"answer": "4"}  # meta the rule judge checks (preftune.eval.checks.check)
+CHECKABLE = {"check": "number", "answer": "4"}  # meta the rule judge checks (preftune.eval.checks.check)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,15 +31,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory):
+    """A second tiny model (another seed): the "tuned" model."""
+    path = tmp_path_factory.mktemp("tuned")
+    tiny_llama(path, seed=1)
+    return path
+
+
 @pytest.fixture
-def setup(tmp_path, monkeypatch, tiny_model_dir):
+def setup(tmp_path, monkeypatch, tiny_model_dir, tuned_dir):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "prefs.jsonl"
     rows = [{"prompt": f"What is 2 + 2? (variant {i})", "chosen": "4", "rejected": "5",
              "category": "math" if i % 2 else "chat", "meta": CHECKABLE} for i in range(16)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tuned = tmp_path / "tuned"
-    tiny_llama(tuned, seed=1)
+    tuned = shutil.copytree(tuned_dir, tmp_path / "tuned")  # a copy: one test re-saves it
     raw = {"model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"), "seed": 0,
            "data": {"source": str(data), "test_size": 0.5, "max_length": 64, "max_prompt_length": 32},
            "eval": {"batch_size": 4, "tasks": ["embedded:mc"], "tasks_limit": 4,
@@ -98,7 +106,7 @@ def test_suite_sections_and_cache(setup, monkeypatch):
     assert (len(gen_calls), len(loss_calls)) == (3, 3)
 
 
-def test_winrate_rows_per_category(setup):
+def test_winrate_rows_per_category():
     from preftune.data.rows import PreferenceRow
 
     rows = [PreferenceRow(f"p{i}", "a", "b", {"category": "x" if i < 5 else "y"}) for i in range(8)]

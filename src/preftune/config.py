@@ -178,6 +178,9 @@ class WinrateConfig:
     """Environment variable holding the judge's API key (never logged)."""
     prompt: Literal["dialogue", "summarization"] = "dialogue"
     """Judge prompt template."""
+    judge_template: str | None = None
+    """A custom judge prompt instead of ``prompt``: text with ``{prompt}``, ``{response_a}`` and
+    ``{response_b}``, or a path to a file holding it; the judge must end with ``Preferred: A|B|tie``."""
     per_category: int = 256
     """Prompts per category, as in the study."""
     max_new_tokens: int = 128

@@ -1,7 +1,8 @@
 """The generated part of the embedded preference data: seeded pairs on tasks whose answer a program can
 check (arithmetic, counting, sorting, unit conversion, table facts, format instructions), and
-``build_embedded`` which adds the hand-written pairs and writes the shipped train/test files.
-Checking a response lives in ``preftune.eval.checks``; reading data files lives in ``data/sources.py``."""
+``build_embedded`` which adds the hand-written pairs and writes the shipped train/test files
+(regenerate them with ``python -m preftune.data.synth``). Checking a response lives in
+``preftune.eval.checks``; reading data files lives in ``data/sources.py``."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ DESCRIBE: dict[str, list[str]] = {
     "a cat": ["soft", "curious", "playful", "proud", "quiet", "agile", "sleepy"],
 }
 UNHELPFUL = [
-    "I do not really know the answer to that one so you should look it up.",
+    "I do not really know the answer to that so you should look it up yourself.",
     "That is hard to say and I cannot help with that question right now.",
     "I am not sure about this and you would be better off searching online.",
     "Why do you want to know that? It does not seem very important to me.",
@@ -103,8 +104,8 @@ UNHELPFUL = [
 RUDE = [
     "Ugh. That is such an easy question that I will not even bother answering it.",
     "Seriously? Anyone could work that out. Stop wasting my time with this.",
-    "What a silly thing to ask. Go and do your own homework for once.",
-    "I have better things to do than answer basic questions like this one.",
+    "What a silly thing to ask. Go and do your own homework instead of bothering me.",
+    "I have better things to do than answer basic questions like this.",
 ]
 FLAW_WEIGHTS: dict[str, int] = {"wrong": 8, "format": 8, "unhelpful": 2, "rude": 1}
 """Relative odds of each kind of rejected reply; mostly wrong answers (what a small model can learn)."""
@@ -143,7 +144,7 @@ def add(rng: random.Random) -> Task:
 
 def subtract(rng: random.Random) -> Task:
     b = rng.randint(2, 60)
-    a = b + rng.randint(1, 60)
+    a = b + rng.choice([d for d in range(1, 61) if d != b])  # a - b == b would make the wrong "b from a" read right
     prompt = _pick(rng, ["What is {a} - {b}?", "Subtract {b} from {a}.", "What is {a} minus {b}?",
                          "Take {b} away from {a}. What is left?", "Compute {a} - {b}."], a=a, b=b)
     tpl = rng.choice(["{a} - {b} = {ans}.", "{a} minus {b} is {ans}.", "Taking {b} from {a} leaves {ans}."])

@@ -262,12 +262,16 @@ def _need(value: str | None, key: str, judge: str) -> str:
     return value
 
 
+def _template(w) -> str:
+    return w.judge_template or w.prompt
+
+
 # judge name -> builder from WinrateConfig
 BUILDERS: dict[str, Callable[[Any], Judge]] = {
     "openai": lambda w: OpenAIJudge(model=_need(w.judge_model, "judge_model", "openai"),
                                     base_url=w.base_url or DEFAULT_BASE_URL, api_key_env=w.api_key_env,
-                                    template=w.prompt),
-    "hf": lambda w: HFJudge(model=_need(w.judge_model, "judge_model", "hf"), template=w.prompt),
+                                    template=_template(w)),
+    "hf": lambda w: HFJudge(model=_need(w.judge_model, "judge_model", "hf"), template=_template(w)),
     "rule": lambda w: RuleJudge(),
 }
 

@@ -17,7 +17,6 @@ from preftune.config import Config, load_config, to_dict
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
 
-SECTIONS = ("rewards", "winrate", "heldout", "tasks")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 

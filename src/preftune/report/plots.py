@@ -85,19 +85,26 @@ def rewards_accuracy_plot(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# (stage, metric, title) of each panel of the loss-and-margins figure; panels without data are left out
+LOSS_PANELS = (
+    ("sft", "loss", "SFT loss"),
+    ("dpo", "loss", "Preference loss"),
+    ("dpo", "rewards/margins", "Reward margin (preference stage)"),
+)
+
+
 def loss_margins_plot(runs: list[Run], path: Path) -> Path | None:
-    """Loss of every stage, and ``rewards/margins`` of the preference stage, against tokens seen."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    has_loss = _curves(a1, runs, "loss", ("sft", "dpo"), mark_best=False)
-    has_margin = _curves(a2, runs, "rewards/margins", ("dpo",), mark_best=True)
-    if not (has_loss or has_margin):
-        plt.close(fig)
+    """The loss of each stage (own panels: their scales differ) and ``rewards/margins``, against tokens seen."""
+    panels = [p for p in LOSS_PANELS if any(_series(r.stages[p[0]].metrics, p[1])[0] or
+                                            _series(r.stages[p[0]].metrics, f"eval/{p[1]}")[0]
+                                            for r in runs if p[0] in r.stages)]
+    if not panels:
         return None
-    a1.set(xlabel="tokens seen", ylabel="loss", title="Loss")
-    a2.set(xlabel="tokens seen", ylabel="rewards/margins", title="Reward margin (preference stage)")
-    for ax in (a1, a2):
-        if ax.lines:
-            ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (stage, key, title) in zip(axes[0], panels):
+        _curves(ax, runs, key, (stage,), mark_best=stage == "dpo")
+        ax.set(xlabel="tokens seen", ylabel=key, title=title)
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

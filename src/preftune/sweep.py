@@ -1,0 +1,501 @@
+"""``preftune sweep CONFIG``: a base config plus a ``sweep:`` block -> named runs (a grid of axes,
+or an explicit list of variants), each a full resumable pipeline run in ``SWEEP/runs/<name>/``, run
+one after another, then one report over them all. Training, evaluation and the report live elsewhere.
+
+Costs paid once across the runs:
+  - SFT: runs whose SFT-relevant config is identical share one SFT stage, trained once in
+    ``SWEEP/shared/sft/<hash>/`` and linked as each run's ``sft/`` (``sweep.share_sft: false`` opts out).
+  - Reference log-probs: reference.py caches them by model, tokenizer, template, truncation, precision
+    and data (not beta or loss); sharing the SFT model is what lets runs hit the same entry.
+  - The base model's evaluation: eval/suite.py caches generations, held-out loss and task scores by
+    the model's files, so only the first run pays for them.
+``SWEEP/sweep.json`` holds the plan and each run's status, and records for every run whether its
+reference log-probs were computed or reused and how many new evaluation-cache entries it made.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.config import (
+    Config,
+    ConfigError,
+    apply_shorthands,
+    config_from_dict,
+    load_raw,
+    parse_overrides,
+    to_dict,
+)
+
+log = logging.getLogger("preftune")
+
+OPTIONS: dict[str, str] = {
+    "variants": "an explicit list of runs: [{name: NAME, KEY: VALUE, ...}, ...] instead of a grid",
+    "share_sft": "share one SFT stage between runs whose SFT-relevant config is identical (default true)",
+    "tokens_per_second": "throughput for --dry-run time estimates before any run in the sweep has finished",
+}
+"""Keys of the ``sweep:`` block that are not axes."""
+
+DEFAULT_TOKENS_PER_SECOND = 1000.0
+"""Whole-run throughput (trained tokens / wall time of SFT + DPO + evaluation) used for time estimates
+until a run of the sweep has finished: roughly the embedded SmolLM2-135M LoRA pipeline on 2 CPU cores."""
+
+SFT_IRRELEVANT = ("dpo", "eval", "report_to", "output_dir", "sweep", "threads")
+"""Config sections that cannot change the SFT stage's model (``data`` too when ``sft.data`` is set)."""
+
+NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]+")
+
+
+# ---------------------------------------------------------------- expansion
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    overrides: dict[str, Any]
+    cfg: Config
+    sft_key: str | None = None
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+
+def nest(key: str, value: Any) -> dict:
+    """``("dpo.beta", 0.1)`` -> ``{"dpo": {"beta": 0.1}}``, with config shorthands applied
+    (``lora: false`` -> ``lora.enabled``; ``data: FILE`` -> ``data.source``)."""
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return apply_shorthands(node)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge ``extra`` into ``base`` in place (mappings merge; anything else replaces)."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """The raw config with CLI ``key=value`` overrides (``sweep.dpo.beta=[0.1,0.3]`` edits the block)."""
+    raw = apply_shorthands(copy.deepcopy(raw))
+    for k, v in parse_overrides(overrides):
+        merge(raw, nest(k, v))
+    return raw
+
+
+def _flatten_axes(block: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in block.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten_axes(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def _label(key: str, value: Any) -> str:
+    """One axis value as a readable name part: ``beta0.1``, ``lora_off``, ``loss_ipo``, ``data_hh``."""
+    parts = key.split(".")
+    leaf = parts[-2] if parts[-1] in ("enabled", "source") and len(parts) > 1 else parts[-1]
+    if isinstance(value, bool):
+        return f"{leaf}_{'on' if value else 'off'}"
+    if isinstance(value, (int, float)):
+        return f"{leaf}{value:g}"
+    if isinstance(value, str):
+        text = value.rsplit(":", 1)[-1] if ":" in value and "/" not in value else Path(value).stem or value
+        return f"{leaf}_{text}"
+    if isinstance(value, list):
+        return f"{leaf}_" + "+".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return "-".join(_label(f"{key}.{k}", v) for k, v in _flatten_axes(value).items())
+    return f"{leaf}_{value}"
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+    """``{"dpo.beta": 0.1, "lora": False}`` -> ``beta0.1-lora_off``."""
+    name = "-".join(_label(k, v) for k, v in overrides.items()) or "base"
+    return NAME_CHARS.sub("_", name).strip("._") or "run"
+
+
+def _grid(axes: dict[str, Any], problems: list[str]) -> list[tuple[str | None, dict]]:
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            problems.append(f"sweep.{key}: an axis needs a non-empty list of values, got {values!r}")
+    if problems:
+        return []
+    keys = list(axes)
+    return [(None, dict(zip(keys, combo))) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _variants(variants: Any, problems: list[str]) -> list[tuple[str | None, dict]]:
+    if not isinstance(variants, list) or not variants:
+        problems.append(f"sweep.variants: expected a non-empty list of mappings, got {variants!r}")
+        return []
+    out = []
+    for i, v in enumerate(variants):
+        if not isinstance(v, dict):
+            problems.append(f"sweep.variants[{i}]: expected a mapping of overrides, got {v!r}")
+            continue
+        v = dict(v)
+        name = v.pop("name", None)
+        out.append((None if name is None else str(name), _flatten_axes(v)))
+    return out
+
+
+def sweep_block(raw: dict) -> tuple[list[tuple[str | None, dict]], dict[str, Any], list[str]]:
+    """``(runs as (name or None, overrides), options, problems)`` from the raw config's ``sweep:``."""
+    block = raw.get("sweep")
+    if not isinstance(block, dict) or not block:
+        return [], {}, ["sweep: no axes or variants; add e.g. `sweep: {dpo.beta: [0.05, 0.1, 0.3]}`"]
+    options = {k: block[k] for k in OPTIONS if k in block}
+    axes = _flatten_axes({k: v for k, v in block.items() if k not in OPTIONS})
+    problems: list[str] = []
+    for key in axes:
+        if key.split(".")[0] in ("output_dir", "sweep"):
+            problems.append(f"sweep.{key}: cannot be swept (each run's folder is SWEEP/runs/<name>)")
+    if "variants" in options and axes:
+        problems.append(f"sweep: use either axes ({', '.join(axes)}) or variants, not both")
+        return [], options, problems
+    runs = _variants(options["variants"], problems) if "variants" in options else _grid(axes, problems)
+    if not isinstance(options.get("share_sft", True), bool):
+        problems.append(f"sweep.share_sft: expected true/false, got {options['share_sft']!r}")
+    tps = options.get("tokens_per_second", DEFAULT_TOKENS_PER_SECOND)
+    if isinstance(tps, bool) or not isinstance(tps, (int, float)) or tps <= 0:
+        problems.append(f"sweep.tokens_per_second: expected a positive number, got {tps!r}")
+    return runs, options, problems
+
+
+def sweep_dir(raw: dict) -> Path:
+    return Path(raw.get("output_dir") or Config.output_dir)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 and names.count(n) == 1 else f"{n}-{seen[n]}")
+    return out
+
+
+def plan(raw: dict, source: str = "config") -> list[PlannedRun]:
+    """Every run of the sweep, each config validated; raise ConfigError with every problem of every
+    run at once (a problem shared by several runs is listed once, naming them)."""
+    specs, _, problems = sweep_block(raw)
+    if problems:
+        raise ConfigError(problems, source)
+    base = apply_shorthands(copy.deepcopy({k: v for k, v in raw.items() if k != "sweep"}))
+    names = [NAME_CHARS.sub("_", n) if n else run_name(o) for n, o in specs]
+    explicit = [n for n, _ in specs if n]
+    dupes = sorted({n for n in explicit if explicit.count(n) > 1})
+    if dupes:
+        raise ConfigError([f"sweep.variants: duplicate run name(s) {', '.join(dupes)}"], source)
+    root = sweep_dir(raw)
+    runs, by_problem = [], {}
+    for name, (_, overrides) in zip(_unique(names), specs):
+        run_raw = copy.deepcopy(base)
+        for k, v in overrides.items():
+            merge(run_raw, nest(k, v))
+        run_raw["output_dir"] = str(root / "runs" / name)
+        try:
+            cfg = config_from_dict(run_raw, f"{source} (run {name})")
+        except ConfigError as e:
+            for p in e.problems:
+                by_problem.setdefault(p, []).append(name)
+            continue
+        runs.append(PlannedRun(name, overrides, cfg, sft_key(cfg)))
+    if by_problem:
+        n = len(specs)
+        raise ConfigError([p + (" (every run)" if len(rs) == n else f" (runs: {', '.join(rs)})")
+                           for p, rs in by_problem.items()], source)
+    return runs
+
+
+def expand(cfg_raw: dict) -> list[tuple[str, Config]]:
+    """``[(run name, validated Config)]`` for the sweep in ``cfg_raw`` (grid or variants)."""
+    return [(r.name, r.cfg) for r in plan(cfg_raw)]
+
+
+def sft_key(cfg: Config) -> str | None:
+    """A hash of everything the SFT stage's model depends on; None when SFT is disabled.
+
+    Runs with the same key would train the same SFT model (same data order, seed and settings), so
+    the sweep trains it once."""
+    if not cfg.sft.enabled:
+        return None
+    d = to_dict(cfg)
+    for k in SFT_IRRELEVANT + (("data",) if cfg.sft.data is not None else ()):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- estimates
+
+
+def _tokenizer(cfg: Config):
+    from preftune import embedded
+    from preftune.model import load_tokenizer, resolve_model
+
+    name = cfg.tokenizer or cfg.model
+    if name == embedded.SMOLLM2:  # the tokenizer alone, without converting the model
+        return load_tokenizer(str(embedded.tokenizer_dir()))
+    return load_tokenizer(resolve_model(name))
+
+
+def _item_tokens(item) -> int:
+    """Tokens of one item as the loop counts them (prompt once per sequence)."""
+    if hasattr(item, "chosen_ids"):
+        return 2 * len(item.prompt_ids) + len(item.chosen_ids) + len(item.rejected_ids)
+    return len(item.prompt_ids) + len(item.completion_ids)
+
+
+def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
+    """Estimated training tokens of ``stage``: the data tokenized once (memoised by tokenizer, data
+    settings and seed), times the fraction of epochs the steps cover."""
+    from preftune.train import load_stage_data
+
+    s = cfg.sft if stage == "sft" else cfg.dpo
+    data_cfg = cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
+    key = json.dumps([cfg.tokenizer or cfg.model, stage, to_dict(data_cfg), cfg.seed], sort_keys=True, default=str)
+    if key not in memo:
+        items = load_stage_data(cfg, stage, tokenizer).train
+        memo[key] = (len(items), sum(_item_tokens(i) for i in items))
+    n_items, per_epoch = memo[key]
+    steps_per_epoch = max(1, math.ceil(n_items / s.batch_size) // s.grad_accum)
+    total_steps = s.max_steps or max(1, int(s.epochs * steps_per_epoch))
+    return int(per_epoch * total_steps / steps_per_epoch)
+
+
+def estimate(runs: list[PlannedRun], share_sft: bool) -> None:
+    """Fill each run's ``estimate``: tokens per stage (a shared SFT counts for its first run only)."""
+    memo: dict = {}
+    tokenizers: dict = {}
+    first_with: dict[str, str] = {}
+    for r in runs:
+        tok_key = r.cfg.tokenizer or r.cfg.model
+        if tok_key not in tokenizers:
+            tokenizers[tok_key] = _tokenizer(r.cfg)
+        tok = tokenizers[tok_key]
+        est: dict[str, Any] = {}
+        if r.cfg.sft.enabled:
+            shared = share_sft and r.sft_key in first_with
+            est["sft"] = 0 if shared else stage_tokens(r.cfg, "sft", tok, memo)
+            if shared:
+                est["sft_shared_with"] = first_with[r.sft_key]
+            first_with.setdefault(r.sft_key, r.name)
+        if r.cfg.dpo.enabled:
+            est["dpo"] = stage_tokens(r.cfg, "dpo", tok, memo)
+        est["tokens"] = est.get("sft", 0) + est.get("dpo", 0)
+        r.estimate = est
+
+
+def measured_throughput(root: Path) -> tuple[float, int] | None:
+    """(trained tokens per second of wall time, runs measured) over the sweep's finished runs."""
+    tokens = seconds = n = 0
+    for done in sorted((root / "runs").glob("*/done.json")):
+        d = json.loads(done.read_text())
+        if d.get("trained_tokens") and d.get("wall_s"):
+            tokens += d["trained_tokens"]
+            seconds += d["wall_s"]
+            n += 1
+    return (tokens / seconds, n) if seconds else None
+
+
+# ---------------------------------------------------------------- running
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def link_shared_sft(run_dir: Path, root: Path, key: str) -> Path:
+    """Make ``run_dir/sft`` a link to the sweep's shared SFT stage ``root/shared/sft/<key>``."""
+    shared = root / "shared" / "sft" / key
+    shared.mkdir(parents=True, exist_ok=True)
+    link = run_dir / "sft"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(os.path.relpath(shared, run_dir), target_is_directory=True)
+    return shared
+
+
+def eval_cache_counts() -> dict[str, int]:
+    """Entries per kind in the evaluation suite's on-disk cache (generations, heldout, tasks)."""
+    from preftune.eval.suite import cache_dir
+
+    d = cache_dir()
+    return {k.name: len(list(k.glob("*.json"))) for k in sorted(d.iterdir()) if k.is_dir()} if d.is_dir() else {}
+
+
+def reference_info(run_dir: Path) -> dict:
+    p = run_dir / "dpo" / "data.json"
+    return json.loads(p.read_text()).get("reference", {}) if p.is_file() else {}
+
+
+def _trained_tokens(run_dir: Path, sft_trained: bool) -> int:
+    total = 0
+    for stage in ("sft", "dpo") if sft_trained else ("dpo",):
+        p = run_dir / stage / "run.json"
+        if p.is_file():
+            total += int(json.loads(p.read_text()).get("tokens_seen") or 0)
+    return total
+
+
+def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
+    """Run (or resume) one pipeline run; write its ``done.json``; return its status record."""
+    from preftune.pipeline import run_pipeline
+
+    out = Path(r.cfg.output_dir)
+    sft_trained = True
+    if share_sft and r.sft_key:
+        shared = link_shared_sft(out, root, r.sft_key)
+        sft_trained = not (shared / "run.json").is_file()
+    resume = out.is_dir() and any(out.iterdir())
+    before = eval_cache_counts()
+    t0 = time.time()
+    result = run_pipeline(r.cfg, resume=resume)
+    wall = round(time.time() - t0, 1)
+    after = eval_cache_counts()
+    done = {"name": r.name, "overrides": r.overrides, "timings": result["timings"], "wall_s": wall,
+            "trained_tokens": _trained_tokens(out, sft_trained), "sft_trained_here": sft_trained,
+            "reference": reference_info(out),
+            "eval_cache_new": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_json(out / "done.json", done)
+    return done
+
+
+def _record(r: PlannedRun, status: str, **extra) -> dict:
+    return {"name": r.name, "overrides": r.overrides, "output_dir": r.cfg.output_dir, "sft_key": r.sft_key,
+            "estimate": r.estimate, "status": status, **extra}
+
+
+def _throughput(root: Path, options: dict) -> dict:
+    measured = measured_throughput(root)
+    if measured:
+        return {"value": round(measured[0], 1), "source": f"measured over {measured[1]} finished run(s) of this sweep"}
+    if "tokens_per_second" in options:
+        return {"value": float(options["tokens_per_second"]), "source": "sweep.tokens_per_second"}
+    return {"value": DEFAULT_TOKENS_PER_SECOND, "source": "default constant (preftune.sweep.DEFAULT_TOKENS_PER_SECOND)"}
+
+
+def format_plan(runs: list[PlannedRun], throughput: dict, root: Path) -> str:
+    rows = [("run", "overrides", "status", "est. tokens", "est. time", "notes")]
+    total_tokens = total_s = 0.0
+    for r in runs:
+        done = (Path(r.cfg.output_dir) / "done.json").is_file()
+        tokens = r.estimate.get("tokens", 0)
+        secs = tokens / throughput["value"]
+        if not done:
+            total_tokens, total_s = total_tokens + tokens, total_s + secs
+        note = f"sft shared with {r.estimate['sft_shared_with']}" if "sft_shared_with" in r.estimate else ""
+        over = ", ".join(f"{k}={v}" for k, v in r.overrides.items())
+        rows.append((r.name, over, "done" if done else "to run", f"{tokens:,}", _duration(secs), note))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"\n{len(runs)} run(s) in {root}; to run: {total_tokens:,.0f} tokens, about {_duration(total_s)} "
+                 f"at {throughput['value']:,.0f} tokens/s ({throughput['source']}; includes evaluation)")
+    return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=print) -> dict:
+    """Plan, (dry-run: print and stop), run every unfinished run one after another, then the report.
+    Returns the ``sweep.json`` record. Failed runs are recorded and the others still run; the sweep
+    then raises a PreftuneError naming them."""
+    from preftune.errors import PreftuneError
+
+    runs = plan(raw, source)
+    _, options, _ = sweep_block(raw)
+    share = bool(options.get("share_sft", True))
+    root = sweep_dir(raw)
+    estimate(runs, share)
+    throughput = _throughput(root, options)
+    echo(format_plan(runs, throughput, root))
+    state = {"config": source, "sweep_dir": str(root), "share_sft": share, "tokens_per_second": throughput,
+             "runs": [_record(r, "done" if (Path(r.cfg.output_dir) / "done.json").is_file() else "planned")
+                      for r in runs]}
+    if dry_run:
+        return state
+    _write_json(root / "sweep.json", state)
+    failed = []
+    for i, r in enumerate(runs):
+        done_path = Path(r.cfg.output_dir) / "done.json"
+        if done_path.is_file():
+            state["runs"][i] = _record(r, "done", result=json.loads(done_path.read_text()))
+            echo(f"sweep: {r.name}: finished earlier, skipped")
+            continue
+        echo(f"sweep: run {i + 1}/{len(runs)}: {r.name}")
+        state["runs"][i]["status"] = "running"
+        _write_json(root / "sweep.json", state)
+        try:
+            state["runs"][i] = _record(r, "done", result=run_one(r, root, share))
+        except KeyboardInterrupt:
+            state["runs"][i]["status"] = "interrupted"
+            _write_json(root / "sweep.json", state)
+            raise
+        except Exception as e:  # keep going: one bad run should not waste the others
+            log.exception("sweep: run %s failed", r.name)
+            state["runs"][i] = _record(r, "failed", error=f"{type(e).__name__}: {e}")
+            failed.append(r.name)
+        _write_json(root / "sweep.json", state)
+    finished = [Path(r.cfg.output_dir) for r in runs if (Path(r.cfg.output_dir) / "done.json").is_file()]
+    if finished:
+        from preftune.report.report import write_report
+
+        state["report"] = str(write_report(finished, root / "report"))
+    state["summary"] = summarize(state)
+    _write_json(root / "sweep.json", state)
+    echo(state["summary"])
+    if failed:
+        raise PreftuneError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see {root / 'sweep.json'}); "
+                            "fix the cause and run the same command again: finished runs are skipped")
+    return state
+
+
+def summarize(state: dict) -> str:
+    """What was shared: reference log-probs computed vs reused, and new base-eval cache entries."""
+    results = [r.get("result", {}) for r in state["runs"] if r["status"] == "done"]
+    computed = sum(1 for r in results if r.get("reference", {}).get("computed") is True)
+    reused = sum(1 for r in results if r.get("reference", {}).get("computed") is False)
+    sft_trained = sum(1 for r in results if r.get("sft_trained_here"))
+    lines = [f"sweep: {len(results)}/{len(state['runs'])} run(s) done; SFT trained {sft_trained} time(s); "
+             f"reference log-probs computed {computed} time(s), reused {reused} time(s)"]
+    if state.get("report"):
+        lines.append(f"report: {state['report']}")
+    return "\n".join(lines)
+
+
+def main(ns) -> int:
+    """``preftune sweep CONFIG [key=value ...] [--dry-run]``."""
+    from preftune.commands import setup_logging
+
+    setup_logging()
+    raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
+    run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
+    return 0
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The raw sweep config at ``path`` with overrides applied (for tests and notebooks)."""
+    return apply_overrides(load_raw(path), list(overrides))

@@ -1,0 +1,231 @@
+"""Sweeps: grid and variant expansion, run names, validation of every run before anything runs, SFT
+sharing keys, and (e2e) a 2x2 sweep on the tiny model that pays the reference and the base
+evaluation once, resumes without redoing finished runs, and reports every run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from preftune.config import ConfigError
+from preftune.sweep import apply_overrides, expand, plan, run_name, sft_key
+
+BASE = {"model": "tiny", "output_dir": "sweeps/s", "lora": {"r": 8}}
+
+
+def _raw(sweep: dict, **base) -> dict:
+    return {**BASE, **base, "sweep": sweep}
+
+
+# ---------------------------------------------------------------- expansion and names
+
+
+def test_grid_expands_in_axis_order_with_readable_names():
+    runs = expand(_raw({"dpo.beta": [0.01, 0.1, 0.5], "dpo.loss": ["sigmoid", "ipo"]}))
+    assert [n for n, _ in runs] == [
+        "beta0.01-loss_sigmoid", "beta0.01-loss_ipo", "beta0.1-loss_sigmoid", "beta0.1-loss_ipo",
+        "beta0.5-loss_sigmoid", "beta0.5-loss_ipo"]
+    name, cfg = runs[3]
+    assert (cfg.dpo.beta, cfg.dpo.loss) == (0.1, "ipo")
+    assert cfg.output_dir == str(Path("sweeps/s/runs") / name)
+    assert cfg.lora.r == 8  # the base config is kept
+
+
+def test_shorthand_axes_go_through_config_shorthands():
+    """YAML's on/off are booleans; ``lora: false`` sets lora.enabled and keeps the base's rank;
+    ``data: FILE`` sets data.source."""
+    import yaml
+
+    raw = _raw(yaml.safe_load("{lora: [on, off], data: [a/hh.jsonl, embedded:prefs], precision: [fp32, bf16]}"))
+    runs = dict(expand(raw))
+    assert list(runs)[:2] == ["lora_on-data_hh-precision_fp32", "lora_on-data_hh-precision_bf16"]
+    cfg = runs["lora_off-data_prefs-precision_bf16"]
+    assert cfg.lora.enabled is False and cfg.lora.r == 8
+    assert cfg.data.source == "embedded:prefs" and cfg.precision == "bf16"
+    assert runs["lora_on-data_hh-precision_fp32"].data.source == "a/hh.jsonl"
+
+
+def test_run_name_examples():
+    assert run_name({"dpo.beta": 0.1, "lora": False}) == "beta0.1-lora_off"
+    assert run_name({"lora.enabled": True, "dpo.lr": 5e-5}) == "lora_on-lr5e-05"
+    assert run_name({}) == "base"
+
+
+def test_nested_axes_and_cli_overrides_edit_the_block():
+    raw = apply_overrides(_raw({"dpo": {"beta": [0.1, 0.3]}}), ["sweep.dpo.loss=[sigmoid,hinge]", "seed=3"])
+    runs = dict(expand(raw))
+    assert list(runs) == ["beta0.1-loss_sigmoid", "beta0.1-loss_hinge", "beta0.3-loss_sigmoid", "beta0.3-loss_hinge"]
+    assert all(c.seed == 3 for c in runs.values())
+
+
+def test_variants_with_and_without_names():
+    raw = _raw({"variants": [{"name": "full-bf16", "lora": False, "precision": "bf16"},
+                             {"dpo": {"beta": 0.3}, "dpo.loss": "ipo"}]})
+    (n1, c1), (n2, c2) = expand(raw)
+    assert (n1, c1.lora.enabled, c1.precision) == ("full-bf16", False, "bf16")
+    assert (n2, c2.dpo.beta, c2.dpo.loss) == ("beta0.3-loss_ipo", 0.3, "ipo")
+
+
+def test_colliding_names_get_suffixes():
+    runs = expand(_raw({"data": ["x/prefs.jsonl", "y/prefs.jsonl"]}))
+    assert [n for n, _ in runs] == ["data_prefs-1", "data_prefs-2"]
+
+
+# ---------------------------------------------------------------- validation: everything at once
+
+
+def test_every_problem_of_every_run_is_reported_at_once():
+    raw = _raw({"dpo.beta": [0.1, -1.0], "dpo.los": ["ipo"], "precision": ["fp32", "fp8"]})
+    with pytest.raises(ConfigError) as e:
+        plan(raw)
+    text = str(e.value)
+    assert "unknown key 'dpo.los' (did you mean 'dpo.loss'?) (every run)" in text
+    assert "dpo.beta: must be positive, got -1.0 (runs: beta-1-los_ipo-precision_fp32, beta-1-los_ipo-precision_fp8)" in text
+    assert "precision: 'fp8' is not one of" in text
+    assert len(e.value.problems) == 3
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ({}, "no axes or variants"),
+    ({"dpo.beta": 0.1}, "sweep.dpo.beta: an axis needs a non-empty list"),
+    ({"dpo.beta": []}, "an axis needs a non-empty list"),
+    ({"output_dir": ["a", "b"]}, "cannot be swept"),
+    ({"dpo.beta": [0.1], "variants": [{"seed": 1}]}, "either axes (dpo.beta) or variants"),
+    ({"variants": [{"name": "a"}, {"name": "a", "seed": 2}]}, "duplicate run name(s) a"),
+    ({"variants": ["seed=1"]}, "sweep.variants[0]: expected a mapping"),
+    ({"dpo.beta": [0.1], "tokens_per_second": 0}, "sweep.tokens_per_second"),
+])
+def test_block_problems(sweep, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        plan(_raw(sweep))
+    assert message in str(e.value)
+
+
+# ---------------------------------------------------------------- SFT sharing
+
+
+def test_sft_key_ignores_dpo_and_eval_but_not_sft_inputs():
+    runs = dict(expand(_raw({"dpo.beta": [0.1, 0.5], "dpo.loss": ["sigmoid", "ipo"], "eval.tasks": [[], ["x"]]})))
+    assert len({sft_key(c) for c in runs.values()}) == 1
+    for axis in ({"sft.lr": [1e-4, 2e-4]}, {"lora": [True, False]}, {"data.max_length": [384, 512]},
+                 {"seed": [0, 1]}, {"precision": ["fp32", "bf16"]}):
+        assert len({sft_key(c) for _, c in expand(_raw(axis))}) == 2, axis
+
+
+def test_sft_key_ignores_preference_data_when_sft_has_its_own():
+    runs = expand(_raw({"data": ["a.jsonl", "b.jsonl"]}, sft={"data": {"source": "sft.jsonl"}}))
+    assert len({sft_key(c) for _, c in runs}) == 1
+    assert sft_key(expand(_raw({"seed": [0]}, sft={"enabled": False}))[0][1]) is None
+
+
+# ---------------------------------------------------------------- end to end on the tiny model
+
+PAIRS = [("the red fox", "The red fox runs fast.", "fox fox no"), ("a blue sky", "The blue sky is clear today.", "sky."),
+         ("two cats", "Two cats sleep in the sun.", "cats cats cats"), ("old tree", "The old tree stands tall.", "tree?")]
+
+
+def _write_data(path: Path) -> Path:
+    with open(path, "w") as f:
+        for i in range(24):
+            p, c, r = PAIRS[i % len(PAIRS)]
+            f.write(json.dumps({"prompt": f"Write about {p} ({i}).", "chosen": c, "rejected": r,
+                                "category": ["a", "b"][i % 2]}) + "\n")
+    return path
+
+
+def _e2e_raw(tmp_path: Path) -> dict:
+    return {
+        "model": "tiny", "output_dir": str(tmp_path / "sweep"), "seed": 0,
+        "data": {"source": str(_write_data(tmp_path / "prefs.jsonl")), "max_length": 64, "max_prompt_length": 32,
+                 "test_size": 0.25},
+        "sft": {"max_steps": 2, "batch_size": 4},
+        "dpo": {"max_steps": 2, "batch_size": 4, "reference": "precomputed"},
+        "eval": {"winrate": {"per_category": 2, "max_new_tokens": 6}, "heldout": {"max_chunks": 2, "chunk_length": 32},
+                 "tasks": [], "batch_size": 4},
+        "sweep": {"dpo.beta": [0.1, 0.5], "dpo.loss": ["sigmoid", "ipo"]},
+    }
+
+
+def _counting(monkeypatch, module, name: str) -> list:
+    """Wrap the real ``module.name`` so every call is counted (the function still runs)."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def wrapper(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _base_entries(kind: str, base_path: str) -> int:
+    from preftune.eval.suite import cache_dir
+
+    return sum(1 for p in (cache_dir() / kind).glob("*.json")
+               if json.loads(p.read_text())["key"]["model"]["path"] == base_path)
+
+
+@pytest.mark.e2e
+def test_sweep_2x2_pays_reference_and_base_eval_once_resumes_and_reports(tmp_path, monkeypatch):
+    import preftune.eval.generate
+    import preftune.eval.heldout
+    import preftune.reference
+    from preftune.model import resolve_model
+    from preftune.sweep import run_sweep
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))  # an empty cache: honest counts
+    references = _counting(monkeypatch, preftune.reference, "precompute")
+    heldouts = _counting(monkeypatch, preftune.eval.heldout, "heldout_loss")
+    generations = _counting(monkeypatch, preftune.eval.generate, "generate")
+    raw = _e2e_raw(tmp_path)
+    root = tmp_path / "sweep"
+    state = run_sweep(raw, echo=lambda *_: None)
+    names = ["beta0.1-loss_sigmoid", "beta0.1-loss_ipo", "beta0.5-loss_sigmoid", "beta0.5-loss_ipo"]
+    assert [r["name"] for r in state["runs"]] == names and all(r["status"] == "done" for r in state["runs"])
+
+    # The reference log-probs: one forward pass over the data, for all four runs.
+    assert len(references) == 1
+    flags = [json.loads((root / "runs" / n / "dpo" / "data.json").read_text())["reference"]["computed"] for n in names]
+    assert sorted(flags) == [False, False, False, True]
+
+    # The base evaluation: computed once (the cache holds one base entry per kind, each computed once).
+    base = str(Path(resolve_model("tiny")).resolve())
+    assert _base_entries("heldout", base) == 1 and _base_entries("generations", base) == 1
+    # base + one shared SFT + four DPO models, each evaluated once
+    assert len(heldouts) == 6 and len(generations) == 6
+    assert sum(r["result"]["sft_trained_here"] for r in state["runs"]) == 1
+    assert [r["result"]["eval_cache_new"]["heldout"] for r in state["runs"]] == [3, 1, 1, 1]
+
+    # A killed sweep: the third run never finished; the rerun does it alone and touches nothing else.
+    killed = root / "runs" / names[2]
+    for sub in ("dpo", "eval", "report"):
+        import shutil
+
+        shutil.rmtree(killed / sub, ignore_errors=True)
+    (killed / "done.json").unlink()
+    finished = [p for n in names if n != names[2] for p in (root / "runs" / n).rglob("*") if p.is_file()]
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+    n_heldout = len(heldouts)
+    state2 = run_sweep(raw, echo=lambda *_: None)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert (killed / "done.json").is_file() and (killed / "dpo" / "run.json").is_file()
+    assert len(references) == 1  # reused from the cache by the rerun
+    assert len(heldouts) == n_heldout + 1  # only the rerun's DPO model; the base came from the cache
+    assert json.loads((killed / "dpo" / "data.json").read_text())["reference"]["computed"] is False
+    assert json.loads((root / "sweep.json").read_text())["runs"][2]["status"] == "done"
+
+    # The report's tables hold every run's figures.
+    md = (Path(state2["report"]).with_suffix(".md")).read_text()
+    sections = {s.split("\n", 1)[0]: s for s in md.split("\n## ")}
+    for n in names:
+        ev = json.loads((root / "runs" / n / "eval" / "eval.json").read_text())["models"]["dpo"]
+        row = next(line for line in sections["Precision and LoRA variants"].splitlines() if line.startswith(f"| {n} |"))
+        beta, loss = n.split("-")
+        assert f"| {beta.removeprefix('beta')} |" in row and f"| {loss.removeprefix('loss_')} |" in row
+        assert f"{ev['heldout']['bpb']:.4f}" in row and f"{ev['winrate']['winrate']:.3f}" in row
+        assert f"{ev['rewards']['rewards/accuracies']:.3f}" in row
+        assert any(line.startswith(f"| {n} | dpo |") for line in sections["Evaluation"].splitlines())
+        assert f"{n}/dpo" in sections["Held-out loss by beta"]

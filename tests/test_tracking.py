@@ -1,0 +1,112 @@
+"""Trackers write what the loop logs into their own local stores, read back with each library's reader."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from preftune.config import Config
+from preftune.errors import MissingExtraError
+from preftune.tracking import TRACKERS, flatten, local_store, mlflow_key, open_trackers
+
+STEPS = [
+    {"loss": 0.69, "rewards/accuracies": 0.5, "eval/rewards/margins": 0.01},
+    {"loss": 0.61, "rewards/accuracies": 0.75, "eval/rewards/margins": 0.2},
+    {"loss": 0.52, "rewards/accuracies": 1.0, "eval/rewards/margins": 0.4},
+]
+
+
+def _log_all(names, run_dir, cfg):
+    trackers = open_trackers(names, run_dir, cfg)
+    for step, metrics in enumerate(STEPS, start=1):
+        for t in trackers:
+            t.log(metrics, step)
+    for t in trackers:
+        t.close()
+
+
+def test_tensorboard_roundtrip(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "dpo"
+    _log_all(["tensorboard"], run_dir, Config())
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "rewards/accuracies", "eval/rewards/margins"} <= set(acc.Tags()["scalars"])
+    for key in STEPS[0]:
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [1, 2, 3]
+        assert [e.value for e in events] == pytest.approx([m[key] for m in STEPS])
+
+
+def test_mlflow_roundtrip(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "sweep" / "beta0.1" / "dpo"
+    cfg = Config()
+    cfg.dpo.beta = 0.3
+    _log_all(["mlflow"], run_dir, cfg)
+    client = MlflowClient(tracking_uri=local_store(run_dir))
+    run = client.get_run((run_dir / "mlflow_run_id").read_text())
+    assert run.info.run_name == "beta0.1/dpo"
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dpo.beta"] == "0.3"
+    assert run.data.params["lora.enabled"] == "True"
+    for key in STEPS[0]:
+        history = client.get_metric_history(run.info.run_id, key)
+        by_step = sorted((m.step, m.value) for m in history)
+        assert [s for s, _ in by_step] == [1, 2, 3]
+        assert [v for _, v in by_step] == pytest.approx([m[key] for m in STEPS])
+
+
+def test_mlflow_resume_continues_the_same_run(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "dpo"
+    for step in (1, 2):  # two openings, as a killed and resumed stage does
+        (t,) = open_trackers(["mlflow"], run_dir, Config())
+        t.log({"loss": 1.0 / step}, step)
+        t.close()
+    client = MlflowClient(tracking_uri=local_store(run_dir))
+    (exp,) = [e for e in client.search_experiments() if e.name == "preftune"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")) == [(1, 1.0), (2, 0.5)]
+
+
+def test_mlflow_key_sanitizes_only_rejected_characters():
+    assert mlflow_key("rewards/accuracies") == "rewards/accuracies"
+    assert mlflow_key("eval/logps/chosen") == "eval/logps/chosen"
+    assert mlflow_key("acc[0]@top") == "acc_0__top"
+
+
+def test_flatten_config():
+    flat = flatten({"dpo": {"beta": 0.1, "loss": "ipo"}, "report_to": ["mlflow"], "seed": 0})
+    assert flat == {"dpo.beta": 0.1, "dpo.loss": "ipo", "report_to": ["mlflow"], "seed": 0}
+
+
+@pytest.mark.parametrize("name, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")])
+def test_missing_library_names_the_extra(tmp_path, monkeypatch, name, module):
+    for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")] or [module]:
+        monkeypatch.setitem(sys.modules, loaded, None)  # makes `import module...` raise ImportError
+    with pytest.raises(MissingExtraError) as e:
+        open_trackers([name], tmp_path, Config())
+    assert f"'{module}'" in str(e.value) and "preftune[track]" in str(e.value) and f"report_to: {name}" in str(e.value)
+
+
+def test_missing_second_tracker_closes_the_first(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    for loaded in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")] or ["mlflow"]:
+        monkeypatch.setitem(sys.modules, loaded, None)
+    with pytest.raises(MissingExtraError):
+        open_trackers(["tensorboard", "mlflow"], tmp_path, Config())
+    assert list((tmp_path / "tensorboard").iterdir())  # opened, then closed cleanly
+
+
+def test_table_names_match_config_validation():
+    assert set(TRACKERS) == {"tensorboard", "mlflow", "wandb"}
