@@ -19,8 +19,8 @@ import torch
 
 from preftune import checkpoint as ckpt
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
-from preftune.errors import PreftuneError
 from preftune.data.rows import fingerprint
+from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
 

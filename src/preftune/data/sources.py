@@ -152,7 +152,7 @@ def _embedded_files(source: str, split: str) -> list[Path]:
     if path.is_file():
         return [path]
     if not any(root.glob(f"{name}_*.jsonl")):
-        known = sorted({p.name.rsplit("_", 1)[0] for p in root.glob("*_*.jsonl")})
+        known = sorted(p.name[: -len("_train.jsonl")] for p in root.glob("*_train.jsonl"))
         raise PreftuneError(f"unknown embedded dataset {source!r}; available: "
                             f"{', '.join(EMBEDDED_PREFIX + k for k in known) or 'none (the install lacks its data)'}")
     return []

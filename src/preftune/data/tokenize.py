@@ -137,6 +137,17 @@ def _truncate_prompt(ids: list[int], bos: int | None, max_prompt_length: int) ->
     return ids[len(ids) - max_prompt_length:]
 
 
+def encode_prompt(prompt: Prompt, tokenizer, max_prompt_length: int | None = None) -> list[int]:
+    """The prompt's ids exactly as training sees them: rendered by :func:`render_prompt`, BOS once
+    when the tokenizer adds one, cut to its last ``max_prompt_length`` tokens (a BOS stays in front).
+    Generation uses this too, so a model is prompted the way it was trained."""
+    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    ids = _encode(tokenizer, render_prompt(prompt, tokenizer))
+    if bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return _truncate_prompt(ids, bos, max_prompt_length) if max_prompt_length else ids
+
+
 def _verify(prompt_ids: list[int], completions: list[list[int]], cut: list[bool], bos: int | None, eos: int,
             prompts: list[list[int]] | None = None) -> None:
     """Per-row invariants; a failure is a bug, so it raises TokenizationInvariantError."""

@@ -17,20 +17,10 @@ STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 
 def prompt_ids(prompt: Prompt, tokenizer, max_prompt_length: int | None = None) -> list[int]:
-    """The prompt as training saw it (data/tokenize.py's policy): rendered by ``render_prompt``,
-    encoded without special tokens, BOS prepended once when the tokenizer adds one by default, and
-    cut to its last ``max_prompt_length`` tokens (a BOS stays in front)."""
-    from preftune.data.tokenize import render_prompt
+    """The prompt as training saw it (``data.tokenize.encode_prompt``)."""
+    from preftune.data.tokenize import encode_prompt
 
-    ids = list(tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    if adds_bos and ids[:1] != [bos]:
-        ids = [bos] + ids
-    if max_prompt_length and len(ids) > max_prompt_length:
-        head = [bos] if adds_bos else []
-        ids = head + ids[len(ids) - max_prompt_length + len(head) :]
-    return ids
+    return encode_prompt(prompt, tokenizer, max_prompt_length)
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:
