@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from preftune.config import config_from_dict
 from preftune.train import EarlyStopping, lr_at, run_stage
@@ -210,3 +211,68 @@ def test_nan_loss_skips_then_aborts(tmp_path, tiny_model_dir, monkeypatch):
     cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 10, "dpo.nan_tolerance": 3})
     with pytest.raises(PreftuneError, match="3 consecutive steps"):
         run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+
+
+def test_early_stopping_in_the_loop_keeps_the_peak_as_best(tmp_path, tiny_model_dir, monkeypatch):
+    """The loop fed a constructed eval sequence (accuracies 0.5, 0.6, 0.8, 0.7, 0.7, 0.6 at steps
+    1..6, patience 2, min_delta 0) stops at step 5 and keeps step 3 as best/."""
+    import preftune.train as train
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    seq = iter([0.5, 0.6, 0.8, 0.7, 0.7, 0.6])
+    monkeypatch.setattr(train, "evaluate_batches",
+                        lambda *a, **k: {"rewards/accuracies": next(seq), "loss": 0.5, "n": 8})
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 10, "dpo.eval_every": 1,
+                                                     "dpo.early_stopping": True, "dpo.patience": 2,
+                                                     "dpo.min_delta": 0.0})
+    summary = run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    assert summary["stopped_early"] and summary["steps"] == 5
+    assert summary["best_step"] == 3 and summary["best_metric"] == 0.8
+    best = json.loads((Path(cfg.output_dir) / "best" / "best.json").read_text())
+    assert best["best_step"] == 3
+    assert (Path(cfg.output_dir) / "best" / "adapter_config.json").is_file()
+
+
+def test_outputs_load_as_they_are_and_merge_matches(tmp_path, tiny_model_dir, monkeypatch):
+    """final/ is a PeftModel adapter folder; `preftune merge` gives a plain model with the same logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from preftune.cli import main
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 2})
+    run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    final = Path(cfg.output_dir) / "final"
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final).eval()
+    assert main(["merge", cfg.output_dir, "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([[1, 520, 9531, 198, 42, 43]])
+    with torch.no_grad():
+        a, b, c = peft(ids).logits, merged(ids).logits, base(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, c, atol=1e-4), "the adapter was trained: it must differ from the base"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_bf16_runs(tmp_path, tiny_model_dir, monkeypatch, precision):
+    """Pure bf16 weights and bf16 autocast both train with finite losses; log-probs stay fp32."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"precision": precision, "dpo.max_steps": 2,
+                                                     "dpo.gradient_checkpointing": True})
+    run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    rows = metrics(Path(cfg.output_dir))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-2)
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    from preftune.errors import PreftuneError
+    from preftune.model import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: QLoRA is allowed")
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"lora.quantize_4bit": True})
+    with pytest.raises(PreftuneError, match="needs a CUDA GPU"):
+        load_model(cfg, str(tiny_model_dir))

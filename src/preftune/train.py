@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import random
 import time
@@ -263,6 +264,12 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     out = Path(out_dir)
     stage_cfg: TrainConfig = cfg.sft if stage == "sft" else cfg.dpo
     method = METHODS["sft" if stage == "sft" else "dpo"]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
+        # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=stage_cfg.grad_accum,
         mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
