@@ -20,15 +20,6 @@ PROMPTS = ["hello", "What is the capital of France, and why is it that city?",
             {"role": "user", "content": "tell me a joke"}]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_llama(seed=0)

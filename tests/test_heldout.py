@@ -19,15 +19,6 @@ from preftune.eval.heldout import heldout_loss, load_corpus, make_chunks, paired
 LN2, LN3 = math.log(2), math.log(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class BigramLM(torch.nn.Module):
     """A real causal LM with the HF call signature: logits at position t depend only on token t,
     read from a table of log-probabilities (rows: current token, columns: next token)."""

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from preftune.config import DPOConfig, SFTConfig
+from preftune.data.collate import collate_padded
+from preftune.data.rows import TokenizedPair
 from preftune.embedded import tiny_llama
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
@@ -19,32 +21,10 @@ PAIRS = [([1, 5, 9, 13], [40, 41, 42], [60]), ([1, 7], [50, 51, 52, 53, 54], [70
 
 
 def preference_batch(pairs, pad_id: int = 0) -> dict:
-    """Padded layout: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected (batch contract)."""
-    seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
-    rows = [p + c for p, c in seqs]
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    index, target, seq = [], [], []
-    for r, ((prompt, _), ids) in enumerate(zip(seqs, rows)):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
-        for p in range(len(prompt), len(ids)):
-            index += [r * width + p - 1]
-            target += [ids[p]]
-            seq += [r]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": None,
-        "score_index": torch.tensor(index),
-        "score_target": torch.tensor(target),
-        "score_seq": torch.tensor(seq),
-        "num_seqs": len(rows),
-        "num_pairs": len(pairs),
-        "tokens": int(attention_mask.sum()),
-        "keys": ["a", "b"],
-    }
+    """Padded layout (rows 0..B-1 prompt+chosen, B..2B-1 prompt+rejected), built by the collate
+    module, which test_collate checks against per-sequence runs."""
+    items = [TokenizedPair(p, c, r, key=k) for (p, c, r), k in zip(pairs, "abcdefgh")]
+    return collate_padded(items, pad_id)
 
 
 def manual_logps(model, prompt, completion) -> tuple[float, int]:

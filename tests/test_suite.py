@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import preftune.eval.generate
 import preftune.eval.heldout
@@ -20,15 +19,6 @@ from preftune.eval.suite import evaluate_models, winrate_rows
 pytestmark = pytest.mark.e2e
 
 CHECKABLE = {"check": "number", "answer": "4"}  # meta the rule judge checks (preftune.eval.checks.check)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -237,3 +237,32 @@ def test_sweep_2x2_pays_reference_and_base_eval_once_resumes_and_reports(tmp_pat
         assert f"| {fmt(ev['rewards']['rewards/accuracies'])} |" in row
         assert any(line.startswith(f"| {n} | dpo |") for line in sections["Evaluation"].splitlines())
         assert f"{n}/dpo" in sections["Held-out loss by beta"]
+
+
+# ---------------------------------------------------------------- dry run
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch):
+    """24 rows, test_size 0.25 -> 18 training pairs; batch 4 -> ceil(18/4) = 5 steps per epoch, so
+    ``dpo.max_steps: 5`` is exactly one epoch and ``max_steps: 2`` is 2/5 of one."""
+    from preftune.sweep import run_sweep
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    raw = _e2e_raw(tmp_path)
+    raw["sweep"] = {"dpo.max_steps": [5, 2], "dpo.beta": [0.1]}
+    printed: list[str] = []
+    state = run_sweep(raw, dry_run=True, echo=printed.append)
+    (first, second) = [r["estimate"] for r in state["runs"]]
+    assert first["sft"] > 0 and second["sft"] == 0 and second["sft_shared_with"] == "max_steps5-beta0.1"
+    assert second["dpo"] == int(first["dpo"] * 2 / 5)
+    assert first["tokens"] == first["sft"] + first["dpo"]
+    assert "max_steps2-beta0.1" in printed[0] and "default constant" in printed[0]
+    assert not (tmp_path / "sweep").exists()
+
+    # Once a run of the sweep has finished, its measured throughput replaces the constant.
+    done = tmp_path / "sweep" / "runs" / "max_steps5-beta0.1" / "done.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"trained_tokens": 5000, "wall_s": 10.0}))
+    state = run_sweep(raw, dry_run=True, echo=printed.append)
+    assert state["tokens_per_second"] == {"value": 500.0, "source": "measured over 1 finished run(s) of this sweep"}
+    assert [r["status"] for r in state["runs"]] == ["done", "planned"]

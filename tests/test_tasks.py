@@ -7,7 +7,6 @@ import json
 import sys
 
 import pytest
-import torch
 import yaml
 
 from preftune.embedded import tiny_llama
@@ -15,15 +14,6 @@ from preftune.errors import MissingExtraError, PreftuneError
 from preftune.eval.tasks import TASKS_DIR, run_tasks
 
 pytest.importorskip("lm_eval")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the CPU is shared with other test runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
