@@ -276,3 +276,20 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"lora.quantize_4bit": True})
     with pytest.raises(PreftuneError, match="needs a CUDA GPU"):
         load_model(cfg, str(tiny_model_dir))
+
+
+def test_packed_layout_trains_like_prefix_shared(tmp_path, tiny_model_dir, monkeypatch):
+    """A token budget that holds all 24 pairs makes one packed micro-batch per step: the same pairs
+    as prefix_shared with batch 24, so the trajectories agree (and step 0 is ln 2)."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for layout, over in (("packed", {"dpo.token_budget": 100_000}), ("prefix_shared", {"dpo.batch_size": 24})):
+        cfg = make_cfg(tmp_path / layout, str(tiny_model_dir), **{"dpo.layout": layout, "dpo.max_steps": 3, **over})
+        summary = run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+        assert summary["layout"] == layout
+        runs[layout] = metrics(Path(cfg.output_dir))
+    assert runs["packed"][0]["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert runs["packed"][-1]["loss"] < LN2 - 1e-3
+    for a, b in zip(runs["packed"], runs["prefix_shared"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["pairs_seen"] == b["pairs_seen"] and a["tokens_seen"] == b["tokens_seen"]

@@ -149,7 +149,7 @@ def model_card(cfg: Config, summary: dict, data_report: dict, eval_results: dict
     name = Path(cfg.output_dir).name or "model"
     lines = ["---", yaml.safe_dump(metadata(cfg, summary), sort_keys=False).rstrip(), "---", "",
              f"# {name} ({stage})", "",
-             f"Trained with [preftune](https://github.com/preftune/preftune) from `{HUB_IDS.get(cfg.model, cfg.model)}`.",
+             f"Trained with preftune from `{HUB_IDS.get(cfg.model, cfg.model)}`.",
              "", "## Method", "", *_method_lines(cfg, summary), "", "## Data", "", *_data_lines(cfg, summary, data_report),
              "", "## Training", "", *_training_lines(summary), ""]
     if eval_results:

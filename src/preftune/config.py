@@ -160,8 +160,11 @@ class DPOConfig(TrainConfig):
     """RPO-style weight of a chosen-NLL term added to the preference loss."""
     reference: Literal["auto", "copy", "adapter", "precomputed", "none"] = "auto"
     """Reference model strategy; ``auto`` picks precomputed (cached) log-probs, or none for simpo/orpo."""
-    layout: Literal["auto", "padded", "prefix_shared"] = "auto"
-    """Batch layout; ``auto`` picks prefix sharing where the model supports it."""
+    layout: Literal["auto", "padded", "prefix_shared", "packed"] = "auto"
+    """Batch layout; ``auto`` picks prefix sharing where the model supports it. ``packed`` puts several
+    prefix-shared pairs in one padding-free row, up to ``token_budget`` tokens per micro-batch."""
+    token_budget: int = 2048
+    """``packed`` layout: prompt + chosen + rejected tokens per micro-batch (replaces ``batch_size``)."""
 
 
 @dataclass

@@ -47,7 +47,7 @@ OPTIONS: dict[str, str] = {
 }
 """Keys of the ``sweep:`` block that are not axes."""
 
-DEFAULT_TOKENS_PER_SECOND = 1000.0
+DEFAULT_TOKENS_PER_SECOND = 50.0
 """Whole-run throughput (trained tokens / wall time of SFT + DPO + evaluation) used for time estimates
 until a run of the sweep has finished: roughly the embedded SmolLM2-135M LoRA pipeline on 2 CPU cores."""
 
@@ -363,11 +363,12 @@ def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
     from preftune.pipeline import run_pipeline
 
     out = Path(r.cfg.output_dir)
+    resume = out.is_dir() and any(out.iterdir())  # an interrupted run continues from its checkpoints
     sft_trained = True
     if share_sft and r.sft_key:
         shared = link_shared_sft(out, root, r.sft_key)
         sft_trained = not (shared / "run.json").is_file()
-    resume = out.is_dir() and any(out.iterdir())
+        resume = resume or any(shared.iterdir())  # the pipeline skips (or resumes) the shared SFT stage
     before = eval_cache_counts()
     t0 = time.time()
     result = run_pipeline(r.cfg, resume=resume)

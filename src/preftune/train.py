@@ -110,6 +110,24 @@ def plan_epoch(n_items: int, batch_size: int, seed: int, epoch: int) -> list[lis
     return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
 
+def packed_bins(items: list, token_budget: int) -> list[list[int]]:
+    """Item indices grouped into micro-batches of at most ``token_budget`` prefix-shared tokens
+    (first-fit decreasing: the same bins every epoch; only their order is shuffled)."""
+    from preftune.data.collate import pack_into_batches
+
+    index = {id(it): i for i, it in enumerate(items)}
+    return [[index[id(it)] for it in b] for b in pack_into_batches(items, token_budget)]
+
+
+def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """This epoch's micro-batches: seeded batches of ``batch_size``, or the packed bins in a seeded order."""
+    if bins is None:
+        return plan_epoch(n_items, batch_size, seed, epoch)
+    order = list(range(len(bins)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return [bins[i] for i in order]
+
+
 def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True):
     from preftune.data import collate
 
@@ -290,7 +308,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = world * stage_cfg.grad_accum
-    steps_per_epoch = max(1, len(plan_epoch(len(data.train), stage_cfg.batch_size, cfg.seed, 0)) // per_step)
+    bins = packed_bins(data.train, cfg.dpo.token_budget) if layout == "packed" else None
+    steps_per_epoch = max(1, len(epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, 0)) // per_step)
     total_steps = stage_cfg.max_steps or max(1, int(stage_cfg.epochs * steps_per_epoch))
     warmup = int(stage_cfg.warmup_ratio * total_steps)
     eval_batches = [collate(data.test[i : i + stage_cfg.eval_batch_size])
@@ -353,7 +372,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     while state["step"] < total_steps and not stopped_early:
         step = state["step"]
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        plan = plan_epoch(len(data.train), stage_cfg.batch_size, cfg.seed, epoch)
+        plan = epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, epoch)
         micro = plan[in_epoch * per_step : (in_epoch + 1) * per_step][rank::world]
         for group in optimizer.param_groups:
             group["lr"] = stage_cfg.lr * lr_at(step, total_steps, warmup, stage_cfg.schedule)

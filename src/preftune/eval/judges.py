@@ -239,6 +239,7 @@ class RuleJudge:
     name = "rule"
     model = "checks"
     template = ""
+    local = True  # free and instant: no rate limit
 
     def __init__(self):
         self.tally = Tally()
@@ -465,7 +466,7 @@ def _plan(judge, items, cache, max_calls):
 def _run_tasks(judge, tasks, cache, concurrency, requests_per_second, progress) -> dict[str, str]:
     from tqdm.auto import tqdm
 
-    limiter = RateLimiter(requests_per_second)
+    limiter = RateLimiter(None if getattr(judge, "local", False) else requests_per_second)
     outcomes: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         futures = {pool.submit(_judge_one, judge, limiter, cache, key, *task): key for key, task in tasks.items()}
