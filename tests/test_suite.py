@@ -129,3 +129,21 @@ def test_without_lm_eval_the_suite_skips_tasks_and_says_why(setup, monkeypatch, 
     out = evaluate_models(cfg, {"base": models["base"]}, tmp / "eval")
     assert "tasks" not in out["models"]["base"] and "bpb" in out["models"]["base"]["heldout"]
     assert "preftune[eval]" in out["skipped"]["tasks"] and "preftune[eval]" in capsys.readouterr().err
+
+
+def test_checked_accuracy_counts_only_checkable_rows():
+    """3 checkable rows (2 answered correctly) and one hand-written row: accuracy 2/3 with the
+    Wilson interval of 2 of 3 (z = 1.96): centre (2 + 1.9208) / 6.8416 = 0.5731, half-width
+    1.96 * sqrt(2*1/3 + 0.9604) / 6.8416 = 0.3654 -> [0.2077, 0.9385]; the hand row is None."""
+    from preftune.data.rows import PreferenceRow
+    from preftune.eval.suite import checked_entry
+
+    rows = [PreferenceRow("What is 2 + 3?", "5", "6", {"category": "arithmetic", "answer": "5", "check": "number"}),
+            PreferenceRow("What is 4 + 4?", "8", "9", {"category": "arithmetic", "answer": "8", "check": "number"}),
+            PreferenceRow("What is 1 + 1?", "2", "3", {"category": "arithmetic", "answer": "2", "check": "number"}),
+            PreferenceRow([{"role": "user", "content": "hi"}], "Hello!", "Go away.", {"category": "helpful"})]
+    entry, marks = checked_entry(rows, ["2 + 3 = 5.", "It is 7.", "1 + 1 = 2", "Hello there"])
+    assert marks == [1.0, 0.0, 1.0, None]
+    assert entry["correct"] == 2 and entry["n"] == 3
+    assert entry["accuracy"] == pytest.approx(2 / 3)
+    assert entry["ci_low"] == pytest.approx(0.2077, abs=1e-3) and entry["ci_high"] == pytest.approx(0.9385, abs=1e-3)

@@ -70,21 +70,29 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
 
 def headline(result: dict) -> str:
     """A short table of the headline figures per model."""
-    rows = [("model", "reward acc", "win-rate [95% CI]", "bits/byte (Δ vs base)", "task acc")]
+    rows = [("model", "reward acc", "win-rate vs chosen [95% CI]", "checked acc [95% CI]", "bits/byte (Δ vs base)",
+             "task acc")]
     for name, r in result["eval"].get("models", {}).items():
-        rw, wr, ho = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {})
+        rw, wr, ho, ck = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {}), r.get("checked", {})
         tasks = r.get("tasks", {})
         acc = sum(t.get("acc", 0) for t in tasks.values()) / len(tasks) if tasks else None
         diff = ho.get("diff_vs_base")
         rows.append((
             name,
             f"{rw['rewards/accuracies']:.3f}" if "rewards/accuracies" in rw else "-",
-            f"{wr['winrate']:.3f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]" if "winrate" in wr else "-",
+            f"{wr['winrate']:.3f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]" if wr.get("winrate") is not None else "-",
+            f"{ck['accuracy']:.3f} [{ck['ci_low']:.2f}, {ck['ci_high']:.2f}]" if ck else "-",
             (f"{ho['bpb']:.4f}" + (f" ({diff['mean']:+.4f})" if diff else "")) if "bpb" in ho else "-",
             f"{acc:.3f}" if acc is not None else "-",
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    for pair, c in result["eval"].get("comparisons", {}).items():
+        if "checked_accuracy" in c:
+            d = c["checked_accuracy"]
+            lines.append(f"{pair}: checked accuracy {d['mean']:+.3f} [95% CI {d['low']:+.3f}, {d['high']:+.3f}] "
+                         f"(paired bootstrap); win-rate vs chosen {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+    return "\n".join(lines)
 
 
 def main(ns) -> int:

@@ -126,6 +126,22 @@ def judge(cfg: Config, items: list[dict]):
             judge_.close()
 
 
+def checked_entry(rows: list[PreferenceRow], responses: list[str]) -> tuple[dict, list]:
+    """Checked-answer accuracy on the rows that carry a checkable answer, with a 95% Wilson interval,
+    and the per-prompt 0/1 (None where unchecked) for paired comparisons."""
+    from preftune.eval.checks import check
+    from preftune.eval.stats import wilson_interval
+
+    per = [check(r.meta, s) for r, s in zip(rows, responses)]
+    marks = [None if c is None else float(c) for c in per]
+    done = [m for m in marks if m is not None]
+    if not done:
+        return {}, marks
+    low, high = wilson_interval(sum(done), len(done))
+    return {"correct": int(sum(done)), "n": len(done), "accuracy": sum(done) / len(done),
+            "ci_low": low, "ci_high": high}, marks
+
+
 def winrate_entry(run, vs: str) -> dict:
     summary = run.summary()
     return summary | {"vs": vs}
@@ -224,6 +240,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
     do_tasks = bool(ev.tasks) and _has_lm_eval(results)
     scores: dict[str, list] = {}
+    checked_marks: dict[str, list] = {}
     chunks: dict[str, dict] = {}
     for name, path in models.items():
         model, tok = load_for_inference(str(path), cfg.precision)
@@ -235,6 +252,9 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             run = judge(cfg, judge_items(wr_rows, responses, [r.chosen for r in wr_rows]))
             entry["winrate"] = winrate_entry(run, "chosen")
             scores[name] = run.scores
+            checked, checked_marks[name] = checked_entry(wr_rows, responses)
+            if checked:
+                entry["checked"] = checked
             _write_samples(out / f"samples-{name}.jsonl", wr_rows, responses, run)
         if ev.heldout.enabled:
             ho = heldout_entry(cfg, str(path), model, tok)
@@ -256,6 +276,9 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             results["comparisons"][f"{a}-{b}"] = {"mean": mean, "low": low, "high": high,
                                                   "n": sum(1 for x, y in zip(scores[a], scores[b])
                                                            if x is not None and y is not None)}
+            if any(m is not None for m in checked_marks.get(a, [])):
+                mean, low, high = paired_bootstrap(checked_marks[a], checked_marks[b], seed=cfg.seed)
+                results["comparisons"][f"{a}-{b}"]["checked_accuracy"] = {"mean": mean, "low": low, "high": high}
     _write_json(out / json_name, results)
     return results
 

@@ -151,10 +151,10 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def _ci(w: dict) -> str:
-    if "winrate" not in w:
+def _ci(w: dict, key: str = "winrate") -> str:
+    if w.get(key) is None:
         return "-"
-    return f"{fmt(w['winrate'])} [{fmt(w.get('ci_low'), 2)}, {fmt(w.get('ci_high'), 2)}]"
+    return f"{fmt(w[key])} [{fmt(w.get('ci_low'), 2)}, {fmt(w.get('ci_high'), 2)}]"
 
 
 def _diff(h: dict) -> str:
@@ -194,7 +194,7 @@ def runs_table(runs: list[Run]) -> Table:
 
 def eval_table(runs: list[Run]) -> Table:
     head = ["run", "model", "reward acc (± se)", "win-rate [95% CI]", "W / T / L / invalid", "LC win-rate",
-            "nll", "ppl", "bits/byte", "Δ bits/byte vs base [95% CI]", "task acc (mean)"]
+            "checked acc [95% CI]", "nll", "ppl", "bits/byte", "Δ bits/byte vs base [95% CI]", "task acc (mean)"]
     rows = []
     for run in runs:
         for model, e in run.eval.get("models", {}).items():
@@ -202,7 +202,7 @@ def eval_table(runs: list[Run]) -> Table:
             acc = rw.get("rewards/accuracies")
             wtl = " / ".join(fmt(w.get(k)) for k in ("wins", "ties", "losses", "invalid")) if w else "-"
             rows.append([run.name, model, f"{fmt(acc)} ± {fmt(rw.get('se'))}" if acc is not None else "-", _ci(w),
-                         wtl, fmt(w.get("lc_winrate")), fmt(h.get("nll"), 4), fmt(h.get("ppl"), 2),
+                         wtl, fmt(w.get("lc_winrate")), _ci(e.get("checked", {}), "accuracy"), fmt(h.get("nll"), 4), fmt(h.get("ppl"), 2),
                          fmt(h.get("bpb"), 4), _diff(h), fmt(_task_mean(e.get("tasks", {})))])
     return head, rows
 
