@@ -57,6 +57,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
 
     results = evaluate_models(cfg, models, out / "eval", reference_for={"dpo": dpo_base, "sft": base})
     timings["eval"] = round(time.time() - t, 1)
+    from preftune.card import update_card
+
+    update_card(out, results)  # the model cards now carry the evaluation figures
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
 
     t = time.time()
