@@ -11,7 +11,8 @@ is reported apart (seconds, and per training step amortized over one epoch of th
         --shapes long_prompt,short_prompt --steps 8 --repeats 3                # the README table
 
 Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
-both. TRL runs without gradient checkpointing (its default is on) so both sides do the same work.
+both. TRL runs without gradient checkpointing and without bf16 autocast (both on by default in its
+DPOConfig) so both sides do the same fp32 work.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def run_trl(spec: Spec, work: Path) -> dict:
         optim="adamw_torch", max_steps=spec.steps, logging_steps=1, save_strategy="no", report_to="none",
         beta=0.1, loss_type=["sigmoid"], max_length=None, train_sampling_strategy="sequential", use_cpu=True,
         gradient_checkpointing=False, precompute_ref_log_probs=spec.side == "trl_precompute", seed=cfg.seed,
+        bf16=False, fp16=False,  # TRL turns bf16 autocast on by default (bf16=None -> True): keep both sides fp32
         dataloader_pin_memory=False, disable_tqdm=True,
     )
     t0 = time.perf_counter()

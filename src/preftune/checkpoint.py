@@ -40,14 +40,12 @@ def atomic_dir(final: Path, build, replace: bool = False) -> Path:
     return final
 
 
-def save_hf(model, tokenizer, folder: Path, card: str | None = None) -> Path:
+def save_hf(model, tokenizer, folder: Path) -> Path:
     """``save_pretrained`` the model (adapter only, for peft) and tokenizer, atomically."""
 
     def write(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if card:
-            (tmp / "README.md").write_text(card)
 
     return atomic_dir(folder, write, replace=True)
 

@@ -61,11 +61,17 @@ def model_identity(path: str | Path) -> dict:
     return {"path": str(p.resolve()), "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's content (vocabulary), not the folder it was loaded from."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
 def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint: str) -> str:
     """Everything the reference log-probs depend on; beta, loss and learning rate are not in it."""
     blob = {
         "model": model_identity(model_path),
-        "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id],
+        "tokenizer": [tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id],
         "template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         "truncation": [data_cfg.max_length, data_cfg.max_prompt_length],
         "precision": precision,

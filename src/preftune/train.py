@@ -346,7 +346,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     state = {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0, "skipped_steps": 0}
     latest = ckpt.step_checkpoints(out)[-1] if resume and ckpt.step_checkpoints(out) else None
     if resume and latest is None and main:
-        log.warning("--resume: no checkpoint in %s; starting from scratch", out)
+        log.info("resume: no checkpoint in %s; starting this stage from the beginning", out)
     resumed_from = None
     if latest is not None:
         state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(policy).model, optimizer)
@@ -458,8 +458,11 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     }
     if main:
         unwrapped = accelerator.unwrap_model(policy).model
-        ckpt.save_hf(unwrapped, tokenizer, out / "final", card=_card(cfg, summary, data))
+        ckpt.save_hf(unwrapped, tokenizer, out / "final")
         (out / "run.json").write_text(json.dumps(summary, indent=1))
+        from preftune.card import update_card
+
+        update_card(out)  # final/ and best/ both get a card (refreshed with eval figures later)
     accelerator.wait_for_everyone()
     return summary
 
@@ -488,14 +491,6 @@ def _ref_info(reference, strategy: str) -> dict:
     if getattr(reference, "path", None) is not None:
         info |= {"cache": str(reference.path), "computed": reference.computed}
     return info
-
-
-def _card(cfg: Config, summary: dict, data: StageData) -> str | None:
-    try:
-        from preftune.card import model_card
-    except ImportError:
-        return None
-    return model_card(cfg, summary, data.report)
 
 
 def seed_everything(seed: int) -> None:

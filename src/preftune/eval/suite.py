@@ -153,7 +153,7 @@ def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
 
     h = cfg.eval.heldout
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
-           "max_chunks": h.max_chunks, "precision": cfg.precision, "tokenizer": tok.name_or_path}
+           "max_chunks": h.max_chunks, "precision": cfg.precision}
     return cached("heldout", key, lambda: heldout_loss(model, tok, load_corpus(h.corpus), h.chunk_length,
                                                       h.max_chunks, cfg.eval.batch_size))
 
