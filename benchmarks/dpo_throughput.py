@@ -204,8 +204,12 @@ WORKERS = {"preftune": run_preftune, "trl": run_trl, "trl_precompute": run_trl}
 
 def worker_main(spec_json: str) -> None:
     spec = Spec(**json.loads(spec_json))
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as work:
         result = WORKERS[spec.side](spec, Path(work))
+    # CPU-seconds / wall-seconds over the worker's run (loading included): ~1.95 when undisturbed on
+    # 2 threads; below ~1.6 another process shared the cores and the timing should be repeated.
+    result["cpu_per_wall"] = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -292,8 +296,10 @@ def main() -> None:
                         r = measure(spec)
                         results.setdefault(side, []).append(r)
                         raw.append(asdict(spec) | r)
+                        quiet = "" if r["cpu_per_wall"] >= 1.6 else "  [DISTURBED: cpu/wall < 1.6, repeat it]"
                         print(f"{name} rep {rep} {side}: {r['tokens_per_s']:.0f} tok/s, "
-                              f"{r['peak_rss_mb']:.0f} MiB, loss {r['final_loss']:.6f}", flush=True)
+                              f"{r['peak_rss_mb']:.0f} MiB, loss {r['final_loss']:.6f}, "
+                              f"cpu/wall {r['cpu_per_wall']:.2f}{quiet}", flush=True)
                 table += report_row(name, results, max(1, a.pairs // a.batch_size))
     print("\n" + "\n".join(table))
     if a.json:
