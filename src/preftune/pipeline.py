@@ -36,9 +36,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
             merged = out / "sft" / "merged"
             if not (merged / "config.json").is_file():
                 merge_adapter(str(sft_model), merged)
-            dpo_base = str(merged)
+            dpo_base = str(merged.resolve())  # absolute: the DPO adapter's config names it as its base
         else:
-            dpo_base = str(sft_model)
+            dpo_base = str(sft_model.resolve())
         timings["sft"] = round(time.time() - t, 1)
 
     if cfg.dpo.enabled:
