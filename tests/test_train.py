@@ -293,3 +293,15 @@ def test_packed_layout_trains_like_prefix_shared(tmp_path, tiny_model_dir, monke
     for a, b in zip(runs["packed"], runs["prefix_shared"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["pairs_seen"] == b["pairs_seen"] and a["tokens_seen"] == b["tokens_seen"]
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_reference_free_losses_train_without_a_reference(tmp_path, tiny_model_dir, monkeypatch, loss):
+    """ORPO and SimPO resolve to reference 'none': nothing is precomputed, and the loss moves."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.loss": loss, "dpo.max_steps": 3})
+    summary = run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    assert summary["reference"] == "none"
+    assert not (tmp_path / "cache" / "reference").exists()
+    rows = metrics(Path(cfg.output_dir))
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]

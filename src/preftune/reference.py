@@ -113,11 +113,10 @@ def load_or_precompute(key: str, compute, accelerator=None) -> PrecomputedRefere
     return PrecomputedReference(torch.load(path, weights_only=False), path, computed)
 
 
-def resolve_strategy(requested: str, loss: str, lora: bool) -> str:
-    """``auto``: none for reference-free losses, else precomputed (cached, reused across runs)."""
-    from preftune.losses import REFERENCE_FREE
-
-    if loss in REFERENCE_FREE:
+def resolve_strategy(requested: str, needs_reference: bool, lora: bool, loss: str) -> str:
+    """The strategy to use: ``none`` when the method needs no reference (``Method.needs_reference``),
+    else ``requested``, with ``auto`` meaning precomputed (cached, reused across runs)."""
+    if not needs_reference:
         return "none"
     if requested == "auto":
         return "precomputed"

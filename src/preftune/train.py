@@ -319,7 +319,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     reference = None
     ref_strategy = "none"
     if stage == "dpo":
-        ref_strategy = refs.resolve_strategy(cfg.dpo.reference, cfg.dpo.loss, cfg.lora.enabled or is_adapter(model_path))
+        ref_strategy = refs.resolve_strategy(cfg.dpo.reference, method.needs_reference(cfg.dpo),
+                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss)
         disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
         if ref_strategy == "adapter":
             reference = refs.ModelReference(policy, "adapter", disable)
