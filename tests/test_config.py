@@ -50,6 +50,14 @@ def test_cross_field_checks():
     assert "max_prompt_length (64) must be below" in msg and "did you mean 'tensorboard'" in msg
 
 
+def test_curve_every_checks():
+    with pytest.raises(ConfigError, match="eval.curve_every: must be 0"):
+        config_from_dict({"eval": {"curve_every": -2}})
+    with pytest.raises(ConfigError, match="eval.curve_every: curves evaluate win-rate"):
+        config_from_dict({"eval": {"curve_every": 4, "winrate": {"enabled": False}, "tasks": []}})
+    assert config_from_dict({"eval": {"curve_every": 4, "tasks": []}}).eval.curve_every == 4
+
+
 def test_shorthands_and_roundtrip():
     cfg = config_from_dict({"lora": False, "data": "file.jsonl"})
     assert cfg.lora.enabled is False and cfg.data.source == "file.jsonl"

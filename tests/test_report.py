@@ -150,6 +150,42 @@ def test_sweep_tables_hold_every_run(tmp_path):
     assert_png(tmp_path / "rep" / "winrate.png")
 
 
+def curve_json(winrates: list[float], best_step: int) -> dict:
+    """eval/curve.json as evaluate_curve writes it: steps 0, 4, 8 at 1000 tokens a step."""
+    points = []
+    for i, w in enumerate(winrates):
+        points.append({"step": 4 * i, "tokens_seen": 4000 * i, "pairs_seen": 16 * i, "model": f"m{i}",
+                       "winrate": {"winrate": w, "ci_low": w - 0.1, "ci_high": w + 0.1, "n": 16},
+                       "checked": {"accuracy": w / 2, "ci_low": 0.0, "ci_high": w, "n": 10, "correct": 1},
+                       "tasks": {"embedded:mc": {"acc": 0.3 + 0.05 * i, "n": 60}, "other": {"acc": 0.5, "n": 20}}})
+    return {"stage": "dpo", "best_step": best_step, "points": points}
+
+
+def test_sweep_curves_over_training(tmp_path):
+    sweep = tmp_path / "sweep"
+    for name, winrates, best in (("b0.1", [0.25, 0.5, 0.4375], 4), ("b0.5", [0.25, 0.3125, 0.6875], 8)):
+        run = write_pipeline(sweep / name, 0.1, "hh", winrates[-1], 1.25)
+        (run / "eval" / "curve.json").write_text(json.dumps(curve_json(winrates, best)))
+    write_pipeline(sweep / "no-curve", 0.3, "hh", 0.5, 1.25)
+    rp.write_report([sweep], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = md.split("## Curves over training")[1].split("##")[0].strip().splitlines()[2:]
+    assert len(rows) == 6 and not any("no-curve" in r for r in rows)
+    assert rows[1] == "| b0.1 | 4 | 4000 | 0.500 [0.40, 0.60] | 0.250 [0.00, 0.50] | 0.425 | best (early-stopping point) |"
+    assert rows[5] == "| b0.5 | 8 | 8000 | 0.688 [0.59, 0.79] | 0.344 [0.00, 0.69] | 0.450 | best (early-stopping point) |"
+    assert sum("best" in r for r in rows) == 2
+    for png in ("winrate_curve.png", "downstream_curve.png"):
+        assert_png(tmp_path / "rep" / png)
+        assert f"]({png})" in md
+
+
+def test_no_curve_figures_without_curves(tmp_path):
+    run = write_pipeline(tmp_path / "run", 0.1, "hh", 0.5, 1.25)
+    rp.write_report([run], tmp_path / "out")
+    assert not (tmp_path / "out" / "winrate_curve.png").exists()
+    assert "Curves over training" not in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreftuneError, match="holds no run"):

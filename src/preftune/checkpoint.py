@@ -40,12 +40,28 @@ def atomic_dir(final: Path, build, replace: bool = False) -> Path:
     return final
 
 
-def save_hf(model, tokenizer, folder: Path) -> Path:
-    """``save_pretrained`` the model (adapter only, for peft) and tokenizer, atomically."""
+def _plain(o):
+    return float(o) if hasattr(o, "__float__") else str(o)
+
+
+def write_json(path: Path, data) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename (numpy scalars become floats)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=_plain))
+    tmp.replace(path)
+
+
+def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
+    """``save_pretrained`` the model (adapter only, for peft) and tokenizer, atomically, with
+    ``extra`` JSON files (name -> content) such as ``best.json`` in the same folder."""
 
     def write(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
 
     return atomic_dir(folder, write, replace=True)
 
@@ -94,6 +110,13 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
 def step_checkpoints(root: Path) -> list[Path]:
     """``root/checkpoints/step-N`` folders, oldest first."""
     d = root / "checkpoints"
+    found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def snapshots(root: Path) -> list[Path]:
+    """``root/snapshots/step-N`` model folders (``eval.curve_every``), in step order."""
+    d = root / "snapshots"
     found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
     return [p for _, p in sorted(found)]
 

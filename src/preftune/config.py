@@ -226,6 +226,9 @@ class EvalConfig:
     """Examples per downstream task."""
     batch_size: int = 8
     """Batch size for generation and scoring."""
+    curve_every: int = 0
+    """Snapshot the preference stage every N optimizer steps and evaluate every snapshot (win-rate,
+    checked accuracy, downstream tasks) for the report's curves against tokens seen; 0 = off."""
 
 
 @dataclass
@@ -459,6 +462,13 @@ def validate(cfg: Config) -> list[str]:
         if isinstance(dc, DataConfig) and isinstance(dc.max_length, int) and isinstance(dc.max_prompt_length, int):
             if dc.max_prompt_length >= dc.max_length:
                 p.append(f"{name}.max_prompt_length ({dc.max_prompt_length}) must be below {name}.max_length ({dc.max_length})")
+    ev = cfg.eval
+    if isinstance(ev, EvalConfig) and isinstance(ev.curve_every, int) and ev.curve_every:
+        if ev.curve_every < 0:
+            p.append(f"eval.curve_every: must be 0 (off) or a positive number of steps, got {ev.curve_every}")
+        elif not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
+            p.append("eval.curve_every: curves evaluate win-rate and downstream tasks, but eval.winrate.enabled "
+                     "is false and eval.tasks is empty")
     if isinstance(cfg.lora, LoraConfig) and cfg.lora.quantize_4bit and not cfg.lora.enabled:
         p.append("lora.quantize_4bit: QLoRA needs lora.enabled=true")
     for t in cfg.report_to if isinstance(cfg.report_to, list) else []:

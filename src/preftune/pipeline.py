@@ -1,5 +1,6 @@
 """``preftune pipeline``: SFT, then DPO with the SFT model as the reference (never the bare base),
-then evaluation of base, SFT and DPO side by side and a report. ``preftune quickstart`` runs it on
+then evaluation of base, SFT and DPO side by side (and of DPO's snapshots, for curves over training,
+when ``eval.curve_every`` is set) and a report. ``preftune quickstart`` runs it on
 the shipped ``configs/quickstart.yaml``."""
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     from preftune.eval.suite import evaluate_models
 
     results = evaluate_models(cfg, models, out / "eval", reference_for={"dpo": dpo_base, "sft": base})
+    if cfg.dpo.enabled and cfg.eval.curve_every:
+        from preftune.eval.curve import evaluate_curve
+
+        evaluate_curve(cfg, out / "dpo", out / "eval", start=dpo_base)
     timings["eval"] = round(time.time() - t, 1)
     from preftune.card import update_card
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.checkpoint import write_json
 from preftune.config import (
     Config,
     ConfigError,
@@ -318,12 +319,6 @@ def measured_throughput(root: Path) -> tuple[float, int] | None:
 # ---------------------------------------------------------------- running
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
-
 
 def link_shared_sft(run_dir: Path, root: Path, key: str) -> Path:
     """Make ``run_dir/sft`` a link to the sweep's shared SFT stage ``root/shared/sft/<key>``."""
@@ -379,7 +374,7 @@ def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
             "reference": reference_info(out),
             "eval_cache_new": {k: after.get(k, 0) - before.get(k, 0) for k in after},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_json(out / "done.json", done)
+    write_json(out / "done.json", done)
     return done
 
 
@@ -438,7 +433,7 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
                       for r in runs]}
     if dry_run:
         return state
-    _write_json(root / "sweep.json", state)
+    write_json(root / "sweep.json", state)
     failed = []
     for i, r in enumerate(runs):
         done_path = Path(r.cfg.output_dir) / "done.json"
@@ -448,25 +443,25 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
             continue
         echo(f"sweep: run {i + 1}/{len(runs)}: {r.name}")
         state["runs"][i]["status"] = "running"
-        _write_json(root / "sweep.json", state)
+        write_json(root / "sweep.json", state)
         try:
             state["runs"][i] = _record(r, "done", result=run_one(r, root, share))
         except KeyboardInterrupt:
             state["runs"][i]["status"] = "interrupted"
-            _write_json(root / "sweep.json", state)
+            write_json(root / "sweep.json", state)
             raise
         except Exception as e:  # keep going: one bad run should not waste the others
             log.exception("sweep: run %s failed", r.name)
             state["runs"][i] = _record(r, "failed", error=f"{type(e).__name__}: {e}")
             failed.append(r.name)
-        _write_json(root / "sweep.json", state)
+        write_json(root / "sweep.json", state)
     finished = [Path(r.cfg.output_dir) for r in runs if (Path(r.cfg.output_dir) / "done.json").is_file()]
     if finished:
         from preftune.report.report import write_report
 
         state["report"] = str(write_report(finished, root / "report"))
     state["summary"] = summarize(state)
-    _write_json(root / "sweep.json", state)
+    write_json(root / "sweep.json", state)
     echo(state["summary"])
     if failed:
         raise PreftuneError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see {root / 'sweep.json'}); "

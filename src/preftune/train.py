@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -357,6 +358,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         log.info("resumed from %s at step %d", latest, state["step"])
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if latest is None:  # a fresh start: snapshots of an earlier run in this folder are stale
+            shutil.rmtree(out / "snapshots", ignore_errors=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
         (out / "versions.json").write_text(json.dumps(versions(), indent=1))
         (out / "data.json").write_text(json.dumps({"fingerprint": data.fingerprint, **data.report,
@@ -367,6 +370,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
                  "%d steps", stage, len(data.train), len(data.test), "pairs" if stage == "dpo" else "rows",
                  layout, ref_strategy, n_train / 1e6, n_total / 1e6, total_steps)
 
+    curve_every = cfg.eval.curve_every if stage == "dpo" else 0
     policy.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc=stage, disable=not main, dynamic_ncols=True)
     stopped_early = False
@@ -432,6 +436,10 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         bar.update(1)
         bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
                                                               ("tok/s", "tokens_per_s")) if m in record})
+        if curve_every and step % curve_every == 0 and step < total_steps and main:
+            # a model folder for the curves over training (the final step is final/)
+            ckpt.save_hf(accelerator.unwrap_model(policy).model, tokenizer, out / "snapshots" / f"step-{step}",
+                         {"snapshot.json": {k: state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
         if stage_cfg.save_every and step % stage_cfg.save_every == 0 and step < total_steps:
             accelerator.wait_for_everyone()
             if main:
@@ -478,8 +486,7 @@ def _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer,
     accelerator.wait_for_everyone()
     if improved and main:
         summary = {"best_step": step, "metric": metric, "value": record[metric]}
-        ckpt.save_hf(accelerator.unwrap_model(model), tokenizer, out / "best")
-        (out / "best" / "best.json").write_text(json.dumps(summary))
+        ckpt.save_hf(accelerator.unwrap_model(model), tokenizer, out / "best", {"best.json": summary})
     return stage_cfg.early_stopping and stop
 
 

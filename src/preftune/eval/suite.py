@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from preftune.checkpoint import write_json
 from preftune.config import Config, load_config, to_dict
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
@@ -203,12 +204,6 @@ def _has_lm_eval(results: dict) -> bool:
     return False
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
-
 
 def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], run) -> None:
     from preftune.eval.generate import write_jsonl
@@ -264,7 +259,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             entry["tasks"] = tasks_entry(cfg, str(path), model, tok)
         results["models"][name] = entry
         del model
-        _write_json(out / json_name, results)
+        write_json(out / json_name, results)
     if "base" in chunks:
         for name, per_chunk in chunks.items():
             if name != "base":
@@ -279,7 +274,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             if any(m is not None for m in checked_marks.get(a, [])):
                 mean, low, high = paired_bootstrap(checked_marks[a], checked_marks[b], seed=cfg.seed)
                 results["comparisons"][f"{a}-{b}"]["checked_accuracy"] = {"mean": mean, "low": low, "high": high}
-    _write_json(out / json_name, results)
+    write_json(out / json_name, results)
     return results
 
 
@@ -353,6 +348,11 @@ def main(ns) -> int:
     models = parse_models(ns.models, defaults) if ns.models else defaults
     results = evaluate_models(cfg, models, Path(cfg.output_dir) / "eval", refs)
     print(table(results))
+    if cfg.eval.curve_every and "dpo" in models and "dpo" in refs:
+        from preftune.eval.curve import evaluate_curve
+
+        curve = evaluate_curve(cfg, Path(cfg.output_dir) / "dpo", Path(cfg.output_dir) / "eval", refs["dpo"])
+        print(f"curve over training: {len(curve['points'])} points, wrote {Path(cfg.output_dir) / 'eval' / 'curve.json'}")
     print(f"\nwrote {Path(cfg.output_dir) / 'eval' / 'eval.json'}")
     return 0
 
@@ -399,7 +399,7 @@ def winrate_main(ns) -> int:
         del model
     run = judge(cfg, judge_items(rows, responses[ns.model], responses[ns.against]))
     result = {"models": {"model": {"winrate": winrate_entry(run, ns.against)}}, "config": to_dict(cfg.eval)}
-    _write_json(_out(cfg) / "winrate-head-to-head.json", result)
+    write_json(_out(cfg) / "winrate-head-to-head.json", result)
     print(f"{ns.model} vs {ns.against}")
     print(table(result))
     return 0
@@ -422,7 +422,7 @@ def tasks_main(ns) -> int:
         raise PreftuneError("eval.tasks is empty; name tasks, e.g. eval.tasks=[embedded:mc]")
     model, tok = load_for_inference(ns.model, cfg.precision)
     tasks = tasks_entry(cfg, ns.model, model, tok)
-    _write_json(_out(cfg) / "tasks.json", {"models": {"model": {"path": ns.model, "tasks": tasks}},
+    write_json(_out(cfg) / "tasks.json", {"models": {"model": {"path": ns.model, "tasks": tasks}},
                                            "config": to_dict(cfg.eval)})
     for task, r in tasks.items():
         print(f"{task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r['n']})")

@@ -1,10 +1,12 @@
 """The report's PNG figures (matplotlib, Agg backend): reward accuracy and loss/margin curves against
-tokens seen with the early-stopping point marked, win-rate with CI bars, and forgetting per model.
+tokens seen with the early-stopping point marked, win-rate with CI bars, forgetting per model, and
+win-rate and downstream accuracy over training from evaluated snapshots (``eval/curve.json``).
 Each function takes the loaded runs and a target path, and returns the path, or None when the runs
 hold nothing to plot. Reading run folders lives in report.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -168,10 +170,78 @@ def forgetting_plot(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _task_mean(point: dict) -> float | None:
+    accs = [t["acc"] for t in point.get("tasks", {}).values() if isinstance(t.get("acc"), (int, float))]
+    return sum(accs) / len(accs) if accs else None
+
+
+# (label suffix, value of a point, its (low, high) band or None, line style) of one series in a curve figure
+CurveSeries = tuple[str, Callable[[dict], "float | None"], Callable[[dict], "tuple[float, float] | None"], str]
+
+
+def _curve_figure(runs: list[Run], path: Path, series: list[CurveSeries], ylabel: str, title: str) -> Path | None:
+    """One line per run and series against tokens seen, a CI band where given, and the run's
+    early-stopping point (``best_step``) as a dotted line and a star."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for run in runs:
+        points = run.curve.get("points", [])
+        best = run.curve.get("best_step")
+        color = None
+        for suffix, value, band, style in series:
+            pts = [(p["tokens_seen"], value(p), band(p), p["step"]) for p in points if value(p) is not None]
+            if not pts:
+                continue
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            line = ax.plot(x, y, style, ms=4, color=color, label=f"{run.name}{suffix}")[0]
+            color = line.get_color()
+            bands = [p for p in pts if p[2] is not None]
+            if bands:
+                ax.fill_between([p[0] for p in bands], [p[2][0] for p in bands], [p[2][1] for p in bands],
+                                color=color, alpha=0.12, lw=0)
+            at_best = [p for p in pts if p[3] == best]
+            if at_best:
+                ax.axvline(at_best[0][0], color=color, ls=":", lw=1)
+                ax.plot([at_best[0][0]], [at_best[0][1]], "*", ms=14, color=color, mec="black",
+                        label=f"{run.name} best (step {best})" if suffix == series[0][0] else None)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="tokens seen", ylabel=ylabel, title=title, ylim=(0, 1.05))
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _ci_band(section: str, key: str):
+    def band(p: dict):
+        d = p.get(section, {})
+        return (d["ci_low"], d["ci_high"]) if d.get(key) is not None and "ci_low" in d else None
+
+    return band
+
+
+def winrate_curve_plot(runs: list[Run], path: Path) -> Path | None:
+    """Win-rate against the chosen responses over training, with its 95% Wilson band (Figure 3)."""
+    series = [("", lambda p: p.get("winrate", {}).get("winrate"), _ci_band("winrate", "winrate"), "o-")]
+    return _curve_figure(runs, path, series, "win-rate vs chosen", "Win-rate over training (95% Wilson CI)")
+
+
+def downstream_curve_plot(runs: list[Run], path: Path) -> Path | None:
+    """Mean downstream task accuracy (solid) and checked-answer accuracy (dashed, 95% Wilson band) over
+    training (Figure 4)."""
+    series = [(" tasks", _task_mean, lambda p: None, "o-"),
+              (" checked answers", lambda p: p.get("checked", {}).get("accuracy"),
+               _ci_band("checked", "accuracy"), "s--")]
+    return _curve_figure(runs, path, series, "accuracy", "Downstream accuracy over training")
+
+
 PLOTS = {
     "rewards_accuracies.png": rewards_accuracy_plot,
     "loss_margins.png": loss_margins_plot,
     "winrate.png": winrate_plot,
     "forgetting.png": forgetting_plot,
+    "winrate_curve.png": winrate_curve_plot,
+    "downstream_curve.png": downstream_curve_plot,
 }
 """File name -> plot function; the report embeds every one that has data."""

@@ -4,7 +4,7 @@ The figures themselves are drawn in plots.py; nothing here trains or evaluates.
 
 Folders read (the training loop's and the eval suite's documented outputs):
   stage run     run.json, metrics.jsonl, config.yaml
-  pipeline run  config.yaml, sft/ and dpo/ (stage runs), eval/eval.json, timings.json
+  pipeline run  config.yaml, sft/ and dpo/ (stage runs), eval/eval.json, eval/curve.json, timings.json
   sweep         sub-folders that are pipeline (or stage) runs, found up to two levels down
 """
 
@@ -46,6 +46,7 @@ class Run:
     stages: dict[str, StageRun] = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    curve: dict = field(default_factory=dict)
 
 
 def _json(path: Path) -> dict:
@@ -91,9 +92,11 @@ def load_run(p: Path, name: str | None = None) -> Run:
     if is_pipeline_run(p):
         stages = {s: load_stage(p / s, s) for s in STAGES if is_stage_run(p / s)}
         config = _yaml(p / "config.yaml") or next((s.config for s in stages.values()), {})
-        return Run(name, p, config, stages, _json(p / "eval" / "eval.json"), _json(p / "timings.json"))
+        return Run(name, p, config, stages, _json(p / "eval" / "eval.json"), _json(p / "timings.json"),
+                   _json(p / "eval" / "curve.json"))
     stage = load_stage(p)
-    return Run(name, p, stage.config, {stage.stage: stage}, _json(p / "eval" / "eval.json"), _json(p / "timings.json"))
+    return Run(name, p, stage.config, {stage.stage: stage}, _json(p / "eval" / "eval.json"), _json(p / "timings.json"),
+               _json(p / "eval" / "curve.json"))
 
 
 def _find_runs(p: Path, depth: int) -> list[Path]:
@@ -289,6 +292,20 @@ def category_table(runs: list[Run]) -> Table:
     return ["run", "model", "category", "n", "win-rate [95% CI]"], rows
 
 
+def curve_table(runs: list[Run]) -> Table:
+    """Win-rate, checked accuracy and downstream accuracy at each evaluated point of training (the
+    figures behind the curves), with the early-stopping point marked."""
+    head = ["run", "step", "tokens seen", "win-rate [95% CI]", "checked acc [95% CI]", "task acc (mean)", "note"]
+    rows = []
+    for run in runs:
+        best = run.curve.get("best_step")
+        for pt in run.curve.get("points", []):
+            rows.append([run.name, fmt(pt["step"]), fmt(pt["tokens_seen"]), _ci(pt.get("winrate", {})),
+                         _ci(pt.get("checked", {}), "accuracy"), fmt(_task_mean(pt.get("tasks", {}))),
+                         "best (early-stopping point)" if pt["step"] == best else ""])
+    return head, rows
+
+
 def timings_table(runs: list[Run]) -> Table:
     stages = list(dict.fromkeys(k for r in runs for k in r.timings))
     rows = [[r.name] + [fmt(r.timings.get(s), 1) for s in stages] for r in runs if r.timings]
@@ -313,6 +330,7 @@ TABLES: list[tuple[str, Callable[[list[Run]], Table]]] = [
     ("Win-rate by category", category_table),
     ("Win-rate differences", comparisons_table),
     ("Downstream tasks", tasks_table),
+    ("Curves over training", curve_table),
     ("Stage timings", timings_table),
 ]
 """Section title -> table builder; a table without rows is left out."""
