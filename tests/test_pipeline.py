@@ -64,6 +64,9 @@ def test_quickstart_pipeline_on_the_tiny_model(tmp_path, monkeypatch, capsys):
         out / "eval" / "samples-dpo.jsonl")
     assert at_best["winrate"]["winrate"] == models["dpo"]["winrate"]["winrate"]
     assert at_best["tasks"] == models["dpo"]["tasks"]
+    # the cache is keyed by content: best/ and the curve point of the same step were generated once
+    # (base, sft, dpo = its best step, step 0 and the other step)
+    assert len(list((tmp_path / "cache" / "eval" / "generations").glob("*.json"))) == 5
 
     md = (out / "report" / "report.md").read_text()
     html = (out / "report" / "report.html").read_text()

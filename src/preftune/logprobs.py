@@ -5,9 +5,12 @@ the plain full-logits path it must equal, and the segment sums. Losses live in l
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from preftune.data.collate import shared_block_mask, shared_mask
 from preftune.errors import PreftuneError
 
 CHUNK_ELEMENTS = 1 << 24
@@ -186,14 +189,17 @@ class SequenceLogps(nn.Module):
         score_seq: Tensor,
         num_seqs: int,
         chunked: bool = True,
+        blocks: Tensor | None = None,
+        segments: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Batch-contract tensors (data/rows.py) -> ``(sums [S], counts [S], means [S])`` fp32.
 
-        ``attention_mask`` is ``[R, T]`` 0/1 or ``[R, 1, T, T]`` additive float (0 / -inf; a bool
-        "may attend" mask is accepted too). transformers 5 uses a 4D mask unchanged with sdpa and eager;
-        see :func:`_prepare_mask` for the two things done to it first. ``chunked=False`` runs the full
-        model and takes log-probs from its ``[R, T, V]`` logits: the reference path for tests."""
-        attention_mask = _prepare_mask(attention_mask, self.causal_lm)
+        ``attention_mask`` is ``[R, T]`` 0/1, ``[R, 1, T, T]`` additive float (0 / -inf; a bool
+        "may attend" mask is accepted too), or None with ``blocks``/``segments`` (shared layouts
+        collated without their dense mask); see :func:`_decoder_mask` for what the decoder gets.
+        ``chunked=False`` runs the full model and takes log-probs from its ``[R, T, V]`` logits: the
+        reference path for tests."""
+        attention_mask = _decoder_mask(self.causal_lm, attention_mask, blocks, segments)
         if not chunked:
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -209,6 +215,21 @@ class SequenceLogps(nn.Module):
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         logps = token_logps(scored, head.weight, score_target, self.chunk_size, head.bias)
         return sequence_logps(logps, score_seq, num_seqs)
+
+
+def _decoder_mask(lm: nn.Module, attention_mask: Tensor | None, blocks: Tensor | None,
+                  segments: Tensor | None) -> Any:
+    """The mask handed to the decoder. For a shared-layout batch (``blocks`` given) under
+    flex_attention, a ``BlockMask`` from ``blocks`` and ``segments`` (the dense mask, if any, is not
+    used); under sdpa or eager the dense mask, built from them when the batch came without it. Any
+    other mask goes through :func:`_prepare_mask`. transformers 5 hands a 4D tensor or a BlockMask to
+    the attention layers unchanged, with the position ids as given."""
+    if blocks is not None:
+        if lm.config._attn_implementation == "flex_attention":
+            return shared_block_mask(blocks, segments)
+        if attention_mask is None:
+            attention_mask = shared_mask(blocks, segments)
+    return _prepare_mask(attention_mask, lm)
 
 
 def _prepare_mask(attention_mask: Tensor | None, lm: nn.Module) -> Tensor | None:

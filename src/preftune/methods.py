@@ -41,6 +41,8 @@ def sequence_logps_of(
         score_seq=batch["score_seq"],
         num_seqs=batch["num_seqs"],
         chunked=chunked,
+        blocks=batch.get("blocks"),
+        segments=batch.get("segments"),
     )
 
 

@@ -69,6 +69,33 @@ def adapter_base(path: str | Path) -> str:
     return resolve_model(base)
 
 
+NOT_MODEL_FILES = frozenset({"README.md", "best.json", "snapshot.json"})  # model cards, run bookkeeping
+_digests: dict[tuple, str] = {}
+
+
+def content_digest(path: str | Path) -> str:
+    """sha256 over a model or adapter folder's files (weights, config, tokenizer; an adapter's base
+    included), so identical models share it wherever they are saved and retraining changes it. Cards
+    and run bookkeeping are left out. Memoised in the process by the files' sizes and mtimes."""
+    import hashlib
+
+    folder = Path(path).resolve()
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name not in NOT_MODEL_FILES
+                   and not f.name.startswith("."))
+    stamp = (str(folder), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _digests:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        if is_adapter(folder):
+            h.update(content_digest(adapter_base(folder)).encode())
+        _digests[stamp] = h.hexdigest()
+    return _digests[stamp]
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -89,6 +116,12 @@ def _load_base(path: str, cfg: Config, trainable: bool):
     kwargs: dict = {"dtype": DTYPES[cfg.precision]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.attn_implementation == "flex_attention" and trainable and not torch.cuda.is_available():
+        raise PreftuneError(
+            "attn_implementation 'flex_attention' cannot train on the CPU: torch's FlexAttention has no "
+            "backward pass there (forward only). Use attn_implementation 'sdpa' (the same batch layouts) "
+            "or train on a CUDA GPU."
+        )
     if cfg.lora.quantize_4bit:
         if not torch.cuda.is_available():
             raise PreftuneError(

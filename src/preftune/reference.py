@@ -54,13 +54,6 @@ class PrecomputedReference:
         return {f: torch.tensor([r[f] for r in rows], dtype=torch.float32) for f in rows[0]}
 
 
-def model_identity(path: str | Path) -> dict:
-    """Folder plus size and mtime of its weight files: changes whenever the weights do."""
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
-    return {"path": str(p.resolve()), "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     """The tokenizer's content (vocabulary), not the folder it was loaded from."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
@@ -69,8 +62,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint: str) -> str:
     """Everything the reference log-probs depend on; beta, loss and learning rate are not in it."""
+    from preftune.model import content_digest, resolve_model
+
     blob = {
-        "model": model_identity(model_path),
+        "model": content_digest(resolve_model(model_path)),
         "tokenizer": [tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id],
         "template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
         "truncation": [data_cfg.max_length, data_cfg.max_prompt_length],

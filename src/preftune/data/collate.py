@@ -1,5 +1,6 @@
 """Batch layouts for tokenized pairs and SFT rows: padded, prefix-shared and packed (padding-free),
-all following the batch contract in :mod:`preftune.data.rows`. No model code and no tokenizer here.
+all following the batch contract in :mod:`preftune.data.rows`, and the attention masks the shared
+layouts imply (dense additive, or a FlexAttention ``BlockMask``). No model code and no tokenizer here.
 
 Scoring convention (all layouts): the token at row position ``t`` is predicted by the hidden state
 at ``t - 1``; ``score_index`` points at that predicting position in the flattened ``[R * T]`` rows.
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from preftune.data.rows import TokenizedPair, TokenizedSFT
 from preftune.errors import PreftuneError
@@ -75,6 +77,8 @@ def collate_padded(items: list[TokenizedPair], pad_id: int) -> Batch:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": None,
+        "blocks": None,
+        "segments": None,
         **_score_tensors(out),
         "num_seqs": 2 * len(items),
         "num_pairs": len(items),
@@ -97,6 +101,8 @@ def collate_sft(items: list[TokenizedSFT], pad_id: int, completion_only: bool = 
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": None,
+        "blocks": None,
+        "segments": None,
         **_score_tensors(out),
         "num_seqs": len(items),
         "num_pairs": len(items),
@@ -134,30 +140,51 @@ def _shared_block(
     return ids, positions, segments
 
 
-def _shared_mask(blocks: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """Additive float32 mask ``[R, 1, T, T]`` from per-position block ids and segment codes ``[R, T]``.
+def _may_attend(q: Tensor, kv: Tensor, q_block: Tensor, kv_block: Tensor, q_seg: Tensor, kv_seg: Tensor) -> Tensor:
+    """The shared layouts' rule, on broadcastable tensors: a query sees keys at or before it in the same
+    block, except that a rejected query never sees a chosen key."""
+    return (q >= kv) & (q_block == kv_block) & ~((q_seg == REJECTED) & (kv_seg == CHOSEN))
 
-    A query sees keys at or before it in the same block, except rejected queries never see chosen
-    keys. Pad positions carry a block id of their own, so a pad query sees only itself (no fully
-    masked row, hence no NaN from SDPA) and no real query sees a pad."""
-    width = blocks.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_block = blocks[:, :, None] == blocks[:, None, :]
-    rejected_to_chosen = (segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN)
-    allowed = causal & same_block & ~rejected_to_chosen
-    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, MASK_MIN)
+
+def shared_mask(blocks: Tensor, segments: Tensor) -> Tensor:
+    """Additive float32 mask ``[R, 1, T, T]`` (0 allowed, ``finfo.min`` not) from per-position block ids
+    and segment codes ``[R, T]``, on their device, following :func:`_may_attend`.
+
+    Pad positions carry a block id of their own, so a pad query sees only itself (no fully masked
+    row, hence no NaN from SDPA) and no real query sees a pad."""
+    pos = torch.arange(blocks.shape[1], device=blocks.device)
+    allowed = _may_attend(
+        pos[:, None], pos[None, :], blocks[:, :, None], blocks[:, None, :], segments[:, :, None], segments[:, None, :]
+    )
+    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=blocks.device).masked_fill_(~allowed, MASK_MIN)
     return mask[:, None]
 
 
-def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_id: int) -> Batch:
-    """Build a batch where ``rows[r]`` lists the indices of ``items`` laid out one after another in row ``r``."""
+def shared_block_mask(blocks: Tensor, segments: Tensor) -> Any:
+    """The same pattern as :func:`shared_mask` as a FlexAttention ``BlockMask`` of shape ``[R, 1, T, T]``
+    on the device of ``blocks``, for models loaded with ``attn_implementation="flex_attention"``.
+
+    Built without compiling ``create_block_mask``: it evaluates the rule on every (query, key) pair,
+    ``R * T * T`` booleans for a moment, then keeps only the 128 x 128 tiles that have work."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return _may_attend(q, kv, blocks[b, q], blocks[b, kv], segments[b, q], segments[b, kv])
+
+    rows, width = blocks.shape
+    return create_block_mask(mask_mod, rows, None, width, width, device=blocks.device)
+
+
+def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_id: int, dense_mask: bool) -> Batch:
+    """Build a batch where ``rows[r]`` lists the indices of ``items`` laid out one after another in row ``r``.
+    Block ids are item indices; pads get ``-1 - t``, a block of their own each."""
     lengths = [sum(_shared_len(items[i]) for i in row) for row in rows]
     width = max(lengths)
     num_pairs = len(items)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    blocks = -1 - torch.arange(width).repeat(len(rows), 1)  # pads: a block of their own each
+    blocks = -1 - torch.arange(width).repeat(len(rows), 1)
     out: list[list[int]] = [[], [], []]
     for r, row in enumerate(rows):
         offset = 0
@@ -171,8 +198,10 @@ def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_
             offset = end
     return {
         "input_ids": input_ids,
-        "attention_mask": _shared_mask(blocks, segments),
+        "attention_mask": shared_mask(blocks, segments) if dense_mask else None,
         "position_ids": position_ids,
+        "blocks": blocks,
+        "segments": segments,
         **_score_tensors(out),
         "num_seqs": 2 * num_pairs,
         "num_pairs": num_pairs,
@@ -186,17 +215,20 @@ def _shared_len(it: TokenizedPair) -> int:
     return len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids)
 
 
-def collate_prefix_shared(items: list[TokenizedPair], pad_id: int) -> Batch:
+def collate_prefix_shared(items: list[TokenizedPair], pad_id: int, *, dense_mask: bool = True) -> Batch:
     """One row per pair, ``[prompt | chosen | rejected]``: the prompt is run once for both completions.
 
     ``position_ids`` ``[B, T]``: prompt ``0..P-1``, chosen ``P..P+C-1``, rejected again ``P..P+R-1``.
-    ``attention_mask`` is additive float32 ``[B, 1, T, T]`` (0 allowed, ``finfo.min`` not): causal
-    over prompt + chosen; rejected sees the prompt and earlier rejected tokens, never chosen.
-    The mask costs ``4 * B * T * T`` bytes: fine on CPU up to T of about 2048, beyond that prefer
-    a kernel with block masks. ``tokens`` counts the prompt twice, ``(P+C) + (P+R)`` per pair, as
-    TRL does, so throughput figures compare."""
+    ``blocks`` and ``segments`` ``[B, T]`` say which pair and which part each position is;
+    ``attention_mask`` is :func:`shared_mask` of them, additive float32 ``[B, 1, T, T]``: causal over
+    prompt + chosen; rejected sees the prompt and earlier rejected tokens, never chosen.
+    The mask costs ``4 * B * T * T`` bytes: fine on CPU up to T of about 2048. ``dense_mask=False``
+    leaves it None; :class:`~preftune.logprobs.SequenceLogps` then builds the mask the model's
+    attention needs from ``blocks`` and ``segments`` on the device (a ``BlockMask`` under
+    flex_attention). ``tokens`` counts the prompt twice, ``(P+C) + (P+R)`` per pair, as TRL does,
+    so throughput figures compare."""
     _check_nonempty(items, "collate_prefix_shared")
-    return _collate_shared_rows([[i] for i in range(len(items))], items, pad_id)
+    return _collate_shared_rows([[i] for i in range(len(items))], items, pad_id, dense_mask)
 
 
 def _greedy_rows(items: Sequence[TokenizedPair], token_budget: int) -> list[list[int]]:
@@ -214,20 +246,23 @@ def _greedy_rows(items: Sequence[TokenizedPair], token_budget: int) -> list[list
     return rows
 
 
-def collate_packed(items: list[TokenizedPair], pad_id: int, token_budget: int | None = None) -> Batch:
+def collate_packed(
+    items: list[TokenizedPair], pad_id: int, token_budget: int | None = None, *, dense_mask: bool = True
+) -> Batch:
     """Padding-free packing: several prefix-shared pairs per row, filled greedily up to ``token_budget``
     (None: all ``items`` in one row, for micro-batches already grouped by :func:`pack_into_batches`).
 
     Pairs are kept apart by a block-diagonal mask and by position ids restarting at 0 for each pair.
     Chosen ``i`` is sequence ``i`` and rejected ``i`` is ``B + i`` in the order of ``items``. The
     additive mask is float32 ``[R, 1, T, T]`` with ``T <= max(token_budget, longest pair)``: keep the
-    budget to about 2048 on CPU (16 MiB of mask per row)."""
+    budget to about 2048 on CPU (16 MiB of mask per row), or pass ``dense_mask=False`` as in
+    :func:`collate_prefix_shared`."""
     _check_nonempty(items, "collate_packed")
     if token_budget is None:
-        return _collate_shared_rows([list(range(len(items)))], items, pad_id)
+        return _collate_shared_rows([list(range(len(items)))], items, pad_id, dense_mask)
     if token_budget < 1:
         raise PreftuneError(f"collate_packed: token_budget must be >= 1, got {token_budget}")
-    return _collate_shared_rows(_greedy_rows(items, token_budget), items, pad_id)
+    return _collate_shared_rows(_greedy_rows(items, token_budget), items, pad_id, dense_mask)
 
 
 def pack_into_batches(items: list[TokenizedPair], token_budget: int) -> list[list[TokenizedPair]]:
@@ -258,10 +293,14 @@ LAYOUTS: dict[str, Callable[..., Batch]] = {
     "packed": collate_packed,
 }
 
-# Model types whose decoder takes a custom 4D additive mask with position_ids unchanged (RoPE,
-# full attention, no sliding window or bidirectional prefix) through eager or SDPA attention.
+# Model types whose decoder takes a custom mask with position_ids unchanged (RoPE, full attention,
+# no sliding window or bidirectional prefix).
 SHARED_MASK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"})
-SHARED_MASK_ATTENTION = frozenset({"sdpa", "eager"})
+# Attention backends that can express the shared layouts: sdpa and eager through the dense 4D mask,
+# flex_attention through a BlockMask (both built from ``blocks`` and ``segments``). Varlen kernels
+# (flash_attention_2/3) take only disjoint segments (cu_seqlens): they cannot let rejected see the
+# prompt but not chosen, so they get the padded layout.
+SHARED_MASK_ATTENTION = frozenset({"sdpa", "eager", "flex_attention"})
 
 
 def _base_model(model: Any) -> Any:
@@ -269,13 +308,18 @@ def _base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _attention(model: Any) -> str:
+    config = getattr(_base_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
 def supports_shared_mask(model: Any) -> bool:
-    """True when ``model`` accepts a custom 4D additive mask with position_ids (prefix-shared, packed)."""
+    """True when ``model`` can run the prefix-shared and packed layouts: a model type in
+    :data:`SHARED_MASK_MODEL_TYPES` with an attention backend in :data:`SHARED_MASK_ATTENTION`."""
     config = getattr(_base_model(model), "config", None)
     if config is None:
         return False
-    attention = getattr(config, "_attn_implementation", None) or "eager"
-    return config.model_type in SHARED_MASK_MODEL_TYPES and attention in SHARED_MASK_ATTENTION
+    return config.model_type in SHARED_MASK_MODEL_TYPES and _attention(model) in SHARED_MASK_ATTENTION
 
 
 def _sliding_window(model: Any) -> int | None:
@@ -288,20 +332,24 @@ def _sliding_window(model: Any) -> int | None:
 def choose_layout(requested: str, model: Any) -> str:
     """Resolve ``requested`` ("auto" or a name in :data:`LAYOUTS`) for ``model`` and log the choice.
 
-    ``auto`` picks ``prefix_shared`` where :func:`supports_shared_mask`, else ``padded`` (for example
-    flash_attention_2, which takes no 4D mask). An explicit shared layout on a model that cannot
-    take it is an error rather than silently wrong log-probs."""
+    ``auto`` picks ``prefix_shared`` where :func:`supports_shared_mask`, else ``padded``: for example
+    under flash_attention_2, whose varlen kernel cannot let rejected see the prompt but not chosen.
+    An explicit shared layout on a model that cannot take it is an error rather than silently wrong
+    log-probs."""
+    config = getattr(_base_model(model), "config", None)
+    where = f"{getattr(config, 'model_type', '?')}, attention '{_attention(model)}'"
     if requested == "auto":
         layout = "prefix_shared" if supports_shared_mask(model) else "padded"
+        if layout == "padded":
+            logger.info("batch layout auto -> padded: this model (%s) cannot take the shared layouts' mask "
+                        "(they need attention %s)", where, ", ".join(sorted(SHARED_MASK_ATTENTION)))
     elif requested not in LAYOUTS:
         raise PreftuneError(f"layout '{requested}' is unknown: use one of auto, {', '.join(LAYOUTS)}")
     elif requested != "padded" and not supports_shared_mask(model):
-        config = getattr(_base_model(model), "config", None)
         raise PreftuneError(
-            f"layout '{requested}' needs a custom 4D attention mask, which this model "
-            f"({getattr(config, 'model_type', '?')}, attention "
-            f"'{getattr(config, '_attn_implementation', '?')}') does not take: set layout to 'padded' or 'auto', "
-            "or load the model with attn_implementation='sdpa'"
+            f"layout '{requested}' needs a mask where rejected sees the prompt but not chosen, which this model "
+            f"({where}) cannot take: set layout to 'padded' or 'auto', or load the model with "
+            "attn_implementation 'sdpa' or 'flex_attention'"
         )
     else:
         layout = requested

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,6 @@ from preftune.config import Config, load_config, to_dict
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
 
@@ -33,20 +31,17 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(name: str) -> dict:
-    """What identifies a model's weights: its resolved folder and the size and mtime of every weight
-    file (an adapter adds its base's), so a retrained folder never reuses stale results."""
-    from preftune.model import adapter_base, is_adapter, resolve_model
+    """What identifies a model for the cache: the content of its files (an adapter's base included),
+    so a retrained folder never reuses stale results and identical weights saved twice (``best/`` and
+    the snapshot of the same step) are evaluated once."""
+    from preftune.model import content_digest, resolve_model
 
-    path = Path(resolve_model(name)).resolve()
-    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES) if path.is_dir() else []
-    out = {"path": str(path), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
-    if is_adapter(path):
-        out["base"] = model_fingerprint(adapter_base(path))
-    return out
+    return {"content": content_digest(resolve_model(name))}
 
 
-def cached(kind: str, key: dict, compute: Callable[[], dict | list]):
-    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written atomically)."""
+def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str | None = None):
+    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written
+    atomically); ``about`` (the model's folder) is stored beside the key for people, not matched."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
     path = cache_dir() / kind / f"{digest}.json"
     if path.is_file():
@@ -55,10 +50,7 @@ def cached(kind: str, key: dict, compute: Callable[[], dict | list]):
         except (ValueError, KeyError):
             pass  # a torn file: recompute
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
-    tmp.replace(path)
+    write_json(path, {"key": key, "about": about, "value": value})
     return value
 
 
@@ -95,6 +87,12 @@ def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[Preferenc
 # ---------------------------------------------------------------- one evaluation each
 
 
+def _folder(name: str) -> str:
+    from preftune.model import resolve_model
+
+    return str(Path(resolve_model(name)).resolve())
+
+
 def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -> list[str]:
     """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings)."""
     from preftune.eval.generate import generate
@@ -105,7 +103,7 @@ def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -
     key = {"model": model_fingerprint(name), "prompts": [r.key for r in rows], **settings}
     return cached("generations", key, lambda: generate(
         model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p, cfg.seed,
-        cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length))
+        cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length), about=_folder(name))
 
 
 def judge_items(rows: list[PreferenceRow], responses: list[str], references: list[str]) -> list[dict]:
@@ -156,7 +154,7 @@ def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
            "max_chunks": h.max_chunks, "precision": cfg.precision}
     return cached("heldout", key, lambda: heldout_loss(model, tok, load_corpus(h.corpus), h.chunk_length,
-                                                      h.max_chunks, cfg.eval.batch_size))
+                                                      h.max_chunks, cfg.eval.batch_size), about=_folder(name))
 
 
 def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
@@ -165,7 +163,7 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
     key = {"model": model_fingerprint(name), "tasks": cfg.eval.tasks, "limit": cfg.eval.tasks_limit,
            "precision": cfg.precision}
     return cached("tasks", key, lambda: run_tasks(model, tok, cfg.eval.tasks, cfg.eval.tasks_limit,
-                                                 cfg.eval.batch_size, cfg.seed))
+                                                 cfg.eval.batch_size, cfg.seed), about=_folder(name))
 
 
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
