@@ -300,8 +300,14 @@ def test_choose_layout(tiny, caplog) -> None:
         assert choose_layout("auto", model) == "prefix_shared"
     assert "batch layout: prefix_shared" in caplog.text
     assert choose_layout("packed", model) == "packed"
+    model.config._attn_implementation = "flex_attention"  # BlockMask from blocks and segments
+    assert choose_layout("auto", model) == "prefix_shared"
+    assert choose_layout("packed", model) == "packed"
     model.config._attn_implementation = "flash_attention_2"  # only read here, never run
-    assert choose_layout("auto", model) == "padded"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="preftune"):
+        assert choose_layout("auto", model) == "padded"
+    assert "auto -> padded" in caplog.text and "flash_attention_2" in caplog.text
     with pytest.raises(PreftuneError, match="padded"):
         choose_layout("prefix_shared", model)
     with pytest.raises(PreftuneError, match="unknown"):

@@ -26,25 +26,25 @@ from preftune.logprobs import SequenceLogps
 from preftune.methods import sequence_logps_of
 
 PAD = 0
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and kernels need CUDA")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
 
 SHARED = {
     "prefix_shared": lambda items, dense: collate_prefix_shared(items, PAD, dense_mask=dense),
-    "packed": lambda items, dense: collate_packed(items, PAD, token_budget=90, dense_mask=dense),
+    "packed": lambda items, dense: collate_packed(items, PAD, token_budget=130, dense_mask=dense),
 }
 
 
 @pytest.fixture(scope="module")
 def items(tokenizer) -> list[TokenizedPair]:
     """Uneven lengths (so rows are padded), a multi-turn chat prompt, and a rejected reply cut at
-    ``max_length`` = 48 without its EOS, through the real tokenizer path."""
+    ``max_length`` = 64 without its EOS, through the real tokenizer path."""
     rows = [
         PreferenceRow([{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
                        {"role": "user", "content": "Name a colour."}], "Blue.", "I refuse to answer that question."),
         PreferenceRow("What is 2 plus 3?", "2 + 3 = 5.", "2 + 3 = 6, I think."),
         PreferenceRow("Count.", "1 2 3", " ".join(str(i) for i in range(40))),
     ]
-    out = [tokenize_pair(r, tokenizer, max_length=48, max_prompt_length=32) for r in rows]
+    out = [tokenize_pair(r, tokenizer, max_length=64, max_prompt_length=56) for r in rows]
     assert all(isinstance(t, TokenizedPair) for t in out), out
     assert [t.truncated for t in out] == [False, False, True]
     return out
@@ -77,7 +77,7 @@ def test_block_mask_by_hand() -> None:
 
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_block_mask_matches_dense_mask(layout) -> None:
-    """Six pairs of 40 to 140 tokens, packed rows up to 400: the BlockMask allows exactly the (query, key)
+    """Six pairs of 3 to 140 tokens, packed rows up to 400: the BlockMask allows exactly the (query, key)
     pairs the dense mask allows, and its 128 x 128 tiles are occupied exactly where the dense mask has an
     allowed pair (so tiles between packed pairs are skipped, not computed)."""
     g = torch.Generator().manual_seed(0)
@@ -92,9 +92,9 @@ def test_block_mask_matches_dense_mask(layout) -> None:
     assert torch.equal(allowed_pairs(block_mask), dense_allowed)
     rows, width = b["blocks"].shape
     tiles = -(-width // 128)
-    padded = torch.zeros(rows, tiles * 128, tiles * 128, dtype=torch.bool)
-    padded[:, :width, :width] = dense_allowed
-    occupied = padded.reshape(rows, tiles, 128, tiles, 128).any(dim=(2, 4))
+    grid = torch.zeros(rows, tiles * 128, tiles * 128, dtype=torch.bool)
+    grid[:, :width, :width] = dense_allowed
+    occupied = grid.reshape(rows, tiles, 128, tiles, 128).any(dim=(2, 4))
     assert torch.equal(block_mask.to_dense()[:, 0].bool(), occupied)
     if layout == "packed":
         assert not occupied.all(), "some tiles must be skipped in packed rows"
@@ -135,10 +135,13 @@ def padded_sums(model, items) -> torch.Tensor:
         return sequence_logps_of(SequenceLogps(model), collate_padded(items, PAD), chunked=False)[0]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_flex_logps_match_padded_on_cpu(layout, tiny, items, eager_flex) -> None:
-    """Forward only (see the module docstring). Sums agree within 1e-5 in fp32 through the chunked and the
-    plain path, with the dense mask in the batch and without it; every attention call got our BlockMask."""
+    """Forward only (see the module docstring). Sums agree within 1e-5 in fp32 plus 2.4e-7 relative, about
+    two ulps (they reach -350, where one fp32 ulp is 3e-5), through the chunked and the plain path, with
+    the dense mask in the batch and without it; every attention call got the BlockMask of the batch's
+    blocks and segments (a dense 4D mask would give the same numbers through flex's score_mod)."""
     want = padded_sums(tiny, items)
     tiny.set_attn_implementation("flex_attention")
     try:
@@ -148,7 +151,7 @@ def test_flex_logps_match_padded_on_cpu(layout, tiny, items, eager_flex) -> None
                 eager_flex.clear()
                 with torch.no_grad():
                     got = sequence_logps_of(SequenceLogps(tiny, chunk_size=16), b, chunked=chunked)[0]
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=2.4e-7)
                 assert len(eager_flex) == tiny.config.num_hidden_layers
                 want_allowed = shared_mask(b["blocks"], b["segments"])[:, 0] == 0
                 for block_mask in eager_flex:
@@ -170,15 +173,36 @@ def test_sdpa_builds_the_dense_mask_when_the_batch_has_none(tiny, items) -> None
             torch.testing.assert_close(lean, dense, atol=0, rtol=0)
 
 
+@pytest.mark.e2e
+def test_compiled_flex_on_cpu_across_batch_shapes(tiny, items) -> None:
+    """transformers' compiled flex_attention (inductor's C++ kernel), forward only, on three batch shapes.
+    From the second shape on, torch recompiles with dynamic shapes, and there torch 2.13 fails to build
+    the kernel (CppCompileError) for a mask_mod that closes over two tensors; :func:`shared_block_mask`
+    closes over one. Sums equal the padded path's as in the test above."""
+    want = padded_sums(tiny, items)
+    tiny.set_attn_implementation("flex_attention")
+    try:
+        for b in (SHARED["prefix_shared"](items, False), SHARED["packed"](items, False),
+                  collate_packed(items, PAD, dense_mask=False)):
+            with torch.no_grad():
+                got = sequence_logps_of(SequenceLogps(tiny), b)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=2.4e-7)
+    finally:
+        tiny.set_attn_implementation("sdpa")
+
+
 # ----------------------------------------------------------------------------- CUDA
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_flex_matches_padded_on_cuda(layout, dtype, items) -> None:
-    """The compiled flex kernel, forward and backward: sums and d(sum of chosen - rejected)/d(every
-    parameter) equal the padded sdpa path's, within 1e-5 in fp32 (sums compared relative to their
-    size, about 100: one fp32 ulp there is 7.6e-6), and in bf16 within what bf16 rounding of two
-    different attention kernels allows."""
+    """The compiled flex kernel, forward and backward, against the padded sdpa path: sums and
+    d(sum of chosen - rejected)/d(every parameter).
+
+    fp32: sums within 1e-5 plus 1e-6 relative (they reach -350, where one ulp is 3e-5), gradients within
+    1e-5 plus 1e-4 relative. bf16: sums within 1e-2 (bf16 rounding across layouts moved them by 2e-3 on
+    the CPU; letting rejected see chosen moves them by 0.03 to 0.15), gradients with cosine > 0.999."""
     from preftune.data.collate import to_device
 
     model, _ = tiny_llama(seed=0)
@@ -197,11 +221,10 @@ def test_flex_matches_padded_on_cuda(layout, dtype, items) -> None:
     for dense in (True, False):
         got_sums, got_grads = run("flex_attention", SHARED[layout](items, dense))
         if dtype == torch.float32:
-            torch.testing.assert_close(got_sums, want_sums, atol=1e-5, rtol=1e-7)
+            torch.testing.assert_close(got_sums, want_sums, atol=1e-5, rtol=1e-6)
             for g, w in zip(got_grads, want_grads):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
         else:
-            torch.testing.assert_close(got_sums, want_sums, atol=0.25, rtol=0.01)
+            torch.testing.assert_close(got_sums, want_sums, atol=1e-2, rtol=0)
             for g, w in zip(got_grads, want_grads):
-                cos = torch.nn.functional.cosine_similarity(g.float().flatten(), w.float().flatten(), dim=0)
-                assert cos > 0.99
+                assert torch.nn.functional.cosine_similarity(g.float().flatten(), w.float().flatten(), dim=0) > 0.999

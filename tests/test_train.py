@@ -278,6 +278,31 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
         load_model(cfg, str(tiny_model_dir))
 
 
+def test_flex_attention_training_on_cpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    """torch's FlexAttention has no backward on the CPU: a trainable flex model is refused at load, a
+    frozen one (reference, evaluation) loads."""
+    from preftune.errors import PreftuneError
+    from preftune.model import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: flex_attention trains")
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), attn_implementation="flex_attention")
+    with pytest.raises(PreftuneError, match="'flex_attention' cannot train on the CPU"):
+        load_model(cfg, str(tiny_model_dir))
+    assert load_model(cfg, str(tiny_model_dir), trainable=False).config._attn_implementation == "flex_attention"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention trains on CUDA only (no CPU backward)")
+def test_flex_attention_trains_on_gpu(tmp_path, tiny_model_dir, monkeypatch):
+    """attn_implementation flex_attention: layout auto picks prefix_shared, step 0 is ln 2, the loss moves."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"attn_implementation": "flex_attention", "dpo.max_steps": 3})
+    assert run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))["layout"] == "prefix_shared"
+    rows = metrics(Path(cfg.output_dir))
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)
+    assert rows[-1]["loss"] < LN2 - 1e-3
+
+
 def test_packed_layout_trains_like_prefix_shared(tmp_path, tiny_model_dir, monkeypatch):
     """A token budget that holds all 24 pairs makes one packed micro-batch per step: the same pairs
     as prefix_shared with batch 24, so the trajectories agree (and step 0 is ln 2)."""

@@ -240,7 +240,9 @@ class Config:
     precision: Literal["fp32", "bf16", "bf16-mixed"] = "fp32"
     """fp32; bf16 = pure bf16 weights; bf16-mixed = fp32 weights with bf16 autocast."""
     attn_implementation: str | None = None
-    """transformers attention backend (sdpa, eager, flash_attention_2); null = model default."""
+    """transformers attention backend (sdpa, eager, flex_attention, flash_attention_2); null = model
+    default. flex_attention takes the prefix-shared layouts as a BlockMask (training on CUDA only);
+    flash_attention_2 takes only the padded layout."""
     seed: int = 0
     """Seed for data order, initialisation and sampling."""
     output_dir: str = "runs/default"

@@ -5,13 +5,16 @@ the plain full-logits path it must equal, and the segment sums. Losses live in l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from preftune.data.collate import shared_block_mask, shared_mask
 from preftune.errors import PreftuneError
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 CHUNK_ELEMENTS = 1 << 24
 """Default budget of fp32 logits held at once (64 MiB): ``chunk_size = CHUNK_ELEMENTS // vocab``."""
@@ -218,7 +221,7 @@ class SequenceLogps(nn.Module):
 
 
 def _decoder_mask(lm: nn.Module, attention_mask: Tensor | None, blocks: Tensor | None,
-                  segments: Tensor | None) -> Any:
+                  segments: Tensor | None) -> Tensor | BlockMask | None:
     """The mask handed to the decoder. For a shared-layout batch (``blocks`` given) under
     flex_attention, a ``BlockMask`` from ``blocks`` and ``segments`` (the dense mask, if any, is not
     used); under sdpa or eager the dense mask, built from them when the batch came without it. Any

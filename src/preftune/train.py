@@ -129,11 +129,16 @@ def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed
     return [bins[i] for i in order]
 
 
-def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True):
+def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True,
+                attention: str | None = None):
+    """The stage's collate function. Under flex_attention the shared layouts leave out the dense
+    ``[R, 1, T, T]`` mask: the model builds a BlockMask from ``blocks`` and ``segments`` on its device."""
     from preftune.data import collate
 
     if not isinstance(stage_cfg, DPOConfig):
         return lambda items: collate.collate_sft(items, pad_id, completion_only=completion_only)
+    if layout != "padded" and attention == "flex_attention":
+        return lambda items: collate.LAYOUTS[layout](items, pad_id, dense_mask=False)
     return lambda items: collate.LAYOUTS[layout](items, pad_id)
 
 
@@ -305,7 +310,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     n_train, n_total = trainable_parameters(model)
     layout = choose_layout(cfg.dpo.layout, model) if stage == "dpo" else "padded"
     policy = SequenceLogps(model)
-    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
+    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True),
+                          getattr(model.config, "_attn_implementation", None))
 
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = world * stage_cfg.grad_accum

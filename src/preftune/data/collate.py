@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from preftune.data.rows import TokenizedPair, TokenizedSFT
 from preftune.errors import PreftuneError
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 logger = logging.getLogger("preftune")
 
@@ -160,16 +163,21 @@ def shared_mask(blocks: Tensor, segments: Tensor) -> Tensor:
     return mask[:, None]
 
 
-def shared_block_mask(blocks: Tensor, segments: Tensor) -> Any:
+def shared_block_mask(blocks: Tensor, segments: Tensor) -> BlockMask:
     """The same pattern as :func:`shared_mask` as a FlexAttention ``BlockMask`` of shape ``[R, 1, T, T]``
-    on the device of ``blocks``, for models loaded with ``attn_implementation="flex_attention"``.
+    on the device of ``blocks``, for models loaded with ``attn_implementation="flex_attention"`` (torch
+    2.5 or later).
 
-    Built without compiling ``create_block_mask``: it evaluates the rule on every (query, key) pair,
-    ``R * T * T`` booleans for a moment, then keeps only the 128 x 128 tiles that have work."""
+    Built without compiling ``create_block_mask``: it evaluates the rule on every (query, key) pair (a
+    few ``[R, 1, T, T]`` boolean tensors for a moment), then keeps only the 128 x 128 tiles with work."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    # One captured tensor, not two: with two, torch 2.13's CPU kernel fails to build (CppCompileError)
+    # once a new batch shape makes it recompile with dynamic shapes.
+    labels = torch.stack((blocks, segments))
+
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return _may_attend(q, kv, blocks[b, q], blocks[b, kv], segments[b, q], segments[b, kv])
+        return _may_attend(q, kv, labels[0, b, q], labels[0, b, kv], labels[1, b, q], labels[1, b, kv])
 
     rows, width = blocks.shape
     return create_block_mask(mask_mod, rows, None, width, width, device=blocks.device)
@@ -341,8 +349,9 @@ def choose_layout(requested: str, model: Any) -> str:
     if requested == "auto":
         layout = "prefix_shared" if supports_shared_mask(model) else "padded"
         if layout == "padded":
-            logger.info("batch layout auto -> padded: this model (%s) cannot take the shared layouts' mask "
-                        "(they need attention %s)", where, ", ".join(sorted(SHARED_MASK_ATTENTION)))
+            logger.info("batch layout auto -> padded for this model (%s): the shared layouts need attention %s "
+                        "on a model type in %s", where, ", ".join(sorted(SHARED_MASK_ATTENTION)),
+                        ", ".join(sorted(SHARED_MASK_MODEL_TYPES)))
     elif requested not in LAYOUTS:
         raise PreftuneError(f"layout '{requested}' is unknown: use one of auto, {', '.join(LAYOUTS)}")
     elif requested != "padded" and not supports_shared_mask(model):
