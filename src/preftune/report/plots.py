@@ -182,7 +182,7 @@ CurveSeries = tuple[str, Callable[[dict], "float | None"], Callable[[dict], "tup
 def _curve_figure(runs: list[Run], path: Path, series: list[CurveSeries], ylabel: str, title: str) -> Path | None:
     """One line per run and series against tokens seen, a CI band where given, and the run's
     early-stopping point (``best_step``) as a dotted line and a star."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     drawn = False
     for run in runs:
         points = run.curve.get("points", [])
@@ -209,7 +209,7 @@ def _curve_figure(runs: list[Run], path: Path, series: list[CurveSeries], ylabel
         plt.close(fig)
         return None
     ax.set(xlabel="tokens seen", ylabel=ylabel, title=title, ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
     return _save(fig, path)
 
 
