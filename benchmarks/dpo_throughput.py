@@ -4,11 +4,11 @@ model, the same tokens, the same batches in the same order, fp32 and the same th
 Each measurement runs in a fresh process (so peak RSS is its own), and the sides alternate within
 every repeat: preftune, TRL (reference model in memory), TRL with ``precompute_ref_log_probs``,
 preftune, ... Only the optimizer steps after ``--warmup`` are timed; the reference precompute pass
-is reported apart (seconds, and per training step amortized over one epoch of the data).
+is reported apart: seconds per pair precomputed, and per training step (``batch_size`` pairs).
 
     HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py                      # tiny model, quick
-    HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py --models tiny,smollm2 --modes full,lora \\
-        --shapes long_prompt,short_prompt --steps 8 --repeats 3                # the README table
+    HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py --models smollm2 --modes full,lora \\
+        --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # the README table
 
 Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
 both. TRL runs without gradient checkpointing and without bf16 autocast (both on by default in its
@@ -114,10 +114,13 @@ def run_preftune(spec: Spec, work: Path) -> dict:
     precompute_s = []
     plain_precompute = refs.precompute
 
+    precompute_pairs = []
+
     def timed_precompute(*args, **kwargs):
         t0 = time.perf_counter()
         table = plain_precompute(*args, **kwargs)
         precompute_s.append(time.perf_counter() - t0)
+        precompute_pairs.append(len(table))  # train and test pairs
         return table
 
     refs.precompute = timed_precompute
@@ -126,7 +129,7 @@ def run_preftune(spec: Spec, work: Path) -> dict:
     seen = [0] + [r["tokens_seen"] for r in records]
     out = summarize([r["step_time"] for r in records], [b - a for a, b in zip(seen, seen[1:])],
                     [r["loss"] for r in records], spec)
-    return out | {"precompute_s": sum(precompute_s)}
+    return out | {"precompute_s": sum(precompute_s), "precompute_pairs": sum(precompute_pairs)}
 
 
 def trl_dataset(spec: Spec):
@@ -196,7 +199,8 @@ def run_trl(spec: Spec, work: Path) -> dict:
                       callbacks=[StepTimer()])
     precompute_s = time.perf_counter() - t0 if spec.side == "trl_precompute" else 0.0
     trainer.train()
-    return summarize(step_times, tokens, losses, spec) | {"precompute_s": precompute_s}
+    return summarize(step_times, tokens, losses, spec) | {
+        "precompute_s": precompute_s, "precompute_pairs": len(data) if spec.side == "trl_precompute" else 0}
 
 
 WORKERS = {"preftune": run_preftune, "trl": run_trl, "trl_precompute": run_trl}
@@ -241,15 +245,20 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def report_row(name: str, results: dict[str, list[dict]], steps_per_epoch: int) -> list[str]:
-    """Markdown rows: one per side with medians, and the preftune / TRL ratios."""
+def report_row(name: str, results: dict[str, list[dict]], batch_size: int) -> list[str]:
+    """Markdown rows: one per side with medians, and the preftune / TRL ratios.
+
+    The precompute pass covers different pairs on each side (preftune: the train and test splits; TRL:
+    the pairs of the timed steps it is given), so it is compared per pair, and amortized per step as
+    ``batch_size`` pairs."""
     lines = []
-    base = {side: {k: median_of(runs, k) for k in ("tokens_per_s", "peak_rss_mb", "final_loss", "precompute_s")}
-            for side, runs in results.items()}
+    keys = ("tokens_per_s", "peak_rss_mb", "final_loss", "precompute_s", "precompute_pairs")
+    base = {side: {k: median_of(runs, k) for k in keys} for side, runs in results.items()}
     for side, m in base.items():
-        amortized = m["precompute_s"] / steps_per_epoch
+        per_pair = m["precompute_s"] / m["precompute_pairs"] if m["precompute_pairs"] else 0.0
         lines.append(f"| {name} | {side} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | {m['final_loss']:.6f} "
-                     f"| {m['precompute_s']:.1f} ({amortized:.2f}/step) |")
+                     f"| {m['precompute_s']:.1f} s / {m['precompute_pairs']:.0f} pairs = {per_pair:.2f} s/pair "
+                     f"({per_pair * batch_size:.2f} s/step) |")
     ours = base.get("preftune")
     for side in ("trl", "trl_precompute"):
         if ours and side in base:
@@ -300,7 +309,7 @@ def main() -> None:
                         print(f"{name} rep {rep} {side}: {r['tokens_per_s']:.0f} tok/s, "
                               f"{r['peak_rss_mb']:.0f} MiB, loss {r['final_loss']:.6f}, "
                               f"cpu/wall {r['cpu_per_wall']:.2f}{quiet}", flush=True)
-                table += report_row(name, results, max(1, a.pairs // a.batch_size))
+                table += report_row(name, results, a.batch_size)
     print("\n" + "\n".join(table))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1))
