@@ -12,6 +12,7 @@ import yaml
 from preftune import embedded
 from preftune.config import Config, config_from_dict
 from preftune.errors import PreftuneError
+from preftune.eval.tasks import mean_accuracy
 
 HUB_IDS = {embedded.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """preftune's model names -> the Hub id a card's ``base_model`` should name."""
@@ -125,10 +126,9 @@ def _eval_row(name: str, e: dict) -> str:
     wr = (f"{_fmt(w['winrate'], '.3f')} [{_fmt(w.get('ci_low'), '.2f')}, {_fmt(w.get('ci_high'), '.2f')}]"
           if "winrate" in w else "-")
     d = h.get("diff_vs_base")
-    accs = [v["acc"] for v in t.values() if isinstance(v, dict) and isinstance(v.get("acc"), (int, float))]
     return " | ".join([
         name, f"{_fmt(acc, '.3f')} ± {_fmt(rw.get('se'), '.3f')}" if acc is not None else "-", wr,
-        _fmt(h.get("bpb")), f"{d['mean']:+.4f}" if d else "-", _fmt(sum(accs) / len(accs), ".3f") if accs else "-"])
+        _fmt(h.get("bpb")), f"{d['mean']:+.4f}" if d else "-", _fmt(mean_accuracy(t), ".3f")])
 
 
 def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from preftune.config import Config, load_config, to_yaml
+from preftune.eval.tasks import mean_accuracy
 
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
@@ -82,8 +83,7 @@ def headline(result: dict) -> str:
              "task acc")]
     for name, r in result["eval"].get("models", {}).items():
         rw, wr, ho, ck = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {}), r.get("checked", {})
-        tasks = r.get("tasks", {})
-        acc = sum(t.get("acc", 0) for t in tasks.values()) / len(tasks) if tasks else None
+        acc = mean_accuracy(r.get("tasks", {}))
         diff = ho.get("diff_vs_base")
         rows.append((
             name,

@@ -17,12 +17,9 @@ from preftune.errors import PreftuneError
 CURVE_SECTIONS = ("winrate", "checked", "tasks")
 
 
-def curve_points(stage_dir: Path, start: str) -> list[dict]:
-    """``{step, tokens_seen, pairs_seen, model}`` for the starting model, every snapshot and ``final/``."""
-    run_file = stage_dir / "run.json"
-    if not run_file.is_file():
-        raise PreftuneError(f"{stage_dir} has no run.json: curves need a finished preference stage")
-    run = json.loads(run_file.read_text())
+def curve_points(stage_dir: Path, run: dict, start: str) -> list[dict]:
+    """``{step, tokens_seen, pairs_seen, model}`` for the starting model, every snapshot and ``final/``
+    of the finished stage in ``stage_dir`` (``run`` is its run.json)."""
     points = [{"step": 0, "tokens_seen": 0, "pairs_seen": 0, "model": str(start)}]
     for snap in snapshots(stage_dir):
         info = json.loads((snap / "snapshot.json").read_text())
@@ -41,7 +38,11 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     from preftune.eval.suite import evaluate_models
 
     stage_dir, out = Path(stage_dir), Path(out_dir)
-    points = curve_points(stage_dir, start)
+    run_file = stage_dir / "run.json"
+    if not run_file.is_file():
+        raise PreftuneError(f"{stage_dir} has no run.json: curves need a finished preference stage")
+    run = json.loads(run_file.read_text())
+    points = curve_points(stage_dir, run, start)
     sub = copy.deepcopy(cfg)
     sub.eval.rewards = False  # the reward-accuracy curve is the loop's own (metrics.jsonl)
     sub.eval.heldout.enabled = False
@@ -49,7 +50,6 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     for p in points:
         entry = results["models"][f"step-{p['step']}"]
         p.update({k: entry[k] for k in CURVE_SECTIONS if k in entry})
-    run = json.loads((stage_dir / "run.json").read_text())
     curve = {"stage": run.get("stage", "dpo"), "best_step": run.get("best_step"),
              "early_stopping_metric": run.get("early_stopping_metric"), "stopped_early": run.get("stopped_early"),
              "points": points, "skipped": results.get("skipped", {})}

@@ -16,6 +16,7 @@ from preftune.checkpoint import write_json
 from preftune.config import Config, load_config, to_dict
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
+from preftune.eval.tasks import mean_accuracy
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
@@ -290,14 +291,13 @@ def table(results: dict) -> str:
     for name, e in results.get("models", {}).items():
         rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
         d = h.get("diff_vs_base")
-        accs = [v["acc"] for v in t.values() if "acc" in v]
         rows.append((
             name, _fmt(rw.get("rewards/accuracies")),
             f"{_fmt(w['winrate'])} [{_fmt(w['ci_low'], '.2f')}, {_fmt(w['ci_high'], '.2f')}]" if "winrate" in w else "-",
             "/".join(str(w.get(k, "-")) for k in ("wins", "ties", "losses", "invalid")) if w else "-",
             _fmt(h.get("bpb"), ".4f"),
             f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-",
-            _fmt(sum(accs) / len(accs)) if accs else "-",
+            _fmt(mean_accuracy(t)),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)) for r in rows]

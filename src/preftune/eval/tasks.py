@@ -21,6 +21,12 @@ EMBEDDED_TASKS: dict[str, tuple[str, str]] = {
 METRICS = ("acc", "acc_norm")
 
 
+def mean_accuracy(tasks: dict) -> float | None:
+    """Mean ``acc`` over the tasks of one model's ``tasks`` entry (None when no task has one)."""
+    accs = [t["acc"] for t in tasks.values() if isinstance(t, dict) and isinstance(t.get("acc"), (int, float))]
+    return sum(accs) / len(accs) if accs else None
+
+
 def _lm_eval():
     try:
         import lm_eval

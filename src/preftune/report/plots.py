@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from preftune.eval.tasks import mean_accuracy  # noqa: E402
+
 if TYPE_CHECKING:  # pragma: no cover
     from preftune.report.report import Run, StageRun
 
@@ -170,11 +172,6 @@ def forgetting_plot(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _task_mean(point: dict) -> float | None:
-    accs = [t["acc"] for t in point.get("tasks", {}).values() if isinstance(t.get("acc"), (int, float))]
-    return sum(accs) / len(accs) if accs else None
-
-
 # (label suffix, value of a point, its (low, high) band or None, line style) of one series in a curve figure
 CurveSeries = tuple[str, Callable[[dict], "float | None"], Callable[[dict], "tuple[float, float] | None"], str]
 
@@ -230,7 +227,7 @@ def winrate_curve_plot(runs: list[Run], path: Path) -> Path | None:
 def downstream_curve_plot(runs: list[Run], path: Path) -> Path | None:
     """Mean downstream task accuracy (solid) and checked-answer accuracy (dashed, 95% Wilson band) over
     training (Figure 4)."""
-    series = [(" tasks", _task_mean, lambda p: None, "o-"),
+    series = [(" tasks", lambda p: mean_accuracy(p.get("tasks", {})), lambda p: None, "o-"),
               (" checked answers", lambda p: p.get("checked", {}).get("accuracy"),
                _ci_band("checked", "accuracy"), "s--")]
     return _curve_figure(runs, path, series, "accuracy", "Downstream accuracy over training")

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from preftune.errors import PreftuneError
+from preftune.eval.tasks import mean_accuracy
 from preftune.report import plots
 
 STAGES = ("sft", "dpo")
@@ -165,11 +166,6 @@ def _diff(h: dict) -> str:
     return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-"
 
 
-def _task_mean(tasks: dict) -> float | None:
-    accs = [t["acc"] for t in tasks.values() if isinstance(t.get("acc"), (int, float))]
-    return sum(accs) / len(accs) if accs else None
-
-
 def _beta(run: Run):
     dpo = run.stages.get("dpo")
     return (dpo.run.get("beta") if dpo else None) or _get(run.config, "dpo.beta")
@@ -206,7 +202,7 @@ def eval_table(runs: list[Run]) -> Table:
             wtl = " / ".join(fmt(w.get(k)) for k in ("wins", "ties", "losses", "invalid")) if w else "-"
             rows.append([run.name, model, f"{fmt(acc)} ± {fmt(rw.get('se'))}" if acc is not None else "-", _ci(w),
                          wtl, fmt(w.get("lc_winrate")), _ci(e.get("checked", {}), "accuracy"), fmt(h.get("nll"), 4), fmt(h.get("ppl"), 2),
-                         fmt(h.get("bpb"), 4), _diff(h), fmt(_task_mean(e.get("tasks", {})))])
+                         fmt(h.get("bpb"), 4), _diff(h), fmt(mean_accuracy(e.get("tasks", {})))])
     return head, rows
 
 
@@ -227,7 +223,7 @@ def beta_dataset_table(runs: list[Run]) -> Table:
     for run in runs:
         t = _tuned(run)
         if t:
-            text = f"{_ci(t[1].get('winrate', {}))}; acc {fmt(_task_mean(t[1].get('tasks', {})))}"
+            text = f"{_ci(t[1].get('winrate', {}))}; acc {fmt(mean_accuracy(t[1].get('tasks', {})))}"
             cells.setdefault((_beta(run), _dataset(run)), []).append(text)
     betas = sorted({b for b, _ in cells}, key=lambda b: (b is None, b if b is not None else 0))
     rows = [[fmt_param(b)] + ["<br>".join(cells.get((b, d), ["-"])) for d in datasets] for b in betas]
@@ -266,7 +262,7 @@ def variants_table(runs: list[Run]) -> Table:
         rows.append([run.name, fmt(_get(run.config, "precision")), fmt(_get(run.config, "lora.enabled")),
                      fmt((dpo.run.get("loss") if dpo else None) or _get(run.config, "dpo.loss")), fmt_param(_beta(run)),
                      fmt(e.get("rewards", {}).get("rewards/accuracies")), _ci(e.get("winrate", {})),
-                     fmt(e.get("heldout", {}).get("bpb"), 4), fmt(_task_mean(e.get("tasks", {})))])
+                     fmt(e.get("heldout", {}).get("bpb"), 4), fmt(mean_accuracy(e.get("tasks", {})))])
     return head, rows
 
 
@@ -301,7 +297,7 @@ def curve_table(runs: list[Run]) -> Table:
         best = run.curve.get("best_step")
         for pt in run.curve.get("points", []):
             rows.append([run.name, fmt(pt["step"]), fmt(pt["tokens_seen"]), _ci(pt.get("winrate", {})),
-                         _ci(pt.get("checked", {}), "accuracy"), fmt(_task_mean(pt.get("tasks", {}))),
+                         _ci(pt.get("checked", {}), "accuracy"), fmt(mean_accuracy(pt.get("tasks", {}))),
                          "best (early-stopping point)" if pt["step"] == best else ""])
     return head, rows
 
