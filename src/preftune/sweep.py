@@ -319,7 +319,6 @@ def measured_throughput(root: Path) -> tuple[float, int] | None:
 # ---------------------------------------------------------------- running
 
 
-
 def link_shared_sft(run_dir: Path, root: Path, key: str) -> Path:
     """Make ``run_dir/sft`` a link to the sweep's shared SFT stage ``root/shared/sft/<key>``."""
     shared = root / "shared" / "sft" / key

@@ -203,7 +203,6 @@ def _has_lm_eval(results: dict) -> bool:
     return False
 
 
-
 def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], run) -> None:
     from preftune.eval.generate import write_jsonl
 
