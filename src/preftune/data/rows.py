@@ -61,6 +61,29 @@ class SFTRow:
         return row_key(self.prompt, self.completion)
 
 
+@dataclass
+class UnpairedRow:
+    """A prompt with one completion and whether it is desirable (KTO's unpaired data)."""
+
+    prompt: Prompt
+    completion: str
+    label: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return row_key(self.prompt, self.completion, self.label)
+
+
+def unpair(rows: list[PreferenceRow]) -> list[UnpairedRow]:
+    """Split each preference pair into a desirable (chosen) and an undesirable (rejected) row."""
+    out = []
+    for row in rows:
+        out.append(UnpairedRow(row.prompt, row.chosen, True, dict(row.meta)))
+        out.append(UnpairedRow(row.prompt, row.rejected, False, dict(row.meta)))
+    return out
+
+
 def row_key(*parts: Any) -> str:
     """A stable content hash of a row (used by the reference log-prob cache and fingerprints)."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=False)
