@@ -3,8 +3,6 @@ model, model resolution and its offline errors."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from preftune import embedded
@@ -14,11 +12,9 @@ from preftune.model import resolve_model
 HAVE_GGUF = embedded.package_dir(embedded.GGUF_PACKAGE) is not None
 
 
-def test_tiny_llama_builds_fast_with_the_real_tokenizer(tmp_path):
-    embedded.tiny_llama()  # warm: the one-time tokenizer conversion and imports are not what is timed
-    t = time.perf_counter()
+def test_tiny_llama_builds_with_the_real_tokenizer(tmp_path):
+    # Speed is a benchmark's business, not a test's: a timed assert fails on a loaded machine.
     model, tok = embedded.tiny_llama(tmp_path / "tiny")
-    assert time.perf_counter() - t < 1.0
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "tiny" / "tokenizer.json").is_file()
