@@ -31,6 +31,7 @@ from fastapi import Request  # at module level: FastAPI resolves the endpoints' 
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from preftune.errors import PreftuneError
+from preftune.eval.generate import cut_at_stop, generation_config, prompt_ids, stop_ids
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
@@ -195,8 +196,6 @@ class Watch(StoppingCriteria):
         self.sent, self.text, self.hit, self.new_tokens = "", "", False, 0
 
     def update(self, new: list[int], final: bool) -> None:
-        from preftune.eval.generate import cut_at_stop
-
         kept = cut_at_stop(new, self.stop_ids)
         self.new_tokens = len(kept)
         decoded = self.tokenizer.decode(kept, skip_special_tokens=True)
@@ -221,10 +220,8 @@ def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperatur
     ``stop`` when an end-of-turn token or a ``stop`` string ended the reply (the stop string is not
     part of it), ``length`` when ``max_tokens`` did. ``emit`` gets the text piece by piece as it
     is generated; setting ``cancelled`` ends generation after the current token."""
-    from preftune.eval.generate import _generation_config, stop_ids
-
     stops = stop_ids(tokenizer, model)
-    cfg = _generation_config(model, tokenizer, max_tokens, temperature, top_p, stops)
+    cfg = generation_config(model, tokenizer, max_tokens, temperature, top_p, stops)
     watch = Watch(tokenizer, len(ids), stops, stop, strip, cancelled or threading.Event(), emit)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -242,8 +239,6 @@ def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperatur
 def prompt_of(settings: dict, model, tokenizer) -> list[int]:
     """The prompt ids: chat messages through the training-time ``encode_prompt`` (content never yields
     a control token); a completions ``prompt`` as the raw text it is. Checked against the context."""
-    from preftune.eval.generate import prompt_ids
-
     if "messages" in settings:
         try:
             ids = prompt_ids(settings["messages"], tokenizer)

@@ -53,7 +53,8 @@ def cut_at_stop(new_ids: list[int], stops: list[int]) -> list[int]:
     return new_ids
 
 
-def _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
+def generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
+    """Greedy decoding at temperature 0, else sampling with ``top_p``; ends at any of the ``stops`` ids."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -82,7 +83,7 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128,
     encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     stops = stop_ids(tokenizer, model)
-    gen_cfg = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops)
+    gen_cfg = generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops)
     pad_id = gen_cfg.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
