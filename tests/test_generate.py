@@ -93,15 +93,32 @@ def test_generate_command_writes_jsonl(tmp_path, tiny_model_dir):
     assert all(x["prompt"].startswith("question") and x["meta"]["category"] == "qa" for x in lines)
 
 
-def test_chat_keeps_the_conversation_and_resets(tiny):
+def _typed(*lines: str):
+    """``input``'s contract: each call returns the next line, and EOFError at the end."""
+    it = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(it)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def test_chat_keeps_the_conversation_and_resets(tiny, tmp_path):
     model, tok = tiny
     out = io.StringIO()
-    messages = chat_loop(model, tok, io.StringIO("hello\nhow are you?\n/reset\n\nnew topic\n/exit\nnever read\n"),
-                         out, max_new_tokens=4, temperature=1.0)
+    saved = tmp_path / "chat.json"
+    messages = chat_loop(model, tok, _typed("hello", "how are you?", f"/save {saved}", "/reset", "", "new topic",
+                                            "/exit", "never read"), out, max_new_tokens=4, temperature=1.0)
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "new topic"
     assert out.getvalue().count("assistant> ") == 3 and "(conversation reset)" in out.getvalue()
+    before_reset = json.loads(saved.read_text())
+    assert [m["content"] for m in before_reset if m["role"] == "user"] == ["hello", "how are you?"]
+    assert len(before_reset) == 4
     # end of input exits cleanly, keeping both turns
-    messages = chat_loop(model, tok, io.StringIO("one\ntwo\n"), io.StringIO(), max_new_tokens=4)
+    messages = chat_loop(model, tok, _typed("one", "two"), io.StringIO(), max_new_tokens=4)
     assert [m["content"] for m in messages if m["role"] == "user"] == ["one", "two"] and len(messages) == 4
 
 

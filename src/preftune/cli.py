@@ -60,13 +60,15 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
     ),
     "serve": (
         "preftune.serve:main",
-        "OpenAI-compatible chat server (/v1/chat/completions, /v1/models)",
+        "OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models), streaming or whole",
         (
             (("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
             (("--host",), dict(default="127.0.0.1")),
             (("--port",), dict(type=int, default=8000)),
             (("--api-key-env",), dict(default="PREFTUNE_API_KEY", help="env var holding the required API key")),
             (("--max-tokens",), dict(type=int, default=512, help="cap on max_tokens per request")),
+            (("--max-queue",), dict(type=int, default=8, help="requests waiting or running; more get 503")),
+            (("--served-model-name",), dict(default=None, help="the model id clients see (default: MODEL)")),
         ),
     ),
     "eval": ("preftune.eval.suite:main", "run the configured evaluations for base, SFT and DPO; writes eval.json",

@@ -1,35 +1,53 @@
-"""``preftune serve``: an OpenAI-compatible chat endpoint (``/v1/chat/completions``, ``/v1/models``)
-for a trained model on uvicorn, with an API key, body and ``max_tokens`` caps, and OpenAI-style
-errors; plus ``background`` to run an app on loopback in a thread (tests, local judging)."""
+"""``preftune serve``: an OpenAI-compatible server for a trained model on uvicorn: ``/v1/chat/completions``
+and ``/v1/completions`` (streamed as server-sent events or whole), ``/v1/models`` and
+``/v1/models/{id}``. It takes an API key, caps bodies and ``max_tokens``, bounds its queue, cancels a
+request whose client has gone, and answers OpenAI-style errors. ``background`` runs an app on loopback
+in a thread (tests, local judging).
+
+Why our own server and not ``transformers serve``: it serves what preftune trains as it was trained: a
+run folder or a LoRA adapter over its base without merging (``model.load_for_inference``), prompted
+through the training-time ``encode_prompt``, where message content can never produce a control token.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
+import json
+import math
 import os
 import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from fastapi import Request  # at module level: FastAPI resolves the endpoints' annotations here
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from preftune.errors import PreftuneError
+from preftune.eval.generate import cut_at_stop, generation_config, prompt_ids, stop_ids
 
-ROLES = ("system", "user", "assistant")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+"""Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 LOOPBACK_NAMES = ("localhost",)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+MAX_STOPS = 4
 
 
 class RequestError(Exception):
     """A bad request, answered as OpenAI's ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -47,19 +65,32 @@ def _number(body: dict, name: str, lo: float, hi: float, default: float) -> floa
     return float(value)
 
 
+def _content(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts (joined by newlines)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "\n".join(p["text"] for p in content)
+    raise RequestError(400, f"{where}.content must be a string or a list of {{'type': 'text', 'text': string}} "
+                            "parts (this server reads text only)", f"{where}.content", "invalid_value")
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' is required: a non-empty list of {role, content} objects",
                            "messages", "missing_required_parameter" if messages is None else "invalid_type")
+    out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise RequestError(400, f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': string}}",
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(400, f"messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': ...}}",
                                f"messages[{i}]", "invalid_value")
-    if messages[-1]["role"] == "assistant":
+        out.append({"role": ROLES[m["role"]], "content": _content(m.get("content"), f"messages[{i}]")})
+    if out[-1]["role"] == "assistant":
         raise RequestError(400, "the last message must come from the user (or system), not the assistant",
-                           f"messages[{len(messages) - 1}]", "invalid_value")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+                           f"messages[{len(out) - 1}]", "invalid_value")
+    return out
 
 
 def _max_tokens(body: dict, cap: int) -> int:
@@ -73,66 +104,265 @@ def _max_tokens(body: dict, cap: int) -> int:
     return min(value, cap)
 
 
-def parse_request(body: Any, cap: int) -> dict:
-    """A chat-completions body -> generation settings, or RequestError naming the bad field."""
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them, "
+                                f"got {stop!r}", "stop", "invalid_value")
+    return stops
+
+
+def _seed(body: dict) -> int:
+    seed = body.get("seed")
+    if seed is None:
+        return 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError(400, f"'seed' must be an integer in [-2**63, 2**64 - 1], got {seed!r}", "seed",
+                           "invalid_value")
+    return seed
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    """``(stream, include_usage)``."""
+    stream, options = body.get("stream") or False, body.get("stream_options") or {}
+    if not isinstance(stream, bool):
+        raise RequestError(400, f"'stream' must be true or false, got {stream!r}", "stream", "invalid_value")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(400, "'stream_options' must be {'include_usage': bool}", "stream_options", "invalid_value")
+    return stream, bool(options.get("include_usage"))
+
+
+def parse_request(body: Any, cap: int, kind: str = "chat") -> dict:
+    """A chat-completions (``kind="chat"``) or completions body -> its settings, or RequestError
+    naming the bad field. Chat has ``messages``; completions has ``prompt`` (one string)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", None, "invalid_json")
-    if body.get("stream"):
-        raise RequestError(400, "streaming is not supported by preftune serve; send stream=false", "stream",
-                           "unsupported_value")
     if body.get("n", 1) != 1:
         raise RequestError(400, "only n=1 is supported", "n", "unsupported_value")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, f"'seed' must be an integer, got {seed!r}", "seed", "invalid_value")
-    return {
-        "messages": _messages(body),
-        "max_tokens": _max_tokens(body, cap),
-        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0,
-        "seed": seed if seed is not None else 0,
-    }
+    stream, include_usage = _stream(body)
+    out = {"max_tokens": _max_tokens(body, cap), "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+           "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0, "seed": _seed(body), "stop": _stop(body),
+           "stream": stream, "include_usage": include_usage}
+    if kind == "chat":
+        return {**out, "messages": _messages(body)}
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "'prompt' must be a non-empty string (or a list of exactly one)", "prompt",
+                           "invalid_value")
+    return {**out, "prompt": prompt}
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply", None, "invalid_json") from None
+    except ValueError as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
 
 
 # ---------------------------------------------------------------- generation
 
 
-def complete(model, tokenizer, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
-             seed: int) -> dict:
-    """One chat completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``.
+def visible_text(text: str, stop: list[str], strip: bool, final: bool) -> tuple[str, bool]:
+    """``(what of the decoded text may be sent, whether a stop string ended it)``.
 
-    The prompt goes through the project's chat-template function; temperature 0 is greedy;
-    sampling runs under ``seed`` in a forked RNG. ``finish_reason`` is ``stop`` when an end-of-turn
-    token ended the reply, ``length`` when ``max_tokens`` did."""
-    import torch
-    from transformers import GenerationConfig
+    The text is cut before the first stop string. Until the end it holds back a tail that could be
+    the start of a stop string, an incomplete character (``\\ufffd``) and, with ``strip``, trailing
+    white space, so what is sent only grows and ends as the whole reply (stripped with ``strip``)."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        text = text[: min(hits)]
+    if strip:
+        text = text.lstrip()
+    if hits or final:
+        return (text.rstrip() if strip else text), bool(hits)
+    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    text = text[: len(text) - hold].rstrip("\ufffd")
+    return (text.rstrip() if strip else text), False
 
-    from preftune.eval.generate import cut_at_stop, prompt_ids, stop_ids
 
-    try:
-        ids = prompt_ids(messages, tokenizer)
-    except Exception as e:  # e.g. a chat template that refuses a system turn or non-alternating roles
-        raise RequestError(400, f"the model's chat template rejected the messages: {e}", "messages",
-                           "invalid_value") from None
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and len(ids) + max_tokens > context:
-        raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                                f"model's context of {context} tokens", "messages", "context_length_exceeded")
+class Watch(StoppingCriteria):
+    """Follows one generation token by token: sends each new piece of visible text to ``emit`` and
+    stops the generation at a stop string, at an end-of-turn id, or once ``cancelled`` is set."""
+
+    def __init__(self, tokenizer, prompt_len: int, stop_ids: list[int], stop: list[str], strip: bool,
+                 cancelled: threading.Event, emit: Callable[[str], None] | None):
+        self.tokenizer, self.prompt_len, self.stop_ids, self.stop, self.strip = tokenizer, prompt_len, stop_ids, stop, strip
+        self.cancelled, self.emit = cancelled, emit
+        self.sent, self.text, self.hit, self.new_tokens = "", "", False, 0
+
+    def update(self, new: list[int], final: bool) -> None:
+        kept = cut_at_stop(new, self.stop_ids)
+        self.new_tokens = len(kept)
+        decoded = self.tokenizer.decode(kept, skip_special_tokens=True)
+        self.text, self.hit = visible_text(decoded, self.stop, self.strip, final or len(kept) < len(new))
+        if self.emit and self.text.startswith(self.sent) and len(self.text) > len(self.sent):
+            self.emit(self.text[len(self.sent):])
+            self.sent = self.text
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        if self.stop or self.emit:
+            self.update(input_ids[0, self.prompt_len:].tolist(), final=False)
+        done = self.hit or self.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int,
+                   stop: list[str], strip: bool = True, emit: Callable[[str], None] | None = None,
+                   cancelled: threading.Event | None = None) -> dict:
+    """One completion of prompt ``ids``: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``.
+
+    Temperature 0 is greedy; sampling runs under ``seed`` in a forked RNG. ``finish_reason`` is
+    ``stop`` when an end-of-turn token or a ``stop`` string ended the reply (the stop string is not
+    part of it), ``length`` when ``max_tokens`` did. ``emit`` gets the text piece by piece as it
+    is generated; setting ``cancelled`` ends generation after the current token."""
     stops = stop_ids(tokenizer, model)
-    sample = temperature > 0
-    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else None,
-                           top_p=top_p if sample else None, top_k=None, eos_token_id=stops,
-                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0])
+    cfg = generation_config(model, tokenizer, max_tokens, temperature, top_p, stops)
+    watch = Watch(tokenizer, len(ids), stops, stop, strip, cancelled or threading.Event(), emit)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
+                             stopping_criteria=StoppingCriteriaList([watch]))
     new = out[0, len(ids):].tolist()
-    kept = cut_at_stop(new, stops)
-    return {"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
-            "finish_reason": "stop" if len(kept) < len(new) or len(new) < max_tokens else "length",
-            "prompt_tokens": len(ids), "completion_tokens": len(kept)}
+    watch.update(new, final=True)
+    ended = watch.hit or watch.new_tokens < len(new) or len(new) < max_tokens
+    return {"text": watch.text, "finish_reason": "stop" if ended else "length",
+            "prompt_tokens": len(ids), "completion_tokens": watch.new_tokens}
+
+
+def prompt_of(settings: dict, model, tokenizer) -> list[int]:
+    """The prompt ids: chat messages through the training-time ``encode_prompt`` (content never yields
+    a control token); a completions ``prompt`` as the raw text it is. Checked against the context."""
+    if "messages" in settings:
+        try:
+            ids = prompt_ids(settings["messages"], tokenizer)
+        except Exception as e:  # e.g. a chat template that refuses a system turn or non-alternating roles
+            raise RequestError(400, f"the model's chat template rejected the messages: {e}", "messages",
+                               "invalid_value") from None
+    else:
+        ids = list(tokenizer.encode(settings["prompt"]))
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and len(ids) + settings["max_tokens"] > context:
+        raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({settings['max_tokens']}) "
+                                f"exceeds the model's context of {context} tokens", "messages", "context_length_exceeded")
+    return ids
+
+
+class Engine:
+    """One model, one request at a time, behind a bounded queue.
+
+    At most ``max_queue`` requests wait or run; the next one gets 503 with ``Retry-After`` (the mean
+    of recent request times, times the queue length). A request whose client has gone is skipped if
+    it is still waiting, and its generation ends at the next token if it is running."""
+
+    def __init__(self, model, tokenizer, max_queue: int):
+        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+        self.lock = asyncio.Lock()
+        self.pending = 0
+        self.durations: deque[float] = deque([1.0], maxlen=20)
+
+    def admit(self) -> None:
+        if self.pending >= self.max_queue:
+            wait = math.ceil(sum(self.durations) / len(self.durations) * self.pending)
+            raise RequestError(503, f"the server is busy ({self.pending} requests queued, the limit); retry in "
+                                    f"{wait} s", None, "server_overloaded", "server_error",
+                               {"Retry-After": str(max(1, wait))})
+        self.pending += 1
+
+    def start(self, ids: list[int], settings: dict, strip: bool, cancelled: threading.Event,
+              emit: Callable[[str], None] | None = None) -> asyncio.Task:
+        """The task that generates for an admitted request once the model is free (None if cancelled first)."""
+        return asyncio.create_task(self._run(ids, settings, strip, cancelled, emit))
+
+    async def _run(self, ids, settings, strip, cancelled, emit) -> dict | None:
+        from anyio import to_thread
+
+        try:
+            async with self.lock:
+                if cancelled.is_set():
+                    return None
+                start = time.monotonic()
+                keys = ("max_tokens", "temperature", "top_p", "seed", "stop")
+                out = await to_thread.run_sync(lambda: generate_reply(
+                    self.model, self.tokenizer, ids, **{k: settings[k] for k in keys}, strip=strip, emit=emit,
+                    cancelled=cancelled))
+                self.durations.append(time.monotonic() - start)
+                return out
+        finally:
+            self.pending -= 1
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _usage(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+
+
+def whole_response(kind: str, rid: str, model_name: str, out: dict) -> dict:
+    choice = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}, "logprobs": None}
+              if kind == "chat" else {"index": 0, "text": out["text"], "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model_name,
+            "choices": [{**choice, "finish_reason": out["finish_reason"]}], "usage": _usage(out)}
+
+
+def chunk(kind: str, rid: str, model_name: str, text: str | None, finish: str | None = None,
+          first: bool = False) -> dict:
+    """One streamed chunk; with ``text=None`` and no ``finish``, the usage-only chunk has no choices."""
+    if kind == "chat":
+        delta = {"role": "assistant", "content": text or ""} if first else {} if finish else {"content": text}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model_name, "choices": [choice]}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream_events(task: asyncio.Task, pieces: asyncio.Queue, cancelled: threading.Event, kind: str,
+                         model_name: str, settings: dict):
+    """Server-sent events for one streamed request: a chunk per piece of text as it is generated, the
+    last with its ``finish_reason`` (and a usage chunk when asked), then ``[DONE]``. If the client
+    goes away, Starlette cancels this generator and the ``finally`` cancels the generation."""
+    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    try:
+        yield sse(chunk(kind, rid, model_name, "", first=True))
+        while (piece := await pieces.get()) is not None:
+            yield sse(chunk(kind, rid, model_name, piece))
+        if task.exception() is not None:
+            err = RequestError(500, f"internal error: {type(task.exception()).__name__}", None, None, "server_error")
+            yield sse(err.body())
+            return
+        out = task.result()
+        yield sse(chunk(kind, rid, model_name, None, out["finish_reason"]))
+        if settings["include_usage"]:
+            yield sse({**chunk(kind, rid, model_name, None), "choices": [], "usage": _usage(out)})
+        yield sse("[DONE]")
+    finally:
+        cancelled.set()
+
+
+async def _whole(task: asyncio.Task, cancelled: threading.Event, request, kind: str, model_name: str) -> dict:
+    """One request answered whole; the client's connection is watched and a gone client cancels it."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and not cancelled.is_set() and await request.is_disconnected():
+            cancelled.set()
+    out = task.result()
+    if out is None:
+        raise RequestError(499, "the client closed the request", None, "client_closed")
+    return whole_response(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model_name, out)
 
 
 # ---------------------------------------------------------------- the app
@@ -145,11 +375,11 @@ async def _read_body(request, limit: int) -> bytes:
         raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes",
                            None, "request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
+    async for piece in request.stream():
+        size += len(piece)
         if size > limit:
             raise RequestError(413, f"request body exceeds the limit of {limit} bytes", None, "request_too_large")
-        chunks.append(chunk)
+        chunks.append(piece)
     return b"".join(chunks)
 
 
@@ -163,26 +393,25 @@ def _authorize(request, api_key: str | None) -> None:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None, max_tokens_cap: int,
-               max_body_bytes: int = 1_000_000):
-    """The FastAPI app serving ``model``.
+               max_body_bytes: int = 1_000_000, max_queue: int = 8):
+    """The FastAPI app serving ``model`` under the id ``model_name``.
 
     With ``api_key`` every request needs ``Authorization: Bearer <key>`` (401 otherwise). Bodies over
     ``max_body_bytes`` get 413. ``max_tokens`` above ``max_tokens_cap`` is CLAMPED to the cap (not
     refused), so clients written for large models still work; a missing ``max_tokens`` means the cap.
-    One model answers every ``model`` name. Generation is serialised with a lock (one model, one
-    request at a time). Errors are OpenAI-style JSON."""
-    from anyio import to_thread
+    The one model answers whatever ``model`` a request names. Requests run one at a time behind a
+    queue of ``max_queue`` (:class:`Engine`). Errors are OpenAI-style JSON."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="preftune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()
-    created = int(time.time())
+    engine = Engine(model, tokenizer, max_queue)
+    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "preftune"}
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
@@ -197,34 +426,37 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(request, api_key)
-        return {"object": "list",
-                "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "preftune"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str, request: Request):
+        _authorize(request, api_key)
+        if model_id != model_name:
+            raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                               "model", "model_not_found")
+        return card
+
+    async def answer(request: Request, kind: str):
+        _authorize(request, api_key)
+        settings = parse_request(parse_json(await _read_body(request, max_body_bytes)), max_tokens_cap, kind)
+        ids = prompt_of(settings, model, tokenizer)
+        engine.admit()
+        cancelled, strip = threading.Event(), kind == "chat"  # chat replies are stripped, raw completions not
+        if not settings["stream"]:
+            return await _whole(engine.start(ids, settings, strip, cancelled), cancelled, request, kind, model_name)
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        task = engine.start(ids, settings, strip, cancelled, lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p))
+        task.add_done_callback(lambda _: pieces.put_nowait(None))  # after every piece: both go through the loop
+        return StreamingResponse(_stream_events(task, pieces, cancelled, kind, model_name, settings),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        import json
+        return await answer(request, "chat")
 
-        _authorize(request, api_key)
-        raw = await _read_body(request, max_body_bytes)
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise RequestError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        settings = parse_request(body, max_tokens_cap)
-
-        def run() -> dict:
-            with lock:
-                return complete(model, tokenizer, **settings)
-
-        out = await to_thread.run_sync(run)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": out["finish_reason"]}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-        }
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(request, "completion")
 
     return app
 
@@ -251,15 +483,29 @@ def check_bind(host: str, api_key: str | None, api_key_env: str) -> None:
         )
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port), or a PreftuneError that says why not."""
+    if isinstance(port, bool) or not 0 <= port <= 65535:
+        raise PreftuneError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        raise PreftuneError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") \
+            from None
+    return sock
+
+
 @contextlib.contextmanager
 def background(app, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
     """Run ``app`` under uvicorn in a daemon thread on a free port; yields its base URL
     (``http://127.0.0.1:PORT``) once the server is accepting, and stops it on exit."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock = listen(host, 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -282,18 +528,27 @@ def _wait(done: Callable[[], bool], timeout: float) -> None:
 
 
 def main(ns) -> int:
-    """``preftune serve MODEL [--host H] [--port P] [--api-key-env VAR] [--max-tokens N]``."""
+    """``preftune serve MODEL [--host H] [--port P] [--api-key-env VAR] [--max-tokens N] [--max-queue N]
+    [--served-model-name NAME]``. Every setting is checked, and the port bound, before the model loads."""
     import uvicorn
 
     from preftune.model import load_for_inference
 
     api_key = os.environ.get(ns.api_key_env) or None
     check_bind(ns.host, api_key, ns.api_key_env)
-    if ns.max_tokens < 1:
-        raise PreftuneError(f"--max-tokens must be at least 1, got {ns.max_tokens}")
-    model, tokenizer = load_for_inference(ns.model)
-    app = create_app(model, tokenizer, ns.model, api_key, ns.max_tokens)
-    auth = f"API key required (from ${ns.api_key_env})" if api_key else "no API key (loopback only)"
-    print(f"preftune serve: {ns.model} at http://{ns.host}:{ns.port}/v1 ; {auth}; max_tokens cap {ns.max_tokens}")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
+    max_queue = getattr(ns, "max_queue", 8)
+    for flag, value in (("--max-tokens", ns.max_tokens), ("--max-queue", max_queue)):
+        if value < 1:
+            raise PreftuneError(f"{flag} must be at least 1, got {value}")
+    name = getattr(ns, "served_model_name", None) or ns.model
+    sock = listen(ns.host, ns.port)
+    try:
+        model, tokenizer = load_for_inference(ns.model)
+        app = create_app(model, tokenizer, name, api_key, ns.max_tokens, max_queue=max_queue)
+        auth = f"API key required (from ${ns.api_key_env})" if api_key else "no API key (loopback only)"
+        print(f"preftune serve: {ns.model} as {name!r} at http://{ns.host}:{sock.getsockname()[1]}/v1 ; {auth}; "
+              f"max_tokens cap {ns.max_tokens}; queue {max_queue}", flush=True)
+        uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

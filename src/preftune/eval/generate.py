@@ -4,8 +4,10 @@ live elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -51,7 +53,8 @@ def cut_at_stop(new_ids: list[int], stops: list[int]) -> list[int]:
     return new_ids
 
 
-def _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
+def generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
+    """Greedy decoding at temperature 0, else sampling with ``top_p``; ends at any of the ``stops`` ids."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -80,7 +83,7 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128,
     encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     stops = stop_ids(tokenizer, model)
-    gen_cfg = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops)
+    gen_cfg = generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops)
     pad_id = gen_cfg.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
@@ -138,28 +141,38 @@ def main(ns) -> int:
 
 # ---------------------------------------------------------------- preftune chat
 
-CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of input) quits"
+CHAT_HELP = ("type a message; /reset starts a new conversation, /save FILE writes it as JSON, /exit (or "
+             "Ctrl-D) quits; arrow keys edit the line and recall earlier ones")
+HISTORY_LENGTH = 1000
 
 
-def chat_loop(model, tokenizer, stdin: TextIO, stdout: TextIO, max_new_tokens: int = 256,
-              temperature: float = 0.7, seed: int = 0) -> list[dict]:
-    """Read user lines from ``stdin``, answer each with the whole conversation as the prompt; return
-    the conversation at exit. ``/reset`` clears it, ``/exit`` or end of input ends the loop."""
+def chat_loop(model, tokenizer, read: Callable[[str], str] = input, stdout: TextIO | None = None,
+              max_new_tokens: int = 256, temperature: float = 0.7, seed: int = 0) -> list[dict]:
+    """Read user lines with ``read(prompt)`` (``input``: with readline loaded, it edits the line and
+    keeps history), answer each with the whole conversation as the prompt; return the conversation at
+    exit. ``/reset`` clears it, ``/save FILE`` writes it as JSON messages, ``/exit`` or end of input
+    (``EOFError``) ends the loop, and Ctrl-C discards the line being typed."""
+    stdout = stdout or sys.stdout
     messages: list[dict] = []
     turn = 0
     print(CHAT_HELP, file=stdout)
     while True:
-        print("you> ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
             print("", file=stdout)
             return messages
-        text = line.strip()
+        except KeyboardInterrupt:
+            print("", file=stdout)
+            continue
         if text == "/exit":
             return messages
         if text == "/reset":
             messages = []
             print("(conversation reset)", file=stdout)
+            continue
+        if text.startswith("/save"):
+            _save_chat(messages, text[len("/save"):].strip(), stdout)
             continue
         if not text:
             continue
@@ -171,10 +184,47 @@ def chat_loop(model, tokenizer, stdin: TextIO, stdout: TextIO, max_new_tokens: i
         print(f"assistant> {reply}", file=stdout, flush=True)
 
 
+def _save_chat(messages: list[dict], path: str, stdout: TextIO) -> None:
+    if not path:
+        print("(usage: /save FILE)", file=stdout)
+        return
+    try:
+        Path(path).write_text(json.dumps(messages, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        print(f"(saved {len(messages)} messages to {path})", file=stdout)
+    except OSError as e:
+        print(f"(could not save to {path}: {e.strerror or e})", file=stdout)
+
+
+def line_editing(history: Path) -> Callable[[], None]:
+    """Turn on line editing and history for ``input()`` through readline, with the lines of earlier
+    sessions read from ``history``; returns the function that saves them there. Without readline
+    (e.g. plain Windows) input stays unedited and nothing is saved."""
+    try:
+        import readline
+    except ImportError:
+        return lambda: None
+    readline.set_history_length(HISTORY_LENGTH)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(history)
+
+    def save() -> None:
+        with contextlib.suppress(OSError):
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+
+    return save
+
+
 def chat(ns) -> int:
-    """``preftune chat MODEL``: a terminal chat; the model is a run, adapter, model folder or embedded name."""
+    """``preftune chat MODEL``: a terminal chat; the model is a run, adapter, model folder or embedded
+    name. At a terminal the line is edited with readline, and the history is kept in the cache folder."""
+    from preftune.embedded import cache_root
     from preftune.model import load_for_inference
 
     model, tok = load_for_inference(ns.model)
-    chat_loop(model, tok, sys.stdin, sys.stdout, ns.max_new_tokens, ns.temperature)
+    save = line_editing(cache_root() / "chat_history") if sys.stdin.isatty() else (lambda: None)
+    try:
+        chat_loop(model, tok, input, sys.stdout, ns.max_new_tokens, ns.temperature)
+    finally:
+        save()
     return 0
