@@ -126,6 +126,46 @@ def test_shared_layouts_match_padded(model_type, attn) -> None:
     assert batch["input_ids"].shape[0] < len(items)  # the packed batch really packs
 
 
+@pytest.fixture
+def uncompiled_flex(monkeypatch) -> list:
+    """transformers' flex_attention run uncompiled (a first inductor build takes 10 to 25 s on two
+    cores), recording the ``block_mask`` each layer gets."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    seen = []
+
+    def uncompiled(query, key, value, training=False, **kwargs):
+        seen.append(kwargs.get("block_mask"))
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", uncompiled)
+    return seen
+
+
+@pytest.mark.e2e
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("model_type", sorted(set(CONFIGS) - {"falcon"}))  # Falcon has no flex_attention
+def test_flex_forward_matches_padded_on_cpu(model_type, uncompiled_flex) -> None:
+    """Under flex_attention (forward only: torch has no FlexAttention backward on the CPU; gradients are
+    checked on CUDA in tests/test_gpu.py) every layer gets a BlockMask, and the sums equal the padded
+    path's within 1e-5 plus 2.4e-7 relative."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    model = tiny_model(model_type, "eager" if model_type in NO_SDPA else "sdpa")
+    items = pairs()
+    with torch.no_grad():
+        want = sequence_logps_of(SequenceLogps(model), LAYOUT_OF["padded"](items), chunked=False)[0]
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        for layout in ("prefix_shared", "packed"):
+            uncompiled_flex.clear()
+            got = sequence_logps_of(SequenceLogps(model), LAYOUT_OF[layout](items), chunked=False)[0]
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=2.4e-7)
+            assert len(uncompiled_flex) == model.config.num_hidden_layers
+            assert all(isinstance(m, BlockMask) for m in uncompiled_flex)
+
+
 @pytest.mark.parametrize("model_type", SLIDING)
 def test_sliding_window_needs_the_windowed_mask(model_type, monkeypatch) -> None:
     """Control: the same shared batch under a full causal mask (the window left out) misses the padded
