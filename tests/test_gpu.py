@@ -162,6 +162,10 @@ def test_shared_layouts_in_bf16_on_cuda(model_type) -> None:
 
 
 # ----------------------------------------------------------------------------- training on CUDA
+needs_datasets = needs_package("datasets", "a dependency of preftune's training loop")
+
+
+@needs_datasets
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_dpo_trains_in_bf16_on_cuda(precision, tiny_folder, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
@@ -171,6 +175,7 @@ def test_dpo_trains_in_bf16_on_cuda(precision, tiny_folder, tmp_path, monkeypatc
     assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-2)
 
 
+@needs_datasets
 def test_flex_attention_trains_on_cuda(tiny_folder, tmp_path, monkeypatch) -> None:
     """flex_attention: auto picks prefix_shared, step 0 is ln 2, the loss moves."""
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
@@ -180,6 +185,7 @@ def test_flex_attention_trains_on_cuda(tiny_folder, tmp_path, monkeypatch) -> No
     assert rows[-1]["loss"] < LN2 - 1e-3
 
 
+@needs_datasets
 @needs_package("bitsandbytes", "QLoRA's 4-bit kernels: pip install 'preftune[gpu]'")
 def test_qlora_trains_on_cuda(tiny_folder, tmp_path, monkeypatch) -> None:
     """4-bit base weights with LoRA adapters: the reference is the adapter-less policy, step 0 is ln 2
@@ -192,6 +198,7 @@ def test_qlora_trains_on_cuda(tiny_folder, tmp_path, monkeypatch) -> None:
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+@needs_datasets
 @needs_package("flash_attn", "flash_attention_2's kernels")
 def test_flash_attention_2_trains_padded_on_cuda(tiny_folder, tmp_path, monkeypatch) -> None:
     """flash_attention_2 takes disjoint sequences only: auto picks padded, and it trains."""
