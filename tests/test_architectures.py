@@ -180,8 +180,8 @@ def test_sliding_window_needs_the_windowed_mask(model_type, monkeypatch) -> None
 
 
 def test_decoder_mask_per_layer_type() -> None:
-    """Qwen2 with one full and one sliding layer gets ``{layer type: mask}``; the sliding one is windowed.
-    Llama gets one tensor in the model's dtype."""
+    """Qwen2 with one full and one sliding layer gets ``{layer type: mask}``; the sliding one is windowed;
+    without sliding layers only ``full_attention``. Llama gets one tensor in the model's dtype."""
     b = LAYOUT_OF["prefix_shared"](pairs())
     model = tiny_model("qwen2")
     masks = decoder_mask(model, None, b["position_ids"], b["blocks"], b["segments"])
@@ -190,6 +190,9 @@ def test_decoder_mask_per_layer_type() -> None:
     assert torch.equal(masks["sliding_attention"],
                        shared_mask(b["blocks"], b["segments"], b["position_ids"], window=WINDOW))
     assert not torch.equal(masks["full_attention"], masks["sliding_attention"])
+    no_window = decoder_mask(tiny_model("qwen2", use_sliding_window=False), None, b["position_ids"], b["blocks"],
+                             b["segments"])
+    assert set(no_window) == {"full_attention"}  # only the layer types the model has
     plain = decoder_mask(tiny_model("llama"), None, b["position_ids"], b["blocks"], b["segments"])
     assert isinstance(plain, torch.Tensor) and plain.dtype == torch.float32 and plain.shape[1] == 1
 
