@@ -236,7 +236,7 @@ def test_choose_layout_on_tested_architectures(caplog) -> None:
 
 
 @pytest.mark.parametrize("case, why", [
-    ("flash_attention_2", "takes disjoint sequences only"),
+    ("flash_attention_2", "take disjoint sequences only"),
     ("gpt2", "not among those tested"),
     ("falcon_alibi", "ALiBi"),
     ("gemma3_bidirectional", "bidirectionally"),

@@ -81,8 +81,8 @@ def shared_layout_problem(model: Any) -> str | None:
         return "it has no transformers config"
     attention, model_type = _attention(model), config.model_type
     if attention not in SHARED_MASK_ATTENTION:
-        return (f"attention '{attention}' takes disjoint sequences only; the shared layouts need "
-                f"{' or '.join(sorted(SHARED_MASK_ATTENTION))}")
+        return (f"attention '{attention}' cannot take the shared mask: varlen kernels (flash_attention_2/3) take "
+                f"disjoint sequences only; the shared layouts need {', '.join(sorted(SHARED_MASK_ATTENTION))}")
     if model_type not in TESTED_ARCHITECTURES:
         return (f"model type '{model_type}' is not among those tested exact with a custom mask "
                 f"({', '.join(sorted(TESTED_ARCHITECTURES))})")
@@ -90,11 +90,10 @@ def shared_layout_problem(model: Any) -> str | None:
         return "its ALiBi bias is built from a 2D padding mask, so it cannot follow restarted positions"
     if getattr(config, "use_bidirectional_attention", False):
         return "it attends bidirectionally, so chosen and rejected would see later tokens"
-    odd = set(getattr(config, "layer_types", None) or ()) - LAYER_TYPES
-    if odd:
-        return f"its layer types {sorted(odd)} take masks other than full or sliding-window attention"
-    if TESTED_ARCHITECTURES[model_type] == ONE_MASK and getattr(config, "layer_types", None) and len(
-            set(config.layer_types)) > 1:
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if layer_types - LAYER_TYPES:
+        return f"its layer types {sorted(layer_types - LAYER_TYPES)} take masks other than full or sliding-window"
+    if len(layer_types) > 1 and TESTED_ARCHITECTURES[model_type] == ONE_MASK:
         return "it mixes full and sliding-window layers but takes one mask for all of them"
     return None
 
