@@ -362,6 +362,9 @@ def main() -> None:
     print("\n" + report(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
+    failed = [side for side in a.sides.split(",") if "error" in results[side]]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
