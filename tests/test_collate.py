@@ -7,16 +7,12 @@ fp32 ulp is 7.6e-6 and summation order alone would eat the tolerance."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from preftune.attention import MASK_MIN, decoder_mask, shared_mask
 from preftune.data.collate import (
-    LAYOUTS,
-    MASK_MIN,
-    choose_layout,
     collate_packed,
     collate_padded,
     collate_prefix_shared,
@@ -43,10 +39,10 @@ def oracle_logps(model, prompt: list[int], completion: list[int]) -> torch.Tenso
 
 
 def batch_logps(model, b: dict) -> torch.Tensor:
-    """Per-sequence summed log-probs from a batch, following the contract: [S]."""
-    logits = model(
-        input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]
-    ).logits
+    """Per-sequence summed log-probs from a batch, following the contract: [S]. The model gets the mask
+    the model side builds for the batch (:func:`preftune.attention.decoder_mask`)."""
+    mask = decoder_mask(model, b["attention_mask"], b["position_ids"], b["blocks"], b["segments"])
+    logits = model(input_ids=b["input_ids"], attention_mask=mask, position_ids=b["position_ids"]).logits
     flat = logits.reshape(-1, logits.shape[-1])[b["score_index"]].float().log_softmax(-1)
     token_logps = flat.gather(-1, b["score_target"][:, None]).squeeze(-1).double()
     return torch.zeros(b["num_seqs"], dtype=torch.float64).index_add(0, b["score_seq"], token_logps)
@@ -148,7 +144,8 @@ def test_prefix_shared_layout_by_hand() -> None:
     assert b["score_target"].tolist() == [3, 4, 5, 7, 8, 9]
     assert b["score_seq"].tolist() == [0, 0, 2, 1, 3, 3]
     assert (b["num_seqs"], b["num_pairs"], b["tokens"], b["keys"]) == (4, 2, 12, ["x", "y"])
-    mask = b["attention_mask"]
+    assert b["attention_mask"] is None  # the model side builds it from blocks and segments
+    mask = shared_mask(b["blocks"], b["segments"])
     assert mask.shape == (2, 1, 5, 5) and mask.dtype == torch.float32
     allowed = (mask[:, 0] == 0).int().tolist()
     assert allowed[0] == [
@@ -178,7 +175,7 @@ def test_packed_layout_by_hand() -> None:
     assert b["position_ids"].tolist() == [[0, 1, 1, 0, 1, 1], [0, 1, 2, 2, 0, 0]]
     assert b["score_seq"].tolist() == [0, 3, 1, 4, 2, 5]
     assert b["score_index"].tolist() == [0, 0, 3, 3, 7, 7]
-    allowed = (b["attention_mask"][:, 0] == 0).int()
+    allowed = (shared_mask(b["blocks"], b["segments"])[:, 0] == 0).int()
     assert allowed[0, 3].tolist() == [0, 0, 0, 1, 0, 0]  # pair b's prompt does not see pair a
     assert allowed[0, 5].tolist() == [0, 0, 0, 1, 0, 1]
     assert allowed[1, 5].tolist() == [0, 0, 0, 0, 0, 1]
@@ -290,28 +287,6 @@ def test_tokens_count_prompt_per_sequence(chat_pairs) -> None:
     for name, collate in SHARED.items():
         assert collate(items)["tokens"] == want, name
         assert collate(items)["keys"] == ["chat0", "chat1"], name
-
-
-# ----------------------------------------------------------------------------- layout choice
-def test_choose_layout(tiny, caplog) -> None:
-    model = make_model("tiny", "sdpa", tiny)
-    assert set(LAYOUTS) == {"padded", "prefix_shared", "packed"}
-    with caplog.at_level(logging.INFO, logger="preftune"):
-        assert choose_layout("auto", model) == "prefix_shared"
-    assert "batch layout: prefix_shared" in caplog.text
-    assert choose_layout("packed", model) == "packed"
-    model.config._attn_implementation = "flex_attention"  # BlockMask from blocks and segments
-    assert choose_layout("auto", model) == "prefix_shared"
-    assert choose_layout("packed", model) == "packed"
-    model.config._attn_implementation = "flash_attention_2"  # only read here, never run
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="preftune"):
-        assert choose_layout("auto", model) == "padded"
-    assert "auto -> padded" in caplog.text and "flash_attention_2" in caplog.text
-    with pytest.raises(PreftuneError, match="padded"):
-        choose_layout("prefix_shared", model)
-    with pytest.raises(PreftuneError, match="unknown"):
-        choose_layout("ragged", model)
 
 
 def test_to_device_moves_tensors_only() -> None:

@@ -12,13 +12,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_attention
 
-from preftune.data.collate import (
-    collate_packed,
-    collate_padded,
-    collate_prefix_shared,
-    shared_block_mask,
-    shared_mask,
-)
+from preftune.attention import shared_block_mask, shared_mask
+from preftune.data.collate import collate_packed, collate_padded, collate_prefix_shared, to_device
 from preftune.data.rows import PreferenceRow, TokenizedPair
 from preftune.data.tokenize import tokenize_pair
 from preftune.embedded import tiny_llama
@@ -29,8 +24,8 @@ PAD = 0
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
 
 SHARED = {
-    "prefix_shared": lambda items, dense: collate_prefix_shared(items, PAD, dense_mask=dense),
-    "packed": lambda items, dense: collate_packed(items, PAD, token_budget=130, dense_mask=dense),
+    "prefix_shared": lambda items: collate_prefix_shared(items, PAD),
+    "packed": lambda items: collate_packed(items, PAD, token_budget=130),
 }
 
 
@@ -87,7 +82,7 @@ def test_block_mask_matches_dense_mask(layout) -> None:
         items.append(TokenizedPair(p_ids, c_ids, r_ids, str(i)))
     b = (collate_prefix_shared(items, PAD) if layout == "prefix_shared"
          else collate_packed(items, PAD, token_budget=400))
-    dense_allowed = b["attention_mask"][:, 0] == 0
+    dense_allowed = shared_mask(b["blocks"], b["segments"])[:, 0] == 0
     block_mask = shared_block_mask(b["blocks"], b["segments"])
     assert torch.equal(allowed_pairs(block_mask), dense_allowed)
     rows, width = b["blocks"].shape
@@ -100,14 +95,13 @@ def test_block_mask_matches_dense_mask(layout) -> None:
         assert not occupied.all(), "some tiles must be skipped in packed rows"
 
 
-def test_dense_mask_false_leaves_blocks_and_segments() -> None:
-    """``dense_mask=False`` drops only the dense mask; padded batches carry no blocks."""
+def test_shared_batches_carry_labels_not_masks() -> None:
+    """Shared layouts carry blocks and segments and no mask (the model side builds it); padded
+    batches carry no blocks."""
     items = [TokenizedPair([1, 2], [3], [4, 5], "x"), TokenizedPair([6], [7, 8], [9], "y")]
     for collate in SHARED.values():
-        dense, lean = collate(items, True), collate(items, False)
-        assert lean["attention_mask"] is None
-        assert torch.equal(shared_mask(lean["blocks"], lean["segments"]), dense["attention_mask"])
-        assert lean.keys() == dense.keys()
+        b = collate(items)
+        assert b["attention_mask"] is None and b["blocks"] is not None and b["segments"] is not None
     padded = collate_padded(items, PAD)
     assert padded["blocks"] is None and padded["segments"] is None
 
@@ -139,38 +133,26 @@ def padded_sums(model, items) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["prefix_shared", "packed"])
 def test_flex_logps_match_padded_on_cpu(layout, tiny, items, eager_flex) -> None:
     """Forward only (see the module docstring). Sums agree within 1e-5 in fp32 plus 2.4e-7 relative, about
-    two ulps (they reach -350, where one fp32 ulp is 3e-5), through the chunked and the plain path, with
-    the dense mask in the batch and without it; every attention call got the BlockMask of the batch's
-    blocks and segments (a dense 4D mask would give the same numbers through flex's score_mod)."""
+    two ulps (they reach -350, where one fp32 ulp is 3e-5), through the chunked and the plain path;
+    every attention call got the BlockMask of the batch's blocks and segments (a dense 4D mask would
+    give the same numbers through flex's score_mod)."""
     want = padded_sums(tiny, items)
     tiny.set_attn_implementation("flex_attention")
     try:
-        for dense in (True, False):
-            b = SHARED[layout](items, dense)
-            for chunked in (True, False):
-                eager_flex.clear()
-                with torch.no_grad():
-                    got = sequence_logps_of(SequenceLogps(tiny, chunk_size=16), b, chunked=chunked)[0]
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=2.4e-7)
-                assert len(eager_flex) == tiny.config.num_hidden_layers
-                want_allowed = shared_mask(b["blocks"], b["segments"])[:, 0] == 0
-                for block_mask in eager_flex:
-                    assert torch.equal(allowed_pairs(block_mask), want_allowed)
+        b = SHARED[layout](items)
+        for chunked in (True, False):
+            eager_flex.clear()
+            with torch.no_grad():
+                got = sequence_logps_of(SequenceLogps(tiny, chunk_size=16), b, chunked=chunked)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=2.4e-7)
+            assert len(eager_flex) == tiny.config.num_hidden_layers
+            want_allowed = shared_mask(b["blocks"], b["segments"])[:, 0] == 0
+            for block_mask in eager_flex:
+                assert torch.equal(allowed_pairs(block_mask), want_allowed)
     finally:
         tiny.set_attn_implementation("sdpa")
     if layout == "packed":
         assert b["input_ids"].shape[0] < len(items)
-
-
-def test_sdpa_builds_the_dense_mask_when_the_batch_has_none(tiny, items) -> None:
-    """A shared batch collated with ``dense_mask=False`` gives the same sums under sdpa as with it."""
-    tiny.set_attn_implementation("sdpa")
-    module = SequenceLogps(tiny)
-    with torch.no_grad():
-        for collate in SHARED.values():
-            dense = sequence_logps_of(module, collate(items, True))[0]
-            lean = sequence_logps_of(module, collate(items, False))[0]
-            torch.testing.assert_close(lean, dense, atol=0, rtol=0)
 
 
 @pytest.mark.e2e
@@ -182,8 +164,7 @@ def test_compiled_flex_on_cpu_across_batch_shapes(tiny, items) -> None:
     want = padded_sums(tiny, items)
     tiny.set_attn_implementation("flex_attention")
     try:
-        for b in (SHARED["prefix_shared"](items, False), SHARED["packed"](items, False),
-                  collate_packed(items, PAD, dense_mask=False)):
+        for b in (SHARED["prefix_shared"](items), SHARED["packed"](items), collate_packed(items, PAD)):
             with torch.no_grad():
                 got = sequence_logps_of(SequenceLogps(tiny), b)[0]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=2.4e-7)
@@ -203,8 +184,6 @@ def test_flex_matches_padded_on_cuda(layout, dtype, items) -> None:
     fp32: sums within 1e-5 plus 1e-6 relative (they reach -350, where one ulp is 3e-5), gradients within
     1e-5 plus 1e-4 relative. bf16: sums within 1e-2 (bf16 rounding across layouts moved them by 2e-3 on
     the CPU; letting rejected see chosen moves them by 0.03 to 0.15), gradients with cosine > 0.999."""
-    from preftune.data.collate import to_device
-
     model, _ = tiny_llama(seed=0)
     model = model.to("cuda", dtype)
     module = SequenceLogps(model)
@@ -218,13 +197,12 @@ def test_flex_matches_padded_on_cuda(layout, dtype, items) -> None:
         return sums.detach(), grads
 
     want_sums, want_grads = run("sdpa", collate_padded(items, PAD))
-    for dense in (True, False):
-        got_sums, got_grads = run("flex_attention", SHARED[layout](items, dense))
-        if dtype == torch.float32:
-            torch.testing.assert_close(got_sums, want_sums, atol=1e-5, rtol=1e-6)
-            for g, w in zip(got_grads, want_grads):
-                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-        else:
-            torch.testing.assert_close(got_sums, want_sums, atol=1e-2, rtol=0)
-            for g, w in zip(got_grads, want_grads):
-                assert torch.nn.functional.cosine_similarity(g.float().flatten(), w.float().flatten(), dim=0) > 0.999
+    got_sums, got_grads = run("flex_attention", SHARED[layout](items))
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_sums, want_sums, atol=1e-5, rtol=1e-6)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    else:
+        torch.testing.assert_close(got_sums, want_sums, atol=1e-2, rtol=0)
+        for g, w in zip(got_grads, want_grads):
+            assert torch.nn.functional.cosine_similarity(g.float().flatten(), w.float().flatten(), dim=0) > 0.999

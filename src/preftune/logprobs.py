@@ -5,16 +5,11 @@ the plain full-logits path it must equal, and the segment sums. Losses live in l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from preftune.data.collate import shared_block_mask, shared_mask
+from preftune.attention import decoder_mask
 from preftune.errors import PreftuneError
-
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask
 
 CHUNK_ELEMENTS = 1 << 24
 """Default budget of fp32 logits held at once (64 MiB): ``chunk_size = CHUNK_ELEMENTS // vocab``."""
@@ -198,11 +193,12 @@ class SequenceLogps(nn.Module):
         """Batch-contract tensors (data/rows.py) -> ``(sums [S], counts [S], means [S])`` fp32.
 
         ``attention_mask`` is ``[R, T]`` 0/1, ``[R, 1, T, T]`` additive float (0 / -inf; a bool
-        "may attend" mask is accepted too), or None with ``blocks``/``segments`` (shared layouts
-        collated without their dense mask); see :func:`_decoder_mask` for what the decoder gets.
+        "may attend" mask is accepted too), or None. Shared-layout batches give ``blocks`` and
+        ``segments`` instead, and the mask is built from them and ``position_ids``;
+        :func:`preftune.attention.decoder_mask` says what the decoder gets.
         ``chunked=False`` runs the full model and takes log-probs from its ``[R, T, V]`` logits: the
         reference path for tests."""
-        attention_mask = _decoder_mask(self.causal_lm, attention_mask, blocks, segments)
+        attention_mask = decoder_mask(self.causal_lm, attention_mask, position_ids, blocks, segments)
         if not chunked:
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -218,35 +214,3 @@ class SequenceLogps(nn.Module):
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         logps = token_logps(scored, head.weight, score_target, self.chunk_size, head.bias)
         return sequence_logps(logps, score_seq, num_seqs)
-
-
-def _decoder_mask(lm: nn.Module, attention_mask: Tensor | None, blocks: Tensor | None,
-                  segments: Tensor | None) -> Tensor | BlockMask | None:
-    """The mask handed to the decoder. For a shared-layout batch (``blocks`` given) under
-    flex_attention, a ``BlockMask`` from ``blocks`` and ``segments`` (the dense mask, if any, is not
-    used); under sdpa or eager the dense mask, built from them when the batch came without it. Any
-    other mask goes through :func:`_prepare_mask`. transformers 5 hands a 4D tensor or a BlockMask to
-    the attention layers unchanged, with the position ids as given."""
-    if blocks is not None:
-        if lm.config._attn_implementation == "flex_attention":
-            return shared_block_mask(blocks, segments)
-        if attention_mask is None:
-            attention_mask = shared_mask(blocks, segments)
-    return _prepare_mask(attention_mask, lm)
-
-
-def _prepare_mask(attention_mask: Tensor | None, lm: nn.Module) -> Tensor | None:
-    """A 4D mask is made additive in the model's dtype, and a fully masked query row (padding) gets its
-    diagonal opened. Without that, eager attention turns such a row into NaN, and the NaN reaches real
-    tokens in the next layer through ``0 * NaN`` in ``probs @ V`` (the row itself is never scored)."""
-    if attention_mask is None or attention_mask.dim() != 4:
-        return attention_mask
-    dtype = lm.get_input_embeddings().weight.dtype
-    if attention_mask.dtype == torch.bool:
-        attention_mask = torch.zeros(
-            attention_mask.shape, dtype=dtype, device=attention_mask.device
-        ).masked_fill(~attention_mask, float("-inf"))
-    mask = attention_mask.to(dtype)
-    dead = torch.isinf(mask).all(dim=-1, keepdim=True)  # [R, 1, T, 1]
-    eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-    return mask.masked_fill(dead & eye, 0.0)

@@ -194,7 +194,8 @@ def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> di
 
     ``reference_model``: a model, ``"adapter"`` (``model`` with its adapters disabled), or None for
     reference-free losses."""
-    from preftune.data.collate import LAYOUTS, choose_layout
+    from preftune.attention import choose_layout
+    from preftune.data.collate import LAYOUTS
     from preftune.data.tokenize import tokenize_rows
     from preftune.logprobs import SequenceLogps
     from preftune.methods import METHODS
@@ -279,7 +280,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     from tqdm.auto import tqdm
 
     from preftune import reference as refs
-    from preftune.data.collate import choose_layout
+    from preftune.attention import choose_layout
     from preftune.logprobs import SequenceLogps
     from preftune.methods import METHODS
     from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters

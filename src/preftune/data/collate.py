@@ -1,6 +1,7 @@
 """Batch layouts for tokenized pairs and SFT rows: padded, prefix-shared and packed (padding-free),
-all following the batch contract in :mod:`preftune.data.rows`, and the attention masks the shared
-layouts imply (dense additive, or a FlexAttention ``BlockMask``). No model code and no tokenizer here.
+all following the batch contract in :mod:`preftune.data.rows`. No model code and no tokenizer here:
+the shared layouts carry ``blocks``, ``segments`` and ``position_ids``, and the model side
+(:mod:`preftune.attention`) turns them into the mask its attention takes.
 
 Scoring convention (all layouts): the token at row position ``t`` is predicted by the hidden state
 at ``t - 1``; ``score_index`` points at that predicting position in the flattened ``[R * T]`` rows.
@@ -10,23 +11,15 @@ the first completion token is not scored (there is nothing to predict it from).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from preftune.data.rows import TokenizedPair, TokenizedSFT
 from preftune.errors import PreftuneError
 
-if TYPE_CHECKING:
-    from torch.nn.attention.flex_attention import BlockMask
-
-logger = logging.getLogger("preftune")
-
 Batch = dict[str, Any]
-MASK_MIN = torch.finfo(torch.float32).min  # "not allowed" in additive masks, as transformers uses
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -143,47 +136,7 @@ def _shared_block(
     return ids, positions, segments
 
 
-def _may_attend(q: Tensor, kv: Tensor, q_block: Tensor, kv_block: Tensor, q_seg: Tensor, kv_seg: Tensor) -> Tensor:
-    """The shared layouts' rule, on broadcastable tensors: a query sees keys at or before it in the same
-    block, except that a rejected query never sees a chosen key."""
-    return (q >= kv) & (q_block == kv_block) & ~((q_seg == REJECTED) & (kv_seg == CHOSEN))
-
-
-def shared_mask(blocks: Tensor, segments: Tensor) -> Tensor:
-    """Additive float32 mask ``[R, 1, T, T]`` (0 allowed, ``finfo.min`` not) from per-position block ids
-    and segment codes ``[R, T]``, on their device, following :func:`_may_attend`.
-
-    Pad positions carry a block id of their own, so a pad query sees only itself (no fully masked
-    row, hence no NaN from SDPA) and no real query sees a pad."""
-    pos = torch.arange(blocks.shape[1], device=blocks.device)
-    allowed = _may_attend(
-        pos[:, None], pos[None, :], blocks[:, :, None], blocks[:, None, :], segments[:, :, None], segments[:, None, :]
-    )
-    mask = torch.zeros(allowed.shape, dtype=torch.float32, device=blocks.device).masked_fill_(~allowed, MASK_MIN)
-    return mask[:, None]
-
-
-def shared_block_mask(blocks: Tensor, segments: Tensor) -> BlockMask:
-    """The same pattern as :func:`shared_mask` as a FlexAttention ``BlockMask`` of shape ``[R, 1, T, T]``
-    on the device of ``blocks``, for models loaded with ``attn_implementation="flex_attention"`` (torch
-    2.5 or later).
-
-    Built without compiling ``create_block_mask``: it evaluates the rule on every (query, key) pair (a
-    few ``[R, 1, T, T]`` boolean tensors for a moment), then keeps only the 128 x 128 tiles with work."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    # One captured tensor, not two: with two, torch 2.13's CPU kernel fails to build (CppCompileError)
-    # once a new batch shape makes it recompile with dynamic shapes.
-    labels = torch.stack((blocks, segments))
-
-    def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-        return _may_attend(q, kv, labels[0, b, q], labels[0, b, kv], labels[1, b, q], labels[1, b, kv])
-
-    rows, width = blocks.shape
-    return create_block_mask(mask_mod, rows, None, width, width, device=blocks.device)
-
-
-def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_id: int, dense_mask: bool) -> Batch:
+def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_id: int) -> Batch:
     """Build a batch where ``rows[r]`` lists the indices of ``items`` laid out one after another in row ``r``.
     Block ids are item indices; pads get ``-1 - t``, a block of their own each."""
     lengths = [sum(_shared_len(items[i]) for i in row) for row in rows]
@@ -206,7 +159,7 @@ def _collate_shared_rows(rows: list[list[int]], items: list[TokenizedPair], pad_
             offset = end
     return {
         "input_ids": input_ids,
-        "attention_mask": shared_mask(blocks, segments) if dense_mask else None,
+        "attention_mask": None,
         "position_ids": position_ids,
         "blocks": blocks,
         "segments": segments,
@@ -223,20 +176,19 @@ def _shared_len(it: TokenizedPair) -> int:
     return len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids)
 
 
-def collate_prefix_shared(items: list[TokenizedPair], pad_id: int, *, dense_mask: bool = True) -> Batch:
+def collate_prefix_shared(items: list[TokenizedPair], pad_id: int, *, dense_mask: bool = False) -> Batch:
     """One row per pair, ``[prompt | chosen | rejected]``: the prompt is run once for both completions.
 
     ``position_ids`` ``[B, T]``: prompt ``0..P-1``, chosen ``P..P+C-1``, rejected again ``P..P+R-1``.
-    ``blocks`` and ``segments`` ``[B, T]`` say which pair and which part each position is;
-    ``attention_mask`` is :func:`shared_mask` of them, additive float32 ``[B, 1, T, T]``: causal over
+    ``blocks`` and ``segments`` ``[B, T]`` say which pair and which part each position is: causal over
     prompt + chosen; rejected sees the prompt and earlier rejected tokens, never chosen.
-    The mask costs ``4 * B * T * T`` bytes: fine on CPU up to T of about 2048. ``dense_mask=False``
-    leaves it None; :class:`~preftune.logprobs.SequenceLogps` then builds the mask the model's
-    attention needs from ``blocks`` and ``segments`` on the device (a ``BlockMask`` under
-    flex_attention). ``tokens`` counts the prompt twice, ``(P+C) + (P+R)`` per pair, as TRL does,
+    ``attention_mask`` is None: :class:`~preftune.logprobs.SequenceLogps` builds the mask the model's
+    attention takes from ``blocks``, ``segments`` and ``position_ids`` on the device
+    (:func:`preftune.attention.decoder_mask`). ``dense_mask`` is accepted and ignored (batches held the
+    dense mask once). ``tokens`` counts the prompt twice, ``(P+C) + (P+R)`` per pair, as TRL does,
     so throughput figures compare."""
     _check_nonempty(items, "collate_prefix_shared")
-    return _collate_shared_rows([[i] for i in range(len(items))], items, pad_id, dense_mask)
+    return _collate_shared_rows([[i] for i in range(len(items))], items, pad_id)
 
 
 def _greedy_rows(items: Sequence[TokenizedPair], token_budget: int) -> list[list[int]]:
@@ -255,22 +207,22 @@ def _greedy_rows(items: Sequence[TokenizedPair], token_budget: int) -> list[list
 
 
 def collate_packed(
-    items: list[TokenizedPair], pad_id: int, token_budget: int | None = None, *, dense_mask: bool = True
+    items: list[TokenizedPair], pad_id: int, token_budget: int | None = None, *, dense_mask: bool = False
 ) -> Batch:
     """Padding-free packing: several prefix-shared pairs per row, filled greedily up to ``token_budget``
     (None: all ``items`` in one row, for micro-batches already grouped by :func:`pack_into_batches`).
 
-    Pairs are kept apart by a block-diagonal mask and by position ids restarting at 0 for each pair.
-    Chosen ``i`` is sequence ``i`` and rejected ``i`` is ``B + i`` in the order of ``items``. The
-    additive mask is float32 ``[R, 1, T, T]`` with ``T <= max(token_budget, longest pair)``: keep the
-    budget to about 2048 on CPU (16 MiB of mask per row), or pass ``dense_mask=False`` as in
-    :func:`collate_prefix_shared`."""
+    Pairs are kept apart by their block ids (a block-diagonal mask on the model side) and by position
+    ids restarting at 0 for each pair. Chosen ``i`` is sequence ``i`` and rejected ``i`` is ``B + i`` in
+    the order of ``items``. Rows are ``T <= max(token_budget, longest pair)`` wide; under sdpa and eager
+    the model side's dense mask costs ``4 * T * T`` bytes per row, so keep the budget to about 2048 on
+    CPU (16 MiB per row). ``attention_mask`` and ``dense_mask`` as in :func:`collate_prefix_shared`."""
     _check_nonempty(items, "collate_packed")
     if token_budget is None:
-        return _collate_shared_rows([list(range(len(items)))], items, pad_id, dense_mask)
+        return _collate_shared_rows([list(range(len(items)))], items, pad_id)
     if token_budget < 1:
         raise PreftuneError(f"collate_packed: token_budget must be >= 1, got {token_budget}")
-    return _collate_shared_rows(_greedy_rows(items, token_budget), items, pad_id, dense_mask)
+    return _collate_shared_rows(_greedy_rows(items, token_budget), items, pad_id)
 
 
 def pack_into_batches(items: list[TokenizedPair], token_budget: int) -> list[list[TokenizedPair]]:
@@ -300,74 +252,6 @@ LAYOUTS: dict[str, Callable[..., Batch]] = {
     "prefix_shared": collate_prefix_shared,
     "packed": collate_packed,
 }
-
-# Model types whose decoder takes a custom mask with position_ids unchanged (RoPE, full attention,
-# no sliding window or bidirectional prefix).
-SHARED_MASK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3"})
-# Attention backends that can express the shared layouts: sdpa and eager through the dense 4D mask,
-# flex_attention through a BlockMask (both built from ``blocks`` and ``segments``). Varlen kernels
-# (flash_attention_2/3) take only disjoint segments (cu_seqlens): they cannot let rejected see the
-# prompt but not chosen, so they get the padded layout.
-SHARED_MASK_ATTENTION = frozenset({"sdpa", "eager", "flex_attention"})
-
-
-def _base_model(model: Any) -> Any:
-    """The transformers model under a peft wrapper, if any."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _attention(model: Any) -> str:
-    config = getattr(_base_model(model), "config", None)
-    return getattr(config, "_attn_implementation", None) or "eager"
-
-
-def supports_shared_mask(model: Any) -> bool:
-    """True when ``model`` can run the prefix-shared and packed layouts: a model type in
-    :data:`SHARED_MASK_MODEL_TYPES` with an attention backend in :data:`SHARED_MASK_ATTENTION`."""
-    config = getattr(_base_model(model), "config", None)
-    if config is None:
-        return False
-    return config.model_type in SHARED_MASK_MODEL_TYPES and _attention(model) in SHARED_MASK_ATTENTION
-
-
-def _sliding_window(model: Any) -> int | None:
-    config = getattr(_base_model(model), "config", None)
-    if config is None or not getattr(config, "use_sliding_window", True):
-        return None
-    return getattr(config, "sliding_window", None)
-
-
-def choose_layout(requested: str, model: Any) -> str:
-    """Resolve ``requested`` ("auto" or a name in :data:`LAYOUTS`) for ``model`` and log the choice.
-
-    ``auto`` picks ``prefix_shared`` where :func:`supports_shared_mask`, else ``padded``: for example
-    under flash_attention_2, whose varlen kernel cannot let rejected see the prompt but not chosen.
-    An explicit shared layout on a model that cannot take it is an error rather than silently wrong
-    log-probs."""
-    config = getattr(_base_model(model), "config", None)
-    where = f"{getattr(config, 'model_type', '?')}, attention '{_attention(model)}'"
-    if requested == "auto":
-        layout = "prefix_shared" if supports_shared_mask(model) else "padded"
-        if layout == "padded":
-            logger.info("batch layout auto -> padded for this model (%s): the shared layouts need attention %s "
-                        "on a model type in %s", where, ", ".join(sorted(SHARED_MASK_ATTENTION)),
-                        ", ".join(sorted(SHARED_MASK_MODEL_TYPES)))
-    elif requested not in LAYOUTS:
-        raise PreftuneError(f"layout '{requested}' is unknown: use one of auto, {', '.join(LAYOUTS)}")
-    elif requested != "padded" and not supports_shared_mask(model):
-        raise PreftuneError(
-            f"layout '{requested}' needs a mask where rejected sees the prompt but not chosen, which this model "
-            f"({where}) cannot take: set layout to 'padded' or 'auto', or load the model with "
-            "attn_implementation 'sdpa' or 'flex_attention'"
-        )
-    else:
-        layout = requested
-    logger.info("batch layout: %s (requested %s)", layout, requested)
-    window = _sliding_window(model)
-    if layout != "padded" and window:
-        logger.warning("the %s mask is full causal: rows longer than sliding_window=%d see past the window",
-                       layout, window)
-    return layout
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:

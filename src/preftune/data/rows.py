@@ -3,15 +3,14 @@ contract shared by all layouts. No I/O and no tokenizer here.
 
 Batch contract (every layout: padded, prefix-shared, packed) -- a dict of tensors:
   input_ids       [R, T] long    rows of tokens (pad = tokenizer.pad_token_id)
-  attention_mask  [R, T] long (padded), [R, 1, T, T] float additive (0 / -inf) mask (shared layouts),
-                  or None (shared layouts collated with dense_mask=False)
+  attention_mask  [R, T] long (padded), or None (shared layouts: the model side builds their mask)
   position_ids    [R, T] long or None
   blocks          [R, T] long    shared layouts: the pair each position belongs to (its index in the
                                  batch); pad t has -1 - t, a block of its own. None when padded
   segments        [R, T] long    shared layouts: 0 prompt, 1 chosen, 2 rejected, -1 pad. None when padded
                   Shared layouts: a query sees keys at or before it in its block, but rejected never
-                  sees chosen. The model side turns blocks and segments into the mask its attention
-                  takes (the dense one, or a FlexAttention BlockMask).
+                  sees chosen. The model side (preftune/attention.py) turns blocks, segments and
+                  position_ids into the mask its attention takes (dense, or a FlexAttention BlockMask).
   score_index     [N] long       flat index into R*T of the position whose hidden state predicts a token
   score_target    [N] long       the token predicted there
   score_seq       [N] long       which sequence the scored token belongs to, in [0, S)
