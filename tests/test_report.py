@@ -190,3 +190,26 @@ def test_not_a_run_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PreftuneError, match="holds no run"):
         rp.write_report([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_reward_kl_frontier_plots_every_model_with_a_kl(tmp_path):
+    """Two betas with KL and checked accuracy in eval.json give the frontier figure; runs without KL
+    give none."""
+    plain = write_pipeline(tmp_path / "plain", beta=0.1, data="embedded:prefs", winrate=0.6, bpb=1.25)
+    rp.write_report([plain], tmp_path / "rep0")
+    assert not (tmp_path / "rep0" / "reward_kl.png").exists()
+    runs = []
+    for beta, kl in ((0.1, 0.05), (0.5, 0.01)):
+        run = write_pipeline(tmp_path / f"b{beta}", beta=beta, data="embedded:prefs", winrate=0.6, bpb=1.25)
+        ev = json.loads((run / "eval" / "eval.json").read_text())
+        ev["models"]["dpo"] |= {"kl": {"kl": kl, "tokens": 100, "rows": 8},
+                                "checked": {"accuracy": 0.3 + kl, "ci_low": 0.1, "ci_high": 0.5, "n": 20}}
+        (run / "eval" / "eval.json").write_text(json.dumps(ev))
+        runs.append(run)
+    rp.write_report(runs, tmp_path / "rep")
+    assert_png(tmp_path / "rep" / "reward_kl.png")
+    from preftune.report import plots
+
+    loaded = rp.discover_runs(runs)
+    assert plots.reward_kl_plot(loaded, tmp_path / "again.png") == tmp_path / "again.png"
+    assert plots.reward_kl_plot([rp.discover_runs([plain])[0]], tmp_path / "none.png") is None

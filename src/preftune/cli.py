@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
     "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
     "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
                  (CONFIG, OVERRIDES, RESUME)),
+    "iterate": ("preftune.commands:iterate", "on-policy preference rounds: sample, score, pair best vs worst, train",
+                (CONFIG, OVERRIDES)),
     "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
     "merge": (
         "preftune.commands:merge",

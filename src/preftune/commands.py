@@ -51,3 +51,25 @@ def merge(ns) -> int:
     out = merge_adapter(ns.run, ns.out)
     print(f"merged model written to {out}")
     return 0
+
+
+def iterate(ns) -> int:
+    """``preftune iterate CONFIG``: on-policy rounds from the run folder's newest policy (its DPO stage,
+    else its SFT model, else ``model``)."""
+    from preftune.model import resolve_model
+    from preftune.pipeline import rounds_table
+    from preftune.rounds import run_rounds
+
+    setup_logging()
+    cfg = load_config(ns.config, ns.overrides)
+    if cfg.rounds.n < 1:
+        from preftune.config import ConfigError
+
+        raise ConfigError(["rounds.n: 'preftune iterate' runs on-policy rounds, but rounds.n is 0; set rounds.n=1 or more"],
+                          ns.config)
+    out = Path(cfg.output_dir)
+    start = next((str(p.resolve()) for p in (out / "dpo" / "final", out / "sft" / "merged", out / "sft" / "final")
+                  if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()), None)
+    records = run_rounds(cfg, out, start or resolve_model(cfg.model))
+    print("\n".join(rounds_table(records)).strip())
+    return 0

@@ -72,6 +72,9 @@ class DataConfig:
     """Token budget for prompt + one completion."""
     max_prompt_length: int = 256
     """The prompt keeps its last this-many tokens."""
+    test_source: str | None = None
+    """Held-out rows from another source (a file or folder, all of it held out) instead of a split of
+    ``source``; on-policy rounds use it to train on their own pairs and evaluate on the run's held-out rows."""
 
 
 @dataclass
@@ -220,6 +223,8 @@ class EvalConfig:
     """Judged win-rate against the dataset's chosen responses."""
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     """Forgetting: held-out LM loss."""
+    kl: bool = True
+    """Drift: per-token KL of each model from its reference on the held-out chosen completions."""
     tasks: list[str] = field(default_factory=lambda: ["embedded:mc"])
     """Downstream tasks (lm-eval names or local task YAMLs); empty disables."""
     tasks_limit: int | None = None
@@ -229,6 +234,39 @@ class EvalConfig:
     curve_every: int = 0
     """Snapshot the preference stage every N optimizer steps and evaluate every snapshot (win-rate,
     checked accuracy, downstream tasks) for the report's curves against tokens seen; 0 = off."""
+
+
+@dataclass
+class RoundsConfig:
+    """On-policy preference rounds (semi-online DPO): sample from the current policy, score the samples,
+    train on the best against the worst, repeat."""
+
+    n: int = 0
+    """Rounds to run (``preftune iterate``, and ``preftune pipeline`` after the offline DPO stage); 0 = off."""
+    prompts: int = 64
+    """Training prompts drawn per round (seeded; never a held-out prompt)."""
+    samples: int = 4
+    """Completions sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    max_new_tokens: int = 64
+    """Length cap of each sample."""
+    reward: Literal["rule", "judge", "reward_model"] = "rule"
+    """How samples are scored: ``rule`` (the row's checkable answer), ``judge`` (the ``eval.winrate``
+    judge against the row's chosen response, both orders) or ``reward_model`` (a local classifier)."""
+    reward_model: str | None = None
+    """``reward: reward_model``: a local AutoModelForSequenceClassification folder."""
+    mix_offline: int = 0
+    """Offline training pairs mixed into each round's pairs."""
+    reference: Literal["round_start", "sft"] = "round_start"
+    """Each round's reference: the policy the round starts from, or the SFT model (LoRA: the round
+    keeps training the previous round's adapter, whose disabled state is the SFT model)."""
+    epochs: float = 1.0
+    """Passes over a round's pairs (the round's stage otherwise takes its settings from ``dpo``)."""
+    lr: float | None = None
+    """Learning rate of the rounds' stages; null = ``dpo.lr``."""
 
 
 @dataclass
@@ -259,6 +297,8 @@ class Config:
     """Preference stage (DPO family, SimPO, ORPO)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation suite."""
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    """On-policy preference rounds after the preference stage."""
     report_to: list[str] = field(default_factory=list)
     """Trackers: tensorboard, wandb, mlflow (the ``track`` extra)."""
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -471,6 +511,23 @@ def validate(cfg: Config) -> list[str]:
         elif not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
             p.append("eval.curve_every: curves evaluate win-rate and downstream tasks, but eval.winrate.enabled "
                      "is false and eval.tasks is empty")
+    r = cfg.rounds
+    if isinstance(r, RoundsConfig):
+        for key in ("n", "mix_offline"):
+            if isinstance(getattr(r, key), int) and getattr(r, key) < 0:
+                p.append(f"rounds.{key}: must be 0 or more, got {getattr(r, key)}")
+        for key in ("prompts", "max_new_tokens"):
+            if isinstance(getattr(r, key), int) and getattr(r, key) < 1:
+                p.append(f"rounds.{key}: must be at least 1, got {getattr(r, key)}")
+        if isinstance(r.samples, int) and r.samples < 2:
+            p.append(f"rounds.samples: a pair needs at least 2 samples per prompt, got {r.samples}")
+        if isinstance(r.temperature, float) and r.temperature <= 0:
+            p.append(f"rounds.temperature: on-policy pairs need sampling (a positive temperature), got {r.temperature}")
+        if r.reward == "reward_model" and not r.reward_model:
+            p.append("rounds.reward_model: reward 'reward_model' needs the path of a sequence-classification model")
+        if r.reference == "sft" and isinstance(cfg.lora, LoraConfig) and not cfg.lora.enabled:
+            p.append("rounds.reference: 'sft' needs lora.enabled=true (the reference is the policy with its adapters "
+                     "off); use 'round_start' with full fine-tuning")
     if isinstance(cfg.lora, LoraConfig) and cfg.lora.quantize_4bit and not cfg.lora.enabled:
         p.append("lora.quantize_4bit: QLoRA needs lora.enabled=true")
     for t in cfg.report_to if isinstance(cfg.report_to, list) else []:

@@ -49,15 +49,28 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
             run_stage(cfg, "dpo", out / "dpo", dpo_base, resume=resume)
         timings["dpo"] = round(time.time() - t, 1)
 
+    records = []
+    if cfg.rounds.n:
+        from preftune.rounds import run_rounds
+
+        t = time.time()
+        records = run_rounds(cfg, out, str((out / "dpo" / "final").resolve()) if cfg.dpo.enabled else dpo_base)
+        timings["rounds"] = round(time.time() - t, 1)
+
     models = {"base": cfg.model}
     if cfg.sft.enabled:
         models["sft"] = str(out / "sft")
     if cfg.dpo.enabled:
         models["dpo"] = str(out / "dpo")
+    reference_for = {"dpo": dpo_base, "sft": base}
+    for rec in records:  # every round is measured against the SFT model, like the offline stage
+        name = f"round-{rec['round']}"
+        models[name] = str(Path(rec["final_model"]).parent)
+        reference_for[name] = dpo_base
     t = time.time()
     from preftune.eval.suite import evaluate_models
 
-    results = evaluate_models(cfg, models, out / "eval", reference_for={"dpo": dpo_base, "sft": base})
+    results = evaluate_models(cfg, models, out / "eval", reference_for=reference_for)
     if cfg.dpo.enabled and cfg.eval.curve_every:
         from preftune.eval.curve import evaluate_curve
 
@@ -74,13 +87,13 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     report = write_report([out], out / "report")
     timings["report"] = round(time.time() - t, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    return {"timings": timings, "report": str(report), "eval": results}
+    return {"timings": timings, "report": str(report), "eval": results, "rounds": records}
 
 
 def headline(result: dict) -> str:
     """A short table of the headline figures per model."""
     rows = [("model", "reward acc", "win-rate vs chosen [95% CI]", "checked acc [95% CI]", "bits/byte (Δ vs base)",
-             "task acc")]
+             "task acc", "KL/token")]
     for name, r in result["eval"].get("models", {}).items():
         rw, wr, ho, ck = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {}), r.get("checked", {})
         acc = mean_accuracy(r.get("tasks", {}))
@@ -92,15 +105,33 @@ def headline(result: dict) -> str:
             f"{ck['accuracy']:.3f} [{ck['ci_low']:.2f}, {ck['ci_high']:.2f}]" if ck else "-",
             (f"{ho['bpb']:.4f}" + (f" ({diff['mean']:+.4f})" if diff else "")) if "bpb" in ho else "-",
             f"{acc:.3f}" if acc is not None else "-",
+            f"{r['kl']['kl']:.4f}" if r.get("kl", {}).get("kl") is not None else "-",
         ))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += rounds_table(result.get("rounds") or [])
+    last = f"round-{result['rounds'][-1]['round']}" if result.get("rounds") else None
     for pair, c in result["eval"].get("comparisons", {}).items():
+        if last and pair.startswith("round-") and pair not in (f"{last}-sft", f"{last}-dpo"):
+            continue  # the last round against SFT and offline DPO; intermediate rounds are in the table
         if "checked_accuracy" in c:
             d = c["checked_accuracy"]
             lines.append(f"{pair}: checked accuracy {d['mean']:+.3f} [95% CI {d['low']:+.3f}, {d['high']:+.3f}] "
                          f"(paired bootstrap); win-rate vs chosen {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
     return "\n".join(lines)
+
+
+def rounds_table(records: list[dict]) -> list[str]:
+    """One line per on-policy round: pairs built, the samples' mean reward, held-out reward accuracy."""
+    if not records:
+        return []
+    lines = ["", "on-policy rounds:"]
+    for r in records:
+        acc = r.get("eval/rewards/accuracies")
+        lines.append(f"  round {r['round']}: {r['prompts']} prompts x {r['samples'] // max(1, r['prompts'])} samples, "
+                     f"mean reward {r['reward_mean']:.3f}, {r['pairs']} pairs ({r['ties']} ties skipped), "
+                     f"held-out reward acc {'-' if acc is None else format(acc, '.3f')}")
+    return lines
 
 
 def main(ns) -> int:

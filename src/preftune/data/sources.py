@@ -6,6 +6,7 @@ DataReport that counts every record read, kept and dropped (by reason). Tokens l
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.resources
 import json
 import os
@@ -344,7 +345,11 @@ def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
     if report.rows_read == 0:
         raise DataError(f"no records in split {data.split!r}", data.source, field="data.source")
     test_split = data.test_split
-    if test_split and test_split != data.split and has_split(data.source, test_split, data.subset):
+    if data.test_source:
+        heldout, test_report = _convert(dataclasses.replace(data, source=data.test_source, subset=None), "train",
+                                        kind, fmt)
+        report = report.merge(test_report)
+    elif test_split and test_split != data.split and has_split(data.source, test_split, data.subset):
         heldout, test_report = _convert(data, test_split, kind, report.format or fmt)
         report = report.merge(test_report)
     else:

@@ -182,6 +182,28 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
     return evaluate_rewards(model, tok, ref_model, rows, cfg)
 
 
+def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> dict:
+    """Per-token KL from ``reference`` on the held-out chosen completions (cached by both models'
+    files and the rows); a LoRA model whose base is the reference uses itself with adapters off."""
+    from preftune.eval.kl import token_kl
+    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
+
+    key = {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
+           "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
+           "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+
+    def compute() -> dict:
+        path = resolve_model(name)
+        if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
+            ref = "adapter"
+        else:
+            ref, _ = load_for_inference(reference, cfg.precision)
+        return token_kl(model, ref, tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
+                        max(1, cfg.eval.batch_size // 2))
+
+    return cached("kl", key, compute, about=_folder(name))
+
+
 # ---------------------------------------------------------------- the suite
 
 
@@ -227,7 +249,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     out = Path(out_dir)
     reference_for = reference_for or {}
     ev = cfg.eval
-    need_rows = ev.rewards or ev.winrate.enabled
+    need_rows = ev.rewards or ev.winrate.enabled or ev.kl
     rows = heldout_rows(cfg) if need_rows else []
     wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
@@ -240,6 +262,8 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
         entry: dict = {"path": str(path)}
         if ev.rewards and reference_for.get(name):
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
+        if ev.kl and reference_for.get(name) and rows:
+            entry["kl"] = kl_entry(cfg, str(path), model, tok, reference_for[name], rows)
         if ev.winrate.enabled:
             responses = generations(cfg, str(path), model, tok, wr_rows)
             run = judge(cfg, judge_items(wr_rows, responses, [r.chosen for r in wr_rows]))

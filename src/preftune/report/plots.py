@@ -233,6 +233,30 @@ def downstream_curve_plot(runs: list[Run], path: Path) -> Path | None:
     return _curve_figure(runs, path, series, "accuracy", "Downstream accuracy over training")
 
 
+def reward_kl_plot(runs: list[Run], path: Path) -> Path | None:
+    """The reward-KL frontier (the DPO paper's Figure 2): each tuned model's checked-answer accuracy
+    (win-rate where no row is checkable) against its per-token KL from its reference, one point per
+    run and model (each beta of a sweep, each on-policy round)."""
+    points = []
+    for run in runs:
+        for model, entry in run.eval.get("models", {}).items():
+            kl = (entry.get("kl") or {}).get("kl")
+            reward = (entry.get("checked") or {}).get("accuracy")
+            if reward is None:
+                reward = (entry.get("winrate") or {}).get("winrate")
+            if kl is not None and reward is not None:
+                points.append((model if len(runs) == 1 else f"{run.name}/{model}", kl, reward))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([k for _, k, _ in points], [r for _, _, r in points], color="tab:purple")
+    for label, k, r in points:
+        ax.annotate(label, (k, r), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="KL(policy || reference) per token, held-out completions",
+           ylabel="checked accuracy (or win-rate)", title="Reward against drift from the reference")
+    return _save(fig, path)
+
+
 PLOTS = {
     "rewards_accuracies.png": rewards_accuracy_plot,
     "loss_margins.png": loss_margins_plot,
@@ -240,5 +264,6 @@ PLOTS = {
     "forgetting.png": forgetting_plot,
     "winrate_curve.png": winrate_curve_plot,
     "downstream_curve.png": downstream_curve_plot,
+    "reward_kl.png": reward_kl_plot,
 }
 """File name -> plot function; the report embeds every one that has data."""

@@ -1,0 +1,67 @@
+"""Drift from the reference: the per-token KL divergence KL(pi || pi_ref) of a model from its reference
+on held-out completions (teacher-forced on the dataset's chosen responses), over the full vocabulary
+at every completion position, averaged over tokens. The DPO paper's reward-KL frontier plots reward
+against it."""
+
+from __future__ import annotations
+
+import torch
+
+from preftune.data.rows import PreferenceRow, SFTRow
+
+
+def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int):
+    """(input ids, index of the first completion token) per row, tokenized as training does."""
+    from preftune.data.tokenize import tokenize_sft
+
+    out = []
+    for r in rows:
+        t = tokenize_sft(SFTRow(r.prompt, r.chosen), tokenizer, max_length, max_prompt_length)
+        if not isinstance(t, str):
+            out.append((t.prompt_ids + t.completion_ids, len(t.prompt_ids)))
+    return out
+
+
+def _completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, starts: list[int], lengths: list[int]):
+    """Log-softmax over the vocabulary at each position that predicts a completion token: a list of
+    ``[n_i, V]`` tensors, one per row."""
+    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    return [torch.log_softmax(logits[i, s - 1 : n - 1], -1) for i, (s, n) in enumerate(zip(starts, lengths))]
+
+
+@torch.inference_mode()
+def token_kl(model, reference, tokenizer, rows: list[PreferenceRow], max_length: int = 512,
+             max_prompt_length: int = 256, batch_size: int = 4) -> dict:
+    """Mean per-token KL(model || reference) over the chosen completions of ``rows``.
+
+    ``reference`` is a model, or ``"adapter"`` for the model itself with its LoRA adapters off.
+    Returns ``kl`` (the token mean), ``kl_row_mean`` (the mean of per-row token means), ``tokens``
+    and ``rows`` (those that tokenized)."""
+    seqs = _sequences(rows, tokenizer, max_length, max_prompt_length)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, tokens, row_means = 0.0, 0, []
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b : b + batch_size]
+        width = max(len(s) for s, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (s, _) in enumerate(chunk):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        starts, lengths = [s for _, s in chunk], [len(s) for s, _ in chunk]
+        logp = _completion_logprobs(model, ids, mask, starts, lengths)
+        if reference == "adapter":
+            with model.disable_adapter():
+                logq = _completion_logprobs(model, ids, mask, starts, lengths)
+        else:
+            logq = _completion_logprobs(reference, ids, mask, starts, lengths)
+        for p, q in zip(logp, logq):
+            per_token = (p.exp() * (p - q)).sum(-1)
+            total += float(per_token.sum())
+            tokens += per_token.numel()
+            row_means.append(float(per_token.mean()))
+    return {"kl": total / tokens if tokens else None,
+            "kl_row_mean": sum(row_means) / len(row_means) if row_means else None,
+            "tokens": tokens, "rows": len(row_means)}
