@@ -16,6 +16,15 @@ OUT = (("--out",), dict(required=True, help="output path"))
 # command -> (handler, help, arguments)
 COMMANDS: dict[str, tuple[str, str, tuple]] = {
     "config show": ("preftune.commands:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
+    "config from-trl": (
+        "preftune.trl_names:from_trl",
+        "convert a TRL DPOConfig/SFTConfig YAML or JSON into a preftune config; list what could not be mapped",
+        (
+            (("file",), dict(help="TRL config (YAML or JSON)")),
+            (("--kind",), dict(choices=["dpo", "sft"], default=None, help="DPOConfig or SFTConfig (default: guessed)")),
+            (("--out",), dict(default=None, help="write the preftune config here (default: print it)")),
+        ),
+    ),
     "data inspect": (
         "preftune.data.inspect:main",
         "read, tokenize and summarise a dataset: kept/dropped rows, lengths, a rendered sample",
