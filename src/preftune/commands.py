@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from preftune.config import load_config, to_yaml
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="preftune: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "accelerate", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from preftune.logs import setup_logging  # noqa: F401  (the commands' one logging set-up)
 
 
 def config_show(ns) -> int:
