@@ -52,7 +52,8 @@ def test_front_matter_is_yaml_with_hub_fields():
     assert meta["library_name"] == "peft"
     assert meta["tags"] == ["preftune", "dpo", "lora"]
     assert meta["license"] == "apache-2.0"
-    assert "datasets" not in meta  # embedded data is not a Hub dataset
+    assert meta["datasets"] == ["embedded:prefs"]
+    assert "model-index" not in meta  # no evaluation yet
 
 
 def test_full_finetune_orpo_on_a_hub_dataset():

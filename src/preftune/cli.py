@@ -95,8 +95,15 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
     ),
     "sweep": ("preftune.sweep:main", "run a grid of variants with shared reference and base evaluation",
               (CONFIG, OVERRIDES, (("--dry-run",), dict(action="store_true")))),
-    "push": ("preftune.card:push", "upload a run's model with its card to the Hub",
-             ((("run",), dict()), (("--repo",), dict(required=True)))),
+    "push": ("preftune.card:push", "upload a run's model with its card (and an adapter's local base) to the Hub",
+             ((("run",), dict()), (("--repo",), dict(required=True)),
+              (("--base-repo",), dict(default=None, help="where an adapter's local base goes (default: REPO-base)")))),
+    "export": (
+        "preftune.export:main",
+        "copy a run's model into a folder that loads anywhere: an adapter travels with its base",
+        ((("run",), dict(help="run folder or model folder")), OUT,
+         (("--base-repo",), dict(default=None, help="name the adapter's base by this Hub id instead of base/"))),
+    ),
 }
 
 

@@ -40,8 +40,10 @@ def orpo(ns) -> int:
 
 
 def merge(ns) -> int:
-    from preftune.model import merge_adapter
+    from preftune.card import write_merged_card
+    from preftune.model import merge_adapter, resolve_model
 
     out = merge_adapter(ns.run, ns.out)
+    write_merged_card(resolve_model(ns.run), out)
     print(f"merged model written to {out}")
     return 0
