@@ -113,11 +113,11 @@ def eval_results(cfg: Config, e: dict) -> list[EvalResult]:
                                   dataset_name=dataset, dataset_split=dataset_split, metric_type=metric,
                                   metric_name=metric_name, metric_value=round(float(value), 6)))
 
-    add("Preference reward accuracy", data, "accuracy", e.get("rewards", {}).get("rewards/accuracies"),
-        "rewards/accuracies", split)
-    w = e.get("winrate", {})
-    add(f"Win-rate vs chosen ({cfg.eval.winrate.judge} judge)", data, "win_rate", w.get("winrate"),
-        "win-rate vs chosen", split)
+    # one task on the held-out preference split, two metrics (model-index groups results by task and dataset)
+    held_out = "Preference alignment (held-out pairs)"
+    add(held_out, data, "accuracy", e.get("rewards", {}).get("rewards/accuracies"), "rewards/accuracies", split)
+    add(held_out, data, "win_rate", e.get("winrate", {}).get("winrate"),
+        f"win-rate vs chosen ({cfg.eval.winrate.judge} judge)", split)
     add("Held-out language modelling (forgetting)", dataset_name(cfg.eval.heldout.corpus), "bits_per_byte",
         e.get("heldout", {}).get("bpb"), "bits per byte")
     for task, r in (e.get("tasks") or {}).items():

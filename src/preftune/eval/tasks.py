@@ -4,6 +4,7 @@ Generation, win-rate and held-out loss live elsewhere in ``preftune.eval``."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import yaml
@@ -105,6 +106,9 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         hint = " (lm-eval's own tasks need their datasets: online, or in the HF cache)" if defaults else ""
         raise PreftuneError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    quiet = logging.getLogger("lm_eval.api.task")  # its note on custom_dataset kwargs (the shipped task has none)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
@@ -119,4 +123,5 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         ) from None
     finally:
         tokenizer.padding_side = padding_side
+        quiet.setLevel(level)
     return {spec: _metrics(results, name) for spec, name in zip(tasks, names)}
