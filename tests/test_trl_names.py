@@ -123,11 +123,6 @@ def test_every_mapped_key_exists_in_preftune():
     def exists(dotted: str) -> bool:
         node = Config()
         for part in dotted.split("."):
-            if part == "data" and node is not None and getattr(node, "data", "absent") is None:
-                from preftune.config import DataConfig
-
-                node = DataConfig()
-                continue
             if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
                 return False
             node = getattr(node, part)

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
     module, func = ns._handler.split(":")
+    from preftune.logs import setup_logging
+
+    setup_logging()
     try:
         handler = getattr(importlib.import_module(module), func)
         rc = handler(ns)
