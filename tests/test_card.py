@@ -52,7 +52,8 @@ def test_front_matter_is_yaml_with_hub_fields():
     assert meta["library_name"] == "peft"
     assert meta["tags"] == ["preftune", "dpo", "lora"]
     assert meta["license"] == "apache-2.0"
-    assert "datasets" not in meta  # embedded data is not a Hub dataset
+    assert meta["datasets"] == ["embedded:prefs"]
+    assert "model-index" not in meta  # no evaluation yet
 
 
 def test_full_finetune_orpo_on_a_hub_dataset():
@@ -118,3 +119,31 @@ def test_push_offline_is_a_clear_error_before_any_network(tmp_path, monkeypatch)
 def test_push_names_a_missing_run(tmp_path):
     with pytest.raises(PreftuneError, match="not found"):
         push(Namespace(run=str(tmp_path / "nope"), repo="me/model"))
+
+
+def test_card_parses_with_huggingface_hub_and_holds_the_figures():
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(model_card(_cfg(), SUMMARY, DATA_REPORT, EVAL))
+    got = {(r.metric_type, r.metric_name, r.dataset_name): r.metric_value for r in card.data.eval_results}
+    assert got == {("accuracy", "rewards/accuracies", "embedded:prefs"): 0.71,
+                   ("win_rate", "win-rate vs chosen (rule judge)", "embedded:prefs"): 0.625,
+                   ("bits_per_byte", "bits per byte", "embedded:lee"): 1.2501,
+                   ("accuracy", "acc", "mc"): 0.55, ("accuracy", "acc", "mc2"): 0.45}
+    assert card.data.model_name == "beta0.3-dpo" and card.data.datasets == ["embedded:prefs"]
+
+
+def test_a_stage_trained_from_this_runs_sft_model_names_it_truly(tmp_path):
+    """DPO over the run's merged SFT model: no Hub id exists for that base, so base_model is left out
+    and the text names it; given where the base was pushed, base_model is that id."""
+    (tmp_path / "run" / "sft" / "merged").mkdir(parents=True)
+    (tmp_path / "run" / "sft" / "run.json").write_text(json.dumps({"stage": "sft"}))
+    summary = SUMMARY | {"base_model": str(tmp_path / "run" / "sft" / "merged")}
+    text = model_card(_cfg(), summary, DATA_REPORT)
+    assert "base_model" not in front_matter(text)
+    assert "from this run's SFT model (`sft/merged` of the same run), itself trained from " \
+           "`HuggingFaceTB/SmolLM2-135M-Instruct`" in text
+    pushed = model_card(_cfg(), summary, DATA_REPORT, base_repo="me/sft")
+    assert front_matter(pushed)["base_model"] == "me/sft" and "(`me/sft`)" in pushed
+    merged = front_matter(model_card(_cfg(), summary, DATA_REPORT, merged=True))
+    assert merged["library_name"] == "transformers" and merged["tags"] == ["preftune", "dpo", "merged"]

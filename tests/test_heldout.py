@@ -120,3 +120,28 @@ def test_load_corpus(tmp_path):
         load_corpus(str(tmp_path / "bad.jsonl"))
     with pytest.raises(PreftuneError, match="not found"):
         load_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_progress_bar_over_the_batches(char_tokenizer, capsys):
+    heldout_loss(BigramLM(PROBS), char_tokenizer, ["aab", "ba"], chunk_length=3, max_chunks=None, batch_size=1)
+    err = capsys.readouterr().err
+    assert "held-out loss:   0%|          | 0/2" in err  # a bar over the 2 batches
+    heldout_loss(BigramLM(PROBS), char_tokenizer, ["aab", "ba"], chunk_length=3, max_chunks=None, progress=False)
+    assert "held-out loss" not in capsys.readouterr().err
+
+
+def test_in_training_eval_shows_a_progress_bar(capsys):
+    """The loop's held-out evaluation (``evaluate_batches``) reports its batches on a bar; a step
+    function returning each batch's loss shows the pair-weighted mean is unchanged."""
+    from preftune.config import SFTConfig
+    from preftune.train import evaluate_batches
+
+    class Step:
+        def step(self, policy, batch, cfg, ref):
+            return torch.tensor(batch["loss"]), {}
+
+    batches = [{"loss": 1.0, "num_pairs": 1}, {"loss": 3.0, "num_pairs": 1}, {"loss": 2.0, "num_pairs": 2}]
+    out = evaluate_batches(torch.nn.Linear(1, 1), batches, Step(), SFTConfig(), None, progress=True)
+    assert out["loss"] == pytest.approx((1 + 3 + 2 * 2) / 4) and out["n"] == 4
+    err = capsys.readouterr().err
+    assert "held-out eval:   0%|          | 0/3" in err

@@ -176,6 +176,7 @@ def test_fault_injection_run_completes_retries_counts_and_caches(tmp_path):
                             max_retries=3, invalid_retries=1, **FAST)
         run = judge_pairs(judge, items, cache, concurrency=2)
         assert server.count == 20
+        assert set(server.auth) == {None}  # no key set: no Authorization header at all
         assert {k: server.served[k] for k in faults.values()} == dict.fromkeys(faults.values(), 1) | {"garbage": 5}
         assert (run.calls, run.cache_hits, run.requests, run.retries) == (12, 0, 20, 8)
         assert run.invalid == 1 and run.invalid_judgments == 2 and run.errors == 0 and run.not_judged == 0

@@ -27,10 +27,21 @@ def test_wilson_interval_hand_computed():
     0/10: center = half = 0.19208/1.38416 = 0.138770 -> (0, 0.277540).
     10/10: the mirror image of 0/10 -> (0.722460, 1).
     5/10: center 0.5, half = 1.96·sqrt(0.025 + 0.009604)/1.38416 = 0.263410 -> (0.236590, 0.763410)."""
-    assert wilson_interval(8, 10) == pytest.approx((0.490157, 0.943319), abs=1e-6)
-    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277540), abs=1e-6)
-    assert wilson_interval(10, 10) == pytest.approx((0.722460, 1.0), abs=1e-6)
-    assert wilson_interval(5, 10) == pytest.approx((0.236590, 0.763410), abs=1e-6)
+    assert wilson_interval(8, 10, z=1.96) == pytest.approx((0.490157, 0.943319), abs=1e-6)
+    assert wilson_interval(0, 10, z=1.96) == pytest.approx((0.0, 0.277540), abs=1e-6)
+    assert wilson_interval(10, 10, z=1.96) == pytest.approx((0.722460, 1.0), abs=1e-6)
+    assert wilson_interval(5, 10, z=1.96) == pytest.approx((0.236590, 0.763410), abs=1e-6)
+    # the default z is the exact 95% quantile, 1.959964: within 1e-5 of the z = 1.96 figures
+    assert wilson_interval(8, 10) == pytest.approx((0.490162, 0.943318), abs=1e-6)
+
+
+def test_wilson_agrees_with_scipy_for_whole_counts():
+    from scipy.stats import binomtest
+
+    for n in range(1, 41):
+        for k in range(n + 1):
+            ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12), (k, n)
 
 
 def test_wilson_ties_count_half_and_empty_is_uninformative():

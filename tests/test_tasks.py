@@ -4,16 +4,20 @@ tiny model, a local task YAML, the shipped data, and the error without the ``eva
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from preftune.embedded import tiny_llama
 from preftune.errors import MissingExtraError, PreftuneError
-from preftune.eval.tasks import TASKS_DIR, run_tasks
+from preftune.eval.tasks import TASKS_DIR, read_task_yaml, run_tasks
 
 pytest.importorskip("lm_eval")
+LM_EVAL = Path(sys.executable).with_name("lm_eval")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def test_embedded_questions_are_well_formed():
         assert len(r["choices"]) == 4 == len(set(r["choices"])) and r["answer"] in range(4)
     # answers are spread over the positions, so a position bias cannot score well
     assert sorted({sum(r["answer"] == k for r in rows) for k in range(4)}) == [15]
-    assert yaml.safe_load((TASKS_DIR / "preftune_mc.yaml").read_text())["task"] == "preftune_mc"
+    assert read_task_yaml(TASKS_DIR / "preftune_mc.yaml")["task"] == "preftune_mc"
 
 
 def test_embedded_task_runs_offline(tiny, tmp_path, monkeypatch):
@@ -47,9 +51,9 @@ def test_local_task_yaml(tiny, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in [
         ("Say blue: blue", ["red", "blue"], 1), ("Say cat: cat", ["cat", "dog"], 0)]))
-    spec = yaml.safe_load((TASKS_DIR / "preftune_mc.yaml").read_text())
-    spec["task"] = "my_task"
-    spec["dataset_kwargs"]["data_files"] = {"test": str(data)}
+    spec = read_task_yaml(TASKS_DIR / "preftune_mc.yaml")
+    del spec["custom_dataset"]
+    spec |= {"task": "my_task", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}}
     (tmp_path / "my_task.yaml").write_text(yaml.safe_dump(spec))
     model, tok = tiny
     out = run_tasks(model, tok, [str(tmp_path / "my_task.yaml")], batch_size=4)
@@ -67,3 +71,24 @@ def test_without_lm_eval_names_the_extra(tiny, monkeypatch):
     with pytest.raises(MissingExtraError, match=r"preftune\[eval\]") as e:
         run_tasks(model, tok, ["embedded:mc"])
     assert "lm-eval" in str(e.value) and "downstream tasks" in str(e.value)
+
+
+@pytest.mark.e2e
+def test_shipped_task_runs_from_the_lm_eval_cli_in_another_folder(tiny_model_dir, tmp_path):
+    """The README's command: plain ``lm_eval`` with ``--include_path`` at the shipped folder, run from
+    an unrelated working folder, scores the 60 questions (limited here to 6) on a saved model."""
+    if not LM_EVAL.is_file():
+        pytest.skip("the lm_eval command is not installed beside this Python")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "results"
+    r = subprocess.run(
+        [str(LM_EVAL), "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", "--device", "cpu",
+         "--include_path", str(TASKS_DIR), "--tasks", "preftune_mc", "--limit", "6", "--batch_size", "6",
+         "--output_path", str(out)],
+        cwd=elsewhere, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (results,) = out.rglob("results_*.json")
+    row = json.loads(results.read_text())["results"]["preftune_mc"]
+    assert 0 <= row["acc,none"] <= 1 and row["acc,none"] * 6 == round(row["acc,none"] * 6)

@@ -1,6 +1,7 @@
-"""Model cards: the ``README.md`` (YAML front matter + Markdown, as the Hugging Face Hub shows it)
-written beside every saved model or adapter, refreshed with evaluation results after the suite
-runs, and ``preftune push`` which uploads a run's model with its card through huggingface_hub."""
+"""Model cards: the ``README.md`` written beside every saved model, adapter and merged folder, built
+with huggingface_hub's ``ModelCard``/``ModelCardData`` (the Hub's metadata, with the evaluation as a
+machine-readable ``model-index``), refreshed with results after the suite runs; ``preftune push``
+uploads a run's model, with the base its adapter needs, through huggingface_hub."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from preftune import embedded
 from preftune.config import Config, config_from_dict
@@ -39,28 +41,89 @@ def _license(cfg: Config) -> str | None:
     return meta.get("license") if isinstance(meta.get("license"), str) else None
 
 
-def _hub_dataset(source: str) -> str | None:
-    """A Hub dataset id for the card's ``datasets`` field, or None for local and embedded data."""
-    return None if source.startswith(LOCAL_PREFIXES) or Path(source).exists() else source
+def dataset_name(source: str) -> str:
+    """A data source as a card names it: a Hub id or ``embedded:`` name as is, a local path by its
+    file or folder name (a card must not carry the training machine's paths)."""
+    if source.startswith("embedded:"):
+        return source
+    if source.startswith(LOCAL_PREFIXES) or Path(source).exists():
+        return Path(source).name or source
+    return source
 
 
-def metadata(cfg: Config, summary: dict) -> dict:
-    """The card's YAML front matter."""
+def _stage_sources(cfg: Config, summary: dict) -> list[str]:
+    if summary.get("stage") == "sft":
+        return [cfg.sft.data.source if cfg.sft.data is not None else cfg.data.source]
+    return [cfg.data.source]
+
+
+def parent_stage(summary: dict) -> Path | None:
+    """The stage folder this stage was trained from (a pipeline's DPO over ``sft/merged`` or
+    ``sft/final``), or None when it was trained from the configured model."""
+    base = summary.get("base_model")
+    if not base:
+        return None
+    folder = Path(base).parent
+    return folder if (folder / "run.json").is_file() else None
+
+
+def base_model(cfg: Config, summary: dict, base_repo: str | None = None) -> str | None:
+    """What the card's ``base_model`` names: the weights this model was trained from. ``base_repo``
+    (where ``push``/``export`` put a local base) wins; a base that is a local folder of this run (the
+    merged SFT model) has no Hub id, so None; else the configured model's Hub id."""
+    if base_repo:
+        return base_repo
+    if parent_stage(summary) is not None:
+        return None
+    if cfg.model in HUB_IDS:
+        return HUB_IDS[cfg.model]
+    return None if cfg.model.startswith(LOCAL_PREFIXES) or Path(cfg.model).exists() else cfg.model
+
+
+def metadata(cfg: Config, summary: dict, base_repo: str | None = None, merged: bool = False) -> dict:
+    """The card's YAML front matter (without the evaluation), as a plain dict."""
+    return card_data(cfg, summary, base_repo=base_repo, merged=merged).to_dict()
+
+
+def card_data(cfg: Config, summary: dict, eval_entry: dict | None = None, name: str = "model",
+              base_repo: str | None = None, merged: bool = False) -> ModelCardData:
+    """The Hub metadata: base model, library, tags, datasets, license, and the evaluation figures of
+    ``eval_entry`` (one model of eval.json) as ``eval_results``, which ModelCardData writes as model-index."""
     tag = METHOD_TAGS.get(str(summary.get("method")), "dpo")
-    lora = bool(summary.get("lora", cfg.lora.enabled))
-    meta: dict = {
-        "base_model": HUB_IDS.get(cfg.model, cfg.model),
-        "library_name": "peft" if lora else "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["preftune", tag] + (["lora"] if lora else []),
-    }
-    sources = [cfg.data.source] + ([cfg.sft.data.source] if cfg.sft.data is not None else [])
-    hub = [d for s in dict.fromkeys(sources) if (d := _hub_dataset(s))]
-    if hub:
-        meta["datasets"] = hub
-    if lic := _license(cfg):
-        meta["license"] = lic
-    return meta
+    lora = bool(summary.get("lora", cfg.lora.enabled)) and not merged
+    results = eval_results(cfg, eval_entry or {})
+    return ModelCardData(
+        base_model=base_model(cfg, summary, base_repo), library_name="peft" if lora else "transformers",
+        pipeline_tag="text-generation", tags=["preftune", tag] + (["lora"] if lora else []) + (["merged"] if merged else []),
+        datasets=list(dict.fromkeys(dataset_name(s) for s in _stage_sources(cfg, summary))),
+        license=_license(cfg), model_name=name, eval_results=results or None,
+    )
+
+
+def eval_results(cfg: Config, e: dict) -> list[EvalResult]:
+    """One model's figures of eval.json as Hub ``EvalResult``s: held-out reward accuracy, win-rate
+    against the chosen responses, held-out bits per byte, and each downstream task's accuracy."""
+    data = dataset_name(cfg.data.source)
+    split = cfg.data.test_split or "held-out"
+    out: list[EvalResult] = []
+
+    def add(task: str, dataset: str, metric: str, value, metric_name: str, dataset_split: str | None = None):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out.append(EvalResult(task_type="text-generation", task_name=task, dataset_type=dataset,
+                                  dataset_name=dataset, dataset_split=dataset_split, metric_type=metric,
+                                  metric_name=metric_name, metric_value=round(float(value), 6)))
+
+    # one task on the held-out preference split, two metrics (model-index groups results by task and dataset)
+    held_out = "Preference alignment (held-out pairs)"
+    add(held_out, data, "accuracy", e.get("rewards", {}).get("rewards/accuracies"), "rewards/accuracies", split)
+    add(held_out, data, "win_rate", e.get("winrate", {}).get("winrate"),
+        f"win-rate vs chosen ({cfg.eval.winrate.judge} judge)", split)
+    add("Held-out language modelling (forgetting)", dataset_name(cfg.eval.heldout.corpus), "bits_per_byte",
+        e.get("heldout", {}).get("bpb"), "bits per byte")
+    for task, r in (e.get("tasks") or {}).items():
+        if isinstance(r, dict):
+            add(f"Downstream task {task}", task, "accuracy", r.get("acc"), "acc")
+    return out
 
 
 def _fmt(x, spec: str = ".4f") -> str:
@@ -74,8 +137,6 @@ def _method_lines(cfg: Config, summary: dict) -> list[str]:
     if summary.get("stage") != "sft":
         lines.append(f"- **Loss:** `{method}`, **beta** {summary.get('beta', cfg.dpo.beta):g}")
         lines.append(f"- **Reference:** {summary.get('reference', cfg.dpo.reference)}")
-    if summary.get("base_model"):
-        lines.append(f"- **Trained from:** `{summary['base_model']}`")
     lines.append(f"- **Precision:** {summary.get('precision', cfg.precision)}")
     if cfg.lora.enabled:
         lr = cfg.lora
@@ -131,7 +192,8 @@ def _eval_row(name: str, e: dict) -> str:
         _fmt(h.get("bpb")), f"{d['mean']:+.4f}" if d else "-", _fmt(mean_accuracy(t), ".3f")])
 
 
-def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:
+def results_table(eval_results: dict, model_name: str | None) -> list[str]:
+    """The card's Markdown results table (the base and this model), one line per row."""
     models = eval_results.get("models", eval_results)
     names = [n for n in ("base", model_name) if n and n in models] or list(models)
     lines = ["| model | reward acc (± se) | win-rate vs chosen [95% CI] | bits/byte | Δ bits/byte vs base | task acc |",
@@ -139,27 +201,45 @@ def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:
     return lines + [f"| {_eval_row(n, models[n])} |" for n in names]
 
 
+def lineage(cfg: Config, summary: dict, base_repo: str | None = None) -> str:
+    """One sentence naming the weights this model was trained from, truly (a card's first line)."""
+    origin = HUB_IDS.get(cfg.model, cfg.model)
+    parent = parent_stage(summary)
+    if parent is None:
+        converted = " (converted from its Q4_1 GGUF)" if cfg.model == embedded.SMOLLM2 else ""
+        return f"Trained with preftune from `{origin}`{converted}."
+    where = f"`{base_repo}`" if base_repo else f"`{parent.name}/{Path(summary['base_model']).name}` of the same run"
+    return (f"Trained with preftune from this run's {parent.name.upper()} model ({where}), "
+            f"itself trained from `{origin}`.")
+
+
 def model_card(cfg: Config, summary: dict, data_report: dict, eval_results: dict | None = None,
-               model_name: str | None = None) -> str:
-    """The README.md of a saved model: Hub metadata, then method, data, training and evaluation.
+               model_name: str | None = None, base_repo: str | None = None, merged: bool = False) -> str:
+    """The README.md of a saved model: Hub metadata (with ``model-index``), then method, data,
+    training and evaluation.
 
     ``summary`` is the stage's ``run.json``; ``data_report`` the read/tokenize reports of its
-    ``data.json``; ``eval_results`` the suite's ``eval.json`` (its ``model_name`` entry and the base)."""
+    ``data.json``; ``eval_results`` the suite's ``eval.json`` (its ``model_name`` entry and the base).
+    ``base_repo`` names the base by a Hub id (``push``/``export``); ``merged`` is the card of the
+    adapter merged into its base (a full model)."""
     stage = summary.get("stage", "dpo")
-    name = Path(cfg.output_dir).name or "model"
-    lines = ["---", yaml.safe_dump(metadata(cfg, summary), sort_keys=False).rstrip(), "---", "",
-             f"# {name} ({stage})", "",
-             f"Trained with preftune from `{HUB_IDS.get(cfg.model, cfg.model)}`.",
+    key = model_name or stage
+    name = f"{Path(cfg.output_dir).name or 'model'}-{stage}" + ("-merged" if merged else "")
+    models = (eval_results or {}).get("models", eval_results or {})
+    data = card_data(cfg, summary, models.get(key), name, base_repo, merged)
+    lines = [f"# {name}", "", lineage(cfg, summary, base_repo)
+             + (" This folder is its LoRA adapter merged into that base: a full model." if merged else ""),
              "", "## Method", "", *_method_lines(cfg, summary), "", "## Data", "", *_data_lines(cfg, summary, data_report),
              "", "## Training", "", *_training_lines(summary), ""]
     if eval_results:
-        lines += ["## Evaluation", "", *_eval_lines(eval_results, model_name or stage), ""]
+        lines += ["## Evaluation", "", *results_table(eval_results, key), ""]
     lines += ["## Use", "", "```python"]
-    if cfg.lora.enabled:
+    if data.library_name == "peft":
         lines += ["from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(\"PATH\")"]
     else:
         lines += ["from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained(\"PATH\")"]
-    return "\n".join(lines + ["```", ""])
+    body = "\n".join(lines + ["```", ""])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def front_matter(text: str) -> dict:
@@ -182,28 +262,56 @@ def stage_dirs(run_dir: Path) -> list[Path]:
     return [run_dir / s for s in ("sft", "dpo") if (run_dir / s / "run.json").is_file()]
 
 
-def card_for_stage(stage_dir: Path, eval_results: dict | None = None) -> str:
+def card_for_stage(stage_dir: Path, eval_results: dict | None = None, base_repo: str | None = None,
+                   merged: bool = False) -> str:
     """Rebuild a stage folder's card from what it wrote: config.yaml, run.json and data.json."""
     stage_dir = Path(stage_dir)
     cfg = config_from_dict(yaml.safe_load((stage_dir / "config.yaml").read_text()) or {}, str(stage_dir / "config.yaml"))
     summary = json.loads((stage_dir / "run.json").read_text())
     data = json.loads((stage_dir / "data.json").read_text()) if (stage_dir / "data.json").is_file() else {}
-    return model_card(cfg, summary, data, eval_results, model_name=summary.get("stage"))
+    return model_card(cfg, summary, data, eval_results, model_name=summary.get("stage"), base_repo=base_repo,
+                      merged=merged)
+
+
+def run_eval(stage_dir: Path) -> dict | None:
+    """The suite's eval.json of the run a stage folder belongs to, when it was evaluated."""
+    path = Path(stage_dir).parent / "eval" / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def update_card(run_dir: str | Path, eval_results: dict | None = None) -> list[Path]:
-    """Rewrite the README.md of every saved model (``best/``, ``final/``) in a pipeline or stage run,
-    with the suite's results when given (the pipeline calls this after evaluation). Returns the cards.
+    """Rewrite the README.md of every saved model (``best/``, ``final/``, and ``merged/``, the adapter
+    merged into its base) in a pipeline or stage run, with the suite's results when given (the
+    pipeline calls this after evaluation). Returns the cards.
 
     A stage folder reached through a symlink (a sweep's shared SFT stage) is written once per call."""
     written = []
     for stage in stage_dirs(Path(run_dir)):
-        card = card_for_stage(stage, eval_results)
-        for sub in ("best", "final"):
+        for sub in ("best", "final", "merged"):
             if (stage / sub).is_dir():
+                card = card_for_stage(stage, eval_results, merged=sub == "merged")
                 (stage / sub / "README.md").write_text(card, encoding="utf-8")
                 written.append(stage / sub / "README.md")
     return written
+
+
+def write_merged_card(adapter_folder: str | Path, out: str | Path) -> Path:
+    """The card of ``preftune merge``'s output: the stage's card as a merged full model when the
+    adapter comes from a run (with its evaluation when the run has one), else a short card naming
+    the adapter's base."""
+    adapter_folder, out = Path(adapter_folder), Path(out)
+    stage = adapter_folder.parent
+    if (stage / "run.json").is_file():
+        text = card_for_stage(stage, run_eval(stage), merged=True)
+    else:
+        base = json.loads((adapter_folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
+        local = base.startswith(LOCAL_PREFIXES) or Path(base).exists()
+        data = ModelCardData(base_model=None if local else base, library_name="transformers",
+                             pipeline_tag="text-generation", tags=["preftune", "merged"])
+        text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {out.name}\n\nThe LoRA adapter "
+                             f"`{adapter_folder.name}` merged into its base `{Path(base).name if local else base}`.\n"))
+    (out / "README.md").write_text(text, encoding="utf-8")
+    return out / "README.md"
 
 
 # ---------------------------------------------------------------- push
@@ -223,18 +331,14 @@ def upload_folder_of(run: Path) -> Path:
     return folder
 
 
-def _ensure_card(folder: Path) -> None:
-    """Write the card into the model folder if it has none (``best/`` is saved without one)."""
-    stage = folder.parent
-    if (folder / "README.md").is_file() or not (stage / "run.json").is_file():
-        return
-    ev_path = stage.parent / "eval" / "eval.json"
-    ev = json.loads(ev_path.read_text()) if ev_path.is_file() else None
-    (folder / "README.md").write_text(card_for_stage(stage, ev), encoding="utf-8")
-
-
 def push(ns) -> int:
-    """``preftune push RUN --repo NAME``: create the Hub repo and upload the model with its card."""
+    """``preftune push RUN --repo NAME [--base-repo NAME]``: upload the model with its card. An adapter
+    whose base is a local folder (the pipeline's merged SFT model) is uploaded with that base: the base
+    goes to ``--base-repo`` (default ``NAME-base``) and the adapter's config and card name it there,
+    so ``AutoPeftModelForCausalLM.from_pretrained(NAME)`` works on any machine."""
+    import tempfile
+
+    from preftune.export import BASE, export
     from preftune.model import offline
 
     folder = upload_folder_of(Path(ns.run))
@@ -243,9 +347,17 @@ def push(ns) -> int:
                             "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
     from huggingface_hub import HfApi
 
-    _ensure_card(folder)
     api = HfApi()
-    url = api.create_repo(ns.repo, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=ns.repo, commit_message=f"preftune push of {folder}")
+    base_repo = getattr(ns, "base_repo", None) or f"{ns.repo}-base"
+    with tempfile.TemporaryDirectory(prefix="preftune-push-") as tmp:
+        staged = export(folder, Path(tmp) / "model", base_repo=base_repo)
+        if (staged / BASE).is_dir():
+            api.create_repo(base_repo, exist_ok=True)
+            api.upload_folder(folder_path=str(staged / BASE), repo_id=base_repo,
+                              commit_message=f"preftune push: the base of {folder}")
+            print(f"pushed the adapter's base -> {base_repo}")
+        url = api.create_repo(ns.repo, exist_ok=True)
+        api.upload_folder(folder_path=str(staged), repo_id=ns.repo, ignore_patterns=[f"{BASE}/*"],
+                          commit_message=f"preftune push of {folder}")
     print(f"pushed {folder} -> {url}")
     return 0

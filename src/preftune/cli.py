@@ -16,6 +16,15 @@ OUT = (("--out",), dict(required=True, help="output path"))
 # command -> (handler, help, arguments)
 COMMANDS: dict[str, tuple[str, str, tuple]] = {
     "config show": ("preftune.commands:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
+    "config from-trl": (
+        "preftune.trl_names:from_trl",
+        "convert a TRL DPOConfig/SFTConfig YAML or JSON into a preftune config; list what could not be mapped",
+        (
+            (("file",), dict(help="TRL config (YAML or JSON)")),
+            (("--kind",), dict(choices=["dpo", "sft"], default=None, help="DPOConfig or SFTConfig (default: guessed)")),
+            (("--out",), dict(default=None, help="write the preftune config here (default: print it)")),
+        ),
+    ),
     "data inspect": (
         "preftune.data.inspect:main",
         "read, tokenize and summarise a dataset: kept/dropped rows, lengths, a rendered sample",
@@ -90,8 +99,15 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
     ),
     "sweep": ("preftune.sweep:main", "run a grid of variants with shared reference and base evaluation",
               (CONFIG, OVERRIDES, (("--dry-run",), dict(action="store_true")))),
-    "push": ("preftune.card:push", "upload a run's model with its card to the Hub",
-             ((("run",), dict()), (("--repo",), dict(required=True)))),
+    "push": ("preftune.card:push", "upload a run's model with its card (and an adapter's local base) to the Hub",
+             ((("run",), dict()), (("--repo",), dict(required=True)),
+              (("--base-repo",), dict(default=None, help="where an adapter's local base goes (default: REPO-base)")))),
+    "export": (
+        "preftune.export:main",
+        "copy a run's model into a folder that loads anywhere: an adapter travels with its base",
+        ((("run",), dict(help="run folder or model folder")), OUT,
+         (("--base-repo",), dict(default=None, help="name the adapter's base by this Hub id instead of base/"))),
+    ),
 }
 
 
@@ -141,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0 if not argv else 2
     module, func = ns._handler.split(":")
+    from preftune.logs import setup_logging
+
+    setup_logging()
     try:
         handler = getattr(importlib.import_module(module), func)
         rc = handler(ns)

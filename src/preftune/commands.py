@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from preftune.config import load_config, to_yaml
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="preftune: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "accelerate", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from preftune.logs import setup_logging  # noqa: F401  (the commands' one logging set-up)
 
 
 def config_show(ns) -> int:
@@ -46,9 +40,11 @@ def orpo(ns) -> int:
 
 
 def merge(ns) -> int:
-    from preftune.model import merge_adapter
+    from preftune.card import write_merged_card
+    from preftune.model import merge_adapter, resolve_model
 
     out = merge_adapter(ns.run, ns.out)
+    write_merged_card(resolve_model(ns.run), out)
     print(f"merged model written to {out}")
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from preftune import trl_names
 from preftune.errors import PreftuneError
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -398,7 +399,8 @@ def _build(cls: type, raw: dict, prefix: str, problems: list[str]):
     for k, v in raw.items():
         if k not in names:
             close = difflib.get_close_matches(str(k), names, n=1, cutoff=0.6)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            foreign = trl_names.hint(str(k), prefix)  # a TRL or axolotl name: say which key it is here
+            hint = f" ({foreign})" if foreign else f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             problems.append(f"unknown key '{prefix}{k}'{hint}")
             continue
         kwargs[k] = _check(v, hints[k], prefix + k, problems)

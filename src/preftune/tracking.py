@@ -1,6 +1,8 @@
 """Experiment trackers for ``report_to``: TensorBoard, MLflow and W&B, each through its own library
-(the ``track`` extra), behind one tiny interface: ``log(metrics, step)`` and ``close()``.
-``metrics.jsonl`` is written by train.py regardless; nothing here decides what is logged."""
+(the ``track`` extra), behind one tiny interface: ``log(metrics, step)`` and ``close()``. Trackers
+get TRL's key names (``train/loss``, ``train/rewards/accuracies``, ``train/learning_rate``,
+``eval/...``), so dashboards and queries built for TRL runs carry over; ``metrics.jsonl`` is written
+by train.py under its own names regardless. Nothing here decides what is logged."""
 
 from __future__ import annotations
 
@@ -17,6 +19,23 @@ from preftune.errors import MissingExtraError
 MLFLOW_EXPERIMENT = "preftune"
 WANDB_PROJECT = "preftune"
 MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a parameter value's length
+
+
+TRL_KEYS = {"lr": "train/learning_rate", "tokens_seen": "train/num_input_tokens_seen"}
+"""metrics.jsonl names whose TRL (transformers Trainer) name is not just ``train/`` + the name."""
+
+
+def trl_key(name: str) -> str:
+    """A metrics.jsonl name -> the tag TRL's trackers use: ``loss`` -> ``train/loss``, ``lr`` ->
+    ``train/learning_rate``, ``eval/...`` as is (transformers' ``rewrite_logs`` convention)."""
+    if name.startswith(("eval/", "train/")):
+        return name
+    return TRL_KEYS.get(name, f"train/{name}")
+
+
+def trl_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """One logged record under TRL's names (``step`` is the x-axis, not a metric)."""
+    return {trl_key(k): float(v) for k, v in metrics.items() if k != "step"}
 
 
 class Tracker(Protocol):
@@ -62,8 +81,8 @@ class TensorBoardTracker:
         self.writer.add_text("config", "```\n" + json.dumps(to_dict(cfg), indent=1) + "\n```", 0)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, float(v), step)
+        for k, v in trl_metrics(metrics).items():
+            self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -121,7 +140,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(mlflow_key(k), v, now, step) for k, v in trl_metrics(metrics).items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
@@ -152,7 +171,7 @@ class WandbTracker:
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(dict(metrics), step=step)
+        self.run.log(trl_metrics(metrics), step=step)
 
     def close(self) -> None:
         self.run.finish()

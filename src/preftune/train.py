@@ -153,12 +153,14 @@ def mean_metrics(parts: list[tuple[dict, int]]) -> dict:
 
 
 @torch.no_grad()
-def evaluate_batches(policy, batches, method, stage_cfg, reference) -> dict:
+def evaluate_batches(policy, batches, method, stage_cfg, reference, progress: bool = False) -> dict:
     """Mean metrics of ``method`` over ``batches`` (no gradients); adds the accuracy's standard error."""
+    from tqdm.auto import tqdm
+
     parts = []
     was_training = policy.training
     policy.eval()
-    for batch in batches:
+    for batch in tqdm(batches, desc="held-out eval", unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
         ref = reference.logps(batch) if reference is not None else None
         loss, metrics = method.step(policy, batch, stage_cfg, ref)
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -435,7 +437,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
         do_eval = eval_batches and ((stage_cfg.eval_every and step % stage_cfg.eval_every == 0) or step == total_steps)
         if do_eval:
-            ev = reduce_eval(evaluate_batches(policy, eval_batches, method, stage_cfg, reference), accelerator)
+            ev = reduce_eval(evaluate_batches(policy, eval_batches, method, stage_cfg, reference, progress=main),
+                             accelerator)
             record |= {f"eval/{k}": v for k, v in ev.items()}
             stopped_early = _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer, out, main)
         if step % stage_cfg.log_every == 0 or do_eval or step == total_steps:

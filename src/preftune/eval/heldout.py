@@ -128,18 +128,22 @@ def chunk_nll(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def heldout_loss(model, tokenizer, texts: list[str], chunk_length: int = 256, max_chunks: int | None = 64,
-                 batch_size: int = 8) -> dict:
+                 batch_size: int = 8, progress: bool = True) -> dict:
     """Held-out LM loss of ``model`` on ``texts``.
 
     Returns ``{"nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length",
     "per_chunk": {"nll", "n_tokens", "n_bytes", "bpb"}}``; ``per_chunk["nll"]`` holds summed nats per
-    chunk (the values :func:`paired_difference` pairs). See the module docstring for what is scored."""
+    chunk (the values :func:`paired_difference` pairs). See the module docstring for what is scored.
+    ``progress`` shows a bar over the batches (on stderr)."""
+    from tqdm.auto import tqdm
+
     chunks = make_chunks(token_stream(tokenizer, texts), chunk_length, max_chunks)
     was_training = model.training
     model.eval()
     sums: list[float] = []
     device = _device(model)
-    for i in range(0, len(chunks), batch_size):
+    for i in tqdm(range(0, len(chunks), batch_size), desc="held-out loss", unit="batch", disable=not progress,
+                  leave=False, dynamic_ncols=True):
         batch = torch.tensor(chunks[i : i + batch_size], dtype=torch.long, device=device)
         sums.extend(chunk_nll(model, batch).tolist())
     model.train(was_training)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from preftune.errors import DataError, PreftuneError
+from preftune.errors import DataError, MissingExtraError, PreftuneError
 from preftune.eval import stats
 from preftune.eval.prompts import get_template, parse_verdict, render
 
@@ -87,7 +87,7 @@ class OpenAIJudge:
 
     The API key is read once from the environment variable ``api_key_env`` and kept out of repr,
     logs, errors and cache keys; when the variable is unset no Authorization header is sent.
-    Timeouts, connection errors, malformed bodies, 429 and 5xx are retried up to ``max_retries`` times
+    Requests go through the official ``openai`` client. Timeouts, connection errors, malformed bodies, 429 and 5xx are retried up to ``max_retries`` times
     with exponential backoff ``backoff_base * 2**attempt`` (jittered, capped at ``backoff_max``;
     a 429's Retry-After is honoured up to the cap). An answer with no verdict is asked again up to
     ``invalid_retries`` times, then raises InvalidVerdict. Other 4xx (bad key, unknown model) stop
@@ -99,7 +99,10 @@ class OpenAIJudge:
                  template: str = "dialogue", timeout: float = 60.0, max_retries: int = 5,
                  invalid_retries: int = 2, backoff_base: float = 1.0, backoff_max: float = 30.0,
                  max_tokens: int = 256, temperature: float = 0.0):
-        import httpx
+        try:
+            from openai import OpenAI, omit
+        except ImportError:
+            raise MissingExtraError("openai", "eval", "the openai judge") from None
 
         self.model, self.base_url, self.api_key_env = model, base_url, api_key_env
         self.template = get_template(template)
@@ -109,8 +112,17 @@ class OpenAIJudge:
         self.max_tokens, self.temperature = max_tokens, temperature
         self.tally = Tally()
         self.__key = os.environ.get(api_key_env) or None
-        headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
-        self._client = httpx.Client(timeout=timeout, headers=headers)
+        # The official client sends the request, applies the timeout and raises typed errors; its own
+        # retries are off (max_retries=0) and the loop in _complete retries instead, because the SDK's
+        # backoff is fixed (0.5 s doubling to 8 s, not settable per client), it reports no attempt
+        # counts (the run's `requests`/`retries`), it hands back a 200 with a non-JSON body as text
+        # without retrying it, and it ignores `Retry-After: 0`; tests/test_judges.py's fault server
+        # checks each of these.
+        # Without a key no Authorization header is sent (the SDK insists on a key, so it gets a placeholder
+        # and the header is omitted).
+        self._client = OpenAI(api_key=self.__key or "no-key", base_url=self.url.removesuffix("/chat/completions"),
+                              timeout=timeout, max_retries=0)
+        self._headers = None if self.__key else {"Authorization": omit}
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
@@ -133,10 +145,8 @@ class OpenAIJudge:
 
     def _complete(self, text: str) -> str:
         """The judge's reply to one user message, retrying transient failures."""
-        import httpx
+        import openai
 
-        payload = {"model": self.model, "messages": [{"role": "user", "content": text}],
-                   "max_tokens": self.max_tokens, "temperature": self.temperature}
         failure = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -144,20 +154,21 @@ class OpenAIJudge:
             self.tally.add("requests")
             retry_after = 0.0
             try:
-                r = self._client.post(self.url, json=payload)
-            except httpx.TransportError as e:  # timeouts, refused or dropped connections, protocol errors
-                failure = f"{type(e).__name__}"
+                r = self._client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": text}], max_tokens=self.max_tokens,
+                    temperature=self.temperature, extra_headers=self._headers)
+            except openai.APIConnectionError as e:  # timeouts, refused or dropped connections
+                failure = type(e).__name__
+            except openai.APIStatusError as e:
+                if e.status_code != 429 and e.status_code < 500:
+                    raise PreftuneError(self._fatal_message(e.response)) from None
+                failure = f"HTTP {e.status_code}"
+                retry_after = _retry_after(e.response)
             else:
-                if r.status_code == 200:
-                    content = _reply_content(r)
-                    if content is not None:
-                        return content
-                    failure = "a malformed response body"
-                elif r.status_code == 429 or r.status_code >= 500:
-                    failure = f"HTTP {r.status_code}"
-                    retry_after = _retry_after(r)
-                else:
-                    raise PreftuneError(self._fatal_message(r)) from None
+                content = _reply_content(r)
+                if content is not None:
+                    return content
+                failure = "a malformed response body"
             if attempt < self.max_retries:
                 time.sleep(self._delay(attempt, retry_after))
         raise JudgeUnavailable(f"judge endpoint {self.url} failed {self.max_retries + 1} times (last: {failure})")
@@ -177,9 +188,11 @@ class OpenAIJudge:
 
 
 def _reply_content(r) -> str | None:
+    """The reply's text, or None when the body was not a chat completion (the SDK hands back a
+    non-JSON body as a plain string)."""
     try:
-        content = r.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+        content = r.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
         return None
     return content if isinstance(content, str) else None
 

@@ -4,7 +4,7 @@ Generation, win-rate and held-out loss live elsewhere in ``preftune.eval``."""
 
 from __future__ import annotations
 
-import tempfile
+import logging
 from pathlib import Path
 
 import yaml
@@ -37,14 +37,17 @@ def _lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def _embedded_yaml(name: str, folder: Path) -> str:
-    """Copy a packaged task YAML into ``folder`` with its data files made absolute; return the task name."""
-    yaml_name, task = EMBEDDED_TASKS[name]
-    spec = yaml.safe_load((TASKS_DIR / yaml_name).read_text())
-    files = spec["dataset_kwargs"]["data_files"]
-    spec["dataset_kwargs"]["data_files"] = {split: str(TASKS_DIR / f) for split, f in files.items()}
-    (folder / yaml_name).write_text(yaml.safe_dump(spec, sort_keys=False))
-    return task
+class _TaskYAML(yaml.SafeLoader):
+    """Reads a task YAML's plain keys; lm-eval's own tags (``!function ...``) are kept as strings."""
+
+
+_TaskYAML.add_multi_constructor("!", lambda loader, tag, node: loader.construct_scalar(node)
+                                if isinstance(node, yaml.ScalarNode) else None)
+
+
+def read_task_yaml(path: Path) -> dict:
+    """A task YAML's keys, without importing the functions its tags name."""
+    return yaml.load(path.read_text(), Loader=_TaskYAML) or {}
 
 
 def _local_yaml(spec: str) -> tuple[Path, str]:
@@ -52,18 +55,20 @@ def _local_yaml(spec: str) -> tuple[Path, str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise PreftuneError(f"task YAML not found: {spec} (give an lm-eval task name, a .yaml file, or embedded:mc)")
-    task = (yaml.safe_load(path.read_text()) or {}).get("task")
+    task = read_task_yaml(path).get("task")
     if not isinstance(task, str):
         raise PreftuneError(f"task YAML {spec} has no 'task:' name; lm-eval needs one")
     return path.resolve().parent, task
 
 
-def resolve_tasks(specs: list[str], tmp: Path) -> tuple[list[str], list[str], bool]:
-    """Config task names -> (lm-eval task names, folders to include, whether lm-eval's own tasks are needed)."""
-    names, include, defaults = [], [str(tmp)], False
+def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str], bool]:
+    """Config task names -> (lm-eval task names, folders to include, whether lm-eval's own tasks are needed).
+
+    The shipped tasks are included from their own folder, as the lm-eval CLI's ``--include_path`` does."""
+    names, include, defaults = [], [str(TASKS_DIR)], False
     for spec in specs:
         if spec in EMBEDDED_TASKS:
-            names.append(_embedded_yaml(spec, tmp))
+            names.append(EMBEDDED_TASKS[spec][1])
         elif spec.startswith("embedded:"):
             raise PreftuneError(f"unknown embedded task {spec!r}; known: {', '.join(EMBEDDED_TASKS)}")
         elif spec.endswith((".yaml", ".yml")):
@@ -94,26 +99,29 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         return {}
     lm_eval, HFLM, TaskManager = _lm_eval()
     padding_side = tokenizer.padding_side
-    with tempfile.TemporaryDirectory(prefix="preftune-tasks-") as tmp:
-        names, include, defaults = resolve_tasks(list(tasks), Path(tmp))
-        manager = TaskManager(include_path=include, include_defaults=defaults, verbosity="ERROR")
-        unknown = [n for n in names if n not in manager.all_tasks]
-        if unknown:
-            hint = " (lm-eval's own tasks need their datasets: online, or in the HF cache)" if defaults else ""
-            raise PreftuneError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        try:
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
-                bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                fewshot_random_seed=seed, verbosity="ERROR",
-            )
-        except ConnectionError as e:
-            raise PreftuneError(
-                f"downstream tasks {', '.join(names)}: the dataset could not be fetched ({e}). lm-eval's own "
-                "tasks download their data from the Hub: run once online (it is cached), or use a local task "
-                "YAML or embedded:mc"
-            ) from None
-        finally:
-            tokenizer.padding_side = padding_side
+    names, include, defaults = resolve_tasks(list(tasks))
+    manager = TaskManager(include_path=include, include_defaults=defaults, verbosity="ERROR")
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        hint = " (lm-eval's own tasks need their datasets: online, or in the HF cache)" if defaults else ""
+        raise PreftuneError(f"unknown lm-eval task(s): {', '.join(unknown)}{hint}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    quiet = logging.getLogger("lm_eval.api.task")  # its note on custom_dataset kwargs (the shipped task has none)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
+            bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed, verbosity="ERROR",
+        )
+    except ConnectionError as e:
+        raise PreftuneError(
+            f"downstream tasks {', '.join(names)}: the dataset could not be fetched ({e}). lm-eval's own "
+            "tasks download their data from the Hub: run once online (it is cached), or use a local task "
+            "YAML or embedded:mc"
+        ) from None
+    finally:
+        tokenizer.padding_side = padding_side
+        quiet.setLevel(level)
     return {spec: _metrics(results, name) for spec, name in zip(tasks, names)}
