@@ -6,7 +6,9 @@ import logging
 import os
 from pathlib import Path
 
-from preftune.config import load_config, to_yaml
+import yaml
+
+from preftune.config import load_config, resolved_dict
 
 
 def setup_logging() -> None:
@@ -16,7 +18,7 @@ def setup_logging() -> None:
 
 
 def config_show(ns) -> int:
-    print(to_yaml(load_config(ns.config, ns.overrides)), end="")
+    print(yaml.safe_dump(resolved_dict(load_config(ns.config, ns.overrides)), sort_keys=False), end="")
     return 0
 
 

@@ -327,7 +327,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     ref_strategy = "none"
     if stage == "dpo":
         ref_strategy = refs.resolve_strategy(cfg.dpo.reference, method.needs_reference(cfg.dpo),
-                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss)
+                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss_name)
         disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
         if ref_strategy == "adapter":
             reference = refs.ModelReference(policy, "adapter", disable)
@@ -461,8 +461,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     accelerator.wait_for_everyone()
     summary = {
-        "stage": stage, "method": "sft" if stage == "sft" else cfg.dpo.loss,
-        "loss": None if stage == "sft" else cfg.dpo.loss, "beta": None if stage == "sft" else cfg.dpo.beta,
+        "stage": stage, "method": "sft" if stage == "sft" else cfg.dpo.loss_name,
+        "loss": None if stage == "sft" else cfg.dpo.loss_name, "beta": None if stage == "sft" else cfg.dpo.loss_beta,
         "steps": state["step"], "total_steps": total_steps, "tokens_seen": state["tokens_seen"],
         "pairs_seen": state["pairs_seen"], "skipped_steps": state["skipped_steps"],
         "best_step": stopper.best_step, "best_metric": stopper.best, "stopped_early": stopped_early,
