@@ -351,3 +351,49 @@ def test_orpo_matches_trl_odds_ratio_term(models, dataset):
             assert got[key] == pytest.approx(expected[key], abs=TOL), key
         assert got["logps/chosen_mean"] == pytest.approx(expected["logps/chosen"], abs=TOL)
         assert got["logps/rejected_mean"] == pytest.approx(expected["logps/rejected"], abs=TOL)
+
+
+KTO_ROWS = {
+    "prompt": ["The sky is", "Two plus two equals", "Name a fruit:", "Two plus two equals"],
+    "completion": [" blue.", " five", " a hammer, which is a tool", " four, of course."],
+    "label": [True, False, False, True],
+}
+KTO_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"]
+
+
+@pytest.mark.parametrize("loss_type,weights", [("kto", (1.0, 1.0)), ("kto", (1.3, 0.6)),
+                                               ("apo_zero_unpaired", (0.7, 1.2))])
+def test_kto_matches_trl(models, loss_type, weights):
+    """KTO and apo_zero_unpaired vs TRL 1.16's KTOTrainer on one batch of 4 unpaired rows (2 desirable):
+    loss, rewards/* and logps/* (means over the desirable and over the undesirable rows), rewards/margins
+    and the reference point ``kl`` within 1e-5, with desirable/undesirable weights. preftune's batch is
+    built from TRL's own token ids, KL completions included (TRL rotates completions by one within the
+    batch; preftune fixes each row's partner once, see data/unpaired.py), in the padded and prefix-shared
+    layouts. TRL logs kl = 0 for apo_zero_unpaired (no KL term), as preftune does."""
+    from preftune.data.collate import collate_prefix_shared, collate_unpaired
+    from preftune.data.unpaired import TokenizedUnpaired
+
+    reference, policy, tok = models  # swapped: this way round the batch's KL estimate is positive
+    kto_args = {k: v for k, v in common_args().items() if k != "per_device_train_batch_size"}
+    args = trl.KTOConfig(**kto_args, per_device_train_batch_size=4, loss_type=loss_type,
+                         desirable_weight=weights[0], undesirable_weight=weights[1], beta=0.2)
+    trainer = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                             train_dataset=datasets.Dataset.from_dict(KTO_ROWS), processing_class=tok)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    expected = {k: v[-1] for k, v in trainer._metrics["train"].items()} | {"loss": loss.item()}
+    kl_ids = [r.get("KL_completion_ids", rows[i - 1]["completion_ids"]) for i, r in enumerate(rows)]
+    items = [TokenizedUnpaired(r["prompt_ids"], r["completion_ids"], kl, key=str(i), label=bool(r["label"]))
+             for i, (r, kl) in enumerate(zip(rows, kl_ids))]
+    cfg = OurDPOConfig(loss={"name": loss_type, "beta": 0.2, "desirable_weight": weights[0],
+                             "undesirable_weight": weights[1]})
+    for layout in (None, collate_prefix_shared):
+        batch = collate_unpaired(items, tok.pad_token_id, **({"layout": layout} if layout else {}))
+        ref = reference_logps_of(SequenceLogps(reference), batch)
+        value, metrics = METHODS["dpo"].step(SequenceLogps(policy), batch, cfg, ref)
+        for key in KTO_KEYS:
+            assert float(metrics[key]) == pytest.approx(expected[key], abs=TOL), (layout, key)
+    assert abs(expected["rewards/margins"]) > 1e-3
+    if loss_type == "kto":
+        assert expected["kl"] > 0  # the reference point is really in play
