@@ -1,4 +1,4 @@
-"""Handlers for the training commands of the CLI table: config show, sft, dpo, orpo, merge."""
+"""Handlers for the training commands of the CLI table: config show, losses, sft, dpo, orpo, merge."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def setup_logging() -> None:
 
 def config_show(ns) -> int:
     print(yaml.safe_dump(resolved_dict(load_config(ns.config, ns.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def losses_show(ns) -> int:
+    from preftune.losses import loss_table
+
+    print(loss_table(markdown=ns.markdown))
     return 0
 
 

@@ -823,3 +823,19 @@ def describe(name: str) -> str:
     spec = get_loss(name)
     params = ", ".join(f"{param_key(f.name)}={f.default!r}" for f in dataclasses.fields(spec.params))
     return f"{name}({params})"
+
+
+def loss_table(markdown: bool = False) -> str:
+    """Every loss of the table with its parameters (and defaults), its reference need and its summary:
+    ``preftune losses``, and with ``markdown`` the README's methods table."""
+    rows = []
+    for name, spec in LOSSES.items():
+        params = ", ".join(f"`{param_key(f.name)}`={f.default!r}" for f in dataclasses.fields(spec.params)) or "-"
+        reads = "unpaired rows" if spec.unpaired else f"{spec.reads}"
+        ref = "yes" if spec.needs_reference else "no"
+        rows.append((f"`{name}`", params, ref, reads, spec.summary))
+    if markdown:
+        head = ["| `dpo.loss` | parameters (defaults) | reference | reads | what it optimises |", "|---|---|---|---|---|"]
+        return "\n".join(head + [f"| {' | '.join(r)} |" for r in rows])
+    return "\n".join(f"{n.strip('`'):18} reference={r:3} reads={d:13} {s}\n{'':18} {p.replace('`', '')}"
+                     for n, p, r, d, s in rows)
