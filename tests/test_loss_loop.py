@@ -1,0 +1,99 @@
+"""Every loss through ``preftune dpo`` on the tiny model: the run finishes and writes its metrics, and at
+step 0, with policy == reference, each reference-based loss has its known value for the precomputed
+and the adapter reference (KTO included, on pairs split by ``dpo.unpair``). TR-DPO's reference sync."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.cli import main
+from preftune.losses import LOSSES
+
+LN2 = math.log(2)
+
+STEP0 = {
+    # loss -> its value at policy == reference (every log-ratio 0) with default parameters, beta 0.1
+    "sigmoid": LN2,  # -log sigma(0)
+    "hinge": 1.0,  # relu(1 - 0)
+    "ipo": 25.0,  # (0 - 1 / (2 * 0.1))^2
+    "exo_pair": 0.5 * (math.log(0.5) - math.log1p(-1e-3)) + 0.5 * (math.log(0.5) - math.log(1e-3)),
+    "nca_pair": 2 * LN2,  # -log sigma(0) - 1/2 log sigma(0) - 1/2 log sigma(0)
+    "robust": LN2,
+    "bco_pair": 2 * LN2,
+    "sppo_hard": 50.0,  # (0 - 5)^2 + (0 + 5)^2
+    "aot": LN2,
+    "aot_unpaired": LN2,
+    "apo_zero": 1.0,  # (1 - 1/2) + 1/2
+    "apo_down": 1.0,  # 1/2 + (1 - 1/2)
+    "discopop": 0.5 * LN2 + 0.5,  # mixing sigma(0) = 1/2 of ln 2 and e^0
+    "sigmoid_norm": LN2,
+    "kto": 0.5,  # 1 - sigma(beta (0 - z_0)), z_0 = max(0, 0) = 0, for either label
+    "apo_zero_unpaired": 0.5,  # 1 - sigma(0) or sigma(0)
+}
+REFERENCE_FREE = sorted(n for n, s in LOSSES.items() if not s.needs_reference)
+CASES = [(n, r) for n in STEP0 for r in ("precomputed", "adapter")] + [(n, "none") for n in REFERENCE_FREE]
+
+
+def write_pairs(folder: Path, n_train: int = 8, n_test: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, off in (("train", n_train, 0), ("test", n_test, 100)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(off, off + n):
+                a, b = i % 7 + 1, i % 5 + 2
+                f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                    "rejected": f"{a} + {b} = {a + b + 1 + i % 3}, I think."}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model_dir):
+    """One data folder and one reference cache for all runs: the precomputed table is computed once
+    for the pairs and once for the unpaired rows, then reused by every other loss."""
+    root = tmp_path_factory.mktemp("losses")
+    return {"data": write_pairs(root / "data"), "cache": root / "cache", "model": str(tiny_model_dir)}
+
+
+def config(tmp_path: Path, shared: dict, **dpo) -> Path:
+    cfg = {
+        "model": shared["model"], "seed": 0, "output_dir": str(tmp_path / "run"),
+        "data": {"source": str(shared["data"]), "max_length": 48, "max_prompt_length": 24},
+        "dpo": {"max_steps": 2, "batch_size": 4, "eval_batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0,
+                "schedule": "constant", **dpo},
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_dpo(path: Path, *overrides: str) -> list[dict]:
+    assert main(["dpo", str(path), *overrides]) == 0
+    out = Path(yaml.safe_load(path.read_text())["output_dir"])
+    assert (out / "final").is_dir() and (out / "run.json").is_file()
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("loss,reference", CASES)
+def test_every_loss_runs_through_preftune_dpo(tmp_path, shared, monkeypatch, loss, reference):
+    """``preftune dpo`` with each loss: 2 steps, metrics.jsonl with a finite loss and the held-out
+    eval. Reference-based losses: step 0's loss is the known value at policy == reference and every
+    reward is 0, for the precomputed cache and the adapter reference alike."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(shared["cache"]))
+    extra = {"unpair": True} if LOSSES[loss].unpaired else {}
+    rows = run_dpo(config(tmp_path, shared, loss=loss, reference="auto" if reference == "none" else reference,
+                          **extra))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert "eval/loss" in rows[-1] and "rewards/margins" in rows[0]
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["method"] == loss and summary["reference"] == reference
+    if reference != "none":
+        assert rows[0]["loss"] == pytest.approx(STEP0[loss], abs=1e-5)
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert rows[0][key] == pytest.approx(0.0, abs=1e-5), key
+        assert rows[1]["rewards/margins"] != pytest.approx(0.0, abs=1e-7), "the first update must move the policy"
