@@ -97,3 +97,45 @@ def test_every_loss_runs_through_preftune_dpo(tmp_path, shared, monkeypatch, los
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert rows[0][key] == pytest.approx(0.0, abs=1e-5), key
         assert rows[1]["rewards/margins"] != pytest.approx(0.0, abs=1e-7), "the first update must move the policy"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("reference,lora", [("copy", False), ("copy", True), ("adapter", True)])
+def test_tr_dpo_hard_sync_every_step_keeps_reference_equal_to_policy(tmp_path, shared, monkeypatch, reference, lora):
+    """TR-DPO with ref_model_mixup_alpha 1 and a sync after every step: each step starts with
+    reference == policy, so every step's loss is ln 2 and its margins 0, while the policy moves (without
+    the sync the second step's margin is not 0, as test_every_loss_runs_through_preftune_dpo shows).
+    copy: the frozen model takes the policy's (LoRA-merged) weights; adapter: a frozen second adapter."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(shared["cache"]))
+    path = config(tmp_path, shared, reference=reference, sync_ref_model=True, ref_model_sync_steps=1,
+                  ref_model_mixup_alpha=1.0, max_steps=3)
+    rows = run_dpo(path, f"lora.enabled={str(lora).lower()}")
+    for row in rows:
+        assert row["loss"] == pytest.approx(LN2, abs=1e-5)
+        assert row["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[-1]["grad_norm"] > 0
+
+
+def test_tr_dpo_soft_update_mixes_weights():
+    """ref <- alpha * policy + (1 - alpha) * ref on every weight (copy strategy), alpha 0.6; a LoRA
+    policy's delta B A is merged into the weight it is mixed from."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.embedded import tiny_llama
+    from preftune.logprobs import SequenceLogps
+    from preftune.reference import ModelReference, sync_reference
+
+    policy, _ = tiny_llama(seed=0)
+    frozen, _ = tiny_llama(seed=1)
+    before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
+    sync_reference(ModelReference(SequenceLogps(frozen), "copy"), policy, 0.6)
+    for name, p in policy.named_parameters():
+        torch.testing.assert_close(dict(frozen.named_parameters())[name], 0.6 * p + 0.4 * before[name])
+    peft = get_peft_model(tiny_llama(seed=2)[0], LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    layer = peft.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    expected = layer.base_layer.weight + layer.get_delta_weight("default")
+    sync_reference(ModelReference(SequenceLogps(frozen), "copy"), peft, 1.0)
+    torch.testing.assert_close(frozen.model.layers[0].self_attn.q_proj.weight, expected)

@@ -425,6 +425,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if stage == "dpo" and cfg.dpo.sync_ref_model and (step + 1) % cfg.dpo.ref_model_sync_steps == 0:  # TR-DPO
+            refs.sync_reference(reference, accelerator.unwrap_model(policy).model, cfg.dpo.ref_model_mixup_alpha)
         step_time = time.perf_counter() - t0
 
         record = mean_metrics(parts)
