@@ -121,5 +121,5 @@ def test_tr_dpo_with_precomputed_reference_is_an_error():
 
 def test_options_ranges():
     assert problems(ld_alpha=1.5).startswith("dpo.ld_alpha: must be in [0, 1]")
-    assert problems(loss="aot", wpo=True).startswith("dpo.wpo: not with aot")
+    assert problems(loss="aot", wpo=True).startswith("dpo.wpo: not with aot, whose losses are not per pair")
     assert problems(loss="simpo", reference="copy").startswith("dpo.reference: simpo trains without a reference")

@@ -154,11 +154,11 @@ class DPOConfig(TrainConfig):
     """Strength of the KL penalty (DPO family) or reward scale (SimPO, CPO, KTO), for every loss that
     takes a ``beta`` and does not set its own."""
     label_smoothing: float | None = None
-    """Older form of the loss parameter ``label_smoothing`` (sigmoid, robust, exo_pair, aot, simpo, cpo)."""
+    """Older form of the loss parameter ``label_smoothing``."""
     ipo_normalize: Literal["mean", "sum"] | None = None
     """Older form of ipo's ``normalize``."""
     gamma: float | None = None
-    """Older form of simpo's and alphapo's ``gamma``."""
+    """Older form of the loss parameter ``gamma`` (SimPO's margin)."""
     orpo_lambda: float | None = None
     """Older form of orpo's ``lambda``."""
     sft_weight: float | None = None
@@ -177,10 +177,11 @@ class DPOConfig(TrainConfig):
     ref_model_mixup_alpha: float = 0.6
     """TR-DPO: weight of the policy in the reference update (1 = a hard copy)."""
     unpair: bool = False
-    """Unpaired losses (kto, apo_zero_unpaired) on preference data: split each pair into a desirable
+    """Unpaired losses (such as kto) on preference data: split each pair into a desirable
     (chosen) and an undesirable (rejected) row. Without it such losses need unpaired (``kto``) data."""
     reference: Literal["auto", "copy", "adapter", "precomputed", "none"] = "auto"
-    """Reference model strategy; ``auto`` picks precomputed (cached) log-probs, or none for simpo/orpo."""
+    """Reference model strategy; ``auto`` picks precomputed (cached) log-probs, or none for the losses
+    that need no reference."""
     layout: Literal["auto", "padded", "prefix_shared", "packed"] = "auto"
     """Batch layout; ``auto`` picks prefix sharing where the model supports it. ``packed`` puts several
     prefix-shared pairs in one padding-free row, up to ``token_budget`` tokens per micro-batch."""
@@ -310,6 +311,12 @@ def _resolve_term(d: DPOConfig, key: str, e: dict, legacy_used: set, problems: l
     return LossTerm(name, weight if isinstance(weight, float) else 1.0, params)
 
 
+def unpaired_names() -> list[str]:
+    from preftune.losses import LOSSES
+
+    return [n for n, spec in LOSSES.items() if spec.unpaired]
+
+
 def resolve_loss(d: DPOConfig) -> tuple[list[LossTerm], list[str]]:
     """``dpo.loss`` -> ``(terms, problems)``. The shared ``dpo.beta`` fills every loss's ``beta`` that the
     entry does not set; the older flat keys (``dpo.gamma``, ...) fill the parameter they name and are an
@@ -329,8 +336,8 @@ def resolve_loss(d: DPOConfig) -> tuple[list[LossTerm], list[str]]:
         terms.append(LossTerm("sft", float(d.sft_weight), NoParams()))
     kinds = {LOSSES[t.name].unpaired for t in terms}
     if len(kinds) > 1:
-        problems.append(f"dpo.loss: {names} mixes unpaired losses (kto, apo_zero_unpaired) with paired ones; "
-                        "they read different batches")
+        problems.append(f"dpo.loss: {names} mixes unpaired losses ({', '.join(unpaired_names())}) with paired "
+                        "ones; they read different batches")
     return terms, problems
 
 
@@ -423,7 +430,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised fine-tuning stage."""
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    """Preference stage (DPO family, SimPO, ORPO)."""
+    """Preference stage: any loss of the table in losses.py."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation suite."""
     report_to: list[str] = field(default_factory=list)
@@ -666,9 +673,9 @@ def _check_losses(d: DPOConfig, data: DataConfig) -> list[str]:
             p.append(f"dpo.unpair: {names} reads unpaired rows but data.format is {data.format!r} (pairs); set "
                      "dpo.unpair=true to split each pair into a desirable and an undesirable row, or use kto data")
     elif d.unpair:
-        p.append(f"dpo.unpair: only for the unpaired losses (kto, apo_zero_unpaired), not {names}")
-    if d.wpo and any(t.name in ("aot", "aot_unpaired") for t in terms):
-        p.append("dpo.wpo: not with aot or aot_unpaired, which sort the batch (the per-pair weights would not line up)")
+        p.append(f"dpo.unpair: only for the unpaired losses ({', '.join(unpaired_names())}), not {names}")
+    if d.wpo and (sorting := [t.name for t in terms if not LOSSES[t.name].per_pair]):
+        p.append(f"dpo.wpo: not with {', '.join(sorting)}, whose losses are not per pair (the weights would not line up)")
     if d.sync_ref_model:
         if not needs_ref:
             p.append(f"dpo.sync_ref_model: {names} has no reference model to synchronise")

@@ -681,6 +681,8 @@ class Loss:
     """One line for the CLI help and the README."""
     unpaired: bool = False
     """Reads an unpaired batch (rows with labels and mismatched KL completions) instead of pairs."""
+    per_pair: bool = True
+    """Loss ``i`` belongs to pair ``i`` (false for AOT, which sorts the batch), so WPO can weight it."""
 
     @property
     def param_names(self) -> list[str]:
@@ -773,9 +775,10 @@ LOSSES: dict[str, Loss] = {
     "sppo_hard": Loss(_pair_entry("sppo_hard", sppo_hard), Beta, True, "sums", "dpo",
                       "SPPO with hard win probabilities (Wu et al. 2024)"),
     "aot": Loss(_pair_entry("aot", aot, "label_smoothing"), AOTParams, True, "sums", "dpo",
-                "AOT: optimal-transport alignment of sorted margins, paired (Melnyk et al. 2024)"),
+                "AOT: optimal-transport alignment of sorted margins, paired (Melnyk et al. 2024)", per_pair=False),
     "aot_unpaired": Loss(_pair_entry("aot_unpaired", aot_unpaired, "label_smoothing"), AOTParams, True, "sums",
-                         "dpo", "AOT on separately sorted chosen and rejected log-ratios (Melnyk et al. 2024)"),
+                         "dpo", "AOT on separately sorted chosen and rejected log-ratios (Melnyk et al. 2024)",
+                         per_pair=False),
     "apo_zero": Loss(_pair_entry("apo_zero", apo_zero), Beta, True, "sums", "dpo",
                      "APO-zero: chosen up, rejected down, anchored (D'Oosterlinck et al. 2024)"),
     "apo_down": Loss(_pair_entry("apo_down", apo_down), Beta, True, "sums", "dpo",
