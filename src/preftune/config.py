@@ -189,11 +189,15 @@ class DPOConfig(TrainConfig):
     """``packed`` layout: prompt + chosen + rejected tokens per micro-batch (replaces ``batch_size``)."""
 
     def terms(self) -> list[LossTerm]:
-        """``dpo.loss`` resolved: one LossTerm per loss, parameters filled in; a ConfigError if invalid."""
-        terms, problems = resolve_loss(self)
-        if problems:
-            raise ConfigError(problems)
-        return terms
+        """``dpo.loss`` resolved: one LossTerm per loss, parameters filled in; a ConfigError if invalid.
+        Memoised on the loss fields (the DPO step asks for every batch)."""
+        key = repr([getattr(self, f) for f in ("loss", "loss_weights", "beta", *LEGACY_LOSS_KEYS, "sft_weight")])
+        if key not in _RESOLVED:
+            terms, problems = resolve_loss(self)
+            if problems:
+                raise ConfigError(problems)
+            _RESOLVED[key] = tuple(terms)
+        return list(_RESOLVED[key])
 
     @property
     def loss_name(self) -> str:
@@ -233,6 +237,9 @@ class LossTerm:
         return {"name": self.name, "weight": self.weight} | {
             param_key(k): v for k, v in dataclasses.asdict(self.params).items()}
 
+
+_RESOLVED: dict[str, tuple[LossTerm, ...]] = {}
+"""``DPOConfig.terms`` memo: the repr of the loss fields -> the resolved terms."""
 
 LEGACY_LOSS_KEYS = {"label_smoothing": "label_smoothing", "ipo_normalize": "normalize", "gamma": "gamma",
                     "orpo_lambda": "lambda"}
