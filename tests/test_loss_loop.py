@@ -139,3 +139,22 @@ def test_tr_dpo_soft_update_mixes_weights():
     expected = layer.base_layer.weight + layer.get_delta_weight("default")
     sync_reference(ModelReference(SequenceLogps(frozen), "copy"), peft, 1.0)
     torch.testing.assert_close(frozen.model.layers[0].self_attn.q_proj.weight, expected)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("dpo,lora,step0", [
+    ({"loss": "sigmoid", "ld_alpha": 0.5, "reference": "precomputed"}, True, LN2),  # LD sums from the cache
+    ({"loss": "kto", "unpair": True, "layout": "packed", "token_budget": 256, "reference": "copy"}, False, 0.5),
+    ({"loss": [{"name": "sigmoid"}, {"name": "sft", "weight": 0.5}], "wpo": True, "reference": "adapter"}, True, None),
+], ids=["ld_alpha-precomputed", "kto-packed-copy", "rpo-wpo-adapter"])
+def test_loss_options_through_the_loop(tmp_path, shared, monkeypatch, dpo, lora, step0):
+    """LD-DPO with the precomputed cache (its tail sums), KTO in the packed layout with a frozen copy,
+    and a weighted list with WPO weights: each run finishes with finite losses and, where known, the
+    step-0 value (LD-DPO weights policy and reference alike, so still ln 2)."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(shared["cache"]))
+    rows = run_dpo(config(tmp_path, shared, **dpo), f"lora.enabled={str(lora).lower()}")
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    if step0 is not None:
+        assert rows[0]["loss"] == pytest.approx(step0, abs=1e-5)
+    else:
+        assert "nll_loss" in rows[0] and "loss/sigmoid" in rows[0]

@@ -71,6 +71,7 @@ def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint:
         "truncation": [data_cfg.max_length, data_cfg.max_prompt_length],
         "precision": precision,
         "data": fingerprint,
+        "fields": "sums, means, tails",  # what methods.reference_logps_of stores per row
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
