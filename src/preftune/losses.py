@@ -821,13 +821,6 @@ def get_loss(name: str) -> Loss:
     return LOSSES[name]
 
 
-def describe(name: str) -> str:
-    """``name(param=default, ...)`` for the help text and the README."""
-    spec = get_loss(name)
-    params = ", ".join(f"{param_key(f.name)}={f.default!r}" for f in dataclasses.fields(spec.params))
-    return f"{name}({params})"
-
-
 def loss_table(markdown: bool = False) -> str:
     """Every loss of the table with its parameters (and defaults), its reference need and its summary:
     ``preftune losses``, and with ``markdown`` the README's methods table."""
