@@ -66,17 +66,18 @@ def as_unpaired(rows: list, split_pairs: bool) -> list[UnpairedRow]:
 
 
 def load_unpaired(data, split_pairs: bool, seed: int):
-    """``(train rows, held-out rows, DataReport)`` as UnpairedRow: ``kto`` data, or pairs split by ``dpo.unpair``."""
+    """``(train rows, held-out rows, DataReport)`` as UnpairedRow: ``kto`` data as it is, or preference pairs
+    split by ``dpo.unpair`` (pairs without it are an error naming that key). The data is read as the kind
+    the option expects first, then as the other; if neither reads, the first error stands."""
     from preftune.data.sources import load_rows
 
-    if split_pairs:
-        train, test, read = load_rows(data, "preference", seed)
-    else:
+    first_error = None
+    for kind in ("preference", "unpaired") if split_pairs else ("unpaired", "preference"):
         try:
-            train, test, read = load_rows(data, "unpaired", seed)
-        except PreftuneError as unpaired_error:
-            try:
-                train, test, read = load_rows(data, "preference", seed)
-            except PreftuneError:
-                raise unpaired_error from None
+            train, test, read = load_rows(data, kind, seed)
+            break
+        except PreftuneError as e:
+            first_error = first_error or e
+    else:
+        raise first_error
     return as_unpaired(train, split_pairs), as_unpaired(test, split_pairs), read
