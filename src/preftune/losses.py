@@ -94,7 +94,7 @@ def _dpo_rewards(beta: float, chosen_logratios: Tensor, rejected_logratios: Tens
 
 
 def f_divergence_scores(logratios: Tensor, f_divergence: str = "reverse_kl", f_alpha: float = 0.5) -> Tensor:
-    """``f'(pi / ref)`` of f-DPO (Wang et al. 2023, "Beyond Reverse KL", Table 1 and eq. 12), from the
+    """``f'(pi / ref)`` of f-DPO (Wang et al. 2023, "Beyond Reverse KL", its table of f'), from the
     log-ratio ``u = log pi - log ref`` ``[B]``:
         reverse_kl ``u`` (DPO); forward_kl ``1 - e^-u``; js_divergence ``log 2 + log sigma(u)``;
         alpha_divergence ``(e^((alpha - 1) u) - 1) / (alpha - 1)`` (``u`` at ``alpha = 1``).
@@ -154,7 +154,7 @@ def sigmoid_norm(
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
 ) -> LossOutput:
-    """Length-normalised DPO (Tülu 3, Lambert et al. 2024, eq. 6; OLMo 2's default): DPO on per-token
+    """Length-normalised DPO (Tülu 3, Lambert et al. 2024; OLMo 2's default): DPO on per-token
     log-ratios, ``L = -log sigma(beta (u_w / |y_w| - u_l / |y_l|))``, ``u`` the summed log-ratios (or their
     f-divergence scores) and ``|y|`` the completion token counts ``[B]``. TRL 1.16's ``sigmoid_norm``.
     Rewards: ``beta * (policy - reference)`` summed log-probs (TRL)."""
@@ -265,7 +265,7 @@ def nca_pair(
     reference_rejected_logps: Tensor,
     beta: float,
 ) -> LossOutput:
-    """NCA for pairs (Chen et al. 2024, "Noise Contrastive Alignment", eq. 12 with K = 1), on the
+    """NCA for pairs (Chen et al. 2024, "Noise Contrastive Alignment", its pairwise loss), on the
     rewards ``r = beta * (log pi - log ref)`` of each completion:
         ``L = -log sigma(r_w) - 1/2 log sigma(-r_w) - 1/2 log sigma(-r_l)``
     TRL 1.16's ``nca_pair``. Rewards: ``r_w``, ``r_l``."""
@@ -282,8 +282,8 @@ def bco_pair(
     reference_rejected_logps: Tensor,
     beta: float,
 ) -> LossOutput:
-    """BCO for pairs (Jung et al. 2024, "Binary Classifier Optimization", eq. 6 without the reward
-    shift, as TRL 1.16's ``bco_pair``): chosen classified as good, rejected as bad,
+    """BCO for pairs (Jung et al. 2024, "Binary Classifier Optimization", without its reward shift, as
+    TRL 1.16's ``bco_pair``): chosen classified as good, rejected as bad,
         ``L = -log sigma(r_w) - log sigma(-r_l)``, ``r = beta * (log pi - log ref)``.
     Rewards: ``r_w``, ``r_l``."""
     cl, rl = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
@@ -315,9 +315,9 @@ def aot(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment via Optimal Transport",
-    eq. 9): the batch's policy margins ``m = log pi(y_w) - log pi(y_l)`` and reference margins are each
-    sorted (``sort`` over the batch), and their sorted differences ``d`` go through the smoothed logistic
+    """AOT, paired (Melnyk et al. 2024, "Distributional Preference Alignment via Optimal Transport"): the
+    batch's policy margins ``m = log pi(y_w) - log pi(y_l)`` and reference margins are each sorted
+    (``sort`` over the batch), and their sorted differences ``d`` go through the smoothed logistic
         ``L_i = -(1 - eps) log sigma(beta d_i) - eps log sigma(-beta d_i)``
     (a first-order stochastic dominance of the policy's margins over the reference's). Loss ``i``
     belongs to the ``i``-th quantile, not to pair ``i``. TRL 1.16's ``aot``. Rewards: ``beta * (policy - reference)``."""
@@ -336,7 +336,7 @@ def aot_unpaired(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """AOT, unpaired (Melnyk et al. 2024, eq. 8): the chosen log-ratios ``u_w`` and the rejected
+    """AOT, unpaired (Melnyk et al. 2024): the chosen log-ratios ``u_w`` and the rejected
     log-ratios ``u_l`` of the batch are sorted separately and compared quantile by quantile,
         ``L_i = -(1 - eps) log sigma(beta d_i) - eps log sigma(-beta d_i)``, ``d = sort(u_w) - sort(u_l)``.
     TRL 1.16's ``aot_unpaired``. Rewards: ``beta * (policy - reference)``."""
@@ -435,7 +435,7 @@ def alphapo(
     alpha: float,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment", eq. 6): SimPO with
+    """AlphaPO (Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment"): SimPO with
     the length-normalised reward reshaped by ``alpha``. With ``p = exp(mean log pi(y|x))`` (so
     ``p^-alpha = pi(y|x)^(-alpha / |y|)``):
         ``r(y) = (1 - p^-alpha) / alpha``,   ``L = -log sigma(beta (r(y_w) - r(y_l)) - gamma)``
@@ -458,7 +458,7 @@ def cpo(
     alpha: float = 1.0,
     label_smoothing: float = 0.0,
 ) -> LossOutput:
-    """CPO (Xu et al. 2024, "Contrastive Preference Optimization", eq. 3 + eq. 5), reference-free, on
+    """CPO (Xu et al. 2024, "Contrastive Preference Optimization", eq. 3 plus its NLL term), reference-free, on
     summed log-probs: a DPO-style preference term with the reference dropped, plus ``alpha`` times
     the chosen NLL (``chosen_nll``: the batch's chosen token-mean NLL, a scalar added to every pair):
         ``L = -(1 - eps) log sigma(beta m) - eps log sigma(-beta m) + alpha * NLL(y_w)``,

@@ -116,7 +116,7 @@ REFERENCE_ADAPTER = "reference"
 
 
 def sync_reference(reference, policy_model, alpha: float) -> None:
-    """TR-DPO's soft update (Gorbatovski et al. 2024, eq. 3), ``ref <- alpha * policy + (1 - alpha) * ref``
+    """TR-DPO's soft update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"), ``ref <- alpha * policy + (1 - alpha) * ref``
     (as TRL 1.16's SyncRefModelCallback), in place. ``copy``: on the frozen model's weights, with a LoRA
     policy's adapters merged into its effective weights. ``adapter``: the reference becomes the base plus
     a second, frozen LoRA adapter (created at the first sync as the policy's ``A`` with ``B = 0``, so the
