@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from preftune.cli import COMMANDS, main
 
@@ -47,4 +48,5 @@ def test_config_show_prints_resolved_yaml(capsys, tmp_path):
     p.write_text("dpo:\n  beta: 0.2\n")
     assert main(["config", "show", str(p), "dpo.loss=ipo"]) == 0
     out = capsys.readouterr().out
-    assert "beta: 0.2" in out and "loss: ipo" in out
+    loss = yaml.safe_load(out)["dpo"]["loss"]  # the loss with every parameter resolved
+    assert loss == {"name": "ipo", "beta": 0.2, "f_divergence": "reverse_kl", "f_alpha": 0.5, "normalize": "mean"}

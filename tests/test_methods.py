@@ -158,3 +158,51 @@ def test_sft_step_is_token_mean_nll_and_trains(policy):
     loss.backward()
     assert policy.model.get_input_embeddings().weight.grad.abs().sum() > 0
     policy.model.zero_grad()
+
+
+def test_tail_segments_split_each_sequence_at_the_shorter_completion():
+    """PAIRS have chosen lengths (3, 5) and rejected lengths (1, 2): shared lengths 1 and 2, so chosen 0
+    keeps 1 token in segment 0 and 2 in segment 4 + 0; chosen 1 keeps 2 in segment 1 and 3 in 4 + 1;
+    the rejected completions have no tail."""
+    from preftune.methods import tail_segments
+
+    batch = preference_batch(PAIRS)
+    seq, n = tail_segments(batch)
+    assert n == 8
+    counts = torch.bincount(seq, minlength=8).tolist()
+    assert counts == [1, 2, 1, 2, 2, 3, 0, 0]
+    # tail tokens are the last ones of their sequence, in order
+    for s in range(4):
+        own = seq[batch["score_seq"] == s]
+        assert (own[: counts[s]] == s).all() and (own[counts[s]:] == s + 4).all()
+
+
+def test_ld_alpha_and_wpo_by_hand(policy):
+    """LD-DPO: logps/chosen = shared-part sum + alpha * tail sum, per sequence from full logits.
+    WPO: a pair's weight is exp(mean_t(log p_t - log sum_v p_v^2)) of chosen times that of rejected; at
+    step 0 the loss is ln 2 times the mean weight. Chunked and plain log-probs agree."""
+    batch = preference_batch(PAIRS)
+    model = policy.model
+
+    def per_token(prompt, completion):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        pos = range(len(prompt) - 1, ids.shape[1] - 1)
+        tok = torch.stack([logp[p, ids[0, p + 1]] for p in pos])
+        sq = torch.stack([torch.logsumexp(2 * logp[p], -1) for p in pos])
+        return tok, sq
+
+    chosen = [per_token(p, c) for p, c, _ in PAIRS]
+    rejected = [per_token(p, r) for p, _, r in PAIRS]
+    ld = [float(t[:len(r)].sum() + 0.3 * t[len(r):].sum()) for (t, _), (_, _, r) in zip(chosen, PAIRS)]
+    weight = [math.exp(float((ct - cs).mean())) * math.exp(float((rt - rs).mean()))
+              for (ct, cs), (rt, rs) in zip(chosen, rejected)]
+    ref = reference_logps_of(policy, batch)
+    for chunked in (True, False):
+        _, m = METHODS["dpo"].step(policy, batch, DPOConfig(ld_alpha=0.3, chunked_logps=chunked), ref)
+        assert float(m["logps/chosen"]) == pytest.approx(sum(ld) / 2, abs=1e-5)
+        assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-6)  # LD on both sides: still ln 2
+        loss, _ = METHODS["dpo"].step(policy, batch, DPOConfig(wpo=True, chunked_logps=chunked), ref)
+        assert loss.item() == pytest.approx(math.log(2) * sum(weight) / 2, rel=1e-5)

@@ -183,6 +183,51 @@ DPO_CASES = {
     ),
 }
 
+# Every other TRL 1.16 loss type, the combination forms, LD-DPO, the f-divergences and WPO, in the
+# general ``dpo.loss`` form. Checked in two layouts (hand-built padded, the project's prefix-shared).
+MORE_CASES = {
+    "exo_pair": (dict(loss_type=["exo_pair"], beta=0.3, label_smoothing=1e-3),
+                 dict(loss={"name": "exo_pair", "beta": 0.3, "label_smoothing": 1e-3})),
+    "nca_pair": (dict(loss_type=["nca_pair"], beta=0.3), dict(loss={"name": "nca_pair", "beta": 0.3})),
+    "bco_pair": (dict(loss_type=["bco_pair"], beta=0.3), dict(loss={"name": "bco_pair", "beta": 0.3})),
+    "sppo_hard": (dict(loss_type=["sppo_hard"], beta=0.3), dict(loss={"name": "sppo_hard", "beta": 0.3})),
+    "aot": (dict(loss_type=["aot"], beta=0.3, label_smoothing=0.1),
+            dict(loss={"name": "aot", "beta": 0.3, "label_smoothing": 0.1})),
+    "aot_unpaired": (dict(loss_type=["aot_unpaired"], beta=0.3, label_smoothing=0.1),
+                     dict(loss={"name": "aot_unpaired", "beta": 0.3, "label_smoothing": 0.1})),
+    "apo_zero": (dict(loss_type=["apo_zero"], beta=0.3), dict(loss={"name": "apo_zero", "beta": 0.3})),
+    "apo_down": (dict(loss_type=["apo_down"], beta=0.3), dict(loss={"name": "apo_down", "beta": 0.3})),
+    "discopop": (dict(loss_type=["discopop"], beta=0.3, discopop_tau=0.2),
+                 dict(loss={"name": "discopop", "beta": 0.3, "tau": 0.2})),
+    "sigmoid_norm": (dict(loss_type=["sigmoid_norm"], beta=0.3), dict(loss="sigmoid_norm", beta=0.3)),
+    "mpo_list": (dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.2),
+                 dict(loss=[{"name": "sigmoid", "weight": 0.8}, {"name": "bco_pair", "weight": 0.2},
+                            {"name": "sft", "weight": 1.0}], beta=0.2)),
+    "mpo_loss_weights": (dict(loss_type=["ipo", "hinge"], loss_weights=[0.3, 0.7], beta=0.2),
+                         dict(loss=["ipo", "hinge"], loss_weights=[0.3, 0.7], beta=0.2)),
+    "ld_alpha": (dict(loss_type=["sigmoid"], beta=0.1, ld_alpha=0.3), dict(loss="sigmoid", beta=0.1, ld_alpha=0.3)),
+    "ld_alpha_ipo_sft": (dict(loss_type=["ipo", "sft"], beta=0.1, ld_alpha=0.5),
+                         dict(loss=["ipo", "sft"], beta=0.1, ld_alpha=0.5)),
+    "forward_kl": (dict(loss_type=["sigmoid"], beta=0.3, f_divergence_type="forward_kl"),
+                   dict(loss={"name": "sigmoid", "beta": 0.3, "f_divergence": "forward_kl"})),
+    "js_divergence": (dict(loss_type=["hinge"], beta=0.3, f_divergence_type="js_divergence"),
+                      dict(loss={"name": "hinge", "beta": 0.3, "f_divergence": "js_divergence"})),
+    "alpha_divergence": (
+        dict(loss_type=["ipo", "robust"], beta=0.3, f_divergence_type="alpha_divergence",
+             f_alpha_divergence_coef=0.3, label_smoothing=0.1),
+        dict(loss=[{"name": "ipo", "f_divergence": "alpha_divergence", "f_alpha": 0.3},
+                   {"name": "robust", "f_divergence": "alpha_divergence", "f_alpha": 0.3, "label_smoothing": 0.1}],
+             beta=0.3)),
+    "f_divergence_discopop_sigmoid_norm": (
+        dict(loss_type=["discopop", "sigmoid_norm"], beta=0.3, f_divergence_type="js_divergence"),
+        dict(loss=[{"name": "discopop", "f_divergence": "js_divergence"},
+                   {"name": "sigmoid_norm", "f_divergence": "js_divergence"}], beta=0.3)),
+    "wpo": (dict(loss_type=["sigmoid"], beta=0.1, use_weighting=True), dict(loss="sigmoid", beta=0.1, wpo=True)),
+    # (TRL 1.16 cannot weight its "sft" term: the in-place WPO product fails on the expanded scalar)
+    "wpo_ld_combination": (dict(loss_type=["sigmoid", "bco_pair"], beta=0.1, use_weighting=True, ld_alpha=0.5),
+                           dict(loss=["sigmoid", "bco_pair"], beta=0.1, wpo=True, ld_alpha=0.5)),
+}
+
 
 @pytest.mark.parametrize("case", list(DPO_CASES))
 def test_dpo_losses_match_trl(models, dataset, case):
@@ -198,6 +243,36 @@ def test_dpo_losses_match_trl(models, dataset, case):
             for key in DPO_KEYS:
                 assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
     assert abs(expected["rewards/margins"]) > 1e-3  # a real, non-trivial comparison
+
+
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_every_trl_loss_type_and_option_matches(models, dataset, case):
+    """Every other TRL 1.16 loss type, both combination forms (a list with weights; names with
+    ``dpo.loss_weights``), LD-DPO (``ld_alpha``: TRL weights the tokens beyond the shorter completion in
+    policy and reference alike, and logs the weighted sums under logps/*, as preftune does), the
+    f-divergences on the losses TRL allows them (TRL sets one divergence for all losses; preftune makes
+    it a parameter of those losses), and WPO (TRL's use_weighting) alone and with LD-DPO in a combination:
+    loss, rewards/* and logps/* within 1e-5, in the padded and the prefix-shared layout, chunked and plain."""
+    trl_kwargs, our_kwargs = MORE_CASES[case]
+    expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
+    layouts = {"padded": padded, "collate:prefix_shared": collate_layouts()["collate:collate_prefix_shared"]}
+    for name, layout in layouts.items():
+        for chunked in (True, False):
+            got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
+            for key in DPO_KEYS:
+                assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
+    assert abs(expected["rewards/margins"]) > 1e-3
+
+
+def test_sft_alone_matches_trl_loss_and_logps(models, dataset):
+    """TRL's ``loss_type=["sft"]`` alone: loss and logps/* match. Difference: TRL still runs a reference
+    and logs beta * log-ratios as rewards; preftune's sft needs no reference and logs the per-token mean
+    log-probs as its rewards (there is no reference to compare with)."""
+    expected, pairs = trl_dpo(models, dataset, loss_type=["sft"], beta=0.1)
+    got = ours(models, pairs, "padded", OurDPOConfig(loss="sft"))
+    for key in ("loss", "logps/chosen", "logps/rejected"):
+        assert got[key] == pytest.approx(expected[key], abs=TOL), key
+    assert got["rewards/chosen"] == pytest.approx(got["logps/chosen_mean"], abs=TOL)
 
 
 def _orpo_cpo_pairs(trainer, n: int):
@@ -276,3 +351,49 @@ def test_orpo_matches_trl_odds_ratio_term(models, dataset):
             assert got[key] == pytest.approx(expected[key], abs=TOL), key
         assert got["logps/chosen_mean"] == pytest.approx(expected["logps/chosen"], abs=TOL)
         assert got["logps/rejected_mean"] == pytest.approx(expected["logps/rejected"], abs=TOL)
+
+
+KTO_ROWS = {
+    "prompt": ["The sky is", "Two plus two equals", "Name a fruit:", "Two plus two equals"],
+    "completion": [" blue.", " five", " a hammer, which is a tool", " four, of course."],
+    "label": [True, False, False, True],
+}
+KTO_KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"]
+
+
+@pytest.mark.parametrize("loss_type,weights", [("kto", (1.0, 1.0)), ("kto", (1.3, 0.6)),
+                                               ("apo_zero_unpaired", (0.7, 1.2))])
+def test_kto_matches_trl(models, loss_type, weights):
+    """KTO and apo_zero_unpaired vs TRL 1.16's KTOTrainer on one batch of 4 unpaired rows (2 desirable):
+    loss, rewards/* and logps/* (means over the desirable and over the undesirable rows), rewards/margins
+    and the reference point ``kl`` within 1e-5, with desirable/undesirable weights. preftune's batch is
+    built from TRL's own token ids, KL completions included (TRL rotates completions by one within the
+    batch; preftune fixes each row's partner once, see data/unpaired.py), in the padded and prefix-shared
+    layouts. TRL logs kl = 0 for apo_zero_unpaired (no KL term), as preftune does."""
+    from preftune.data.collate import collate_prefix_shared, collate_unpaired
+    from preftune.data.unpaired import TokenizedUnpaired
+
+    reference, policy, tok = models  # swapped: this way round the batch's KL estimate is positive
+    kto_args = {k: v for k, v in common_args().items() if k != "per_device_train_batch_size"}
+    args = trl.KTOConfig(**kto_args, per_device_train_batch_size=4, loss_type=loss_type,
+                         desirable_weight=weights[0], undesirable_weight=weights[1], beta=0.2)
+    trainer = trl.KTOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
+                             train_dataset=datasets.Dataset.from_dict(KTO_ROWS), processing_class=tok)
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    expected = {k: v[-1] for k, v in trainer._metrics["train"].items()} | {"loss": loss.item()}
+    kl_ids = [r.get("KL_completion_ids", rows[i - 1]["completion_ids"]) for i, r in enumerate(rows)]
+    items = [TokenizedUnpaired(r["prompt_ids"], r["completion_ids"], kl, key=str(i), label=bool(r["label"]))
+             for i, (r, kl) in enumerate(zip(rows, kl_ids))]
+    cfg = OurDPOConfig(loss={"name": loss_type, "beta": 0.2, "desirable_weight": weights[0],
+                             "undesirable_weight": weights[1]})
+    for layout in (None, collate_prefix_shared):
+        batch = collate_unpaired(items, tok.pad_token_id, **({"layout": layout} if layout else {}))
+        ref = reference_logps_of(SequenceLogps(reference), batch)
+        value, metrics = METHODS["dpo"].step(SequenceLogps(policy), batch, cfg, ref)
+        for key in KTO_KEYS:
+            assert float(metrics[key]) == pytest.approx(expected[key], abs=TOL), (layout, key)
+    assert abs(expected["rewards/margins"]) > 1e-3
+    if loss_type == "kto":
+        assert expected["kl"] > 0  # the reference point is really in play

@@ -20,16 +20,27 @@ HUB_IDS = {embedded.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """preftune's model names -> the Hub id a card's ``base_model`` should name."""
 LICENSES = {embedded.SMOLLM2: "apache-2.0"}
 """Known licenses of the models preftune ships."""
-METHOD_TAGS = {"sft": "sft", "sigmoid": "dpo", "ipo": "dpo", "hinge": "dpo", "robust": "dpo",
-               "orpo": "orpo", "simpo": "simpo"}
-"""Stage method (``run.json``'s ``method``) -> the Hub tag of its family."""
 METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference Optimization (DPO)",
                 "orpo": "ORPO (odds-ratio preference optimization, no reference model)",
-                "simpo": "SimPO (reference-free, length-normalised rewards)"}
+                "simpo": "SimPO (reference-free, length-normalised rewards)",
+                "cpo": "CPO (contrastive preference optimization, no reference model)",
+                "alphapo": "AlphaPO (reference-free, reshaped length-normalised rewards)",
+                "kto": "KTO (unpaired desirable/undesirable completions)"}
+"""Hub tag of a method family -> its name on the card."""
 LOCAL_PREFIXES = ("embedded:", "tiny", "/", ".", "~")
 
 
 # ---------------------------------------------------------------- the card
+
+
+def method_tag(method: str) -> str:
+    """run.json's ``method`` (``sft``, a loss name, or names joined by ``+``) -> the Hub tag of its family:
+    the ``tag`` of its first loss that is not ``sft`` in the loss table."""
+    from preftune.losses import LOSSES
+
+    names = [n for n in method.split("+") if n in LOSSES]
+    main = next((n for n in names if n != "sft"), names[0] if names else None)
+    return LOSSES[main].tag if main else ("sft" if method == "sft" else "dpo")
 
 
 def _license(cfg: Config) -> str | None:
@@ -89,7 +100,7 @@ def card_data(cfg: Config, summary: dict, eval_entry: dict | None = None, name: 
               base_repo: str | None = None, merged: bool = False) -> ModelCardData:
     """The Hub metadata: base model, library, tags, datasets, license, and the evaluation figures of
     ``eval_entry`` (one model of eval.json) as ``eval_results``, which ModelCardData writes as model-index."""
-    tag = METHOD_TAGS.get(str(summary.get("method")), "dpo")
+    tag = method_tag(str(summary.get("method")))
     lora = bool(summary.get("lora", cfg.lora.enabled)) and not merged
     results = eval_results(cfg, eval_entry or {})
     return ModelCardData(
@@ -132,10 +143,10 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 def _method_lines(cfg: Config, summary: dict) -> list[str]:
     method = str(summary.get("method") or "sft")
-    family = METHOD_TAGS.get(method, method)
+    family = method_tag(method)
     lines = [f"- **Method:** {METHOD_NAMES.get(family, family)}"]
     if summary.get("stage") != "sft":
-        lines.append(f"- **Loss:** `{method}`, **beta** {summary.get('beta', cfg.dpo.beta):g}")
+        lines.append(f"- **Loss:** `{method}`, **beta** {summary.get('beta') or cfg.dpo.beta:g}")
         lines.append(f"- **Reference:** {summary.get('reference', cfg.dpo.reference)}")
     lines.append(f"- **Precision:** {summary.get('precision', cfg.precision)}")
     if cfg.lora.enabled:

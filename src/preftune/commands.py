@@ -1,16 +1,25 @@
-"""Handlers for the training commands of the CLI table: config show, sft, dpo, orpo, merge."""
+"""Handlers for the training commands of the CLI table: config show, losses, sft, dpo, orpo, merge."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from preftune.config import load_config, to_yaml
+import yaml
+
+from preftune.config import load_config, resolved_dict
 from preftune.logs import setup_logging  # noqa: F401  (the commands' one logging set-up)
 
 
 def config_show(ns) -> int:
-    print(to_yaml(load_config(ns.config, ns.overrides)), end="")
+    print(yaml.safe_dump(resolved_dict(load_config(ns.config, ns.overrides)), sort_keys=False), end="")
+    return 0
+
+
+def losses_show(ns) -> int:
+    from preftune.losses import loss_table
+
+    print(loss_table(markdown=ns.markdown))
     return 0
 
 

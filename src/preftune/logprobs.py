@@ -189,7 +189,8 @@ class SequenceLogps(nn.Module):
         chunked: bool = True,
         blocks: Tensor | None = None,
         segments: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        sum_sq_probs: bool = False,
+    ) -> tuple[Tensor, ...]:
         """Batch-contract tensors (data/rows.py) -> ``(sums [S], counts [S], means [S])`` fp32.
 
         ``attention_mask`` is ``[R, T]`` 0/1, ``[R, 1, T, T]`` additive float (0 / -inf; a bool
@@ -197,14 +198,20 @@ class SequenceLogps(nn.Module):
         ``segments`` instead, and the mask is built from them and ``position_ids``;
         :func:`preftune.attention.decoder_mask` says what the decoder gets.
         ``chunked=False`` runs the full model and takes log-probs from its ``[R, T, V]`` logits: the
-        reference path for tests."""
+        reference path for tests. ``sum_sq_probs=True`` appends a fourth ``[S]`` tensor, the segment sums of
+        ``log sum_v p_v^2`` at each scored position (no gradient): WPO's weights (methods.py)."""
         attention_mask = decoder_mask(self.causal_lm, attention_mask, position_ids, blocks, segments)
         if not chunked:
             logits = self.model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             ).logits
             scored = logits.reshape(-1, logits.shape[-1]).index_select(0, score_index)
-            return sequence_logps(token_logps_from_logits(scored, score_target), score_seq, num_seqs)
+            out = sequence_logps(token_logps_from_logits(scored, score_target), score_seq, num_seqs)
+            if sum_sq_probs:
+                with torch.no_grad():
+                    sq = log_sum_sq_probs(scored.detach(), None, None)
+                out = (*out, sq.new_zeros(num_seqs).index_add(0, score_seq, sq))
+            return out
         lm = self.causal_lm
         head = lm.get_output_embeddings()
         _check_plain_head(lm, head)
@@ -213,4 +220,25 @@ class SequenceLogps(nn.Module):
         ).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
         logps = token_logps(scored, head.weight, score_target, self.chunk_size, head.bias)
-        return sequence_logps(logps, score_seq, num_seqs)
+        out = sequence_logps(logps, score_seq, num_seqs)
+        if sum_sq_probs:
+            with torch.no_grad():
+                sq = log_sum_sq_probs(scored.detach(), head.weight, head.bias, self.chunk_size)
+            out = (*out, sq.new_zeros(num_seqs).index_add(0, score_seq, sq))
+        return out
+
+
+def log_sum_sq_probs(hidden: Tensor, weight: Tensor | None, bias: Tensor | None, chunk_size: int | None = None) -> Tensor:
+    """``log sum_v softmax(z)_v^2 = logsumexp(2 z) - 2 logsumexp(z)`` per row ``[N]`` fp32, from hidden states
+    ``[N, H]`` and the LM head in row chunks, or from logits ``[N, V]`` when ``weight`` is None. No gradient."""
+    with torch.no_grad():
+        vocab = hidden.shape[1] if weight is None else weight.shape[0]
+        step = chunk_size or default_chunk_size(vocab)
+        out = []
+        for s in range(0, hidden.shape[0], step):
+            z = hidden[s : s + step] if weight is None else _logits(hidden[s : s + step], weight.to(hidden.dtype),
+                                                                   None if bias is None else bias.to(hidden.dtype))
+            z = z.to(_fp32_at_least(z.dtype))
+            out.append(torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1))
+        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+

@@ -1,7 +1,8 @@
 """Training methods as small step functions plus a table: ``METHODS["sft"]`` and ``METHODS["dpo"]``
-(every loss in ``losses.LOSSES``: sigmoid, ipo, hinge, robust, simpo, orpo). A step turns one batch
-(the contract in data/rows.py) into ``(loss, metrics)``; the loop, optimizer and reference strategy
-live elsewhere (train.py, reference.py)."""
+(every loss of ``losses.LOSSES``, alone or as a weighted sum, on pairs or on unpaired KTO rows). A
+step turns one batch (the contract in data/rows.py) into ``(loss, metrics)``; the loop, optimizer and
+reference strategy live elsewhere (train.py, reference.py). LD-DPO's length-desensitised sums and
+WPO's weights are computed here, from the log-probs, for every loss alike."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from torch import Tensor
 
 from preftune.config import DPOConfig, SFTConfig
+from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
-from preftune.losses import REFERENCE_FREE, SeqLogps, get_loss, sft_nll
+from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
 
 Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
@@ -29,35 +31,63 @@ class Method:
 
 
 def sequence_logps_of(
-    policy: SequenceLogps, batch: dict, chunked: bool = True
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Run ``policy`` on the model inputs of a batch-contract dict -> ``(sums, counts, means)``, each ``[S]``."""
+    policy: SequenceLogps, batch: dict, chunked: bool = True, score_seq: Tensor | None = None,
+    num_seqs: int | None = None, sum_sq_probs: bool = False,
+) -> tuple[Tensor, ...]:
+    """Run ``policy`` on the model inputs of a batch-contract dict -> ``(sums, counts, means)``, each ``[S]``
+    (``score_seq``/``num_seqs`` replace the batch's to sum other segments; ``sum_sq_probs`` adds WPO's sums)."""
     return policy(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch.get("position_ids"),
         score_index=batch["score_index"],
         score_target=batch["score_target"],
-        score_seq=batch["score_seq"],
-        num_seqs=batch["num_seqs"],
+        score_seq=batch["score_seq"] if score_seq is None else score_seq,
+        num_seqs=batch["num_seqs"] if num_seqs is None else num_seqs,
         chunked=chunked,
         blocks=batch.get("blocks"),
         segments=batch.get("segments"),
+        **({"sum_sq_probs": True} if sum_sq_probs else {}),
     )
 
 
+def tail_segments(batch: dict) -> tuple[Tensor, int]:
+    """Segments for LD-DPO: a scored token of sequence ``s`` goes to segment ``s`` while it lies within
+    the pair's shorter completion, to ``S + s`` beyond it -> ``(score_seq [N], 2S)``. Tokens of a
+    sequence are scored in order (every layout), so a token's rank in its sequence is its position."""
+    seq, s, b = batch["score_seq"], batch["num_seqs"], batch["num_pairs"]
+    counts = torch.bincount(seq, minlength=s)
+    shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+    order = torch.argsort(seq, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(seq)
+    rank[order] = torch.arange(seq.numel(), device=seq.device) - starts[seq[order]]
+    return seq + s * (rank >= shared[seq]).long(), 2 * s
+
+
+def _split_sums(sums: Tensor, counts: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over ``2S`` tail segments -> ``(plain sums [S], tail sums [S], counts [S])``."""
+    return sums[:s] + sums[s:], sums[s:], counts[:s] + counts[s:]
+
+
 def reference_logps_of(policy: SequenceLogps, batch: dict, chunked: bool = True) -> dict[str, Tensor]:
-    """Reference log-probs of a preference batch, without gradients: ``chosen``/``rejected`` sums and
-    ``chosen_mean``/``rejected_mean``, each ``[B]``. The caller picks the model (a frozen copy, or the
+    """Reference log-probs of a preference batch, without gradients: ``chosen``/``rejected`` sums,
+    ``chosen_mean``/``rejected_mean`` and ``chosen_tail``/``rejected_tail`` (the sums beyond the pair's
+    shorter completion, for LD-DPO), each ``[B]``. The caller picks the model (a frozen copy, or the
     policy inside ``with model.disable_adapter():``)."""
+    seq, n = tail_segments(batch)
     with torch.no_grad():
-        sums, counts, _ = sequence_logps_of(policy, batch, chunked)
-    ref = SeqLogps.from_sequences(sums.detach(), counts, batch["num_pairs"])
+        sums, counts, _ = sequence_logps_of(policy, batch, chunked, seq, n)
+    plain, tail, counts = _split_sums(sums.detach(), counts, batch["num_seqs"])
+    ref = SeqLogps.from_sequences(plain, counts, batch["num_pairs"])
+    b = batch["num_pairs"]
     return {
         "chosen": ref.chosen,
         "rejected": ref.rejected,
         "chosen_mean": ref.chosen_mean,
         "rejected_mean": ref.rejected_mean,
+        "chosen_tail": tail[:b],
+        "rejected_tail": tail[b:],
     }
 
 
@@ -96,32 +126,99 @@ def preference_metrics(
     }
 
 
+def unpaired_metrics(
+    loss: Tensor, policy: SeqLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, kl: Tensor
+) -> dict[str, Tensor]:
+    """TRL KTO's metrics: ``rewards/chosen`` and ``logps/chosen`` over the desirable rows,
+    ``*/rejected`` over the undesirable ones (NaN when the batch has none), ``rewards/margins`` the
+    difference of the two means and ``kl`` the reference point. No accuracy: rows are not paired."""
+    labels = policy.labels
+    logps = policy.chosen.detach()
+    chosen, rejected = chosen_rewards.mean(), rejected_rewards.mean()
+    return {
+        "loss": loss.detach(),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": logps[labels].mean(),
+        "logps/rejected": logps[~labels].mean(),
+        "kl": kl,
+    }
+
+
 def dpo_needs_reference(cfg: DPOConfig) -> bool:
-    return cfg.loss not in REFERENCE_FREE
+    return cfg.needs_reference()
+
+
+def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
+    """The policy's per-sequence log-probs of a batch (LD-DPO sums under ``cfg.ld_alpha``) and WPO's
+    per-pair weights ``[B]`` under ``cfg.wpo``: ``w = exp(mean_t (log p_t - log sum_v p_v^2))`` of the
+    chosen times that of the rejected completion, without gradient (Zhou et al. 2024, eq. 2; as TRL 1.16)."""
+    seq, n = tail_segments(batch)
+    out = sequence_logps_of(policy, batch, cfg.chunked_logps, seq, n, sum_sq_probs=cfg.wpo)
+    plain, tail, counts = _split_sums(out[0], out[1], batch["num_seqs"])
+    labels = batch.get("labels")
+    pol = SeqLogps.from_sequences(plain, counts, batch["num_pairs"], labels)
+    if cfg.ld_alpha is not None:
+        b = batch["num_pairs"]
+        ld = plain - (1 - cfg.ld_alpha) * tail
+        pol = pol._replace(chosen=ld[:b], rejected=ld[b:])
+    weights = None
+    if cfg.wpo:
+        sq = out[3][: batch["num_seqs"]] + out[3][batch["num_seqs"] :]
+        w = torch.exp((plain.detach() - sq) / counts.clamp(min=1))
+        weights = w[: batch["num_pairs"]] * w[batch["num_pairs"] :]
+    return pol, weights
+
+
+def reference_seqlogps(reference_logps: dict[str, Tensor], policy: SeqLogps, cfg: DPOConfig) -> SeqLogps:
+    """The reference's SeqLogps for this batch, with LD-DPO's sums under ``cfg.ld_alpha``."""
+    ref = SeqLogps.from_reference(reference_logps, policy)
+    if cfg.ld_alpha is None:
+        return ref
+    if "chosen_tail" not in reference_logps:
+        raise PreftuneError("dpo.ld_alpha needs the reference's tail sums, which this reference cache lacks; "
+                            "delete the cache (~/.cache/preftune/reference) to recompute it")
+    a = 1 - cfg.ld_alpha
+    return ref._replace(chosen=ref.chosen - a * reference_logps["chosen_tail"].to(ref.chosen),
+                        rejected=ref.rejected - a * reference_logps["rejected_tail"].to(ref.rejected))
 
 
 def dpo_step(
     policy: SequenceLogps, batch: dict, cfg: DPOConfig, reference_logps: dict[str, Tensor] | None
 ) -> tuple[Tensor, Metrics]:
-    """One concatenated forward over chosen (seqs ``0..B-1``) and rejected (``B..2B-1``), the
-    ``cfg.loss`` entry of ``LOSSES`` averaged over pairs, plus ``cfg.sft_weight`` times the chosen
-    token-mean NLL (RPO; TRL's ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, w]``)."""
-    loss_fn = get_loss(cfg.loss)
-    sums, counts, _ = sequence_logps_of(policy, batch, cfg.chunked_logps)
-    pol = SeqLogps.from_sequences(sums, counts, batch["num_pairs"])
-    ref = (
-        SeqLogps.from_reference(reference_logps, pol)
-        if dpo_needs_reference(cfg) and reference_logps
-        else None
-    )
-    losses, chosen_rewards, rejected_rewards = loss_fn(pol, ref, cfg)
-    loss = losses.mean()
+    """One concatenated forward over chosen (seqs ``0..B-1``) and rejected (``B..2B-1``; for unpaired
+    rows: each row's completion, then its mismatched KL completion), then ``sum_k weight_k *
+    mean(losses_k)`` over the ``dpo.loss`` terms (TRL's ``loss_type`` list with ``loss_weights``),
+    each pair's loss times its WPO weight under ``dpo.wpo``. ``rewards/*`` come from the first term
+    that is not ``sft``; ``loss/<name>`` is logged per term when there are several, ``nll_loss`` for ``sft``."""
+    terms = cfg.terms()
+    specs = [LOSSES[t.name] for t in terms]
+    pol, weights = policy_logps(policy, batch, cfg)
+    ref = None
+    if any(s.needs_reference for s in specs) and reference_logps:
+        ref = reference_seqlogps(reference_logps, pol, cfg)
+    loss = torch.zeros((), dtype=pol.chosen.dtype, device=pol.chosen.device)
     metrics: Metrics = {}
-    if cfg.sft_weight:
-        nll = sft_nll(pol.chosen, pol.chosen_count)
-        loss = loss + cfg.sft_weight * nll
-        metrics["nll_loss"] = nll.detach()
-    metrics.update(preference_metrics(loss, pol, chosen_rewards, rejected_rewards))
+    rewards = None
+    for term, spec in zip(terms, specs):
+        losses, chosen_rewards, rejected_rewards = spec.fn(pol, ref if spec.needs_reference else None, term.params)
+        if weights is not None:
+            losses = losses * weights
+        value = losses.mean()
+        loss = loss + term.weight * value
+        if term.name == "sft":
+            metrics["nll_loss"] = value.detach()
+        elif len(terms) > 1:
+            metrics[f"loss/{term.name}"] = value.detach()
+        if rewards is None and (term.name != "sft" or term is terms[-1]):
+            rewards = chosen_rewards, rejected_rewards
+    if pol.labels is not None:
+        kl = (kto_reference_point(pol.rejected, ref.rejected) if ref is not None and "kto" in [t.name for t in terms]
+              else torch.zeros((), device=loss.device))
+        metrics.update(unpaired_metrics(loss, pol, *rewards, kl))
+    else:
+        metrics.update(preference_metrics(loss, pol, *rewards))
     return loss, metrics
 
 
@@ -129,4 +226,4 @@ METHODS: dict[str, Method] = {
     "sft": Method(step=sft_step, needs_reference=lambda cfg: False),
     "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
 }
-"""Method name -> Method. ``dpo`` covers ORPO and SimPO through ``dpo.loss``."""
+"""Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -71,6 +71,7 @@ def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint:
         "truncation": [data_cfg.max_length, data_cfg.max_prompt_length],
         "precision": precision,
         "data": fingerprint,
+        "fields": "sums, means, tails",  # what methods.reference_logps_of stores per row
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -106,6 +107,88 @@ def load_or_precompute(key: str, compute, accelerator=None) -> PrecomputedRefere
     if not computed:
         log.info("reference log-probs reused from %s", path)
     return PrecomputedReference(torch.load(path, weights_only=False), path, computed)
+
+
+# ---------------------------------------------------------------- TR-DPO
+
+REFERENCE_ADAPTER = "reference"
+"""The frozen LoRA adapter that holds a synced reference under the ``adapter`` strategy."""
+
+
+def sync_reference(reference, policy_model, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment"), ``ref <- alpha * policy + (1 - alpha) * ref``
+    (as TRL 1.16's SyncRefModelCallback), in place. ``copy``: on the frozen model's weights, with a LoRA
+    policy's adapters merged into its effective weights. ``adapter``: the reference becomes the base plus
+    a second, frozen LoRA adapter (created at the first sync as the policy's ``A`` with ``B = 0``, so the
+    first update is exact) whose ``A`` and ``B`` are mixed factor by factor: exact for ``alpha = 1``,
+    for ``alpha < 1`` a mixture of the factors rather than of their product ``BA``."""
+    if getattr(reference, "name", None) == "copy":
+        _mix_weights(reference.module.model, _effective_weights(policy_model), alpha)
+    elif getattr(reference, "name", None) == "adapter":
+        _mix_adapter(policy_model, alpha)
+        reference.disable_adapter = lambda: _use_adapter(policy_model, REFERENCE_ADAPTER)
+    else:
+        raise PreftuneError("dpo.sync_ref_model needs dpo.reference copy or adapter; precomputed log-probs cannot be "
+                            "updated during training")
+
+
+@torch.no_grad()
+def _effective_weights(model) -> dict[str, torch.Tensor]:
+    """Parameter name (of the plain transformers model) -> the weight the model computes with: a LoRA
+    layer's base weight plus its active adapters' delta."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out: dict[str, torch.Tensor] = {}
+    for name, module in lm.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            weight = module.base_layer.weight.detach().clone()
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    weight += module.get_delta_weight(adapter).to(weight.dtype)
+            out[f"{name}.weight"] = weight
+    for name, param in lm.named_parameters():
+        if "lora_" not in name:
+            out.setdefault(name.replace(".base_layer", ""), param.detach())
+    return out
+
+
+@torch.no_grad()
+def _mix_weights(frozen, weights: dict[str, torch.Tensor], alpha: float) -> None:
+    for name, param in frozen.named_parameters():
+        if name not in weights:
+            raise PreftuneError(f"dpo.sync_ref_model: the policy has no weight {name!r} to sync the reference with")
+        param.mul_(1 - alpha).add_(weights[name].to(param.dtype), alpha=alpha)
+
+
+@torch.no_grad()
+def _mix_adapter(model, alpha: float) -> None:
+    import copy
+
+    active = model.active_adapter
+    if REFERENCE_ADAPTER not in model.peft_config:
+        config = copy.deepcopy(model.peft_config[active])
+        config.lora_dropout = 0.0  # the reference is deterministic, in train mode too
+        model.add_adapter(REFERENCE_ADAPTER, config)
+        for name, param in model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name:
+                param.requires_grad_(False)
+                source = dict(model.named_parameters())[name.replace(f".{REFERENCE_ADAPTER}.", f".{active}.")]
+                param.copy_(source if "lora_A" in name else torch.zeros_like(source))
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.mul_(1 - alpha).add_(params[name.replace(f".{REFERENCE_ADAPTER}.", f".{active}.")], alpha=alpha)
+
+
+@contextmanager
+def _use_adapter(model, name: str):
+    """Run ``model`` with adapter ``name`` active instead of its trained one (peft's ``set_adapter`` also
+    switches which adapter trains, so it is switched back on the way out)."""
+    active = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
 
 
 def resolve_strategy(requested: str, needs_reference: bool, lora: bool, loss: str) -> str:

@@ -88,16 +88,22 @@ def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
     from preftune.data.tokenize import tokenize_rows
 
     data_cfg = cfg.data
-    if stage == "sft" and cfg.sft.data is not None:
+    if stage == "dpo" and cfg.dpo.unpaired():
+        from preftune.data.unpaired import load_unpaired, tokenize_unpaired
+
+        train_rows, test_rows, read = load_unpaired(data_cfg, cfg.dpo.unpair, cfg.seed)
+        (train, tok_train), (test, tok_test) = (tokenize_unpaired(r, tokenizer, data_cfg) for r in (train_rows, test_rows))
+    elif stage == "sft" and cfg.sft.data is not None:
         data_cfg = cfg.sft.data
         train_rows, test_rows, read = load_rows(data_cfg, "sft", cfg.seed)
     else:
         train_rows, test_rows, read = load_rows(data_cfg, "preference", cfg.seed)
         if stage == "sft":
             train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
-    kind = "sft" if stage == "sft" else "preference"
-    train, tok_train = tokenize_rows(train_rows, tokenizer, data_cfg, kind)
-    test, tok_test = tokenize_rows(test_rows, tokenizer, data_cfg, kind)
+    if not (stage == "dpo" and cfg.dpo.unpaired()):
+        kind = "sft" if stage == "sft" else "preference"
+        train, tok_train = tokenize_rows(train_rows, tokenizer, data_cfg, kind)
+        test, tok_test = tokenize_rows(test_rows, tokenizer, data_cfg, kind)
     if not train:
         raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {tok_train.to_dict()}")
     report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
@@ -137,9 +143,10 @@ def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_onl
 
     if not isinstance(stage_cfg, DPOConfig):
         return lambda items: collate.collate_sft(items, pad_id, completion_only=completion_only)
-    if layout != "padded" and attention == "flex_attention":
-        return lambda items: collate.LAYOUTS[layout](items, pad_id, dense_mask=False)
-    return lambda items: collate.LAYOUTS[layout](items, pad_id)
+    kwargs = {"dense_mask": False} if layout != "padded" and attention == "flex_attention" else {}
+    if stage_cfg.unpaired():  # KTO rows in the same pair layouts, plus their labels
+        return lambda items: collate.collate_unpaired(items, pad_id, collate.LAYOUTS[layout], **kwargs)
+    return lambda items: collate.LAYOUTS[layout](items, pad_id, **kwargs)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -330,7 +337,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     ref_strategy = "none"
     if stage == "dpo":
         ref_strategy = refs.resolve_strategy(cfg.dpo.reference, method.needs_reference(cfg.dpo),
-                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss)
+                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss_name)
         disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
         if ref_strategy == "adapter":
             reference = refs.ModelReference(policy, "adapter", disable)
@@ -421,6 +428,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if stage == "dpo" and cfg.dpo.sync_ref_model and (step + 1) % cfg.dpo.ref_model_sync_steps == 0:  # TR-DPO
+            refs.sync_reference(reference, accelerator.unwrap_model(policy).model, cfg.dpo.ref_model_mixup_alpha)
         step_time = time.perf_counter() - t0
 
         record = mean_metrics(parts)
@@ -465,8 +474,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     accelerator.wait_for_everyone()
     summary = {
-        "stage": stage, "method": "sft" if stage == "sft" else cfg.dpo.loss,
-        "loss": None if stage == "sft" else cfg.dpo.loss, "beta": None if stage == "sft" else cfg.dpo.beta,
+        "stage": stage, "method": "sft" if stage == "sft" else cfg.dpo.loss_name,
+        "loss": None if stage == "sft" else cfg.dpo.loss_name, "beta": None if stage == "sft" else cfg.dpo.loss_beta,
         "steps": state["step"], "total_steps": total_steps, "tokens_seen": state["tokens_seen"],
         "pairs_seen": state["pairs_seen"], "skipped_steps": state["skipped_steps"],
         "best_step": stopper.best_step, "best_metric": stopper.best, "stopped_early": stopped_early,

@@ -257,3 +257,14 @@ LAYOUTS: dict[str, Callable[..., Batch]] = {
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Move every tensor of ``batch`` to ``device``; ints, lists and None pass through."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- unpaired (KTO)
+def collate_unpaired(items: list, pad_id: int, layout: Callable[..., Batch] = collate_padded, **kwargs: Any) -> Batch:
+    """Unpaired rows (``data.unpaired.TokenizedUnpaired``) in any pair ``layout``: sequence ``i`` is row
+    ``i``'s prompt + completion, sequence ``B + i`` the same prompt + its mismatched KL completion, and
+    ``labels`` ``[B]`` bool says which rows are desirable. Every other field follows the batch contract."""
+    _check_nonempty(items, "collate_unpaired")
+    batch = layout(items, pad_id, **kwargs)
+    batch["labels"] = torch.tensor([bool(it.label) for it in items], dtype=torch.bool)
+    return batch

@@ -173,7 +173,7 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
     from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
     from preftune.train import evaluate_rewards
 
-    if cfg.dpo.loss in ("simpo", "orpo"):
+    if not cfg.dpo.needs_reference():
         return evaluate_rewards(model, tok, None, rows, cfg)
     path = resolve_model(name)
     if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
