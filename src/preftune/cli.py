@@ -9,7 +9,9 @@ import sys
 
 CONFIG = (("config",), dict(help="YAML config file"))
 OVERRIDES = (("overrides",), dict(nargs="*", help="dotted key=value overrides, e.g. dpo.beta=0.3"))
-RESUME = (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in output_dir"))
+RESUME = (("--resume",), dict(action="store_true", help="continue from the newest complete checkpoint in output_dir"))
+ALLOW_CHANGES = (("--allow-changes",), dict(action="store_true",
+                                            help="with --resume: continue even if the config or data changed"))
 MODEL = (("--model",), dict(required=True, help="run folder, model/adapter folder, or embedded: name"))
 OUT = (("--out",), dict(required=True, help="output path"))
 
@@ -36,11 +38,11 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--out",), dict(required=True, help="output .jsonl")),
         ),
     ),
-    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME)),
-    "dpo": ("preftune.commands:dpo", "DPO family (sigmoid, ipo, hinge, robust) and simpo", (CONFIG, OVERRIDES, RESUME)),
-    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
+    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+    "dpo": ("preftune.commands:dpo", "DPO family (sigmoid, ipo, hinge, robust) and simpo", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
-                 (CONFIG, OVERRIDES, RESUME)),
+                 (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
     "merge": (
         "preftune.commands:merge",
@@ -117,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` words after an option (``--resume dpo.lr=1e-5``) as overrides."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(ns, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        ns.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -128,14 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--debug", action="store_true")
         for flags, kw in args:
             p.add_argument(*flags, **kw)
-        ns = p.parse_args(argv[1:])
+        ns = _parse(p, argv[1:])
         ns._handler = target
     else:
         parser = _parser()
-        ns = parser.parse_args(argv)
+        ns = _parse(parser, argv)
         if not getattr(ns, "_handler", None):
             parser.print_help()
             return 0 if not argv else 2
+    if getattr(ns, "allow_changes", False) and not getattr(ns, "resume", False):
+        print("preftune: error: --allow-changes goes with --resume", file=sys.stderr)
+        return 2
     module, func = ns._handler.split(":")
     try:
         handler = getattr(importlib.import_module(module), func)
