@@ -255,7 +255,16 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
 
     if problem := verify_checkpoint(folder):
         raise PreftuneError(f"checkpoint {folder} is incomplete: {problem}; delete it to resume from an earlier one")
-    weights = load_file(folder / "trainable.safetensors")
+    name = "trainable.safetensors"
+    try:
+        weights = load_file(folder / name)
+        name = "optimizer.safetensors"
+        optim = optimizer_state_dict(*_load_with_json(folder / name), optimizer)
+        name = "rng.safetensors"
+        rng = _load_with_json(folder / name)
+    except Exception as e:  # not safetensors, or not the layout save_checkpoint writes
+        raise PreftuneError(f"checkpoint {folder}: {name} is unreadable ({type(e).__name__}: {e}); delete the "
+                            "checkpoint to resume from an earlier one") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
@@ -263,9 +272,8 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
-    tensors, plain = _load_with_json(folder / "optimizer.safetensors")
-    optimizer.load_state_dict(optimizer_state_dict(tensors, plain, optimizer))
-    set_rng_state(*_load_with_json(folder / "rng.safetensors"))
+    optimizer.load_state_dict(optim)
+    set_rng_state(*rng)
     return json.loads((folder / "state.json").read_text())
 
 
