@@ -38,7 +38,10 @@ def check_writable(out: Path) -> None:
     except FileExistsError:
         raise PreftuneError(f"output_dir {out} exists and is not a folder; choose another output_dir") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even this
+            pass
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
