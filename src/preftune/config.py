@@ -249,6 +249,10 @@ class Config:
     """Run folder."""
     threads: int | None = None
     """torch CPU threads (null = torch default)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in a model or tokenizer folder (``auto_map``); off, such folders are refused."""
+    allow_pickle: bool = False
+    """Load weights stored only as pickle (``pytorch_model.bin``), which can run code; off, they are refused."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA settings."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -308,7 +308,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     data = load_stage_data(cfg, stage, tokenizer)
     if resume:
         check_resume(out, cfg, stage, data.fingerprint, allow_changes)

@@ -193,7 +193,7 @@ def _hub_records(name: str, split: str, subset: str | None) -> Iterator[Record]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset, split=split)
+        ds = datasets.load_dataset(name, subset, split=split, trust_remote_code=False)
     except Exception as e:  # offline, not found, network: all become one actionable message
         raise _hub_error(name, e) from None
     for i, rec in enumerate(ds, 1):
