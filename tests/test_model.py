@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import Payload
 
 from preftune.config import config_from_dict
 from preftune.errors import PreftuneError
 from preftune.model import load_for_inference, load_model, resolve_model
+from test_checkpoint import Payload
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
