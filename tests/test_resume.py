@@ -103,3 +103,14 @@ def test_half_a_line_at_the_end_of_metrics_is_dropped(tmp_path, caplog):
     assert trim_metrics(path, 2) == 2
     assert path.read_text() == '{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n'
     assert "line 4 is not a complete metrics record" in caplog.text
+
+
+def test_cli_names_a_full_disk_anywhere(tmp_path, capsys):
+    """Any write that meets a full disk (here /dev/full behind an output path) is one clear line, not an
+    internal error (the run folder's own writes also name the path: test_checkpoint.py)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    os.symlink("/dev/full", tmp_path / "out.jsonl")
+    assert cli.main(["data", "synth", "--n", "50", "--out", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "internal" not in err

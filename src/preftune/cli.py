@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, (PreftuneError, FileNotFoundError)):
             msg = str(e)
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg = f"no space left on device while writing {e.filename or 'a file'}; free some space or write elsewhere"
+        elif isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS):
+            msg = f"cannot write {e.filename or 'a file'}: {e.strerror}; fix its permissions or write elsewhere"
         else:
             msg = f"{type(e).__name__}: {e} (internal error; rerun with --debug for the traceback)"
         print(f"preftune: error: {msg}", file=sys.stderr)

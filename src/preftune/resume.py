@@ -30,7 +30,7 @@ def check_writable(out: Path) -> None:
     """Create ``out`` and write a probe file in it, so that a read-only or full output folder stops the
     run before any data, model or reference work."""
     out = Path(out)
-    probe = out / f".write-probe-{os.getpid()}"
+    probe = out / f".write-probe.tmp-{os.getpid()}"  # a killed run's is removed by clean_stale
     try:
         with disk_errors(out):
             out.mkdir(parents=True, exist_ok=True)
