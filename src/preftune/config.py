@@ -567,7 +567,7 @@ def _model_problems(model: Any) -> list[str]:
     """``model`` names that cannot work, found before anything loads."""
     if not isinstance(model, str):
         return []
-    if model.startswith("tiny:") and not model[5:].isdigit():
+    if model.startswith("tiny:") and model[5:] and not model[5:].isdigit():
         return [f"model: {model!r} is not a tiny model; the seed after 'tiny:' is a number (tiny:0, tiny:1)"]
     if Path(model).expanduser().is_file():
         return [f"model: {model} is a file; pass the folder that holds the model's config.json"]
