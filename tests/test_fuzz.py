@@ -300,3 +300,18 @@ def test_malformed_file(case: Case, tmp_path, tokenizer):
         assert report.rows_read == report.rows_kept + dropped == case.records
         assert dropped == len(case.bad) and report.rows_kept == len(train) + len(heldout) == case.records - dropped
         tokenize_rows(train, tokenizer, data, case.kind)
+
+
+@pytest.mark.parametrize("case", CASES[::15], ids=lambda c: c.name)
+def test_malformed_file_through_the_cli(case: Case, tmp_path, capsys):
+    """A sample of the cases through ``preftune data inspect``: exit 0, or 2 with one line naming the
+    file; never a traceback or an internal error."""
+    from preftune import cli
+
+    path = case.write(tmp_path)
+    for extra in ([], ["data.on_error=skip"]):
+        rc = cli.main(["data", "inspect", str(path), "data.test_split=null", *extra]
+                      + (["--sft"] if case.kind == "sft" else []))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "internal error" not in err, err
+        assert rc == 0 or (rc == 2 and str(path) in err), (rc, err)
