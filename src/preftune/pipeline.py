@@ -17,12 +17,14 @@ QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
 def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False) -> dict:
     """Run every enabled stage into ``cfg.output_dir``; return the timings and the paths."""
+    from preftune.checkpoint import clean_stale
     from preftune.model import is_adapter, merge_adapter, resolve_model
     from preftune.resume import check_writable
     from preftune.train import run_stage
 
     out = Path(cfg.output_dir)
     check_writable(out)
+    clean_stale(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     timings: dict[str, float] = {}
     base = resolve_model(cfg.model)
