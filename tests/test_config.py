@@ -95,3 +95,52 @@ def test_shipped_configs_exist():
     assert {"quickstart.yaml", "sweep_beta.yaml"} <= names
     acc = {p.name for p in (CONFIGS / "accelerate").glob("*.yaml")}
     assert {"deepspeed_zero2_offload.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"} <= acc
+
+
+def test_ranges_and_non_finite_numbers_are_all_reported_by_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  beta: .nan\n  lr: .inf\n  max_steps: -5\n  save_every: -1\nsft:\n  epochs: -1\n"
+                 "data:\n  test_size: 1.5\n  max_length: -3\n  max_prompt_length: -10\nlora:\n  r: 0\nthreads: -2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    for line in ("dpo.beta: must be a finite number, got nan", "dpo.lr: must be a finite number, got inf",
+                 "dpo.max_steps: must be at least 1, got -5", "dpo.save_every: must be 0 or more, got -1",
+                 "sft.epochs: must be positive, got -1.0", "data.test_size: must be in [0, 1), got 1.5",
+                 "data.max_length: must be at least 1, got -3", "lora.r: must be at least 1, got 0",
+                 "threads: must be at least 1, got -2"):
+        assert line in msg
+    assert len(e.value.problems) == 10  # and data.max_prompt_length: must be 0 or more
+
+
+def test_duplicate_yaml_keys_are_errors_with_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  beta: 0.1\n  lr: 1e-5\n  beta: 0.5\nseed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == ["duplicate key 'beta' at line 4 (first at line 2); keep one",
+                                "duplicate key 'seed' at line 6 (first at line 5); keep one"]
+
+
+def test_invalid_utf8_config_names_line_and_byte(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"seed: 1\noutput_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not valid UTF-8 text \(byte 0xe9 at line 2\)"):
+        load_config(p)
+    p.write_bytes(b"\xef\xbb\xbfseed: 3\n")  # a BOM is fine
+    assert load_config(p).seed == 3
+
+
+def test_bad_override_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"dpo.beta: the value '\[0.1' is not valid YAML.*quote it"):
+        load_config(None, ["dpo.beta=[0.1"])
+
+
+def test_model_names_that_cannot_work(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": str(tmp_path / "weights.bin")})
+    assert "model: " in str(e.value) and "is a file; pass the folder" in str(e.value)
+    with pytest.raises(ConfigError, match="model: 'tiny:abc' is not a tiny model"):
+        config_from_dict({"model": "tiny:abc"})
+    assert config_from_dict({"model": "tiny:3"}).model == "tiny:3"

@@ -1,24 +1,89 @@
 """Checkpoints: written atomically (temporary folder, then rename), holding what an exact resume needs
-(trainable weights, optimizer, RNG states, loop state), pruned to ``save_total_limit``; and the
-Hugging Face folders (``best/``, ``final/``) that users load."""
+(trainable weights, optimizer, RNG states, loop state) as safetensors and JSON (nothing is ever
+unpickled), with a manifest of sizes and hashes written last and verified on load; pruned to
+``save_total_limit``; the Hugging Face folders (``best/``, ``final/``) that users load; and the
+clean-up of temporary folders left by killed saves."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from preftune.errors import PreftuneError
+
+log = logging.getLogger("preftune")
+
+
+@contextmanager
+def disk_errors(path: Path):
+    """A full disk or a refused write becomes one clear error naming ``path`` (torch and safetensors
+    otherwise report it as a bare ``unexpected pos`` or ``os error 28``)."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e)
+        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text:
+            raise PreftuneError(f"no space left on device while writing {path}; free some space or set "
+                                "output_dir (or PREFTUNE_CACHE) to a disk with room") from None
+        if getattr(e, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise PreftuneError(f"cannot write {path}: {e.strerror}; fix its permissions or choose another "
+                                "output_dir") from None
+        raise
+
+
+STALE = re.compile(r"\.?.+\.(?:tmp|old)-(\d+)")
+"""Temporary names of :func:`atomic_dir` and :func:`write_json` (``.NAME.tmp-PID``, ``.NAME.old-PID``)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> bool:
+    """Delete a temporary file or folder whose writing process is gone; return whether it was."""
+    m = STALE.fullmatch(path.name)
+    if not m or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return True
+
+
+def clean_stale(root: Path) -> list[Path]:
+    """Remove what killed saves left in a run folder (``.step-N.tmp-PID``, ``.final.tmp-PID`` ...);
+    they can be as large as a model each. Returns the removed paths."""
+    root = Path(root)
+    removed = [p for d in (root, root / "checkpoints", root / "snapshots") if d.is_dir()
+               for p in sorted(d.iterdir()) if remove_stale(p)]
+    for p in removed:
+        log.info("removed %s, left by an interrupted save", p)
+    return removed
+
 
 def atomic_dir(final: Path, build, replace: bool = False) -> Path:
     """Build a folder through ``build(tmp)`` beside ``final`` and rename it into place.
 
-    A crash leaves either the old folder or the new one, never half of one."""
+    A crash leaves either the old folder or the new one, never half of one (the half-built
+    temporary folder is removed by :func:`clean_stale` at the next start)."""
     final = Path(final)
     if final.is_dir() and not replace:
         return final
@@ -27,7 +92,8 @@ def atomic_dir(final: Path, build, replace: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        build(tmp)
+        with disk_errors(final):
+            build(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -48,9 +114,13 @@ def write_json(path: Path, data) -> None:
     """Write ``data`` as JSON through a temporary file and a rename (numpy scalars become floats)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_plain))
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with disk_errors(path):
+            tmp.write_text(json.dumps(data, indent=1, default=_plain))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
@@ -66,45 +136,155 @@ def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None
     return atomic_dir(folder, write, replace=True)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict, dict]:
+    """(tensors, JSON) of the Python, NumPy, torch and CUDA random states."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    plain = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, plain
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def set_rng_state(tensors: dict, plain: dict) -> None:
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def optimizer_tensors(state_dict: dict) -> tuple[dict, dict]:
+    """An optimizer ``state_dict`` as (tensors, JSON): each state tensor under ``state.P.NAME``,
+    everything else (steps as numbers, param groups) in the JSON."""
+    tensors, state = {}, {}
+    for pid, entry in state_dict["state"].items():
+        state[str(pid)] = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value.detach().cpu().contiguous()
+                state[str(pid)][name] = {"tensor": f"state.{pid}.{name}"}
+            else:
+                state[str(pid)][name] = {"value": value}
+    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def optimizer_state_dict(tensors: dict, plain: dict, optimizer) -> dict:
+    """The inverse of :func:`optimizer_tensors`; JSON lists go back to tuples where ``optimizer`` has tuples."""
+    state = {int(pid): {name: tensors[v["tensor"]] if "tensor" in v else v["value"] for name, v in entry.items()}
+             for pid, entry in plain["state"].items()}
+    groups = []
+    for saved, current in zip(plain["param_groups"], optimizer.param_groups):
+        groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def _save_with_json(path: Path, tensors: dict, plain: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"json": json.dumps(plain, default=_plain)})
+
+
+def _load_with_json(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["json"])
+
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Sizes and sha256 of every file in ``folder``, written last: a checkpoint without one is incomplete."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file of ``folder``'s manifest is there with its size and hash, else what is wrong."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the write did not finish, or an older preftune wrote it)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['bytes']} (truncated?)"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> Path:
-    """Trainable weights + optimizer + RNG + loop state (``state`` is JSON)."""
+    """Trainable weights, optimizer and RNG states (safetensors; no pickle anywhere), the loop state
+    (``state.json``) and, last, the manifest; the folder appears only once it is complete."""
     from safetensors.torch import save_file
 
     def write(tmp: Path):
         weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        _save_with_json(tmp / "optimizer.safetensors", *optimizer_tensors(optimizer.state_dict()))
+        _save_with_json(tmp / "rng.safetensors", *rng_state())
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        write_manifest(tmp)
 
     return atomic_dir(folder, write, replace=True)
 
 
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+    """Restore what :func:`save_checkpoint` wrote (after verifying its manifest); returns the loop state."""
     from safetensors.torch import load_file
 
-    weights = load_file(folder / "trainable.safetensors")
+    if problem := verify_checkpoint(folder):
+        raise PreftuneError(f"checkpoint {folder} is incomplete: {problem}; delete it to resume from an earlier one")
+    name = "trainable.safetensors"
+    try:
+        weights = load_file(folder / name)
+        name = "optimizer.safetensors"
+        optim = optimizer_state_dict(*_load_with_json(folder / name), optimizer)
+        name = "rng.safetensors"
+        rng = _load_with_json(folder / name)
+    except Exception as e:  # not safetensors, or not the layout save_checkpoint writes
+        raise PreftuneError(f"checkpoint {folder}: {name} is unreadable ({type(e).__name__}: {e}); delete the "
+                            "checkpoint to resume from an earlier one") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
-        raise RuntimeError(f"checkpoint {folder} lacks trainable weights {missing[:3]}: was it from another model?")
+        raise PreftuneError(f"checkpoint {folder} lacks trainable weights {missing[:3]}: was it from another model?")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
-    set_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    optimizer.load_state_dict(optim)
+    set_rng_state(*rng)
     return json.loads((folder / "state.json").read_text())
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The newest step checkpoint that verifies, saying which newer ones were passed over and why."""
+    for folder in reversed(step_checkpoints(root)):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        log.warning("checkpoint %s is incomplete (%s); falling back to the previous one", folder, problem)
+    return None
 
 
 def step_checkpoints(root: Path) -> list[Path]:

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 CONFIG = (("config",), dict(help="YAML config file"))
 OVERRIDES = (("overrides",), dict(nargs="*", help="dotted key=value overrides, e.g. dpo.beta=0.3"))
-RESUME = (("--resume",), dict(action="store_true", help="continue from the newest checkpoint in output_dir"))
+RESUME = (("--resume",), dict(action="store_true", help="continue from the newest complete checkpoint in output_dir"))
+ALLOW_CHANGES = (("--allow-changes",), dict(action="store_true",
+                                            help="with --resume: continue even if the config or data changed"))
 MODEL = (("--model",), dict(required=True, help="run folder, model/adapter folder, or embedded: name"))
 OUT = (("--out",), dict(required=True, help="output path"))
 
@@ -45,14 +48,14 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--out",), dict(required=True, help="output .jsonl")),
         ),
     ),
-    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME)),
+    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "dpo": ("preftune.commands:dpo", "preference training with any dpo.loss (`preftune losses` lists them)",
-            (CONFIG, OVERRIDES, RESUME)),
+            (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "losses": ("preftune.commands:losses_show", "the loss table: every dpo.loss with its parameters and reference need",
                ((("--markdown",), dict(action="store_true", help="print the README's methods table")),)),
-    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
+    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
-                 (CONFIG, OVERRIDES, RESUME)),
+                 (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
     "iterate": ("preftune.commands:iterate", "on-policy preference rounds: sample, score, pair best vs worst, train",
                 (CONFIG, OVERRIDES)),
     "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
@@ -140,6 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``, taking ``key=value`` words after an option (``--resume dpo.lr=1e-5``) as overrides."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(ns, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        ns.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -151,14 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--debug", action="store_true")
         for flags, kw in args:
             p.add_argument(*flags, **kw)
-        ns = p.parse_args(argv[1:])
+        ns = _parse(p, argv[1:])
         ns._handler = target
     else:
         parser = _parser()
-        ns = parser.parse_args(argv)
+        ns = _parse(parser, argv)
         if not getattr(ns, "_handler", None):
             parser.print_help()
             return 0 if not argv else 2
+    if getattr(ns, "allow_changes", False) and not getattr(ns, "resume", False):
+        print("preftune: error: --allow-changes goes with --resume", file=sys.stderr)
+        return 2
     module, func = ns._handler.split(":")
     from preftune.logs import setup_logging
 
@@ -177,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, (PreftuneError, FileNotFoundError)):
             msg = str(e)
+        elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            msg = f"no space left on device while writing {e.filename or 'a file'}; free some space or write elsewhere"
+        elif isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS):
+            msg = f"cannot write {e.filename or 'a file'}: {e.strerror}; fix its permissions or write elsewhere"
         else:
             msg = f"{type(e).__name__}: {e} (internal error; rerun with --debug for the traceback)"
         print(f"preftune: error: {msg}", file=sys.stderr)

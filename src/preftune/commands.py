@@ -30,7 +30,8 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     setup_logging()
     cfg = load_config(ns.config, [*extra, *ns.overrides])
     out = Path(cfg.output_dir)
-    summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume)
+    summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume,
+                        allow_changes=getattr(ns, "allow_changes", False))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -469,6 +470,10 @@ class Config:
     """Run folder."""
     threads: int | None = None
     """torch CPU threads (null = torch default)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped in a model or tokenizer folder (``auto_map``); off, such folders are refused."""
+    allow_pickle: bool = False
+    """Load weights stored only as pickle (``pytorch_model.bin``), which can run code; off, they are refused."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA / QLoRA settings."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -560,6 +565,8 @@ def _check(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                problems.append(f"{key}: must be a finite number, got {value!r}")
             return float(value)
         problems.append(f"{key}: expected a number, got {value!r}")
         return value
@@ -613,7 +620,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in o:
             raise ConfigError([f"override {o!r} is not of the form key=value"], "command line")
         k, v = o.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v.strip() else None))
+        try:
+            value = yaml.safe_load(v) if v.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError([f"{k.strip()}: the value {v!r} is not valid YAML ({problem}); quote it to pass it "
+                               "as text, e.g. key='value'"], "command line") from None
+        out.append((k.strip(), value))
     return out
 
 
@@ -635,16 +648,51 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that records every key given twice in one mapping (plain YAML keeps the last)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates: list[tuple[int, str]] = []
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                line = key_node.start_mark.line + 1
+                self.duplicates.append((line, f"duplicate key '{key}' at line {line} (first at line {first}); keep one"))
+        return super().construct_mapping(node, deep)
+
+
+
 def load_raw(path: str | Path | None) -> dict:
+    """The YAML mapping in ``path``: UTF-8, valid YAML, no key given twice (every duplicate listed)."""
     if path is None:
         return {}
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config file not found: {p}"], str(p))
+    data = p.read_bytes()
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError([f"not valid UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); save the file "
+                           "as UTF-8"], str(p)) from None
+    loader = _StrictLoader(text)
+    try:
+        raw = loader.get_single_data() or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {e}"], str(p)) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ConfigError([text for _, text in sorted(loader.duplicates)], str(p))
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping of keys"], str(p))
     return raw
@@ -661,22 +709,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def validate(cfg: Config) -> list[str]:
     """Cross-field checks that types alone cannot express."""
     p: list[str] = []
-    for name in ("sft", "dpo"):
-        s: TrainConfig = getattr(cfg, name)
-        if not isinstance(s, TrainConfig):
-            continue
-        if isinstance(s.batch_size, int) and s.batch_size < 1:
-            p.append(f"{name}.batch_size: must be at least 1, got {s.batch_size}")
-        if isinstance(s.grad_accum, int) and s.grad_accum < 1:
-            p.append(f"{name}.grad_accum: must be at least 1, got {s.grad_accum}")
-        if isinstance(s.lr, float) and s.lr <= 0:
-            p.append(f"{name}.lr: must be positive, got {s.lr}")
-        if isinstance(s.warmup_ratio, float) and not 0 <= s.warmup_ratio < 1:
-            p.append(f"{name}.warmup_ratio: must be in [0, 1), got {s.warmup_ratio}")
+    p += _range_problems(cfg, "")
+    p += _model_problems(cfg.model)
     d = cfg.dpo
     if isinstance(d, DPOConfig):
-        if isinstance(d.beta, float) and d.beta <= 0:
-            p.append(f"dpo.beta: must be positive, got {d.beta}")
         p += _check_losses(d, cfg.data)
         if d.reference == "adapter" and isinstance(cfg.lora, LoraConfig) and not cfg.lora.enabled:
             p.append("dpo.reference: 'adapter' needs lora.enabled=true (the reference is the policy without adapters)")
@@ -685,10 +721,8 @@ def validate(cfg: Config) -> list[str]:
             if dc.max_prompt_length >= dc.max_length:
                 p.append(f"{name}.max_prompt_length ({dc.max_prompt_length}) must be below {name}.max_length ({dc.max_length})")
     ev = cfg.eval
-    if isinstance(ev, EvalConfig) and isinstance(ev.curve_every, int) and ev.curve_every:
-        if ev.curve_every < 0:
-            p.append(f"eval.curve_every: must be 0 (off) or a positive number of steps, got {ev.curve_every}")
-        elif not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
+    if isinstance(ev, EvalConfig) and isinstance(ev.curve_every, int) and ev.curve_every > 0:
+        if not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
             p.append("eval.curve_every: curves evaluate win-rate and downstream tasks, but eval.winrate.enabled "
                      "is false and eval.tasks is empty")
     r = cfg.rounds
@@ -753,6 +787,68 @@ def _check_losses(d: DPOConfig, data: DataConfig) -> list[str]:
         if not 0 < d.ref_model_mixup_alpha <= 1:
             p.append(f"dpo.ref_model_mixup_alpha: must be in (0, 1], got {d.ref_model_mixup_alpha}")
     return p
+
+
+def _number_rule(test, text: str):
+    return lambda v: None if test(v) else text
+
+
+AT_LEAST_1 = _number_rule(lambda v: v >= 1, "must be at least 1")
+AT_LEAST_0 = _number_rule(lambda v: v >= 0, "must be 0 or more")
+POSITIVE = _number_rule(lambda v: v > 0, "must be positive")
+FRACTION = _number_rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+RANGES: dict[str, Any] = {
+    "Config.threads": AT_LEAST_1, "Config.seed": AT_LEAST_0,
+    "LoraConfig.r": AT_LEAST_1, "LoraConfig.alpha": POSITIVE, "LoraConfig.dropout": FRACTION,
+    "DataConfig.test_size": FRACTION, "DataConfig.max_rows": AT_LEAST_1, "DataConfig.max_eval_rows": AT_LEAST_0,
+    "DataConfig.min_score_ratio": AT_LEAST_0, "DataConfig.max_length": AT_LEAST_1,
+    "DataConfig.max_prompt_length": AT_LEAST_0,
+    "TrainConfig.lr": POSITIVE, "TrainConfig.epochs": POSITIVE, "TrainConfig.max_steps": AT_LEAST_1,
+    "TrainConfig.batch_size": AT_LEAST_1, "TrainConfig.grad_accum": AT_LEAST_1, "TrainConfig.warmup_ratio": FRACTION,
+    "TrainConfig.weight_decay": AT_LEAST_0, "TrainConfig.max_grad_norm": POSITIVE, "TrainConfig.eval_every": AT_LEAST_0,
+    "TrainConfig.eval_batch_size": AT_LEAST_1, "TrainConfig.log_every": AT_LEAST_1, "TrainConfig.save_every": AT_LEAST_0,
+    "TrainConfig.save_total_limit": AT_LEAST_0, "TrainConfig.nan_tolerance": AT_LEAST_1,
+    "TrainConfig.patience": AT_LEAST_1, "TrainConfig.min_delta": AT_LEAST_0,
+    "DPOConfig.beta": POSITIVE, "DPOConfig.label_smoothing": _number_rule(lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "DPOConfig.gamma": AT_LEAST_0, "DPOConfig.orpo_lambda": AT_LEAST_0, "DPOConfig.sft_weight": AT_LEAST_0,
+    "DPOConfig.token_budget": AT_LEAST_1,
+    "WinrateConfig.per_category": AT_LEAST_1, "WinrateConfig.max_new_tokens": AT_LEAST_1,
+    "WinrateConfig.temperature": AT_LEAST_0, "WinrateConfig.top_p": _number_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "WinrateConfig.max_calls": AT_LEAST_0, "WinrateConfig.concurrency": AT_LEAST_1,
+    "WinrateConfig.requests_per_second": POSITIVE,
+    "HeldoutConfig.chunk_length": AT_LEAST_1, "HeldoutConfig.max_chunks": AT_LEAST_1,
+    "EvalConfig.batch_size": AT_LEAST_1, "EvalConfig.tasks_limit": AT_LEAST_1,
+    "EvalConfig.curve_every": _number_rule(lambda v: v >= 0, "must be 0 (off) or a positive number of steps"),
+}
+"""Allowed ranges by ``Class.field`` (a field of a base class covers its subclasses); null passes."""
+
+
+def _range_problems(node: Any, prefix: str) -> list[str]:
+    """Every number outside its range in RANGES, walking the nested configs."""
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _range_problems(value, f"{prefix}{f.name}.")
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            continue  # null, "auto", or a type problem already reported
+        rule = next((RANGES[k] for c in type(node).__mro__ if (k := f"{c.__name__}.{f.name}") in RANGES), None)
+        if rule is not None and (why := rule(value)):
+            out.append(f"{prefix}{f.name}: {why}, got {value!r}")
+    return out
+
+
+def _model_problems(model: Any) -> list[str]:
+    """``model`` names that cannot work, found before anything loads."""
+    if not isinstance(model, str):
+        return []
+    if model.startswith("tiny:") and model[5:] and not model[5:].isdigit():
+        return [f"model: {model!r} is not a tiny model; the seed after 'tiny:' is a number (tiny:0, tiny:1)"]
+    if Path(model).expanduser().is_file():
+        return [f"model: {model} is a file; pass the folder that holds the model's config.json"]
+    return []
 
 
 def to_dict(cfg: Any) -> dict:

@@ -12,7 +12,7 @@ class DataError(PreftuneError):
     """Bad input data, naming the file, the row (1-based) and the field."""
 
     def __init__(self, message: str, file: str | None = None, row: int | None = None, field: str | None = None):
-        self.file, self.row, self.field = file, row, field
+        self.message, self.file, self.row, self.field = message, file, row, field
         where = ", ".join(
             x for x in (file and f"{file}", row is not None and f"row {row}", field and f"field '{field}'") if x
         )

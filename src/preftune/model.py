@@ -1,11 +1,13 @@
 """Model and tokenizer loading: resolve a name (embedded, tiny, local folder, run folder, Hub name),
-set the dtype, wrap in LoRA / QLoRA via peft, and merge adapters. Training and log-probs live
-elsewhere."""
+set the dtype, wrap in LoRA / QLoRA via peft, and merge adapters. Loading never runs code from the
+folder: ``trust_remote_code`` is pinned off and pickle-only weights are refused unless the config
+opts in (``trust_remote_code``, ``allow_pickle``). Training and log-probs live elsewhere."""
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,12 +42,21 @@ def resolve_model(name: str) -> str:
         return str(embedded.model_dir())
     if name == "tiny" or name.startswith("tiny:"):
         seed = name.partition(":")[2]
+        if seed and not seed.isdigit():
+            raise PreftuneError(f"model: {name!r} is not a tiny model; the seed after 'tiny:' is a number (tiny:0, tiny:1)")
         return str(embedded.tiny_dir(int(seed) if seed else 0))
     if name.startswith("embedded:"):
         raise PreftuneError(f"unknown embedded model {name!r}; the embedded model is {embedded.SMOLLM2!r}")
     p = Path(name).expanduser()
+    if p.is_file():
+        raise PreftuneError(f"model: {name} is a file; pass the folder that holds the model's config.json "
+                            "(or a run folder, or an adapter folder)")
     if p.exists():
-        return str(resolve_run(p))
+        folder = resolve_run(p)
+        if not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise PreftuneError(f"model: {folder} is not a model folder (no config.json or adapter_config.json); "
+                                "pass a Hugging Face model folder, an adapter folder or a run folder")
+        return str(folder)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PreftuneError(f"model folder not found: {name}")
     try:
@@ -96,13 +107,54 @@ def content_digest(path: str | Path) -> str:
     return _digests[stamp]
 
 
-def load_tokenizer(path: str):
+PICKLE_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")
+
+
+def trust_options(cfg: Config) -> dict:
+    """The config's opt-ins for :func:`load_for_inference` and :func:`load_tokenizer` (both off by default)."""
+    return {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
+
+
+def check_weights(folder: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder whose weights exist only as pickle (``pytorch_model.bin``, ``adapter_model.bin``):
+    unpickling can run any code. ``allow_pickle`` lets it load (transformers then unpickles with
+    ``weights_only=True``)."""
+    folder = Path(folder)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.name.startswith(PICKLE_WEIGHTS))
+    if pickles:
+        raise PreftuneError(
+            f"{folder} holds its weights only as pickle ({', '.join(pickles)}), and loading a pickle can run "
+            "code. Convert it to safetensors (load it once where you trust it and save_pretrained with "
+            "safe_serialization=True), or, if you trust where it came from, set allow_pickle: true in the "
+            "config (allow_pickle=true on the command line)."
+        )
+
+
+@contextmanager
+def _hf_errors(folder: str | Path):
+    """transformers' refusal to run a folder's custom code, as an error that says how to opt in."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise PreftuneError(
+            f"{folder} ships its own Python code (auto_map in its config.json or tokenizer_config.json), which "
+            "preftune does not run. Use a model that transformers supports natively, or, if you trust the "
+            "code, set trust_remote_code: true in the config (trust_remote_code=true on the command line)."
+        ) from None
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = Path(path)
     if is_adapter(folder) and not (folder / "tokenizer_config.json").is_file():
         folder = Path(adapter_base(folder))
-    tok = AutoTokenizer.from_pretrained(folder)
+    with _hf_errors(folder):
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # Batches mark padding by length, never by pad id, so reusing EOS is safe here.
         tok.pad_token = tok.eos_token
@@ -113,7 +165,8 @@ def load_tokenizer(path: str):
 def _load_base(path: str, cfg: Config, trainable: bool):
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": DTYPES[cfg.precision]}
+    check_weights(path, cfg.allow_pickle)
+    kwargs: dict = {"dtype": DTYPES[cfg.precision], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.attn_implementation == "flex_attention" and trainable and not torch.cuda.is_available():
@@ -137,7 +190,8 @@ def _load_base(path: str, cfg: Config, trainable: bool):
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         kwargs["dtype"] = torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _hf_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.lora.quantize_4bit and trainable:
         from peft import prepare_model_for_kbit_training
 
@@ -162,6 +216,7 @@ def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpoi
     from peft import PeftModel, get_peft_model
 
     if is_adapter(path):
+        check_weights(path, cfg.allow_pickle)
         base = _load_base(adapter_base(path), cfg, trainable)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     else:
@@ -178,21 +233,28 @@ def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpoi
     return model
 
 
-def load_for_inference(path_or_run: str, precision: str = "fp32"):
+def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_code: bool = False,
+                       allow_pickle: bool = False):
     """(model in eval mode, tokenizer) for generation and scoring: a run folder, an adapter (kept
-    unmerged), a full model folder, or an embedded/tiny/Hub name."""
+    unmerged), a full model folder, or an embedded/tiny/Hub name. The opt-ins come from
+    :func:`trust_options`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(path_or_run)
-    tok = load_tokenizer(path)
+    check_weights(path, allow_pickle)
+    tok = load_tokenizer(path, trust_remote_code)
     dtype = DTYPES.get(precision, torch.float32)
     if is_adapter(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=dtype)
+        base_path = adapter_base(path)
+        check_weights(base_path, allow_pickle)
+        with _hf_errors(base_path):
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with _hf_errors(path):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     model.config.use_cache = True
     return model.eval(), tok
 
@@ -207,7 +269,10 @@ def merge_adapter(adapter: str, out: str | Path) -> Path:
     path = resolve_model(adapter)
     if not is_adapter(path):
         raise PreftuneError(f"{adapter} is not a LoRA adapter (no adapter_config.json in {path})")
-    base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch.float32)
+    check_weights(path)
+    check_weights(adapter_base(path))
+    with _hf_errors(path):
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), dtype=torch.float32, trust_remote_code=False)
     merged = PeftModel.from_pretrained(base, path).merge_and_unload()
     tok = load_tokenizer(path)
 

@@ -15,13 +15,16 @@ from preftune.eval.tasks import mean_accuracy
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
 
-def run_pipeline(cfg: Config, resume: bool = False) -> dict:
+def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False) -> dict:
     """Run every enabled stage into ``cfg.output_dir``; return the timings and the paths."""
+    from preftune.checkpoint import clean_stale
     from preftune.model import is_adapter, merge_adapter, resolve_model
+    from preftune.resume import check_writable
     from preftune.train import run_stage
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    clean_stale(out)
     (out / "config.yaml").write_text(to_yaml(cfg))
     timings: dict[str, float] = {}
     base = resolve_model(cfg.model)
@@ -30,7 +33,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     if cfg.sft.enabled:
         t = time.time()
         if not (resume and (out / "sft" / "run.json").is_file()):
-            run_stage(cfg, "sft", out / "sft", base, resume=resume)
+            run_stage(cfg, "sft", out / "sft", base, resume=resume, allow_changes=allow_changes)
         sft_model = out / "sft" / "final"
         if is_adapter(sft_model):
             # DPO's policy and reference both start from the SFT model: merge the SFT adapter into its
@@ -46,7 +49,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
     if cfg.dpo.enabled:
         t = time.time()
         if not (resume and (out / "dpo" / "run.json").is_file()):
-            run_stage(cfg, "dpo", out / "dpo", dpo_base, resume=resume)
+            run_stage(cfg, "dpo", out / "dpo", dpo_base, resume=resume, allow_changes=allow_changes)
         timings["dpo"] = round(time.time() - t, 1)
 
     records = []
@@ -139,7 +142,8 @@ def main(ns) -> int:
 
     setup_logging()
     cfg = load_config(ns.config, ns.overrides)
-    result = run_pipeline(cfg, resume=getattr(ns, "resume", False))
+    result = run_pipeline(cfg, resume=getattr(ns, "resume", False),
+                          allow_changes=getattr(ns, "allow_changes", False))
     print(headline(result))
     print(f"\ntimings (s): {result['timings']}")
     print(f"report: {result['report']}")

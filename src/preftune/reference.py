@@ -1,12 +1,14 @@
 """The reference model is a strategy: a frozen ``copy``, the policy with its LoRA ``adapter`` disabled,
-``precomputed`` log-probs cached on disk (keyed by model, tokenizer, template, truncation and data),
-or ``none`` for reference-free losses. Each returns per-pair reference log-probs for a batch."""
+``precomputed`` log-probs cached on disk (keyed by model, tokenizer, template, truncation and data;
+stored as safetensors, never pickle), or ``none`` for reference-free losses. Each returns per-pair
+reference log-probs for a batch."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -89,24 +91,72 @@ def precompute(module, batches, disable_adapter=None, progress: bool = True) -> 
     return table
 
 
+def cache_path(key: str) -> Path:
+    return embedded.cache_root() / "reference" / f"{key}.safetensors"
+
+
+def write_table(path: Path, table: dict[str, dict[str, float]]) -> None:
+    """The table as one safetensors file (one float64 column per field; row keys in its JSON
+    metadata), written to a temporary name and renamed: never pickle, never half a file."""
+    from safetensors.torch import save_file
+
+    from preftune.checkpoint import disk_errors
+
+    keys = list(table)
+    fields = list(table[keys[0]]) if keys else []
+    columns = {f: torch.tensor([table[k][f] for k in keys], dtype=torch.float64) for f in fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with disk_errors(path):
+            save_file(columns, tmp, metadata={"keys": json.dumps(keys), "fields": json.dumps(fields)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_table(path: Path) -> dict[str, dict[str, float]]:
+    """What :func:`write_table` wrote; a damaged file is an error naming it and saying what to do."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys, fields = json.loads(meta["keys"]), json.loads(meta["fields"])
+            columns = {name: f.get_tensor(name).tolist() for name in fields}
+        if any(len(c) != len(keys) for c in columns.values()):
+            raise ValueError("columns and row keys differ in length")
+    except Exception as e:  # truncated, not safetensors, or not written by write_table
+        raise PreftuneError(f"reference cache {path} is damaged or incomplete ({type(e).__name__}: {e}); "
+                            "delete it to recompute") from None
+    return {k: {name: columns[name][i] for name in fields} for i, k in enumerate(keys)}
+
+
+def clean_stale_temps(folder: Path) -> None:
+    """Remove temporary cache files left by killed writes (their process is gone)."""
+    from preftune.checkpoint import remove_stale
+
+    for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+        remove_stale(p)
+
+
 def load_or_precompute(key: str, compute, accelerator=None) -> PrecomputedReference:
     """The cached table under ``key``, computing it (on the main process) when absent."""
-    path = embedded.cache_root() / "reference" / f"{key}.pt"
+    path = cache_path(key)
     computed = False
     is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        clean_stale_temps(path.parent)
     if not path.is_file() and is_main:
         table = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(table)}")
-        torch.save(table, tmp)
-        tmp.replace(path)
+        write_table(path, table)
         computed = True
         log.info("reference log-probs computed for %d rows -> %s", len(table), path)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not computed:
         log.info("reference log-probs reused from %s", path)
-    return PrecomputedReference(torch.load(path, weights_only=False), path, computed)
+    return PrecomputedReference(read_table(path), path, computed)
 
 
 # ---------------------------------------------------------------- TR-DPO

@@ -23,6 +23,7 @@ from preftune import checkpoint as ckpt
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
 from preftune.data.rows import fingerprint
 from preftune.errors import PreftuneError
+from preftune.resume import check_resume, check_writable, trim_metrics
 
 log = logging.getLogger("preftune")
 
@@ -254,8 +255,7 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and path.is_file():  # drop lines written after the checkpoint
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            trim_metrics(path, resume_step)
         elif path.exists():
             path.unlink()
         if cfg.report_to:
@@ -280,11 +280,12 @@ class MetricsLog:
 
 
 def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
-              stop_at: int | None = None) -> dict:
+              stop_at: int | None = None, allow_changes: bool = False) -> dict:
     """Train one stage (``sft`` or ``dpo``) of ``cfg`` from ``model_path`` into ``out_dir``.
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
-    time-boxed runs and resume tests. Returns the run summary also written to ``run.json``."""
+    time-boxed runs and resume tests. ``allow_changes`` lets ``resume`` continue with a changed
+    config or data (refused otherwise). Returns the run summary also written to ``run.json``."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -310,12 +311,17 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         cpu=not torch.cuda.is_available(),
     )
     main = accelerator.is_main_process
+    if main:
+        check_writable(out)
+        ckpt.clean_stale(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     data = load_stage_data(cfg, stage, tokenizer)
+    if resume:
+        check_resume(out, cfg, stage, data.fingerprint, allow_changes)
     model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
     n_train, n_total = trainable_parameters(model)
     layout = choose_layout(cfg.dpo.layout, model) if stage == "dpo" else "padded"
@@ -362,7 +368,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     stopper = EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta)
     state = {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0, "skipped_steps": 0}
-    latest = ckpt.step_checkpoints(out)[-1] if resume and ckpt.step_checkpoints(out) else None
+    latest = ckpt.latest_complete(out) if resume else None
     if resume and latest is None and main:
         log.info("resume: no checkpoint in %s; starting this stage from the beginning", out)
     resumed_from = None

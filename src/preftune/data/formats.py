@@ -113,11 +113,11 @@ def _reply(value: Any, key: str) -> str:
 def _number(rec: dict, key: str) -> float:
     value = _get(rec, key)
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not math.isfinite(number := float(value)):
             raise ValueError
-        return float(value)
+        return number
     except (TypeError, ValueError):
-        raise RowError(f"'{key}' must be a number, got {value!r:.60}", key, "wrong_type") from None
+        raise RowError(f"'{key}' must be a finite number, got {value!r:.60}", key, "wrong_type") from None
 
 
 def _shared_prompt(chosen: Messages, rejected: Messages) -> Messages:
@@ -230,7 +230,7 @@ def alpaca(rec: dict) -> SFTRow:
     instruction = _str(rec, "instruction")
     if not instruction.strip():
         raise RowError("'instruction' is empty", "instruction", "empty_prompt")
-    extra = rec.get("input") or ""
+    extra = "" if rec.get("input") is None else rec["input"]
     if not isinstance(extra, str):
         raise RowError(f"'input' must be a string, got {type(extra).__name__}", "input", "wrong_type")
     template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT

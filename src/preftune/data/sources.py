@@ -5,10 +5,12 @@ DataReport that counts every record read, kept and dropped (by reason). Tokens l
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import importlib.resources
 import json
+import logging
 import os
 import random
 import re
@@ -34,6 +36,8 @@ Record = tuple[dict, str, int]
 """(record, file or source name, 1-based row / line)."""
 OnBad = Callable[[RowError], None] | None
 
+log = logging.getLogger("preftune")
+
 KNOWN_SPLITS = frozenset({"train", "test", "validation", "valid", "val", "dev", "eval"})
 EMBEDDED_PREFIX = "embedded:"
 
@@ -55,9 +59,40 @@ def _object(value: Any, file: str, row: int, on_bad: OnBad) -> dict | None:
     return None
 
 
+MAX_DEPTH = 100
+"""Records nested deeper than this (lists and objects inside each other) are malformed."""
+BOM = codecs.BOM_UTF8
+
+
+def check_values(rec: dict) -> None:
+    """Raise RowError naming the field when a record holds text that is not UTF-8 (an undecodable
+    byte, read as a lone surrogate, or a ``\\ud800`` escape) or is nested deeper than MAX_DEPTH."""
+    stack = [(k, v, 1) for k, v in rec.items()] + [(k, k, 1) for k in rec]
+    while stack:
+        top, value, depth = stack.pop()
+        top = str(top).encode("utf-8", "backslashreplace").decode("utf-8")
+        if depth > MAX_DEPTH:
+            raise RowError(f"'{top}' is nested more than {MAX_DEPTH} levels deep", str(top), "too_deep")
+        if isinstance(value, dict):
+            stack += [(top, k, depth + 1) for k in value] + [(top, v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(top, v, depth + 1) for v in value]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                what = f"byte 0x{ord(value[e.start]) - 0xDC00:02x}" if 0xDC80 <= ord(value[e.start]) <= 0xDCFF \
+                    else f"lone surrogate \\u{ord(value[e.start]):04x}"
+                raise RowError(f"'{top}' is not valid UTF-8 text ({what} at character {e.start}); fix the "
+                               "file's encoding", str(top), "bad_encoding") from None
+
+
 def _read_jsonl(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    """One JSON object per line; bytes that are not UTF-8 are kept as lone surrogates for
+    :func:`check_values` to name (a JSON error only when they fall outside a string)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            line = raw.removeprefix(BOM if line_no == 1 else b"").decode("utf-8", "surrogateescape")
             if not line.strip():
                 continue
             try:
@@ -66,16 +101,21 @@ def _read_jsonl(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
                 _bad(RowError(f"not valid JSON ({e.msg} at column {e.colno})", None, "bad_json", str(path), line_no),
                      on_bad)
                 continue
+            except RecursionError:
+                _bad(RowError("nested too deeply to read", None, "too_deep", str(path), line_no), on_bad)
+                continue
             if (rec := _object(value, str(path), line_no, on_bad)) is not None:
                 yield rec, line_no
 
 
 def _read_json(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_bytes().removeprefix(BOM).decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e.msg} at line {e.lineno}); for one object per line name the file .jsonl",
                         str(path)) from None
+    except RecursionError:
+        raise DataError("not readable: JSON nested too deeply", str(path)) from None
     if not isinstance(value, list):
         raise DataError(f"a .json data file must hold a list of objects, got {type(value).__name__}", str(path))
     for i, item in enumerate(value, 1):
@@ -84,13 +124,18 @@ def _read_json(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
 
 
 def _read_parquet(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            row += 1
-            yield rec, row
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield rec, row
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"not a readable Parquet file after row {row} ({type(e).__name__}: {e}); re-export it "
+                        "or remove it from data.source", str(path)) from None
 
 
 def _csv_cell(value: str) -> Any:
@@ -98,17 +143,33 @@ def _csv_cell(value: str) -> Any:
     if value.startswith(("[", "{")):
         try:
             decoded = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return value
         if isinstance(decoded, dict) or (isinstance(decoded, list) and all(isinstance(x, dict) for x in decoded)):
             return decoded
     return value
 
 
+CSV_FIELD_LIMIT = 1 << 30
+"""Largest CSV cell read (the csv module's own default is 128 KiB)."""
+
+
 def _read_csv(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        for row, rec in enumerate(csv.DictReader(f), 1):  # row 1 = first line after the header
-            yield {k: _csv_cell(v) if isinstance(v, str) else v for k, v in rec.items()}, row
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+            if twice := sorted({c for c in header if header.count(c) > 1}):
+                raise DataError(f"the header names column(s) {twice} twice; rename one", str(path), 0)
+            for row, rec in enumerate(reader, 1):  # row 1 = first line after the header
+                if None in rec:
+                    _bad(RowError(f"the row has {len(rec[None])} more cell(s) than the header's {len(header)} "
+                                  "columns (an unquoted comma?)", None, "extra_cells", str(path), row), on_bad)
+                    continue
+                yield {k: _csv_cell(v) if isinstance(v, str) else v for k, v in rec.items()}, row
+        except csv.Error as e:
+            raise DataError(f"not valid CSV at line {reader.line_num} ({e})", str(path)) from None
 
 
 READERS: dict[str, Callable[[Path, OnBad], Iterator[tuple[dict, int]]]] = {
@@ -125,8 +186,14 @@ def _words(path: Path, root: Path) -> set[str]:
 
 
 def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in READERS
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Data files of every READERS type (any case: ``.JSONL`` too); other files are named in a warning."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    ignored = [str(p.relative_to(folder)) for p in files if p.suffix.lower() not in READERS]
+    if ignored:
+        log.warning("%s: ignored %d file(s) that are not %s: %s", folder, len(ignored), "/".join(READERS),
+                    ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+    return [p for p in files if p.suffix.lower() in READERS]
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -160,7 +227,7 @@ def _embedded_files(source: str, split: str) -> list[Path]:
 
 
 def _looks_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).suffix in READERS or os.sep + os.sep in source
+    return source.startswith(("/", ".", "~")) or Path(source).suffix.lower() in READERS or os.sep + os.sep in source
 
 
 def _local_files(source: str, split: str) -> list[Path] | None:
@@ -171,7 +238,7 @@ def _local_files(source: str, split: str) -> list[Path] | None:
     if path.is_dir():
         return _split_files(path, split)
     if path.is_file():
-        if path.suffix not in READERS:
+        if path.suffix.lower() not in READERS:
             raise DataError(f"unsupported data file type {path.suffix!r}; use one of {', '.join(READERS)}", str(path))
         return [path] if split == "train" else []
     if _looks_local(source):
@@ -194,7 +261,7 @@ def _hub_records(name: str, split: str, subset: str | None) -> Iterator[Record]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset, split=split)
+        ds = datasets.load_dataset(name, subset, split=split, trust_remote_code=False)
     except Exception as e:  # offline, not found, network: all become one actionable message
         raise _hub_error(name, e) from None
     for i, rec in enumerate(ds, 1):
@@ -213,7 +280,7 @@ def read_records(source: str, split: str = "train", subset: str | None = None, o
         raise DataError(f"no data files for split {split!r} (a folder's files are chosen by a name containing the "
                         "split, e.g. train.jsonl / test.jsonl)", source, field="data.split")
     for path in files:
-        for rec, row in READERS[path.suffix](path, on_bad):
+        for rec, row in READERS[path.suffix.lower()](path, on_bad):
             yield rec, str(path), row
 
 
@@ -293,10 +360,14 @@ def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
     on_bad = skip if data.on_error == "skip" else None
     for rec, file, row in read_records(data.source, split, data.subset, on_bad):
         report.rows_read += 1
-        if fn is None:
-            report.format = _detect(rec, kind)
-            fn = adapter(report.format, data)
         try:
+            check_values(rec)
+            if fn is None:
+                try:
+                    report.format = _detect(rec, kind)
+                except DataError as e:  # the layout of the whole file, named at its first record
+                    raise DataError(e.message, file, row, e.field) from None
+                fn = adapter(report.format, data)
             rows.append(fn(rec))
         except RowFiltered as f:
             report.drop(f.reason)

@@ -125,11 +125,11 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def main(ns) -> int:
     """``preftune generate CONFIG --model M [--out F]``: responses to the held-out prompts as JSONL."""
     from preftune.config import load_config
-    from preftune.model import load_for_inference
+    from preftune.model import load_for_inference, trust_options
 
     cfg = load_config(ns.config, ns.overrides)
     rows = held_out_prompts(cfg)
-    model, tok = load_for_inference(ns.model, cfg.precision)
+    model, tok = load_for_inference(ns.model, cfg.precision, **trust_options(cfg))
     w = cfg.eval.winrate
     responses = generate(model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p,
                          cfg.seed, cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)

@@ -170,7 +170,7 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
     """``rewards/accuracies`` and margins against ``reference`` through the training core's
     ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
-    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
+    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model, trust_options
     from preftune.train import evaluate_rewards
 
     if not cfg.dpo.needs_reference():
@@ -178,7 +178,7 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
     path = resolve_model(name)
     if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
         return evaluate_rewards(model, tok, "adapter", rows, cfg)
-    ref_model, _ = load_for_inference(reference, cfg.precision)
+    ref_model, _ = load_for_inference(reference, cfg.precision, **trust_options(cfg))
     return evaluate_rewards(model, tok, ref_model, rows, cfg)
 
 
@@ -244,7 +244,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``."""
     from preftune.eval.heldout import paired_difference
     from preftune.eval.stats import paired_bootstrap
-    from preftune.model import load_for_inference
+    from preftune.model import load_for_inference, trust_options
 
     out = Path(out_dir)
     reference_for = reference_for or {}
@@ -258,7 +258,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     checked_marks: dict[str, list] = {}
     chunks: dict[str, dict] = {}
     for name, path in models.items():
-        model, tok = load_for_inference(str(path), cfg.precision)
+        model, tok = load_for_inference(str(path), cfg.precision, **trust_options(cfg))
         entry: dict = {"path": str(path)}
         if ev.rewards and reference_for.get(name):
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
@@ -406,7 +406,7 @@ def rewards_main(ns) -> int:
 
 def winrate_main(ns) -> int:
     """``preftune eval winrate CONFIG --model M [--against B]``: vs chosen, or head to head against B."""
-    from preftune.model import load_for_inference
+    from preftune.model import load_for_inference, trust_options
 
     cfg = _single(ns, "winrate")
     if not ns.against:
@@ -415,7 +415,7 @@ def winrate_main(ns) -> int:
     rows = winrate_rows(heldout_rows(cfg), cfg.eval.winrate.per_category)
     responses = {}
     for name in (ns.model, ns.against):
-        model, tok = load_for_inference(name, cfg.precision)
+        model, tok = load_for_inference(name, cfg.precision, **trust_options(cfg))
         responses[name] = generations(cfg, name, model, tok, rows)
         del model
     run = judge(cfg, judge_items(rows, responses[ns.model], responses[ns.against]))
@@ -436,12 +436,12 @@ def heldout_main(ns) -> int:
 
 def tasks_main(ns) -> int:
     """``preftune eval tasks CONFIG --model M``: acc and acc_norm per task (writes tasks.json)."""
-    from preftune.model import load_for_inference
+    from preftune.model import load_for_inference, trust_options
 
     cfg = _single(ns, "tasks")
     if not cfg.eval.tasks:
         raise PreftuneError("eval.tasks is empty; name tasks, e.g. eval.tasks=[embedded:mc]")
-    model, tok = load_for_inference(ns.model, cfg.precision)
+    model, tok = load_for_inference(ns.model, cfg.precision, **trust_options(cfg))
     tasks = tasks_entry(cfg, ns.model, model, tok)
     write_json(_out(cfg) / "tasks.json", {"models": {"model": {"path": ns.model, "tasks": tasks}},
                                            "config": to_dict(cfg.eval)})

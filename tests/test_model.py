@@ -1,0 +1,99 @@
+"""Loading never runs code from a model folder: custom code (auto_map) is refused even with ``y`` on
+stdin, pickle-only weights are refused (a crafted pickle would create a marker file) unless the config
+opts in, and model paths that are files or bad ``tiny:`` names are clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.config import config_from_dict
+from preftune.errors import PreftuneError
+from preftune.model import load_for_inference, load_model, resolve_model
+from test_checkpoint import Payload
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def custom_code_folder(tiny_model_dir: Path, dest: Path, marker: Path) -> Path:
+    """The tiny model re-labelled as a custom architecture whose code, once imported, creates ``marker``."""
+    shutil.copytree(tiny_model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config |= {"model_type": "evil_llama", "architectures": ["EvilForCausalLM"],
+               "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilForCausalLM"}}
+    (dest / "config.json").write_text(json.dumps(config))
+    (dest / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
+        "class EvilForCausalLM(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    return dest
+
+
+def test_custom_code_never_runs_even_with_yes_on_stdin(tmp_path, tiny_model_dir):
+    """`preftune generate --model FOLDER` with `y` piped in: refused, naming the opt-in; no marker."""
+    marker = tmp_path / "PWNED"
+    folder = custom_code_folder(tiny_model_dir, tmp_path / "custom", marker)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'out'}\neval:\n  winrate:\n    max_new_tokens: 2\n")
+    env = dict(os.environ, PYTHONPATH=str(SRC), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "preftune.cli", "generate", str(cfg), "--model", str(folder)],
+                          input="y\n" * 8, env=env, capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ships its own Python code" in proc.stderr and "trust_remote_code: true" in proc.stderr
+
+
+def test_custom_code_in_training_is_refused_too(tmp_path, tiny_model_dir):
+    marker = tmp_path / "PWNED"
+    folder = custom_code_folder(tiny_model_dir, tmp_path / "custom", marker)
+    with pytest.raises(PreftuneError, match="ships its own Python code"):
+        load_model(config_from_dict({}), str(folder))
+    assert not marker.exists()
+
+
+def pickle_only_folder(tiny_model_dir: Path, dest: Path, weights) -> Path:
+    shutil.copytree(tiny_model_dir, dest)
+    for f in dest.glob("*.safetensors"):
+        f.unlink()
+    torch.save(weights, dest / "pytorch_model.bin")
+    return dest
+
+
+def test_crafted_pickle_weights_are_refused(tmp_path, tiny_model_dir):
+    marker = tmp_path / "PWNED"
+    folder = pickle_only_folder(tiny_model_dir, tmp_path / "pickled", {"evil": Payload(marker)})
+    with pytest.raises(PreftuneError, match=r"only as pickle \(pytorch_model.bin\).*allow_pickle: true"):
+        load_for_inference(str(folder))
+    with pytest.raises(PreftuneError, match="only as pickle"):
+        load_model(config_from_dict({"lora": False}), str(folder))
+    assert not marker.exists()
+
+
+def test_pickle_weights_load_when_the_config_opts_in(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    (weights,) = tiny_model_dir.glob("*.safetensors")
+    folder = pickle_only_folder(tiny_model_dir, tmp_path / "pickled", load_file(weights))
+    model, _ = load_for_inference(str(folder), allow_pickle=True)
+    want = load_file(weights)["model.embed_tokens.weight"]
+    torch.testing.assert_close(model.get_input_embeddings().weight, want, rtol=0, atol=0)
+    model = load_model(config_from_dict({"allow_pickle": True, "lora": False}), str(folder))
+    assert model is not None
+
+
+def test_model_paths_that_are_not_model_folders(tmp_path, tiny_model_dir):
+    with pytest.raises(PreftuneError, match="config.json.* is a file; pass the folder"):
+        resolve_model(str(tiny_model_dir / "config.json"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PreftuneError, match="is not a model folder"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(PreftuneError, match="the seed after 'tiny:' is a number"):
+        resolve_model("tiny:abc")
