@@ -136,8 +136,8 @@ def trl_dataset(spec: Spec):
     """preftune's own tokenized train split, in the order preftune's loop visits it, as TRL columns."""
     from datasets import Dataset
 
+    from preftune.data.stage import load_stage_data, plan_epoch
     from preftune.model import load_tokenizer, resolve_model
-    from preftune.train import load_stage_data, plan_epoch
 
     cfg = preftune_config(spec, Path(tempfile.mkdtemp()))
     tokenizer = load_tokenizer(resolve_model(cfg.model))

@@ -16,6 +16,7 @@ import yaml
 
 from preftune.errors import PreftuneError
 from preftune.report import report as rp
+from preftune.report import runs as report_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,7 +113,7 @@ def test_pipeline_report_has_figures_tables_and_numbers(tmp_path):
 
 
 def test_best_step_is_marked_at_the_eval_peak(tmp_path):
-    run = rp.load_run(write_pipeline(tmp_path / "run", 0.1, "embedded:prefs", 0.6, 1.25))
+    run = report_runs.load_run(write_pipeline(tmp_path / "run", 0.1, "embedded:prefs", 0.6, 1.25))
     from preftune.report.plots import best_point
 
     # best_step = 4 -> tokens_seen 4000, eval accuracy 0.75 there

@@ -12,7 +12,7 @@ import yaml
 from preftune import embedded
 from preftune.config import Config, config_from_dict
 from preftune.errors import PreftuneError
-from preftune.eval.tasks import mean_accuracy
+from preftune.report.table import CARD, markdown_table, results_table
 
 HUB_IDS = {embedded.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """preftune's model names -> the Hub id a card's ``base_model`` should name."""
@@ -120,23 +120,10 @@ def _training_lines(summary: dict) -> list[str]:
     ]
 
 
-def _eval_row(name: str, e: dict) -> str:
-    rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
-    acc = rw.get("rewards/accuracies")
-    wr = (f"{_fmt(w['winrate'], '.3f')} [{_fmt(w.get('ci_low'), '.2f')}, {_fmt(w.get('ci_high'), '.2f')}]"
-          if "winrate" in w else "-")
-    d = h.get("diff_vs_base")
-    return " | ".join([
-        name, f"{_fmt(acc, '.3f')} ± {_fmt(rw.get('se'), '.3f')}" if acc is not None else "-", wr,
-        _fmt(h.get("bpb")), f"{d['mean']:+.4f}" if d else "-", _fmt(mean_accuracy(t), ".3f")])
-
-
 def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:
     models = eval_results.get("models", eval_results)
     names = [n for n in ("base", model_name) if n and n in models] or list(models)
-    lines = ["| model | reward acc (± se) | win-rate vs chosen [95% CI] | bits/byte | Δ bits/byte vs base | task acc |",
-             "|---|---|---|---|---|---|"]
-    return lines + [f"| {_eval_row(n, models[n])} |" for n in names]
+    return markdown_table(*results_table({n: models[n] for n in names}, CARD)).splitlines()
 
 
 def model_card(cfg: Config, summary: dict, data_report: dict, eval_results: dict | None = None,
@@ -235,7 +222,7 @@ def _ensure_card(folder: Path) -> None:
 
 def push(ns) -> int:
     """``preftune push RUN --repo NAME``: create the Hub repo and upload the model with its card."""
-    from preftune.model import offline
+    from preftune.env import offline
 
     folder = upload_folder_of(Path(ns.run))
     if offline():

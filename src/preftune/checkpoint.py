@@ -5,52 +5,15 @@ Hugging Face folders (``best/``, ``final/``) that users load."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def atomic_dir(final: Path, build, replace: bool = False) -> Path:
-    """Build a folder through ``build(tmp)`` beside ``final`` and rename it into place.
-
-    A crash leaves either the old folder or the new one, never half of one."""
-    final = Path(final)
-    if final.is_dir() and not replace:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _plain(o):
-    return float(o) if hasattr(o, "__float__") else str(o)
-
-
-def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename (numpy scalars become floats)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=_plain))
-    tmp.replace(path)
+from preftune.files import atomic_dir
+from preftune.paths import StageDir
 
 
 def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
@@ -109,16 +72,12 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
 
 def step_checkpoints(root: Path) -> list[Path]:
     """``root/checkpoints/step-N`` folders, oldest first."""
-    d = root / "checkpoints"
-    found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return [p for _, p in sorted(found)]
+    return StageDir(root).checkpoints()
 
 
 def snapshots(root: Path) -> list[Path]:
     """``root/snapshots/step-N`` model folders (``eval.curve_every``), in step order."""
-    d = root / "snapshots"
-    found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return [p for _, p in sorted(found)]
+    return StageDir(root).snapshots()
 
 
 def prune(root: Path, keep: int) -> None:

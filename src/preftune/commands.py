@@ -21,6 +21,7 @@ def config_show(ns) -> int:
 
 
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
+    from preftune.card import update_card
     from preftune.model import resolve_model
     from preftune.train import run_stage
 
@@ -29,6 +30,7 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     out = Path(cfg.output_dir)
     summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume)
     if int(os.environ.get("RANK", "0")) == 0:
+        update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
         print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
     return 0
 

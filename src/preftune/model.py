@@ -5,20 +5,16 @@ elsewhere."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from preftune import embedded
 from preftune.config import Config
+from preftune.env import offline
 from preftune.errors import PreftuneError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def resolve_run(path: Path) -> Path:
@@ -202,7 +198,7 @@ def merge_adapter(adapter: str, out: str | Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from preftune.checkpoint import atomic_dir
+    from preftune.files import atomic_dir
 
     path = resolve_model(adapter)
     if not is_adapter(path):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from preftune.config import Config, load_config, to_yaml
-from preftune.eval.tasks import mean_accuracy
+from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
 
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
@@ -78,29 +78,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> dict:
 
 
 def headline(result: dict) -> str:
-    """A short table of the headline figures per model."""
-    rows = [("model", "reward acc", "win-rate vs chosen [95% CI]", "checked acc [95% CI]", "bits/byte (Δ vs base)",
-             "task acc")]
-    for name, r in result["eval"].get("models", {}).items():
-        rw, wr, ho, ck = r.get("rewards", {}), r.get("winrate", {}), r.get("heldout", {}), r.get("checked", {})
-        acc = mean_accuracy(r.get("tasks", {}))
-        diff = ho.get("diff_vs_base")
-        rows.append((
-            name,
-            f"{rw['rewards/accuracies']:.3f}" if "rewards/accuracies" in rw else "-",
-            f"{wr['winrate']:.3f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]" if wr.get("winrate") is not None else "-",
-            f"{ck['accuracy']:.3f} [{ck['ci_low']:.2f}, {ck['ci_high']:.2f}]" if ck else "-",
-            (f"{ho['bpb']:.4f}" + (f" ({diff['mean']:+.4f})" if diff else "")) if "bpb" in ho else "-",
-            f"{acc:.3f}" if acc is not None else "-",
-        ))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    for pair, c in result["eval"].get("comparisons", {}).items():
-        if "checked_accuracy" in c:
-            d = c["checked_accuracy"]
-            lines.append(f"{pair}: checked accuracy {d['mean']:+.3f} [95% CI {d['low']:+.3f}, {d['high']:+.3f}] "
-                         f"(paired bootstrap); win-rate vs chosen {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
-    return "\n".join(lines)
+    """The headline figures per model, and the paired comparisons of checked accuracy."""
+    table = text_table(*results_table(result["eval"].get("models", {}), HEADLINE))
+    return "\n".join([table, *comparison_lines(result["eval"], checked=True)])
 
 
 def main(ns) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from preftune import embedded
+from preftune.env import cache_root
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
@@ -90,7 +90,7 @@ def precompute(module, batches, disable_adapter=None, progress: bool = True) -> 
 
 def load_or_precompute(key: str, compute, accelerator=None) -> PrecomputedReference:
     """The cached table under ``key``, computing it (on the main process) when absent."""
-    path = embedded.cache_root() / "reference" / f"{key}.pt"
+    path = cache_root() / "reference" / f"{key}.pt"
     computed = False
     is_main = accelerator is None or accelerator.is_main_process
     if not path.is_file() and is_main:

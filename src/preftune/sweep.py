@@ -28,16 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.checkpoint import write_json
 from preftune.config import (
     Config,
     ConfigError,
+    apply_overrides,
     apply_shorthands,
     config_from_dict,
     load_raw,
-    parse_overrides,
+    merge,
+    nest,
     to_dict,
 )
+from preftune.files import write_json
 
 log = logging.getLogger("preftune")
 
@@ -68,33 +70,6 @@ class PlannedRun:
     cfg: Config
     sft_key: str | None = None
     estimate: dict[str, Any] = field(default_factory=dict)
-
-
-def nest(key: str, value: Any) -> dict:
-    """``("dpo.beta", 0.1)`` -> ``{"dpo": {"beta": 0.1}}``, with config shorthands applied
-    (``lora: false`` -> ``lora.enabled``; ``data: FILE`` -> ``data.source``)."""
-    node: Any = value
-    for part in reversed(key.split(".")):
-        node = {part: node}
-    return apply_shorthands(node)
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """Deep-merge ``extra`` into ``base`` in place (mappings merge; anything else replaces)."""
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """The raw config with CLI ``key=value`` overrides (``sweep.dpo.beta=[0.1,0.3]`` edits the block)."""
-    raw = apply_shorthands(copy.deepcopy(raw))
-    for k, v in parse_overrides(overrides):
-        merge(raw, nest(k, v))
-    return raw
 
 
 def _flatten_axes(block: dict, prefix: str = "") -> dict[str, Any]:
@@ -267,7 +242,7 @@ def _item_tokens(item) -> int:
 def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
     """Estimated training tokens of ``stage``: the data tokenized once (memoised by tokenizer, data
     settings and seed), times the fraction of epochs the steps cover."""
-    from preftune.train import load_stage_data
+    from preftune.data.stage import load_stage_data
 
     s = cfg.sft if stage == "sft" else cfg.dpo
     data_cfg = cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data

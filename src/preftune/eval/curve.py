@@ -10,9 +10,10 @@ import copy
 import json
 from pathlib import Path
 
-from preftune.checkpoint import snapshots, write_json
 from preftune.config import Config
 from preftune.errors import PreftuneError
+from preftune.files import write_json
+from preftune.paths import StageDir
 
 CURVE_SECTIONS = ("winrate", "checked", "tasks")
 
@@ -21,7 +22,7 @@ def curve_points(stage_dir: Path, run: dict, start: str) -> list[dict]:
     """``{step, tokens_seen, pairs_seen, model}`` for the starting model, every snapshot and ``final/``
     of the finished stage in ``stage_dir`` (``run`` is its run.json)."""
     points = [{"step": 0, "tokens_seen": 0, "pairs_seen": 0, "model": str(start)}]
-    for snap in snapshots(stage_dir):
+    for snap in StageDir(stage_dir).snapshots():
         info = json.loads((snap / "snapshot.json").read_text())
         if info["step"] <= run["steps"]:
             points.append({k: info[k] for k in ("step", "tokens_seen", "pairs_seen")} | {"model": str(snap)})

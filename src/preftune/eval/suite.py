@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from preftune.checkpoint import write_json
 from preftune.config import Config, load_config, to_dict
 from preftune.data.rows import PreferenceRow
+from preftune.env import cache_root
 from preftune.errors import PreftuneError
-from preftune.eval.tasks import mean_accuracy
+from preftune.files import write_json
+from preftune.report.table import SUITE, comparison_lines, results_table, text_table
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
@@ -26,8 +27,6 @@ PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk
 
 def cache_dir() -> Path:
     """``<preftune cache>/eval`` (``$PREFTUNE_CACHE`` moves it, e.g. per sweep or per test)."""
-    from preftune.embedded import cache_root
-
     return cache_root() / "eval"
 
 
@@ -170,8 +169,8 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
     """``rewards/accuracies`` and margins against ``reference`` through the training core's
     ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
+    from preftune.eval.rewards import evaluate_rewards
     from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
-    from preftune.train import evaluate_rewards
 
     if cfg.dpo.loss in ("simpo", "orpo"):
         return evaluate_rewards(model, tok, None, rows, cfg)
@@ -279,30 +278,10 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
 # ---------------------------------------------------------------- printing
 
 
-def _fmt(x, spec: str = ".3f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) else "-"
-
-
 def table(results: dict) -> str:
-    """A compact table: one row per model."""
-    head = ("model", "reward acc", "win-rate [95% CI]", "W/T/L/inv", "bits/byte", "Δ vs base [95% CI]", "task acc")
-    rows = [head]
-    for name, e in results.get("models", {}).items():
-        rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
-        d = h.get("diff_vs_base")
-        rows.append((
-            name, _fmt(rw.get("rewards/accuracies")),
-            f"{_fmt(w['winrate'])} [{_fmt(w['ci_low'], '.2f')}, {_fmt(w['ci_high'], '.2f')}]" if "winrate" in w else "-",
-            "/".join(str(w.get(k, "-")) for k in ("wins", "ties", "losses", "invalid")) if w else "-",
-            _fmt(h.get("bpb"), ".4f"),
-            f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-",
-            _fmt(mean_accuracy(t)),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)) for r in rows]
-    for pair, c in results.get("comparisons", {}).items():
-        lines.append(f"win-rate {pair}: {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (paired bootstrap)")
-    return "\n".join(lines)
+    """A compact table: one row per model, then the paired win-rate comparisons."""
+    text = text_table(*results_table(results.get("models", {}), SUITE))
+    return "\n".join([text, *comparison_lines(results, checked=False)])
 
 
 # ---------------------------------------------------------------- commands
