@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from preftune.commands.evaluation import report as report_command
 from preftune.errors import PreftuneError
 from preftune.report import report as rp
 from preftune.report import runs as report_runs
@@ -138,7 +139,7 @@ def test_sweep_tables_hold_every_run(tmp_path):
         write_pipeline(sweep / name, beta, data, w, bpb)
     (sweep / "cache").mkdir()  # not a run: ignored
     ns = argparse.Namespace(runs=[str(sweep)], out=str(tmp_path / "rep"))
-    assert rp.main(ns) == 0
+    assert report_command(ns) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     section = md.split("## Win-rate and downstream accuracy by beta and dataset")[1].split("##")[0]
     assert re.search(r"\| 0\.1 \| 0\.562 \[0\.46, 0\.66\]; acc 0\.400 \| 0\.812 \[0\.71, 0\.91\]; acc 0\.400 \|", section)

@@ -11,6 +11,7 @@ import yaml
 
 from preftune import embedded
 from preftune.config import Config, config_from_dict
+from preftune.env import offline
 from preftune.errors import PreftuneError
 from preftune.report.table import CARD, markdown_table, results_table
 
@@ -220,19 +221,16 @@ def _ensure_card(folder: Path) -> None:
     (folder / "README.md").write_text(card_for_stage(stage, ev), encoding="utf-8")
 
 
-def push(ns) -> int:
-    """``preftune push RUN --repo NAME``: create the Hub repo and upload the model with its card."""
-    from preftune.env import offline
-
-    folder = upload_folder_of(Path(ns.run))
+def push_model(run: Path, repo: str) -> tuple[Path, str]:
+    """Create the Hub repo ``repo`` and upload the model of ``run`` with its card; return (folder, url)."""
+    folder = upload_folder_of(Path(run))
     if offline():
-        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {ns.repo!r}; "
+        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {repo!r}; "
                             "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
     from huggingface_hub import HfApi
 
     _ensure_card(folder)
     api = HfApi()
-    url = api.create_repo(ns.repo, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=ns.repo, commit_message=f"preftune push of {folder}")
-    print(f"pushed {folder} -> {url}")
-    return 0
+    url = api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo, commit_message=f"preftune push of {folder}")
+    return folder, str(url)

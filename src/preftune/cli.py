@@ -1,5 +1,6 @@
-"""``preftune <command> ...``: one flat table from command to handler. Handlers are imported lazily
-(``module:function``) so ``--help`` is instant; each takes the parsed ``argparse.Namespace``."""
+"""``preftune <command> ...``: one flat table from command to handler. The handlers live in the
+commands layer (``preftune.commands``) and are imported lazily (``module:function``) so ``--help`` is
+instant; each takes the parsed ``argparse.Namespace``."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ OUT = (("--out",), dict(required=True, help="output path"))
 
 # command -> (handler, help, arguments)
 COMMANDS: dict[str, tuple[str, str, tuple]] = {
-    "config show": ("preftune.commands:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
+    "config show": ("preftune.commands.training:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
     "data inspect": (
-        "preftune.data.inspect:main",
+        "preftune.commands.tools:data_inspect",
         "read, tokenize and summarise a dataset: kept/dropped rows, lengths, a rendered sample",
         (
             (("target",), dict(help="config YAML or data file/folder")),
@@ -28,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
         ),
     ),
     "data synth": (
-        "preftune.data.synth:main",
+        "preftune.commands.tools:data_synth",
         "regenerate the generated part of the embedded preference data",
         (
             (("--n",), dict(type=int, default=400, help="number of pairs")),
@@ -36,30 +37,30 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--out",), dict(required=True, help="output .jsonl")),
         ),
     ),
-    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME)),
-    "dpo": ("preftune.commands:dpo", "DPO family (sigmoid, ipo, hinge, robust) and simpo", (CONFIG, OVERRIDES, RESUME)),
-    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
-    "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
+    "sft": ("preftune.commands.training:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME)),
+    "dpo": ("preftune.commands.training:dpo", "DPO family (sigmoid, ipo, hinge, robust) and simpo", (CONFIG, OVERRIDES, RESUME)),
+    "orpo": ("preftune.commands.training:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME)),
+    "pipeline": ("preftune.commands.training:pipeline", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
                  (CONFIG, OVERRIDES, RESUME)),
-    "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
+    "quickstart": ("preftune.commands.training:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
     "merge": (
-        "preftune.commands:merge",
+        "preftune.commands.training:merge",
         "merge a LoRA adapter into its base model",
         ((("run",), dict(help="run folder or adapter folder")), OUT),
     ),
     "generate": (
-        "preftune.eval.generate:main",
+        "preftune.commands.evaluation:generate",
         "batched generation over the held-out prompts; writes JSONL",
         (CONFIG, OVERRIDES, MODEL, (("--out",), dict(default=None, help="output .jsonl"))),
     ),
     "chat": (
-        "preftune.eval.generate:chat",
+        "preftune.commands.evaluation:chat",
         "chat with a model in the terminal",
         ((("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
          (("--max-new-tokens",), dict(type=int, default=256)), (("--temperature",), dict(type=float, default=0.7))),
     ),
     "serve": (
-        "preftune.serve:main",
+        "preftune.commands.tools:serve",
         "OpenAI-compatible chat server (/v1/chat/completions, /v1/models)",
         (
             (("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
@@ -69,24 +70,24 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--max-tokens",), dict(type=int, default=512, help="cap on max_tokens per request")),
         ),
     ),
-    "eval": ("preftune.eval.suite:main", "run the configured evaluations for base, SFT and DPO; writes eval.json",
+    "eval": ("preftune.commands.evaluation:eval_suite", "run the configured evaluations for base, SFT and DPO; writes eval.json",
              (CONFIG, OVERRIDES, (("--models",), dict(nargs="*", default=None, help="models to evaluate")))),
-    "eval rewards": ("preftune.eval.suite:rewards_main", "held-out reward accuracy against the reference",
+    "eval rewards": ("preftune.commands.evaluation:eval_rewards", "held-out reward accuracy against the reference",
                      (CONFIG, OVERRIDES, MODEL, (("--reference",), dict(default=None)))),
-    "eval winrate": ("preftune.eval.suite:winrate_main", "judged win-rate against chosen (or another model)",
+    "eval winrate": ("preftune.commands.evaluation:eval_winrate", "judged win-rate against chosen (or another model)",
                      (CONFIG, OVERRIDES, MODEL, (("--against",), dict(default=None, help="second model")))),
-    "eval heldout": ("preftune.eval.suite:heldout_main", "held-out LM loss, perplexity and bits per byte",
+    "eval heldout": ("preftune.commands.evaluation:eval_heldout", "held-out LM loss, perplexity and bits per byte",
                      (CONFIG, OVERRIDES, MODEL, (("--base",), dict(default=None)))),
-    "eval tasks": ("preftune.eval.suite:tasks_main", "downstream tasks through lm-evaluation-harness",
+    "eval tasks": ("preftune.commands.evaluation:eval_tasks", "downstream tasks through lm-evaluation-harness",
                    (CONFIG, OVERRIDES, MODEL)),
     "report": (
-        "preftune.report.report:main",
+        "preftune.commands.evaluation:report",
         "Markdown + HTML report with plots from run or sweep folders",
         ((("runs",), dict(nargs="+", help="run or sweep folders")), (("--out",), dict(default=None))),
     ),
-    "sweep": ("preftune.sweep:main", "run a grid of variants with shared reference and base evaluation",
+    "sweep": ("preftune.commands.training:sweep", "run a grid of variants with shared reference and base evaluation",
               (CONFIG, OVERRIDES, (("--dry-run",), dict(action="store_true")))),
-    "push": ("preftune.card:push", "upload a run's model with its card to the Hub",
+    "push": ("preftune.commands.tools:push", "upload a run's model with its card to the Hub",
              ((("run",), dict()), (("--repo",), dict(required=True)))),
 }
 

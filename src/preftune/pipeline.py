@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from preftune.config import Config, load_config, to_yaml
+from preftune.config import Config, to_yaml
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
 
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
@@ -81,20 +81,3 @@ def headline(result: dict) -> str:
     """The headline figures per model, and the paired comparisons of checked accuracy."""
     table = text_table(*results_table(result["eval"].get("models", {}), HEADLINE))
     return "\n".join([table, *comparison_lines(result["eval"], checked=True)])
-
-
-def main(ns) -> int:
-    from preftune.commands import setup_logging
-
-    setup_logging()
-    cfg = load_config(ns.config, ns.overrides)
-    result = run_pipeline(cfg, resume=getattr(ns, "resume", False))
-    print(headline(result))
-    print(f"\ntimings (s): {result['timings']}")
-    print(f"report: {result['report']}")
-    return 0
-
-
-def quickstart(ns) -> int:
-    ns.config = str(QUICKSTART)
-    return main(ns)

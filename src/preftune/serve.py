@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import ipaddress
-import os
 import socket
 import threading
 import time
@@ -279,21 +278,3 @@ def _wait(done: Callable[[], bool], timeout: float) -> None:
     end = time.monotonic() + timeout
     while not done() and time.monotonic() < end:
         time.sleep(0.01)
-
-
-def main(ns) -> int:
-    """``preftune serve MODEL [--host H] [--port P] [--api-key-env VAR] [--max-tokens N]``."""
-    import uvicorn
-
-    from preftune.model import load_for_inference
-
-    api_key = os.environ.get(ns.api_key_env) or None
-    check_bind(ns.host, api_key, ns.api_key_env)
-    if ns.max_tokens < 1:
-        raise PreftuneError(f"--max-tokens must be at least 1, got {ns.max_tokens}")
-    model, tokenizer = load_for_inference(ns.model)
-    app = create_app(model, tokenizer, ns.model, api_key, ns.max_tokens)
-    auth = f"API key required (from ${ns.api_key_env})" if api_key else "no API key (loopback only)"
-    print(f"preftune serve: {ns.model} at http://{ns.host}:{ns.port}/v1 ; {auth}; max_tokens cap {ns.max_tokens}")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="info")
-    return 0

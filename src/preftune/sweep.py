@@ -456,16 +456,6 @@ def summarize(state: dict) -> str:
     return "\n".join(lines)
 
 
-def main(ns) -> int:
-    """``preftune sweep CONFIG [key=value ...] [--dry-run]``."""
-    from preftune.commands import setup_logging
-
-    setup_logging()
-    raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
-    run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
-    return 0
-
-
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict:
     """The raw sweep config at ``path`` with overrides applied (for tests and notebooks)."""
     return apply_overrides(load_raw(path), list(overrides))

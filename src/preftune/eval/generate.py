@@ -5,7 +5,6 @@ live elsewhere."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -119,23 +118,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def main(ns) -> int:
-    """``preftune generate CONFIG --model M [--out F]``: responses to the held-out prompts as JSONL."""
-    from preftune.config import load_config
-    from preftune.model import load_for_inference
-
-    cfg = load_config(ns.config, ns.overrides)
-    rows = held_out_prompts(cfg)
-    model, tok = load_for_inference(ns.model, cfg.precision)
-    w = cfg.eval.winrate
-    responses = generate(model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p,
-                         cfg.seed, cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)
-    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / "generations.jsonl"
-    write_jsonl(out, [{"prompt": r.prompt, "response": s, "meta": r.meta} for r, s in zip(rows, responses)])
-    print(f"wrote {len(rows)} generations to {out}")
-    return 0
-
-
 # ---------------------------------------------------------------- preftune chat
 
 CHAT_HELP = "type a message; /reset starts a new conversation, /exit (or end of input) quits"
@@ -169,12 +151,3 @@ def chat_loop(model, tokenizer, stdin: TextIO, stdout: TextIO, max_new_tokens: i
         turn += 1
         messages.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", file=stdout, flush=True)
-
-
-def chat(ns) -> int:
-    """``preftune chat MODEL``: a terminal chat; the model is a run, adapter, model folder or embedded name."""
-    from preftune.model import load_for_inference
-
-    model, tok = load_for_inference(ns.model)
-    chat_loop(model, tok, sys.stdin, sys.stdout, ns.max_new_tokens, ns.temperature)
-    return 0

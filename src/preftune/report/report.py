@@ -250,11 +250,3 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
-
-
-def main(ns) -> int:
-    """``preftune report RUN_DIR... [--out DIR]`` (default: RUN_DIR/report for one folder, else ./report)."""
-    out = Path(ns.out) if ns.out else (Path(ns.runs[0]) / "report" if len(ns.runs) == 1 else Path("report"))
-    path = write_report(ns.runs, out)
-    print(f"report: {path} (and {path.with_suffix('.md')})")
-    return 0

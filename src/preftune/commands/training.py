@@ -1,18 +1,12 @@
-"""Handlers for the training commands of the CLI table: config show, sft, dpo, orpo, merge."""
+"""Training commands: config show, sft, dpo, orpo, merge, pipeline, quickstart, sweep."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-from preftune.config import load_config, to_yaml
-
-
-def setup_logging() -> None:
-    logging.basicConfig(format="preftune: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "accelerate", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from preftune.commands import setup_logging
+from preftune.config import apply_overrides, load_config, load_raw, to_yaml
 
 
 def config_show(ns) -> int:
@@ -52,4 +46,33 @@ def merge(ns) -> int:
 
     out = merge_adapter(ns.run, ns.out)
     print(f"merged model written to {out}")
+    return 0
+
+
+def pipeline(ns) -> int:
+    from preftune.pipeline import headline, run_pipeline
+
+    setup_logging()
+    cfg = load_config(ns.config, ns.overrides)
+    result = run_pipeline(cfg, resume=getattr(ns, "resume", False))
+    print(headline(result))
+    print(f"\ntimings (s): {result['timings']}")
+    print(f"report: {result['report']}")
+    return 0
+
+
+def quickstart(ns) -> int:
+    from preftune.pipeline import QUICKSTART
+
+    ns.config = str(QUICKSTART)
+    return pipeline(ns)
+
+
+def sweep(ns) -> int:
+    """``preftune sweep CONFIG [key=value ...] [--dry-run]``."""
+    from preftune.sweep import run_sweep
+
+    setup_logging()
+    raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
+    run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
     return 0
