@@ -26,13 +26,18 @@ def _steps(folder: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
-class StageDir:
-    """One training stage's folder (``run_stage``'s ``out_dir``)."""
+class Folder:
+    """A folder of the layout, named by its ``root`` (a str or a Path)."""
 
     root: Path
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class StageDir(Folder):
+    """One training stage's folder (``run_stage``'s ``out_dir``)."""
 
     config = property(lambda self: self.root / "config.yaml")
     versions = property(lambda self: self.root / "versions.json")
@@ -67,13 +72,9 @@ class StageDir:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class RunDir(Folder):
     """A pipeline run's folder (``cfg.output_dir``): stage runs plus evaluation and report."""
 
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
 
     config = property(lambda self: self.root / "config.yaml")
     timings = property(lambda self: self.root / "timings.json")
@@ -95,13 +96,9 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(Folder):
     """A sweep's folder: one pipeline run per variant, a shared SFT stage per SFT key, one report."""
 
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
 
     state = property(lambda self: self.root / "sweep.json")
     runs_dir = property(lambda self: self.root / "runs")

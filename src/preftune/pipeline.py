@@ -5,75 +5,74 @@ the shipped ``configs/quickstart.yaml``."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from preftune.card import update_card
 from preftune.config import Config, to_yaml
+from preftune.eval.curve import evaluate_curve
+from preftune.eval.suite import evaluate_models
+from preftune.files import write_json
+from preftune.model import is_adapter, merge_adapter, resolve_model
+from preftune.paths import STAGES, RunDir
+from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
+from preftune.train import run_stage
 
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
 
-def run_pipeline(cfg: Config, resume: bool = False) -> dict:
-    """Run every enabled stage into ``cfg.output_dir``; return the timings and the paths."""
-    from preftune.model import is_adapter, merge_adapter, resolve_model
-    from preftune.train import run_stage
-
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+def train_stages(cfg: Config, run: RunDir, resume: bool) -> tuple[str, dict[str, float]]:
+    """SFT (when enabled), then DPO from the SFT model; a finished stage is skipped on ``resume``.
+    Returns the model DPO started from (its reference) and the timings."""
     timings: dict[str, float] = {}
     base = resolve_model(cfg.model)
     dpo_base = base
-
     if cfg.sft.enabled:
         t = time.time()
-        if not (resume and (out / "sft" / "run.json").is_file()):
-            run_stage(cfg, "sft", out / "sft", base, resume=resume)
-        sft_model = out / "sft" / "final"
-        if is_adapter(sft_model):
+        sft = run.stage("sft")
+        if not (resume and sft.is_finished()):
+            run_stage(cfg, "sft", sft.root, base, resume=resume)
+        if is_adapter(sft.final):
             # DPO's policy and reference both start from the SFT model: merge the SFT adapter into its
             # base so that fresh DPO adapters (or a disabled-adapter reference) sit on top of it.
-            merged = out / "sft" / "merged"
-            if not (merged / "config.json").is_file():
-                merge_adapter(str(sft_model), merged)
-            dpo_base = str(merged.resolve())  # absolute: the DPO adapter's config names it as its base
+            if not (run.merged_sft / "config.json").is_file():
+                merge_adapter(str(sft.final), run.merged_sft)
+            dpo_base = str(run.merged_sft.resolve())  # absolute: the DPO adapter's config names it as its base
         else:
-            dpo_base = str(sft_model.resolve())
+            dpo_base = str(sft.final.resolve())
         timings["sft"] = round(time.time() - t, 1)
-
     if cfg.dpo.enabled:
         t = time.time()
-        if not (resume and (out / "dpo" / "run.json").is_file()):
-            run_stage(cfg, "dpo", out / "dpo", dpo_base, resume=resume)
+        dpo = run.stage("dpo")
+        if not (resume and dpo.is_finished()):
+            run_stage(cfg, "dpo", dpo.root, dpo_base, resume=resume)
         timings["dpo"] = round(time.time() - t, 1)
+    return dpo_base, timings
 
-    models = {"base": cfg.model}
-    if cfg.sft.enabled:
-        models["sft"] = str(out / "sft")
-    if cfg.dpo.enabled:
-        models["dpo"] = str(out / "dpo")
+
+def run_pipeline(cfg: Config, resume: bool = False) -> dict:
+    """Run every enabled stage into ``cfg.output_dir``, evaluate, refresh the model cards and write the
+    report; return the timings, the report's path and the evaluation."""
+    run = RunDir(cfg.output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(to_yaml(cfg))
+    dpo_base, timings = train_stages(cfg, run, resume)
+
     t = time.time()
-    from preftune.eval.suite import evaluate_models
-
-    results = evaluate_models(cfg, models, out / "eval", reference_for={"dpo": dpo_base, "sft": base})
+    models = {"base": cfg.model} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
+    results = evaluate_models(cfg, models, run.eval_dir,
+                              reference_for={"dpo": dpo_base, "sft": resolve_model(cfg.model)})
     if cfg.dpo.enabled and cfg.eval.curve_every:
-        from preftune.eval.curve import evaluate_curve
-
-        evaluate_curve(cfg, out / "dpo", out / "eval", start=dpo_base)
+        evaluate_curve(cfg, run.stage("dpo").root, run.eval_dir, start=dpo_base)
     timings["eval"] = round(time.time() - t, 1)
-    from preftune.card import update_card
-
-    update_card(out, results)  # the model cards now carry the evaluation figures
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    update_card(run.root, results)  # the model cards now carry the evaluation figures
+    write_json(run.timings, timings)
 
     t = time.time()
-    from preftune.report.report import write_report
-
-    report = write_report([out], out / "report")
+    report = write_report([run.root], run.report_dir)
     timings["report"] = round(time.time() - t, 1)
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    write_json(run.timings, timings)
     return {"timings": timings, "report": str(report), "eval": results}
 
 

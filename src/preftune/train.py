@@ -20,9 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import accelerate
+import datasets
 import numpy as np
+import peft
 import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
 
+import preftune
 from preftune import checkpoint as ckpt
 from preftune import reference as refs
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
@@ -94,13 +102,6 @@ class EarlyStopping:
 
 
 def versions() -> dict:
-    import accelerate
-    import datasets
-    import peft
-    import transformers
-
-    import preftune
-
     return {
         "preftune": preftune.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
@@ -201,13 +202,9 @@ class Stage:
 
 def make_accelerator(stage_cfg: TrainConfig, cfg: Config):
     """The stage's ``Accelerator``: gradient accumulation and mixed precision from the config."""
-    from accelerate import Accelerator
-
     if not torch.distributed.is_initialized():
         # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
         # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()
     return Accelerator(
         gradient_accumulation_steps=stage_cfg.grad_accum,
@@ -383,9 +380,10 @@ def accumulate(st: Stage, micro: list[list[int]], keep: list[bool]) -> tuple[Wei
             # after. accelerate divides by its gradient_accumulation_steps; the weights already sum to 1.
             finite = finite and bool(torch.isfinite(loss))
             acc.backward(loss * (units[i] * st.world / total * acc.gradient_accumulation_steps))
+        # a padding batch adds its metric names with weight 0: every rank reduces the same tensor
+        means.add({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())}, units[i],
+                  batch["num_pairs"] if keep[i] else 0)
         if keep[i]:
-            means.add({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())}, units[i],
-                      batch["num_pairs"])
             tokens += batch["tokens"]
             pairs += batch["num_pairs"]
     return means, finite, tokens, pairs
@@ -514,8 +512,6 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
     time-boxed runs and resume tests. Returns the run summary also written to ``run.json``."""
-    from tqdm.auto import tqdm
-
     st = setup(cfg, stage, out_dir, model_path, resume)
     s = st.stage_cfg
     bar = tqdm(total=st.total_steps, initial=st.state["step"], desc=stage, disable=not st.main, dynamic_ncols=True)

@@ -11,6 +11,13 @@ from preftune.errors import PreftuneError
 from preftune.eval import suite
 from preftune.files import write_json
 from preftune.paths import RunDir
+from preftune.report.table import SUITE, comparison_lines, results_table, text_table
+
+
+def results_text(results: dict) -> str:
+    """The ``preftune eval`` table: one row per model, then the paired win-rate comparisons."""
+    text = text_table(*results_table(results.get("models", {}), SUITE))
+    return "\n".join([text, *comparison_lines(results, checked=False)])
 
 
 def default_models(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
@@ -53,7 +60,7 @@ def eval_suite(ns) -> int:
     defaults, refs = default_models(cfg)
     models = parse_models(ns.models, defaults) if ns.models else defaults
     results = suite.evaluate_models(cfg, models, run.eval_dir, refs)
-    print(suite.table(results))
+    print(results_text(results))
     if cfg.eval.curve_every and "dpo" in models and "dpo" in refs:
         curve = evaluate_curve(cfg, run.stage("dpo").root, run.eval_dir, refs["dpo"])
         print(f"curve over training: {len(curve['points'])} points, wrote {run.curve_json}")
@@ -93,7 +100,7 @@ def eval_winrate(ns) -> int:
 
     cfg = _single(ns, "winrate")
     if not ns.against:
-        print(suite.table(suite.evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="winrate.json")))
+        print(results_text(suite.evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="winrate.json")))
         return 0
     rows = suite.winrate_rows(suite.heldout_rows(cfg), cfg.eval.winrate.per_category)
     responses = {}
@@ -105,7 +112,7 @@ def eval_winrate(ns) -> int:
     result = {"models": {"model": {"winrate": suite.winrate_entry(run, ns.against)}}, "config": to_dict(cfg.eval)}
     write_json(_out(cfg) / "winrate-head-to-head.json", result)
     print(f"{ns.model} vs {ns.against}")
-    print(suite.table(result))
+    print(results_text(result))
     return 0
 
 
@@ -113,7 +120,7 @@ def eval_heldout(ns) -> int:
     """``preftune eval heldout CONFIG --model M [--base B]``: NLL, ppl, bits/byte (and Δ vs B)."""
     cfg = _single(ns, "heldout")
     models = ({"base": ns.base} if ns.base else {}) | {"model": ns.model}
-    print(suite.table(suite.evaluate_models(cfg, models, _out(cfg), json_name="heldout.json")))
+    print(results_text(suite.evaluate_models(cfg, models, _out(cfg), json_name="heldout.json")))
     return 0
 
 

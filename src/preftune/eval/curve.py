@@ -12,6 +12,7 @@ from pathlib import Path
 
 from preftune.config import Config
 from preftune.errors import PreftuneError
+from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
 from preftune.paths import StageDir
 
@@ -36,8 +37,6 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     """Evaluate every curve point of the stage in ``stage_dir`` (which started from ``start``) and
     write ``out_dir/curve.json``; per-point samples go to ``out_dir/curve/``. Results are cached like
     every evaluation, so an unchanged point is never generated or judged twice."""
-    from preftune.eval.suite import evaluate_models
-
     stage_dir, out = Path(stage_dir), Path(out_dir)
     run_file = stage_dir / "run.json"
     if not run_file.is_file():

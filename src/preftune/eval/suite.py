@@ -14,10 +14,18 @@ from pathlib import Path
 
 from preftune.config import Config, to_dict
 from preftune.data.rows import PreferenceRow
+from preftune.data.sources import load_rows
 from preftune.env import cache_root
-from preftune.errors import PreftuneError
+from preftune.errors import MissingExtraError, PreftuneError
+from preftune.eval import generate as generation
+from preftune.eval import heldout as heldout_lm
+from preftune.eval.checks import check
+from preftune.eval.judges import judge_pairs, make_judge
+from preftune.eval.rewards import evaluate_rewards
+from preftune.eval.stats import paired_bootstrap, wilson_interval
+from preftune.eval.tasks import run_tasks
 from preftune.files import write_json
-from preftune.report.table import SUITE, comparison_lines, results_table, text_table
+from preftune.model import adapter_base, content_digest, is_adapter, load_for_inference, resolve_model
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
@@ -34,8 +42,6 @@ def model_fingerprint(name: str) -> dict:
     """What identifies a model for the cache: the content of its files (an adapter's base included),
     so a retrained folder never reuses stale results and identical weights saved twice (``best/`` and
     the snapshot of the same step) are evaluated once."""
-    from preftune.model import content_digest, resolve_model
-
     return {"content": content_digest(resolve_model(name))}
 
 
@@ -59,8 +65,6 @@ def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str 
 
 def heldout_rows(cfg: Config) -> list[PreferenceRow]:
     """The held-out preference rows of ``cfg.data`` (split or carved off with the seed)."""
-    from preftune.data.sources import load_rows
-
     _, test, _ = load_rows(cfg.data, "preference", cfg.seed)
     if not test:
         raise PreftuneError(f"no held-out rows in {cfg.data.source}; set data.test_split or data.test_size")
@@ -88,20 +92,17 @@ def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[Preferenc
 
 
 def _folder(name: str) -> str:
-    from preftune.model import resolve_model
 
     return str(Path(resolve_model(name)).resolve())
 
 
 def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -> list[str]:
     """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings)."""
-    from preftune.eval.generate import generate
-
     w = cfg.eval.winrate
     settings = {"max_new_tokens": w.max_new_tokens, "temperature": w.temperature, "top_p": w.top_p,
                 "seed": cfg.seed, "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
     key = {"model": model_fingerprint(name), "prompts": [r.key for r in rows], **settings}
-    return cached("generations", key, lambda: generate(
+    return cached("generations", key, lambda: generation.generate(
         model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p, cfg.seed,
         cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length), about=_folder(name))
 
@@ -113,8 +114,6 @@ def judge_items(rows: list[PreferenceRow], responses: list[str], references: lis
 
 def judge(cfg: Config, items: list[dict]):
     """Both-order judgments of ``items`` with the configured judge (judgments cached in the eval cache)."""
-    from preftune.eval.judges import judge_pairs, make_judge
-
     w = cfg.eval.winrate
     judge_ = make_judge(w)
     try:
@@ -128,9 +127,6 @@ def judge(cfg: Config, items: list[dict]):
 def checked_entry(rows: list[PreferenceRow], responses: list[str]) -> tuple[dict, list]:
     """Checked-answer accuracy on the rows that carry a checkable answer, with a 95% Wilson interval,
     and the per-prompt 0/1 (None where unchecked) for paired comparisons."""
-    from preftune.eval.checks import check
-    from preftune.eval.stats import wilson_interval
-
     per = [check(r.meta, s) for r, s in zip(rows, responses)]
     marks = [None if c is None else float(c) for c in per]
     done = [m for m in marks if m is not None]
@@ -148,17 +144,14 @@ def winrate_entry(run, vs: str) -> dict:
 
 def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
     """Held-out loss with per-chunk values (cached by model files, corpus and chunking)."""
-    from preftune.eval.heldout import heldout_loss, load_corpus
-
     h = cfg.eval.heldout
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
            "max_chunks": h.max_chunks, "precision": cfg.precision}
-    return cached("heldout", key, lambda: heldout_loss(model, tok, load_corpus(h.corpus), h.chunk_length,
+    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(h.corpus), h.chunk_length,
                                                       h.max_chunks, cfg.eval.batch_size), about=_folder(name))
 
 
 def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
-    from preftune.eval.tasks import run_tasks
 
     key = {"model": model_fingerprint(name), "tasks": cfg.eval.tasks, "limit": cfg.eval.tasks_limit,
            "precision": cfg.precision}
@@ -169,9 +162,6 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
     """``rewards/accuracies`` and margins against ``reference`` through the training core's
     ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
-    from preftune.eval.rewards import evaluate_rewards
-    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
-
     if cfg.dpo.loss in ("simpo", "orpo"):
         return evaluate_rewards(model, tok, None, rows, cfg)
     path = resolve_model(name)
@@ -187,8 +177,6 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
 def _has_lm_eval(results: dict) -> bool:
     """Downstream tasks need the ``eval`` extra; without it the suite skips them, says so, and
     records why under ``skipped`` (``preftune eval tasks`` stops with the error instead)."""
-    from preftune.errors import MissingExtraError
-
     try:
         import lm_eval  # noqa: F401
 
@@ -203,9 +191,8 @@ def _has_lm_eval(results: dict) -> bool:
 
 
 def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], run) -> None:
-    from preftune.eval.generate import write_jsonl
 
-    write_jsonl(path, [{"prompt": r.prompt, "response": s, "chosen": r.chosen, "category": category_of(r),
+    generation.write_jsonl(path, [{"prompt": r.prompt, "response": s, "chosen": r.chosen, "category": category_of(r),
                         "score": res["score"], "status": res["status"], "meta": r.meta}
                        for r, s, res in zip(rows, responses, run.results)])
 
@@ -219,10 +206,6 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     such as the base, get none). Win-rate is against the dataset's chosen responses; with two or
     more models, the paired bootstrap of their per-prompt scores is stored under ``comparisons``.
     Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``."""
-    from preftune.eval.heldout import paired_difference
-    from preftune.eval.stats import paired_bootstrap
-    from preftune.model import load_for_inference
-
     out = Path(out_dir)
     reference_for = reference_for or {}
     ev = cfg.eval
@@ -260,7 +243,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     if "base" in chunks:
         for name, per_chunk in chunks.items():
             if name != "base":
-                results["models"][name]["heldout"]["diff_vs_base"] = paired_difference(per_chunk, chunks["base"])
+                results["models"][name]["heldout"]["diff_vs_base"] = heldout_lm.paired_difference(per_chunk, chunks["base"])
     names = list(scores)
     for i, a in enumerate(names):
         for b in names[:i]:
@@ -276,9 +259,3 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
 
 
 # ---------------------------------------------------------------- printing
-
-
-def table(results: dict) -> str:
-    """A compact table: one row per model, then the paired win-rate comparisons."""
-    text = text_table(*results_table(results.get("models", {}), SUITE))
-    return "\n".join([text, *comparison_lines(results, checked=False)])
