@@ -13,6 +13,7 @@ from preftune import embedded
 from preftune.config import Config, config_from_dict
 from preftune.env import offline
 from preftune.errors import PreftuneError
+from preftune.paths import RunDir, StageDir
 from preftune.report.table import CARD, markdown_table, results_table
 
 HUB_IDS = {embedded.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -164,10 +165,9 @@ def front_matter(text: str) -> dict:
 
 def stage_dirs(run_dir: Path) -> list[Path]:
     """The stage folders of a pipeline run, or the folder itself when it is a stage run."""
-    run_dir = Path(run_dir)
-    if (run_dir / "run.json").is_file():
-        return [run_dir]
-    return [run_dir / s for s in ("sft", "dpo") if (run_dir / s / "run.json").is_file()]
+    if StageDir(run_dir).is_finished():
+        return [Path(run_dir)]
+    return [s.root for s in RunDir(run_dir).finished_stages()]
 
 
 def card_for_stage(stage_dir: Path, eval_results: dict | None = None) -> str:

@@ -15,9 +15,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from preftune.embedded import SMOLLM2
 from preftune.errors import PreftuneError
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL = SMOLLM2
 
 
 class ConfigError(PreftuneError):

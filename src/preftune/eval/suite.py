@@ -25,6 +25,7 @@ from preftune.eval.rewards import evaluate_rewards
 from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
 from preftune.files import write_json
+from preftune.methods import METHODS
 from preftune.model import adapter_base, content_digest, is_adapter, load_for_inference, resolve_model
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
@@ -162,7 +163,7 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
     """``rewards/accuracies`` and margins against ``reference`` through the training core's
     ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
-    if cfg.dpo.loss in ("simpo", "orpo"):
+    if not METHODS["dpo"].needs_reference(cfg.dpo):
         return evaluate_rewards(model, tok, None, rows, cfg)
     path = resolve_model(name)
     if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
