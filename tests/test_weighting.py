@@ -71,7 +71,6 @@ def test_uneven_micro_batches_give_the_one_big_batch_gradient(tmp_path, tiny_mod
         assert means.means()["loss"] == pytest.approx(float(loss), abs=1e-5)
     finally:
         st.metrics_log.close()
-        st.restore()
 
 
 def test_steps_per_epoch_keeps_or_drops_the_last_incomplete_step():

@@ -40,7 +40,14 @@ from preftune.config import (
     nest,
     to_dict,
 )
-from preftune.data.stage import epoch_plan, load_stage_data, stage_bins, steps_per_epoch, total_steps
+from preftune.data.stage import (
+    epoch_plan,
+    load_stage_data,
+    stage_bins,
+    stage_data_config,
+    steps_per_epoch,
+    total_steps,
+)
 from preftune.errors import PreftuneError
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
@@ -249,7 +256,7 @@ def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
     tokenizer, data settings and seed) and cut into micro-batches as the loop cuts them (packed bins
     included), times the fraction of epochs the steps cover, by the loop's own steps-per-epoch."""
     s: TrainConfig = getattr(cfg, stage)
-    data_cfg = cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
+    data_cfg = stage_data_config(cfg, stage)
     layout = "packed" if getattr(s, "layout", None) == "packed" else "padded"  # auto never packs
     key = json.dumps([cfg.tokenizer or cfg.model, stage, to_dict(data_cfg), cfg.seed], sort_keys=True, default=str)
     if key not in memo:

@@ -1,9 +1,10 @@
 """THE training loop, on accelerate (one process, DDP, FSDP or DeepSpeed via ``accelerate launch``), in
 three parts: ``setup`` (data, model, layout, reference, resume -> one ``Stage``), ``train_step`` (one
 optimizer step: micro-batches, accumulation, NaN skip, clipping, schedule -> its metrics) and
-``finish`` (``final/`` and ``run.json``); ``run_stage`` drives them with eval rounds, early stopping,
-snapshots and atomic checkpoints in between. What differs between methods is asked of the method
-(methods.py); batches of an epoch come from data/stage.py; the run folder's layout from paths.py."""
+``finish`` (``final/`` and ``run.json``). ``run_stage`` -> ``train`` drives them, with eval rounds,
+early stopping, snapshots and atomic checkpoints in between. What differs between methods is asked of
+the method (methods.py); an epoch's batches come from data/stage.py; the run folder's layout from
+paths.py."""
 
 from __future__ import annotations
 
@@ -182,7 +183,6 @@ class Stage:
                                                  "skipped_steps": 0})
     resumed_from: int | None = None
     started: float = field(default_factory=time.time)
-    restore: Callable[[], None] = lambda: None
 
     @property
     def main(self) -> bool:
@@ -258,8 +258,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     stage_cfg: TrainConfig = getattr(cfg, stage)
     method = METHODS[stage]
     accelerator = make_accelerator(stage_cfg, cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads:
+    if cfg.threads:  # run_stage restores the process's count
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
@@ -287,8 +286,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
                policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
                int(stage_cfg.warmup_ratio * total), [collate(c) for c in eval_chunks], eval_keep,
-               EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta),
-               restore=lambda: torch.set_num_threads(threads))
+               EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
     latest = _resume(st, resume)
     _write_records(st, fresh=latest is None)
     st.metrics_log = MetricsLog(st.out.metrics, cfg, st.main, st.state["step"] if latest else None)
@@ -512,9 +510,18 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
     time-boxed runs and resume tests. Returns the run summary also written to ``run.json``."""
-    st = setup(cfg, stage, out_dir, model_path, resume)
+    threads = torch.get_num_threads()  # cfg.threads applies to this stage only
+    try:
+        return train(setup(cfg, stage, out_dir, model_path, resume), stop_at)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train(st: Stage, stop_at: int | None = None) -> dict:
+    """Optimizer steps until the total or early stopping, with eval rounds, logging, snapshots and
+    checkpoints between them; then ``finish`` (unless ``stop_at`` ended it first)."""
     s = st.stage_cfg
-    bar = tqdm(total=st.total_steps, initial=st.state["step"], desc=stage, disable=not st.main, dynamic_ncols=True)
+    bar = tqdm(total=st.total_steps, initial=st.state["step"], desc=st.name, disable=not st.main, dynamic_ncols=True)
     stopped_early = False
     try:
         st.policy.train()
@@ -535,9 +542,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
                                                                   ("tok/s", "tokens_per_s")) if m in record})
             save_between_steps(st, step)
             if stop_at is not None and step >= stop_at:
-                return {"stage": stage, "steps": step, "stopped_at": step, "resumed_from": st.resumed_from}
+                return {"stage": st.name, "steps": step, "stopped_at": step, "resumed_from": st.resumed_from}
         return finish(st, stopped_early)
     finally:
         bar.close()
         st.metrics_log.close()
-        st.restore()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from preftune.config import Config, DPOConfig, TrainConfig
+from preftune.config import Config, DataConfig, DPOConfig, TrainConfig
 from preftune.data.collate import pack_into_batches
 from preftune.data.formats import sft_rows_from_pairs
 from preftune.data.rows import fingerprint
@@ -24,12 +24,16 @@ class StageData:
     fingerprint: str
 
 
+def stage_data_config(cfg: Config, stage: str) -> DataConfig:
+    """The data section a stage reads: ``sft.data`` for SFT when set, else ``data``."""
+    return cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
+
+
 def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
     """Train and held-out items of ``stage``: SFT reads ``sft.data`` when set, else the chosen
     responses of the preference data; every other stage reads ``data`` as preference pairs."""
-    data_cfg = cfg.data
-    if stage == "sft" and cfg.sft.data is not None:
-        data_cfg = cfg.sft.data
+    data_cfg = stage_data_config(cfg, stage)
+    if data_cfg is not cfg.data:
         train_rows, test_rows, read = load_rows(data_cfg, "sft", cfg.seed)
     else:
         train_rows, test_rows, read = load_rows(data_cfg, "preference", cfg.seed)
