@@ -172,10 +172,10 @@ def stage_dirs(run_dir: Path) -> list[Path]:
 
 def card_for_stage(stage_dir: Path, eval_results: dict | None = None) -> str:
     """Rebuild a stage folder's card from what it wrote: config.yaml, run.json and data.json."""
-    stage_dir = Path(stage_dir)
-    cfg = config_from_dict(yaml.safe_load((stage_dir / "config.yaml").read_text()) or {}, str(stage_dir / "config.yaml"))
-    summary = json.loads((stage_dir / "run.json").read_text())
-    data = json.loads((stage_dir / "data.json").read_text()) if (stage_dir / "data.json").is_file() else {}
+    d = StageDir(stage_dir)
+    cfg = config_from_dict(yaml.safe_load(d.config.read_text()) or {}, str(d.config))
+    summary = json.loads(d.run.read_text())
+    data = json.loads(d.data.read_text()) if d.data.is_file() else {}
     return model_card(cfg, summary, data, eval_results, model_name=summary.get("stage"))
 
 
@@ -187,10 +187,10 @@ def update_card(run_dir: str | Path, eval_results: dict | None = None) -> list[P
     written = []
     for stage in stage_dirs(Path(run_dir)):
         card = card_for_stage(stage, eval_results)
-        for sub in ("best", "final"):
-            if (stage / sub).is_dir():
-                (stage / sub / "README.md").write_text(card, encoding="utf-8")
-                written.append(stage / sub / "README.md")
+        for model in (StageDir(stage).best, StageDir(stage).final):
+            if model.is_dir():
+                (model / "README.md").write_text(card, encoding="utf-8")
+                written.append(model / "README.md")
     return written
 
 
@@ -214,9 +214,9 @@ def upload_folder_of(run: Path) -> Path:
 def _ensure_card(folder: Path) -> None:
     """Write the card into the model folder if it has none (``best/`` is saved without one)."""
     stage = folder.parent
-    if (folder / "README.md").is_file() or not (stage / "run.json").is_file():
+    if (folder / "README.md").is_file() or not StageDir(stage).is_finished():
         return
-    ev_path = stage.parent / "eval" / "eval.json"
+    ev_path = RunDir(stage.parent).eval_json
     ev = json.loads(ev_path.read_text()) if ev_path.is_file() else None
     (folder / "README.md").write_text(card_for_stage(stage, ev), encoding="utf-8")
 

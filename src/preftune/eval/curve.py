@@ -29,7 +29,7 @@ def curve_points(stage_dir: Path, run: dict, start: str) -> list[dict]:
             points.append({k: info[k] for k in ("step", "tokens_seen", "pairs_seen")} | {"model": str(snap)})
     if run["steps"] > points[-1]["step"]:
         points.append({"step": run["steps"], "tokens_seen": run["tokens_seen"], "pairs_seen": run["pairs_seen"],
-                       "model": str(stage_dir / "final")})
+                       "model": str(StageDir(stage_dir).final)})
     return points
 
 
@@ -38,7 +38,7 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     write ``out_dir/curve.json``; per-point samples go to ``out_dir/curve/``. Results are cached like
     every evaluation, so an unchanged point is never generated or judged twice."""
     stage_dir, out = Path(stage_dir), Path(out_dir)
-    run_file = stage_dir / "run.json"
+    run_file = StageDir(stage_dir).run
     if not run_file.is_file():
         raise PreftuneError(f"{stage_dir} has no run.json: curves need a finished preference stage")
     run = json.loads(run_file.read_text())
@@ -53,5 +53,5 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     curve = {"stage": run.get("stage", "dpo"), "best_step": run.get("best_step"),
              "early_stopping_metric": run.get("early_stopping_metric"), "stopped_early": run.get("stopped_early"),
              "points": points, "skipped": results.get("skipped", {})}
-    write_json(out / "curve.json", curve)
+    write_json(out / "curve.json", curve)  # RunDir.curve_json when out is the run's eval/
     return curve
