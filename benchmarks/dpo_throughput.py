@@ -221,7 +221,7 @@ def worker_main(spec_json: str) -> None:
 def isolated_cache() -> str:
     """A fresh PREFTUNE_CACHE sharing the converted models and tokenizers, so preftune's reference
     log-probs are recomputed (and timed) in every repeat instead of read from an earlier run."""
-    from preftune.embedded import cache_root
+    from preftune.env import cache_root
 
     real, fresh = cache_root(), Path(tempfile.mkdtemp(prefix="dpo-bench-cache-"))
     for name in ("models", "tokenizers", "gguf-sha256.json"):
