@@ -31,7 +31,7 @@ demo: $(VENV)/.eval
 
 test: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (check testpaths)"; fi; exit $$rc
 
 bench: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/dpo_throughput.py

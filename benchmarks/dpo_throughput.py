@@ -136,8 +136,8 @@ def trl_dataset(spec: Spec):
     """preftune's own tokenized train split, in the order preftune's loop visits it, as TRL columns."""
     from datasets import Dataset
 
+    from preftune.data.stage import load_stage_data, plan_epoch
     from preftune.model import load_tokenizer, resolve_model
-    from preftune.train import load_stage_data, plan_epoch
 
     cfg = preftune_config(spec, Path(tempfile.mkdtemp()))
     tokenizer = load_tokenizer(resolve_model(cfg.model))
@@ -221,7 +221,7 @@ def worker_main(spec_json: str) -> None:
 def isolated_cache() -> str:
     """A fresh PREFTUNE_CACHE sharing the converted models and tokenizers, so preftune's reference
     log-probs are recomputed (and timed) in every repeat instead of read from an earlier run."""
-    from preftune.embedded import cache_root
+    from preftune.env import cache_root
 
     real, fresh = cache_root(), Path(tempfile.mkdtemp(prefix="dpo-bench-cache-"))
     for name in ("models", "tokenizers", "gguf-sha256.json"):

@@ -10,7 +10,8 @@ from argparse import Namespace
 import pytest
 import yaml
 
-from preftune.card import front_matter, model_card, push, update_card
+from preftune.card import front_matter, model_card, update_card
+from preftune.commands.tools import push
 from preftune.config import Config, to_yaml
 from preftune.errors import PreftuneError
 

@@ -144,3 +144,18 @@ def test_model_names_that_cannot_work(tmp_path):
     with pytest.raises(ConfigError, match="model: 'tiny:abc' is not a tiny model"):
         config_from_dict({"model": "tiny:abc"})
     assert config_from_dict({"model": "tiny:3"}).model == "tiny:3"
+
+
+def test_cli_overrides_and_sweeps_deep_merge_the_same_way(tmp_path):
+    """``lora={r: 8}`` over ``lora: {enabled: false, r: 4}`` changes the rank and keeps LoRA off, on
+    the command line and in a sweep alike (a section override used to replace the whole section)."""
+    from preftune.sweep import plan
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lora: {enabled: false, r: 4, alpha: 16}\ndata: {max_length: 1024}\n")
+    cfg = load_config(path, ["lora={r: 8}", "data=x.jsonl"])
+    assert (cfg.lora.enabled, cfg.lora.r, cfg.lora.alpha) == (False, 8, 16)
+    assert (cfg.data.source, cfg.data.max_length) == ("x.jsonl", 1024)
+    raw = yaml.safe_load(path.read_text()) | {"sweep": {"variants": [{"name": "a", "lora": {"r": 8}}]}}
+    (run,) = plan(raw)
+    assert (run.cfg.lora.enabled, run.cfg.lora.r, run.cfg.lora.alpha) == (False, 8, 16)

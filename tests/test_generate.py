@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from preftune.commands.evaluation import generate as main
 from preftune.data.tokenize import render_prompt
 from preftune.embedded import tiny_llama
-from preftune.eval.generate import chat_loop, cut_at_stop, generate, main, prompt_ids, stop_ids
+from preftune.eval.generate import chat_loop, cut_at_stop, generate, prompt_ids, stop_ids
 
 PROMPTS = ["hello", "What is the capital of France, and why is it that city?",
            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
@@ -123,7 +124,7 @@ def test_chat_keeps_the_conversation_and_resets(tiny, tmp_path):
 
 
 def test_chat_command_reads_stdin(tiny_model_dir, monkeypatch, capsys):
-    from preftune.eval.generate import chat
+    from preftune.commands.evaluation import chat
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n/exit\n"))
     ns = argparse.Namespace(model=str(tiny_model_dir), max_new_tokens=3, temperature=0.7)

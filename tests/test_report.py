@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from preftune.commands.evaluation import report as report_command
 from preftune.errors import PreftuneError
 from preftune.report import report as rp
+from preftune.report import runs as report_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -112,7 +114,7 @@ def test_pipeline_report_has_figures_tables_and_numbers(tmp_path):
 
 
 def test_best_step_is_marked_at_the_eval_peak(tmp_path):
-    run = rp.load_run(write_pipeline(tmp_path / "run", 0.1, "embedded:prefs", 0.6, 1.25))
+    run = report_runs.load_run(write_pipeline(tmp_path / "run", 0.1, "embedded:prefs", 0.6, 1.25))
     from preftune.report.plots import best_point
 
     # best_step = 4 -> tokens_seen 4000, eval accuracy 0.75 there
@@ -137,7 +139,7 @@ def test_sweep_tables_hold_every_run(tmp_path):
         write_pipeline(sweep / name, beta, data, w, bpb)
     (sweep / "cache").mkdir()  # not a run: ignored
     ns = argparse.Namespace(runs=[str(sweep)], out=str(tmp_path / "rep"))
-    assert rp.main(ns) == 0
+    assert report_command(ns) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     section = md.split("## Win-rate and downstream accuracy by beta and dataset")[1].split("##")[0]
     assert re.search(r"\| 0\.1 \| 0\.562 \[0\.46, 0\.66\]; acc 0\.400 \| 0\.812 \[0\.71, 0\.91\]; acc 0\.400 \|", section)

@@ -10,10 +10,11 @@ import time
 import httpx
 import pytest
 
+from preftune.commands.tools import serve as main
 from preftune.embedded import tiny_llama
 from preftune.errors import PreftuneError
 from preftune.eval.generate import generate
-from preftune.serve import background, check_bind, create_app, is_loopback, main
+from preftune.serve import background, check_bind, create_app, is_loopback
 
 KEY = "test-key-123"
 CAP = 6

@@ -330,3 +330,12 @@ def test_reference_free_losses_train_without_a_reference(tmp_path, tiny_model_di
     assert not (tmp_path / "cache" / "reference").exists()
     rows = metrics(Path(cfg.output_dir))
     assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_a_stage_restores_the_thread_count(tmp_path, tiny_model_dir, monkeypatch):
+    """``threads`` applies to the stage only: the process's torch thread count is restored after it."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 1, "threads": before + 1})
+    run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    assert torch.get_num_threads() == before

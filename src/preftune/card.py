@@ -13,8 +13,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from preftune import embedded
 from preftune.config import Config, config_from_dict
+from preftune.env import offline
 from preftune.errors import PreftuneError
-from preftune.eval.tasks import mean_accuracy
+from preftune.paths import RunDir, StageDir
+from preftune.report.table import CARD, markdown_table, results_table
 
 HUB_IDS = {embedded.SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """preftune's model names -> the Hub id a card's ``base_model`` should name."""
@@ -192,24 +194,11 @@ def _training_lines(summary: dict) -> list[str]:
     ]
 
 
-def _eval_row(name: str, e: dict) -> str:
-    rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
-    acc = rw.get("rewards/accuracies")
-    wr = (f"{_fmt(w['winrate'], '.3f')} [{_fmt(w.get('ci_low'), '.2f')}, {_fmt(w.get('ci_high'), '.2f')}]"
-          if "winrate" in w else "-")
-    d = h.get("diff_vs_base")
-    return " | ".join([
-        name, f"{_fmt(acc, '.3f')} ± {_fmt(rw.get('se'), '.3f')}" if acc is not None else "-", wr,
-        _fmt(h.get("bpb")), f"{d['mean']:+.4f}" if d else "-", _fmt(mean_accuracy(t), ".3f")])
-
-
-def results_table(eval_results: dict, model_name: str | None) -> list[str]:
+def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:
     """The card's Markdown results table (the base and this model), one line per row."""
     models = eval_results.get("models", eval_results)
     names = [n for n in ("base", model_name) if n and n in models] or list(models)
-    lines = ["| model | reward acc (± se) | win-rate vs chosen [95% CI] | bits/byte | Δ bits/byte vs base | task acc |",
-             "|---|---|---|---|---|---|"]
-    return lines + [f"| {_eval_row(n, models[n])} |" for n in names]
+    return markdown_table(*results_table({n: models[n] for n in names}, CARD)).splitlines()
 
 
 def lineage(cfg: Config, summary: dict, base_repo: str | None = None) -> str:
@@ -243,7 +232,7 @@ def model_card(cfg: Config, summary: dict, data_report: dict, eval_results: dict
              "", "## Method", "", *_method_lines(cfg, summary), "", "## Data", "", *_data_lines(cfg, summary, data_report),
              "", "## Training", "", *_training_lines(summary), ""]
     if eval_results:
-        lines += ["## Evaluation", "", *results_table(eval_results, key), ""]
+        lines += ["## Evaluation", "", *_eval_lines(eval_results, key), ""]
     lines += ["## Use", "", "```python"]
     if data.library_name == "peft":
         lines += ["from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(\"PATH\")"]
@@ -267,26 +256,25 @@ def front_matter(text: str) -> dict:
 
 def stage_dirs(run_dir: Path) -> list[Path]:
     """The stage folders of a pipeline run, or the folder itself when it is a stage run."""
-    run_dir = Path(run_dir)
-    if (run_dir / "run.json").is_file():
-        return [run_dir]
-    return [run_dir / s for s in ("sft", "dpo") if (run_dir / s / "run.json").is_file()]
+    if StageDir(run_dir).is_finished():
+        return [Path(run_dir)]
+    return [s.root for s in RunDir(run_dir).finished_stages()]
 
 
 def card_for_stage(stage_dir: Path, eval_results: dict | None = None, base_repo: str | None = None,
                    merged: bool = False) -> str:
     """Rebuild a stage folder's card from what it wrote: config.yaml, run.json and data.json."""
-    stage_dir = Path(stage_dir)
-    cfg = config_from_dict(yaml.safe_load((stage_dir / "config.yaml").read_text()) or {}, str(stage_dir / "config.yaml"))
-    summary = json.loads((stage_dir / "run.json").read_text())
-    data = json.loads((stage_dir / "data.json").read_text()) if (stage_dir / "data.json").is_file() else {}
+    d = StageDir(stage_dir)
+    cfg = config_from_dict(yaml.safe_load(d.config.read_text()) or {}, str(d.config))
+    summary = json.loads(d.run.read_text())
+    data = json.loads(d.data.read_text()) if d.data.is_file() else {}
     return model_card(cfg, summary, data, eval_results, model_name=summary.get("stage"), base_repo=base_repo,
                       merged=merged)
 
 
 def run_eval(stage_dir: Path) -> dict | None:
     """The suite's eval.json of the run a stage folder belongs to, when it was evaluated."""
-    path = Path(stage_dir).parent / "eval" / "eval.json"
+    path = RunDir(Path(stage_dir).parent).eval_json
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -342,33 +330,32 @@ def upload_folder_of(run: Path) -> Path:
     return folder
 
 
-def push(ns) -> int:
-    """``preftune push RUN --repo NAME [--base-repo NAME]``: upload the model with its card. An adapter
-    whose base is a local folder (the pipeline's merged SFT model) is uploaded with that base: the base
-    goes to ``--base-repo`` (default ``NAME-base``) and the adapter's config and card name it there,
-    so ``AutoPeftModelForCausalLM.from_pretrained(NAME)`` works on any machine."""
+def push_model(run: Path, repo: str, base_repo: str | None = None) -> tuple[Path, str, str | None]:
+    """Upload the model of ``run`` with its card to the Hub repo ``repo``; return (folder, url, the
+    base's repo or None). An adapter whose base is a local folder (the pipeline's merged SFT model) is
+    uploaded with that base: the base goes to ``base_repo`` (default ``REPO-base``) and the adapter's
+    config and card name it there, so ``AutoPeftModelForCausalLM.from_pretrained(REPO)`` works anywhere."""
     import tempfile
 
     from preftune.export import BASE, export
-    from preftune.model import offline
 
-    folder = upload_folder_of(Path(ns.run))
+    folder = upload_folder_of(Path(run))
     if offline():
-        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {ns.repo!r}; "
+        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {repo!r}; "
                             "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
     from huggingface_hub import HfApi
 
     api = HfApi()
-    base_repo = getattr(ns, "base_repo", None) or f"{ns.repo}-base"
+    base_repo = base_repo or f"{repo}-base"
+    pushed_base = None
     with tempfile.TemporaryDirectory(prefix="preftune-push-") as tmp:
         staged = export(folder, Path(tmp) / "model", base_repo=base_repo)
         if (staged / BASE).is_dir():
             api.create_repo(base_repo, exist_ok=True)
             api.upload_folder(folder_path=str(staged / BASE), repo_id=base_repo,
                               commit_message=f"preftune push: the base of {folder}")
-            print(f"pushed the adapter's base -> {base_repo}")
-        url = api.create_repo(ns.repo, exist_ok=True)
-        api.upload_folder(folder_path=str(staged), repo_id=ns.repo, ignore_patterns=[f"{BASE}/*"],
+            pushed_base = base_repo
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(staged), repo_id=repo, ignore_patterns=[f"{BASE}/*"],
                           commit_message=f"preftune push of {folder}")
-    print(f"pushed {folder} -> {url}")
-    return 0
+    return folder, str(url), pushed_base

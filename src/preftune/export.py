@@ -71,10 +71,3 @@ def export(run: str | Path, out: str | Path, base_repo: str | None = None) -> Pa
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
     return out
-
-
-def main(ns) -> int:
-    out = export(ns.run, ns.out, ns.base_repo)
-    base = " (with its base in base/)" if (out / BASE).is_dir() else ""
-    print(f"exported {ns.run} -> {out}{base}")
-    return 0

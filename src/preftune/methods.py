@@ -21,13 +21,28 @@ Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
 
 
+def pairs_of(batch: dict) -> int:
+    """Units of a preference batch: its pairs (the loss is a mean over pairs)."""
+    return int(batch["num_pairs"])
+
+
+def scored_tokens_of(batch: dict) -> int:
+    """Units of an SFT batch: its scored tokens (the loss is a mean over tokens)."""
+    return int(batch["score_index"].numel())
+
+
 @dataclass(frozen=True)
 class Method:
     """A training method: ``step(policy, batch, cfg, reference_logps) -> (loss, metrics)`` and whether
-    it needs reference log-probs for ``cfg``. Metrics are batch means (0-d tensors); the loop all-reduces."""
+    it needs reference log-probs for ``cfg``. Metrics are batch means (0-d tensors) over the batch's
+    ``units`` (pairs, or scored tokens for SFT): the loop weights each micro-batch's loss and metrics
+    by its units over the whole optimizer step and all ranks. ``data`` is the row kind it trains on
+    (``preference`` or ``sft``); preference methods choose a batch layout, SFT is always padded."""
 
     step: StepFn
     needs_reference: Callable[[Any], bool]
+    units: Callable[[dict], int] = pairs_of
+    data: str = "preference"
 
 
 def sequence_logps_of(
@@ -223,7 +238,7 @@ def dpo_step(
 
 
 METHODS: dict[str, Method] = {
-    "sft": Method(step=sft_step, needs_reference=lambda cfg: False),
+    "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft"),
     "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
 }
 """Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""

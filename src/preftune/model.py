@@ -6,7 +6,6 @@ opts in (``trust_remote_code``, ``allow_pickle``). Training and log-probs live e
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,24 +13,22 @@ import torch
 
 from preftune import embedded
 from preftune.config import Config
+from preftune.env import offline
 from preftune.errors import PreftuneError
+from preftune.paths import RunDir, StageDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def resolve_run(path: Path) -> Path:
     """A pipeline run -> its last stage; a stage run -> ``best/`` when kept, else ``final/``."""
-    for stage in ("dpo", "sft"):
-        if (path / stage / "run.json").is_file():
-            return resolve_run(path / stage)
-    if (path / "run.json").is_file():
-        for sub in ("best", "final"):
-            if (path / sub).is_dir():
-                return path / sub
+    finished = RunDir(path).finished_stages()
+    if finished:  # the last stage trained
+        return resolve_run(finished[-1].root)
+    if StageDir(path).is_finished():
+        model = StageDir(path).model()
+        if model is not None:
+            return model
         raise PreftuneError(f"run folder {path} has no best/ or final/ model yet (did the run finish?)")
     return path
 
@@ -264,7 +261,7 @@ def merge_adapter(adapter: str, out: str | Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from preftune.checkpoint import atomic_dir
+    from preftune.files import atomic_dir
 
     path = resolve_model(adapter)
     if not is_adapter(path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from preftune import embedded
+from preftune.env import cache_root
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
@@ -92,7 +92,7 @@ def precompute(module, batches, disable_adapter=None, progress: bool = True) -> 
 
 
 def cache_path(key: str) -> Path:
-    return embedded.cache_root() / "reference" / f"{key}.safetensors"
+    return cache_root() / "reference" / f"{key}.safetensors"
 
 
 def write_table(path: Path, table: dict[str, dict[str, float]]) -> None:
@@ -100,7 +100,7 @@ def write_table(path: Path, table: dict[str, dict[str, float]]) -> None:
     metadata), written to a temporary name and renamed: never pickle, never half a file."""
     from safetensors.torch import save_file
 
-    from preftune.checkpoint import disk_errors
+    from preftune.files import disk_errors
 
     keys = list(table)
     fields = list(table[keys[0]]) if keys else []
@@ -134,7 +134,7 @@ def read_table(path: Path) -> dict[str, dict[str, float]]:
 
 def clean_stale_temps(folder: Path) -> None:
     """Remove temporary cache files left by killed writes (their process is gone)."""
-    from preftune.checkpoint import remove_stale
+    from preftune.files import remove_stale
 
     for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
         remove_stale(p)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from preftune.checkpoint import disk_errors, step_checkpoints
+from preftune.checkpoint import step_checkpoints
 from preftune.config import to_dict
 from preftune.errors import PreftuneError
+from preftune.files import disk_errors
 
 log = logging.getLogger("preftune")
 

@@ -249,7 +249,7 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir))
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
                "final_model": str((round_dir / "dpo" / "final").resolve()), **_last_eval(round_dir / "dpo")}
-    from preftune.checkpoint import write_json
+    from preftune.files import write_json
 
     write_json(round_dir / "round.json", record)  # last: marks the round finished
     return record

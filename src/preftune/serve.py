@@ -17,7 +17,6 @@ import hmac
 import ipaddress
 import json
 import math
-import os
 import socket
 import threading
 import time
@@ -525,30 +524,3 @@ def _wait(done: Callable[[], bool], timeout: float) -> None:
     end = time.monotonic() + timeout
     while not done() and time.monotonic() < end:
         time.sleep(0.01)
-
-
-def main(ns) -> int:
-    """``preftune serve MODEL [--host H] [--port P] [--api-key-env VAR] [--max-tokens N] [--max-queue N]
-    [--served-model-name NAME]``. Every setting is checked, and the port bound, before the model loads."""
-    import uvicorn
-
-    from preftune.model import load_for_inference
-
-    api_key = os.environ.get(ns.api_key_env) or None
-    check_bind(ns.host, api_key, ns.api_key_env)
-    max_queue = getattr(ns, "max_queue", 8)
-    for flag, value in (("--max-tokens", ns.max_tokens), ("--max-queue", max_queue)):
-        if value < 1:
-            raise PreftuneError(f"{flag} must be at least 1, got {value}")
-    name = getattr(ns, "served_model_name", None) or ns.model
-    sock = listen(ns.host, ns.port)
-    try:
-        model, tokenizer = load_for_inference(ns.model)
-        app = create_app(model, tokenizer, name, api_key, ns.max_tokens, max_queue=max_queue)
-        auth = f"API key required (from ${ns.api_key_env})" if api_key else "no API key (loopback only)"
-        print(f"preftune serve: {ns.model} as {name!r} at http://{ns.host}:{sock.getsockname()[1]}/v1 ; {auth}; "
-              f"max_tokens cap {ns.max_tokens}; queue {max_queue}", flush=True)
-        uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="info")).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0

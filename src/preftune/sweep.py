@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -28,16 +27,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.checkpoint import write_json
+from preftune import embedded
 from preftune.config import (
     Config,
     ConfigError,
+    TrainConfig,
+    apply_overrides,
     apply_shorthands,
     config_from_dict,
     load_raw,
-    parse_overrides,
+    merge,
+    nest,
     to_dict,
 )
+from preftune.data.stage import (
+    epoch_plan,
+    load_stage_data,
+    stage_bins,
+    stage_data_config,
+    steps_per_epoch,
+    total_steps,
+)
+from preftune.errors import PreftuneError
+from preftune.eval.suite import cache_dir
+from preftune.files import write_json
+from preftune.model import load_tokenizer, resolve_model
+from preftune.paths import RunDir, StageDir, SweepDir
+from preftune.pipeline import run_pipeline
+from preftune.report.report import write_report
 
 log = logging.getLogger("preftune")
 
@@ -68,33 +85,6 @@ class PlannedRun:
     cfg: Config
     sft_key: str | None = None
     estimate: dict[str, Any] = field(default_factory=dict)
-
-
-def nest(key: str, value: Any) -> dict:
-    """``("dpo.beta", 0.1)`` -> ``{"dpo": {"beta": 0.1}}``, with config shorthands applied
-    (``lora: false`` -> ``lora.enabled``; ``data: FILE`` -> ``data.source``)."""
-    node: Any = value
-    for part in reversed(key.split(".")):
-        node = {part: node}
-    return apply_shorthands(node)
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """Deep-merge ``extra`` into ``base`` in place (mappings merge; anything else replaces)."""
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """The raw config with CLI ``key=value`` overrides (``sweep.dpo.beta=[0.1,0.3]`` edits the block)."""
-    raw = apply_shorthands(copy.deepcopy(raw))
-    for k, v in parse_overrides(overrides):
-        merge(raw, nest(k, v))
-    return raw
 
 
 def _flatten_axes(block: dict, prefix: str = "") -> dict[str, Any]:
@@ -211,7 +201,7 @@ def plan(raw: dict, source: str = "config") -> list[PlannedRun]:
         run_raw = copy.deepcopy(base)
         for k, v in overrides.items():
             merge(run_raw, nest(k, v))
-        run_raw["output_dir"] = str(root / "runs" / name)
+        run_raw["output_dir"] = str(SweepDir(root).run(name).root)
         try:
             cfg = config_from_dict(run_raw, f"{source} (run {name})")
         except ConfigError as e:
@@ -248,9 +238,6 @@ def sft_key(cfg: Config) -> str | None:
 
 
 def _tokenizer(cfg: Config):
-    from preftune import embedded
-    from preftune.model import load_tokenizer, resolve_model
-
     name = cfg.tokenizer or cfg.model
     if name == embedded.SMOLLM2:  # the tokenizer alone, without converting the model
         return load_tokenizer(str(embedded.tokenizer_dir()))
@@ -265,20 +252,22 @@ def _item_tokens(item) -> int:
 
 
 def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
-    """Estimated training tokens of ``stage``: the data tokenized once (memoised by tokenizer, data
-    settings and seed), times the fraction of epochs the steps cover."""
-    from preftune.train import load_stage_data
-
-    s = cfg.sft if stage == "sft" else cfg.dpo
-    data_cfg = cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
+    """Estimated training tokens of ``stage`` (one process): the data tokenized once (memoised by
+    tokenizer, data settings and seed) and cut into micro-batches as the loop cuts them (packed bins
+    included), times the fraction of epochs the steps cover, by the loop's own steps-per-epoch."""
+    s: TrainConfig = getattr(cfg, stage)
+    data_cfg = stage_data_config(cfg, stage)
+    layout = "packed" if getattr(s, "layout", None) == "packed" else "padded"  # auto never packs
     key = json.dumps([cfg.tokenizer or cfg.model, stage, to_dict(data_cfg), cfg.seed], sort_keys=True, default=str)
     if key not in memo:
-        items = load_stage_data(cfg, stage, tokenizer).train
-        memo[key] = (len(items), sum(_item_tokens(i) for i in items))
-    n_items, per_epoch = memo[key]
-    steps_per_epoch = max(1, math.ceil(n_items / s.batch_size) // s.grad_accum)
-    total_steps = s.max_steps or max(1, int(s.epochs * steps_per_epoch))
-    return int(per_epoch * total_steps / steps_per_epoch)
+        memo[key] = load_stage_data(cfg, stage, tokenizer).train
+    items = memo[key]
+    n_micro = len(epoch_plan(stage_bins(items, s, layout), len(items), s.batch_size, cfg.seed, 0))
+    per_epoch = steps_per_epoch(n_micro, s.grad_accum, s.drop_last)
+    epoch_tokens = sum(_item_tokens(i) for i in items)
+    if s.drop_last:
+        epoch_tokens = epoch_tokens * per_epoch * s.grad_accum / max(n_micro, 1)
+    return int(epoch_tokens * total_steps(s, per_epoch) / per_epoch)
 
 
 def estimate(runs: list[PlannedRun], share_sft: bool) -> None:
@@ -307,7 +296,7 @@ def estimate(runs: list[PlannedRun], share_sft: bool) -> None:
 def measured_throughput(root: Path) -> tuple[float, int] | None:
     """(trained tokens per second of wall time, runs measured) over the sweep's finished runs."""
     tokens = seconds = n = 0
-    for done in sorted((root / "runs").glob("*/done.json")):
+    for done in sorted(SweepDir(root).runs_dir.glob("*/done.json")):
         d = json.loads(done.read_text())
         if d.get("trained_tokens") and d.get("wall_s"):
             tokens += d["trained_tokens"]
@@ -321,9 +310,9 @@ def measured_throughput(root: Path) -> tuple[float, int] | None:
 
 def link_shared_sft(run_dir: Path, root: Path, key: str) -> Path:
     """Make ``run_dir/sft`` a link to the sweep's shared SFT stage ``root/shared/sft/<key>``."""
-    shared = root / "shared" / "sft" / key
+    shared = SweepDir(root).shared_sft(key).root
     shared.mkdir(parents=True, exist_ok=True)
-    link = run_dir / "sft"
+    link = RunDir(run_dir).stage("sft").root
     run_dir.mkdir(parents=True, exist_ok=True)
     if not link.exists() and not link.is_symlink():
         link.symlink_to(os.path.relpath(shared, run_dir), target_is_directory=True)
@@ -332,21 +321,19 @@ def link_shared_sft(run_dir: Path, root: Path, key: str) -> Path:
 
 def eval_cache_counts() -> dict[str, int]:
     """Entries per kind in the evaluation suite's on-disk cache (generations, heldout, tasks)."""
-    from preftune.eval.suite import cache_dir
-
     d = cache_dir()
     return {k.name: len(list(k.glob("*.json"))) for k in sorted(d.iterdir()) if k.is_dir()} if d.is_dir() else {}
 
 
 def reference_info(run_dir: Path) -> dict:
-    p = run_dir / "dpo" / "data.json"
+    p = RunDir(run_dir).stage("dpo").data
     return json.loads(p.read_text()).get("reference", {}) if p.is_file() else {}
 
 
 def _trained_tokens(run_dir: Path, sft_trained: bool) -> int:
     total = 0
     for stage in ("sft", "dpo") if sft_trained else ("dpo",):
-        p = run_dir / stage / "run.json"
+        p = RunDir(run_dir).stage(stage).run
         if p.is_file():
             total += int(json.loads(p.read_text()).get("tokens_seen") or 0)
     return total
@@ -354,14 +341,12 @@ def _trained_tokens(run_dir: Path, sft_trained: bool) -> int:
 
 def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
     """Run (or resume) one pipeline run; write its ``done.json``; return its status record."""
-    from preftune.pipeline import run_pipeline
-
     out = Path(r.cfg.output_dir)
     resume = out.is_dir() and any(out.iterdir())  # an interrupted run continues from its checkpoints
     sft_trained = True
     if share_sft and r.sft_key:
         shared = link_shared_sft(out, root, r.sft_key)
-        sft_trained = not (shared / "run.json").is_file()
+        sft_trained = not StageDir(shared).is_finished()
         resume = resume or any(shared.iterdir())  # the pipeline skips (or resumes) the shared SFT stage
     before = eval_cache_counts()
     t0 = time.time()
@@ -373,7 +358,7 @@ def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
             "reference": reference_info(out),
             "eval_cache_new": {k: after.get(k, 0) - before.get(k, 0) for k in after},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_json(out / "done.json", done)
+    write_json(RunDir(out).done, done)
     return done
 
 
@@ -395,7 +380,7 @@ def format_plan(runs: list[PlannedRun], throughput: dict, root: Path) -> str:
     rows = [("run", "overrides", "status", "est. tokens", "est. time", "notes")]
     total_tokens = total_s = 0.0
     for r in runs:
-        done = (Path(r.cfg.output_dir) / "done.json").is_file()
+        done = RunDir(r.cfg.output_dir).done.is_file()
         tokens = r.estimate.get("tokens", 0)
         secs = tokens / throughput["value"]
         if not done:
@@ -418,8 +403,6 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
     """Plan, (dry-run: print and stop), run every unfinished run one after another, then the report.
     Returns the ``sweep.json`` record. Failed runs are recorded and the others still run; the sweep
     then raises a PreftuneError naming them."""
-    from preftune.errors import PreftuneError
-
     runs = plan(raw, source)
     _, options, _ = sweep_block(raw)
     share = bool(options.get("share_sft", True))
@@ -428,39 +411,37 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
     throughput = _throughput(root, options)
     echo(format_plan(runs, throughput, root))
     state = {"config": source, "sweep_dir": str(root), "share_sft": share, "tokens_per_second": throughput,
-             "runs": [_record(r, "done" if (Path(r.cfg.output_dir) / "done.json").is_file() else "planned")
+             "runs": [_record(r, "done" if RunDir(r.cfg.output_dir).done.is_file() else "planned")
                       for r in runs]}
     if dry_run:
         return state
-    write_json(root / "sweep.json", state)
+    write_json(SweepDir(root).state, state)
     failed = []
     for i, r in enumerate(runs):
-        done_path = Path(r.cfg.output_dir) / "done.json"
+        done_path = RunDir(r.cfg.output_dir).done
         if done_path.is_file():
             state["runs"][i] = _record(r, "done", result=json.loads(done_path.read_text()))
             echo(f"sweep: {r.name}: finished earlier, skipped")
             continue
         echo(f"sweep: run {i + 1}/{len(runs)}: {r.name}")
         state["runs"][i]["status"] = "running"
-        write_json(root / "sweep.json", state)
+        write_json(SweepDir(root).state, state)
         try:
             state["runs"][i] = _record(r, "done", result=run_one(r, root, share))
         except KeyboardInterrupt:
             state["runs"][i]["status"] = "interrupted"
-            write_json(root / "sweep.json", state)
+            write_json(SweepDir(root).state, state)
             raise
         except Exception as e:  # keep going: one bad run should not waste the others
             log.exception("sweep: run %s failed", r.name)
             state["runs"][i] = _record(r, "failed", error=f"{type(e).__name__}: {e}")
             failed.append(r.name)
-        write_json(root / "sweep.json", state)
-    finished = [Path(r.cfg.output_dir) for r in runs if (Path(r.cfg.output_dir) / "done.json").is_file()]
+        write_json(SweepDir(root).state, state)
+    finished = [Path(r.cfg.output_dir) for r in runs if RunDir(r.cfg.output_dir).done.is_file()]
     if finished:
-        from preftune.report.report import write_report
-
-        state["report"] = str(write_report(finished, root / "report"))
+        state["report"] = str(write_report(finished, SweepDir(root).report_dir))
     state["summary"] = summarize(state)
-    write_json(root / "sweep.json", state)
+    write_json(SweepDir(root).state, state)
     echo(state["summary"])
     if failed:
         raise PreftuneError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see {root / 'sweep.json'}); "
@@ -479,16 +460,6 @@ def summarize(state: dict) -> str:
     if state.get("report"):
         lines.append(f"report: {state['report']}")
     return "\n".join(lines)
-
-
-def main(ns) -> int:
-    """``preftune sweep CONFIG [key=value ...] [--dry-run]``."""
-    from preftune.commands import setup_logging
-
-    setup_logging()
-    raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
-    run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
-    return 0
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> dict:

@@ -1,28 +1,57 @@
-"""THE training loop, on accelerate (one process, DDP, FSDP or DeepSpeed via ``accelerate launch``):
-data -> micro-batches -> method step -> accumulation, clipping, schedule -> metrics, eval, early
-stopping, atomic checkpoints and exact resume. Methods are step functions in methods.py."""
+"""THE training loop, on accelerate (one process, DDP, FSDP or DeepSpeed via ``accelerate launch``), in
+three parts: ``setup`` (data, model, layout, reference, resume -> one ``Stage``), ``train_step`` (one
+optimizer step: micro-batches, accumulation, NaN skip, clipping, schedule -> its metrics) and
+``finish`` (``final/`` and ``run.json``). ``run_stage`` -> ``train`` drives them, with eval rounds,
+early stopping, snapshots and atomic checkpoints in between. What differs between methods is asked of
+the method (methods.py); an epoch's batches come from data/stage.py; the run folder's layout from
+paths.py."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import platform
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import accelerate
+import datasets
 import numpy as np
+import peft
 import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
 
+import preftune
 from preftune import checkpoint as ckpt
+from preftune import reference as refs
+from preftune.attention import choose_layout
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
-from preftune.data.rows import fingerprint
+from preftune.data import collate as collation
+from preftune.data.stage import (
+    StageData,
+    dropped_rows,
+    epoch_plan,
+    load_stage_data,
+    stage_bins,
+    steps_per_epoch,
+    total_steps,
+)
 from preftune.errors import PreftuneError
+from preftune.eval.rewards import WeightedMeans, evaluate_batches
+from preftune.logprobs import SequenceLogps
+from preftune.methods import METHODS, Method
+from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
+from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
 
 log = logging.getLogger("preftune")
@@ -72,173 +101,10 @@ class EarlyStopping:
         return {"best": self.best, "best_step": self.best_step, "bad_rounds": self.bad_rounds, "history": self.history}
 
 
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class StageData:
-    train: list
-    test: list
-    report: dict
-    fingerprint: str
-
-
-def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
-    from preftune.data.formats import sft_rows_from_pairs
-    from preftune.data.sources import load_rows
-    from preftune.data.tokenize import tokenize_rows
-
-    data_cfg = cfg.data
-    if stage == "dpo" and cfg.dpo.unpaired():
-        from preftune.data.unpaired import load_unpaired, tokenize_unpaired
-
-        train_rows, test_rows, read = load_unpaired(data_cfg, cfg.dpo.unpair, cfg.seed)
-        (train, tok_train), (test, tok_test) = (tokenize_unpaired(r, tokenizer, data_cfg) for r in (train_rows, test_rows))
-    elif stage == "sft" and cfg.sft.data is not None:
-        data_cfg = cfg.sft.data
-        train_rows, test_rows, read = load_rows(data_cfg, "sft", cfg.seed)
-    else:
-        train_rows, test_rows, read = load_rows(data_cfg, "preference", cfg.seed)
-        if stage == "sft":
-            train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
-    if not (stage == "dpo" and cfg.dpo.unpaired()):
-        kind = "sft" if stage == "sft" else "preference"
-        train, tok_train = tokenize_rows(train_rows, tokenizer, data_cfg, kind)
-        test, tok_test = tokenize_rows(test_rows, tokenizer, data_cfg, kind)
-    if not train:
-        raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {tok_train.to_dict()}")
-    report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
-    return StageData(train, test, report, fingerprint([t.key for t in train] + ["|"] + [t.key for t in test]))
-
-
-def plan_epoch(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches of item indices for one epoch: a seeded shuffle, cut into ``batch_size`` chunks."""
-    order = list(range(n_items))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
-
-
-def packed_bins(items: list, token_budget: int) -> list[list[int]]:
-    """Item indices grouped into micro-batches of at most ``token_budget`` prefix-shared tokens
-    (first-fit decreasing: the same bins every epoch; only their order is shuffled)."""
-    from preftune.data.collate import pack_into_batches
-
-    index = {id(it): i for i, it in enumerate(items)}
-    return [[index[id(it)] for it in b] for b in pack_into_batches(items, token_budget)]
-
-
-def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """This epoch's micro-batches: seeded batches of ``batch_size``, or the packed bins in a seeded order."""
-    if bins is None:
-        return plan_epoch(n_items, batch_size, seed, epoch)
-    order = list(range(len(bins)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    return [bins[i] for i in order]
-
-
-def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True,
-                attention: str | None = None):
-    """The stage's collate function. Under flex_attention the shared layouts leave out the dense
-    ``[R, 1, T, T]`` mask: the model builds a BlockMask from ``blocks`` and ``segments`` on its device."""
-    from preftune.data import collate
-
-    if not isinstance(stage_cfg, DPOConfig):
-        return lambda items: collate.collate_sft(items, pad_id, completion_only=completion_only)
-    kwargs = {"dense_mask": False} if layout != "padded" and attention == "flex_attention" else {}
-    if stage_cfg.unpaired():  # KTO rows in the same pair layouts, plus their labels
-        return lambda items: collate.collate_unpaired(items, pad_id, collate.LAYOUTS[layout], **kwargs)
-    return lambda items: collate.LAYOUTS[layout](items, pad_id, **kwargs)
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def mean_metrics(parts: list[tuple[dict, int]]) -> dict:
-    """Weighted mean of metric dicts (weight = pairs or tokens of each batch)."""
-    total = sum(w for _, w in parts) or 1
-    keys = parts[0][0].keys() if parts else []
-    return {k: sum(float(m[k]) * w for m, w in parts) / total for k in keys}
-
-
-@torch.no_grad()
-def evaluate_batches(policy, batches, method, stage_cfg, reference, progress: bool = False) -> dict:
-    """Mean metrics of ``method`` over ``batches`` (no gradients); adds the accuracy's standard error."""
-    from tqdm.auto import tqdm
-
-    parts = []
-    was_training = policy.training
-    policy.eval()
-    for batch in tqdm(batches, desc="held-out eval", unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
-        ref = reference.logps(batch) if reference is not None else None
-        loss, metrics = method.step(policy, batch, stage_cfg, ref)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics["loss"] = float(loss)
-        parts.append((metrics, batch["num_pairs"]))
-    policy.train(was_training)
-    out = mean_metrics(parts)
-    n = sum(w for _, w in parts)
-    if "rewards/accuracies" in out and n:
-        p = out["rewards/accuracies"]
-        out["rewards/accuracies_se"] = math.sqrt(max(p * (1 - p), 1e-12) / n)
-    out["n"] = n
-    return out
-
-
-def reduce_eval(ev: dict, accelerator) -> dict:
-    """Pair-weighted mean of per-rank eval metrics; the accuracy's standard error over all pairs."""
-    keys = [k for k in ev if k not in ("n", "rewards/accuracies_se")]
-    n = ev["n"]
-    packed = torch.tensor([ev[k] * n for k in keys] + [n], dtype=torch.float64, device=accelerator.device)
-    packed = accelerator.reduce(packed, "sum").tolist()
-    total = packed[-1] or 1
-    out = {k: v / total for k, v in zip(keys, packed)} | {"n": int(packed[-1])}
-    if "rewards/accuracies" in out:
-        p = out["rewards/accuracies"]
-        out["rewards/accuracies_se"] = math.sqrt(max(p * (1 - p), 1e-12) / total)
-    return out
-
-
-def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> dict:
-    """``rewards/accuracies`` and margins of ``model`` against ``reference_model`` on preference rows,
-    through the training core's own step function (used by ``preftune eval rewards``).
-
-    ``reference_model``: a model, ``"adapter"`` (``model`` with its adapters disabled), or None for
-    reference-free losses."""
-    from preftune.attention import choose_layout
-    from preftune.data.collate import LAYOUTS
-    from preftune.data.tokenize import tokenize_rows
-    from preftune.logprobs import SequenceLogps
-    from preftune.methods import METHODS
-    from preftune.reference import ModelReference
-
-    items, _ = tokenize_rows(rows, tokenizer, cfg.data, "preference")
-    layout = choose_layout(cfg.dpo.layout, model)
-    policy = SequenceLogps(model)
-    if reference_model is None:
-        reference = None
-    elif reference_model == "adapter":
-        reference = ModelReference(policy, "adapter", model.disable_adapter)
-    else:
-        reference = ModelReference(SequenceLogps(reference_model), "copy")
-    bs = cfg.eval.batch_size
-    batches = [LAYOUTS[layout](items[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(items), bs)]
-    out = evaluate_batches(policy, batches, METHODS["dpo"], cfg.dpo, reference)
-    return {k: out[k] for k in out if k.startswith("rewards/") or k in ("loss", "n")} | {
-        "se": out.get("rewards/accuracies_se", float("nan"))
-    }
-
-
-# ---------------------------------------------------------------- run folder
+# ---------------------------------------------------------------- run-folder records
 
 
 def versions() -> dict:
-    import accelerate
-    import datasets
-    import peft
-    import transformers
-
-    import preftune
-
     return {
         "preftune": preftune.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
@@ -259,7 +125,7 @@ class MetricsLog:
         elif path.exists():
             path.unlink()
         if cfg.report_to:
-            from preftune.tracking import open_trackers
+            from preftune.tracking import open_trackers  # trackers are optional extras
 
             self.trackers = open_trackers(cfg.report_to, path.parent, cfg)
 
@@ -276,7 +142,375 @@ class MetricsLog:
             t.close()
 
 
-# ---------------------------------------------------------------- the loop
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Stage:
+    """One training stage between ``setup`` and ``finish``: what it trains, on what, and where it is."""
+
+    name: str
+    cfg: Config
+    stage_cfg: TrainConfig
+    method: Method
+    out: StageDir
+    model_path: str
+    accelerator: Any
+    tokenizer: Any
+    data: StageData
+    model: Any  # the Hugging Face (or peft) model, unwrapped
+    policy: Any  # SequenceLogps over it, prepared by accelerate
+    optimizer: Any
+    params: list
+    layout: str
+    reference: Any
+    ref_strategy: str
+    collate: Callable[[list], dict]
+    bins: list[list[int]] | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    eval_batches: list[dict]
+    eval_keep: list[bool]  # False: a padding batch (a rank with fewer held-out rows runs it, weight 0)
+    stopper: EarlyStopping
+    metrics_log: MetricsLog | None = None
+    state: dict = field(default_factory=lambda: {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0,
+                                                 "skipped_steps": 0})
+    resumed_from: int | None = None
+    started: float = field(default_factory=time.time)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def per_step(self) -> int:
+        return self.world * self.stage_cfg.grad_accum
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.policy).model
+
+
+def make_accelerator(stage_cfg: TrainConfig, cfg: Config):
+    """The stage's ``Accelerator``: gradient accumulation and mixed precision from the config."""
+    if not torch.distributed.is_initialized():
+        # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
+        # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
+        AcceleratorState._reset_state()
+    return Accelerator(
+        gradient_accumulation_steps=stage_cfg.grad_accum,
+        mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True):
+    """The stage's collate function: SFT rows, preference pairs in ``layout``, or unpaired (KTO) rows in
+    the same pair layouts plus their labels. Shared layouts carry ``blocks``/``segments``, from which
+    the model side builds its mask (attention.py)."""
+    if not isinstance(stage_cfg, DPOConfig):
+        return lambda items: collation.collate_sft(items, pad_id, completion_only=completion_only)
+    if stage_cfg.unpaired():
+        return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
+    return lambda items: collation.LAYOUTS[layout](items, pad_id)
+
+
+def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, policy, data: StageData,
+                    collate, model_path: str, tokenizer, accelerator) -> tuple[Any, str]:
+    """The reference strategy (reference.py), decided before any update: the model as it came in."""
+    if not method.needs_reference(stage_cfg):
+        return refs.NoReference(), "none"
+    lora = cfg.lora.enabled or is_adapter(model_path)
+    strategy = refs.resolve_strategy(stage_cfg.reference, True, lora, stage_cfg.loss_name)
+    disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
+    if strategy == "adapter":
+        return refs.ModelReference(policy, "adapter", disable), strategy
+    if strategy == "copy":
+        return refs.ModelReference(SequenceLogps(load_model(cfg, model_path, trainable=False)), "copy"), strategy
+    items, bs = data.train + data.test, stage_cfg.eval_batch_size
+    key = refs.cache_key(model_path, tokenizer, cfg.data, cfg.precision, data.fingerprint)
+    batches = lambda: [collate(items[i : i + bs]) for i in range(0, len(items), bs)]  # noqa: E731
+    table = refs.load_or_precompute(key, lambda: refs.precompute(policy, batches(), disable,
+                                                                 progress=accelerator.is_main_process), accelerator)
+    return table, strategy
+
+
+def shard(xs: list, rank: int, world: int) -> tuple[list, list[bool]]:
+    """Rank ``rank``'s strided share of ``xs``, padded with copies of ``xs[0]`` so that every rank gets
+    the same count (and so makes the same collective calls); ``keep`` is False for the padding."""
+    mine = xs[rank::world]
+    pad = -(-len(xs) // world) - len(mine)
+    return mine + [xs[0]] * pad, [True] * len(mine) + [False] * pad
+
+
+def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
+          allow_changes: bool = False) -> Stage:
+    """Check the output folder, load data, tokenizer and model, pick the layout and the reference,
+    build the optimizer, resume from the newest complete checkpoint when asked (refusing a changed
+    config or data unless ``allow_changes``), and write the run records (config, versions, data)."""
+    stage_cfg: TrainConfig = getattr(cfg, stage)
+    method = METHODS[stage]
+    accelerator = make_accelerator(stage_cfg, cfg)
+    if accelerator.is_main_process:  # before any data, model or reference work
+        check_writable(Path(out_dir))
+        ckpt.clean_stale(Path(out_dir))
+    if cfg.threads:  # run_stage restores the process's count
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    data = load_stage_data(cfg, stage, tokenizer)
+    if resume:
+        check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
+    model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
+    layout = choose_layout(stage_cfg.layout, model) if method.data == "preference" else "padded"
+    policy = SequenceLogps(model)
+    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
+    reference, strategy = build_reference(cfg, stage_cfg, method, model, policy, data, collate, model_path,
+                                          tokenizer, accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    bins = stage_bins(data.train, stage_cfg, layout)
+    per_epoch = steps_per_epoch(len(epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, 0)),
+                                world * stage_cfg.grad_accum, stage_cfg.drop_last)
+    total = total_steps(stage_cfg, per_epoch)
+    ebs = stage_cfg.eval_batch_size
+    chunks = [data.test[i : i + ebs] for i in range(0, len(data.test), ebs)]
+    eval_chunks, eval_keep = shard(chunks, rank, world) if chunks else ([], [])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
+               policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
+               int(stage_cfg.warmup_ratio * total), [collate(c) for c in eval_chunks], eval_keep,
+               EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
+    latest = _resume(st, resume)
+    _write_records(st, fresh=latest is None)
+    st.metrics_log = MetricsLog(st.out.metrics, cfg, st.main, st.state["step"] if latest else None)
+    if st.main:
+        n_train, n_total = trainable_parameters(model)
+        log.info("%s: %d train / %d held-out %s, layout=%s, reference=%s, trainable %.2fM of %.1fM params, "
+                 "%d steps", stage, len(data.train), len(data.test), "pairs" if method.data == "preference" else "rows",
+                 layout, strategy, n_train / 1e6, n_total / 1e6, total)
+    return st
+
+
+def _resume(st: Stage, resume: bool) -> Path | None:
+    """Restore the newest complete step checkpoint when ``resume`` (an incomplete newer one is passed
+    over, saying so); return it (None: a fresh start)."""
+    latest = ckpt.latest_complete(st.out.root) if resume else None
+    if resume and latest is None and st.main:
+        log.info("resume: no checkpoint in %s; starting this stage from the beginning", st.out.root)
+    if latest is None:
+        return None
+    st.state = ckpt.load_checkpoint(latest, st.unwrapped(), st.optimizer)
+    for k, v in st.state.pop("early_stopping").items():
+        setattr(st.stopper, k, v)
+    st.resumed_from = st.state["step"]
+    log.info("resumed from %s at step %d", latest, st.state["step"])
+    return latest
+
+
+def _write_records(st: Stage, fresh: bool) -> None:
+    if not st.main:
+        return
+    st.out.root.mkdir(parents=True, exist_ok=True)
+    if fresh:  # snapshots of an earlier run in this folder are stale
+        shutil.rmtree(st.out.snapshots_dir, ignore_errors=True)
+    st.out.config.write_text(to_yaml(st.cfg))
+    st.out.versions.write_text(json.dumps(versions(), indent=1))
+    info = {"strategy": st.ref_strategy}
+    if getattr(st.reference, "path", None) is not None:
+        info |= {"cache": str(st.reference.path), "computed": st.reference.computed}
+    st.out.data.write_text(json.dumps({"fingerprint": st.data.fingerprint, **st.data.report, "reference": info},
+                                      indent=1))
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def _reduce_sum(accelerator):
+    return lambda t: accelerator.reduce(t.to(accelerator.device), "sum").cpu()
+
+
+def step_micro_batches(st: Stage, step: int) -> tuple[list[list[int]], list[bool]]:
+    """This rank's micro-batches (item indices) of optimizer step ``step`` and which are real: the
+    step's micro-batches strided over ranks; a rank left short (the epoch's last, incomplete step)
+    repeats one with weight 0, so every rank runs the same forward and backward calls."""
+    epoch, in_epoch = divmod(step, st.steps_per_epoch)
+    plan = epoch_plan(st.bins, len(st.data.train), st.stage_cfg.batch_size, st.cfg.seed, epoch)
+    if in_epoch == 0:
+        _count_dropped(st, plan, epoch)
+    return shard(plan[in_epoch * st.per_step : (in_epoch + 1) * st.per_step], st.accelerator.process_index, st.world)
+
+
+def _count_dropped(st: Stage, plan: list[list[int]], epoch: int) -> None:
+    n = dropped_rows(plan, st.per_step, st.stage_cfg.drop_last)
+    if n and epoch >= st.state.get("epochs_counted", 0):
+        st.state["dropped_rows"] = st.state.get("dropped_rows", 0) + n
+        st.state["epochs_counted"] = epoch + 1
+        if st.main:
+            log.warning("epoch %d: drop_last leaves out the last incomplete optimizer step: %d of %d rows "
+                        "(%d dropped so far)", epoch, n, len(st.data.train), st.state["dropped_rows"])
+
+
+def accumulate(st: Stage, micro: list[list[int]], keep: list[bool]) -> tuple[WeightedMeans, bool, int, int]:
+    """Forward and backward of this rank's micro-batches of one optimizer step. Each micro-batch's
+    loss (a mean over its units: scored tokens for SFT, pairs for preference losses) is weighted by
+    ``units * world / global units``, the step's units summed over micro-batches and all-reduced over
+    ranks; DDP's mean over ranks then makes the gradient that of one batch of the whole step, however
+    it was split. Returns the unit-weighted metrics, whether every loss was finite, tokens and pairs."""
+    acc, method = st.accelerator, st.method
+    batches = [st.collate([st.data.train[j] for j in idx]) for idx in micro]
+    units = [method.units(b) if real else 0 for b, real in zip(batches, keep)]
+    total = float(acc.reduce(torch.tensor(float(sum(units)), device=acc.device), "sum").item()) or 1.0
+    means, finite, tokens, pairs = WeightedMeans(), True, 0, 0
+    for i, batch in enumerate(batches):
+        ref = st.reference.logps(batch)
+        sync = acc.no_sync(st.policy) if i < len(batches) - 1 and st.world > 1 else nullcontext()
+        with sync:
+            with acc.autocast():
+                loss, metrics = method.step(st.policy, batch, st.stage_cfg, ref)
+            # Backward even on NaN so every rank makes the same collective calls; the step is dropped
+            # after. accelerate divides by its gradient_accumulation_steps; the weights already sum to 1.
+            finite = finite and bool(torch.isfinite(loss))
+            acc.backward(loss * (units[i] * st.world / total * acc.gradient_accumulation_steps))
+        # a padding batch adds its metric names with weight 0: every rank reduces the same tensor
+        means.add({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())}, units[i],
+                  batch["num_pairs"] if keep[i] else 0)
+        if keep[i]:
+            tokens += batch["tokens"]
+            pairs += batch["num_pairs"]
+    return means, finite, tokens, pairs
+
+
+def train_step(st: Stage) -> dict | None:
+    """One optimizer step: ``accumulate`` this rank's micro-batches, then (if every rank's loss was
+    finite) clip and update. Returns the step's metrics record (unit-weighted over the whole step and
+    every rank), or None when a non-finite loss on any rank made every rank skip the step."""
+    acc, cfg = st.accelerator, st.stage_cfg
+    step = st.state["step"]
+    for group in st.optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule)
+    t0 = time.perf_counter()
+    means, finite, tokens, pairs = accumulate(st, *step_micro_batches(st, step))
+    if acc.reduce(torch.tensor(float(not finite), device=acc.device), "sum").item() > 0:
+        _skip_step(st, step)
+        return None
+    st.state["nan_streak"] = 0
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+    grad_norm = float(acc.clip_grad_norm_(st.params, max_norm))
+    st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    if getattr(cfg, "sync_ref_model", False) and (step + 1) % cfg.ref_model_sync_steps == 0:  # TR-DPO
+        refs.sync_reference(st.reference, st.unwrapped(), cfg.ref_model_mixup_alpha)
+    step_time = time.perf_counter() - t0
+
+    record = means.reduced(_reduce_sum(acc)).means()
+    record.pop("n")
+    record.pop("rewards/accuracies_se", None)
+    tot = acc.reduce(torch.tensor([tokens, pairs], device=acc.device), "sum").tolist()
+    st.state["tokens_seen"] += int(tot[0])
+    st.state["pairs_seen"] += int(tot[1])
+    st.state["step"] += 1
+    step = st.state["step"]
+    return {"step": step, "epoch": round(step / st.steps_per_epoch, 4), "tokens_seen": st.state["tokens_seen"],
+            "pairs_seen": st.state["pairs_seen"], "lr": st.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+            **record, "step_time": step_time, "tokens_per_s": tot[0] / max(step_time, 1e-9)}
+
+
+def _skip_step(st: Stage, step: int) -> None:
+    st.optimizer.zero_grad(set_to_none=True)
+    st.state["nan_streak"] += 1
+    st.state["skipped_steps"] += 1
+    st.state["step"] += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, st.state["nan_streak"])
+    if st.state["nan_streak"] >= st.stage_cfg.nan_tolerance:
+        raise PreftuneError(f"{st.state['nan_streak']} consecutive steps with a NaN/inf loss at step {step}: "
+                            "lower the learning rate, or use fp32 / bf16-mixed instead of bf16")
+
+
+# ---------------------------------------------------------------- between steps
+
+
+def evaluate(st: Stage) -> dict:
+    """One eval round over the held-out split: each rank's share, reduced, so every rank gets the
+    figures one process would (and makes the same forward calls, padding included)."""
+    return evaluate_batches(st.policy, st.eval_batches, st.method, st.stage_cfg, st.reference, st.eval_keep,
+                            reduce_sum=_reduce_sum(st.accelerator), progress=st.main)
+
+
+def early_stop(st: Stage, record: dict, step: int) -> bool:
+    """Update early stopping from this eval round; keep ``best/``; return whether to stop."""
+    metric = st.stage_cfg.early_stopping_metric
+    if metric not in record:
+        return False
+    improved, stop = st.stopper.update(record[metric], step, record.get(metric + "_se", 0.0))
+    st.accelerator.wait_for_everyone()
+    if improved and st.main:
+        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.best,
+                     {"best.json": {"best_step": step, "metric": metric, "value": record[metric]}})
+    return st.stage_cfg.early_stopping and stop
+
+
+def save_between_steps(st: Stage, step: int) -> None:
+    """A snapshot model for curves over training (``eval.curve_every``; the last step is ``final/``)
+    and a resume checkpoint every ``save_every`` steps."""
+    cfg = st.stage_cfg
+    curve_every = st.cfg.eval.curve_every if st.method.data == "preference" else 0
+    if curve_every and step % curve_every == 0 and step < st.total_steps and st.main:
+        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.snapshot(step),
+                     {"snapshot.json": {k: st.state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
+    if cfg.save_every and step % cfg.save_every == 0 and step < st.total_steps:
+        st.accelerator.wait_for_everyone()
+        if st.main:
+            ckpt.save_checkpoint(st.out.checkpoint(step), st.unwrapped(), st.optimizer,
+                                 st.state | {"early_stopping": st.stopper.state()})
+            ckpt.prune(st.out.root, cfg.save_total_limit)
+
+
+# ---------------------------------------------------------------- finish
+
+
+def summary(st: Stage, stopped_early: bool) -> dict:
+    """The run summary written to ``run.json``."""
+    cfg, s = st.cfg, st.stage_cfg
+    loss = s.loss_name if isinstance(s, DPOConfig) else None
+    return {
+        "stage": st.name, "method": loss or st.name, "loss": loss, "beta": s.loss_beta if loss else None,
+        "steps": st.state["step"], "total_steps": st.total_steps, "tokens_seen": st.state["tokens_seen"],
+        "pairs_seen": st.state["pairs_seen"], "skipped_steps": st.state["skipped_steps"],
+        "dropped_rows": st.state.get("dropped_rows", 0),
+        "best_step": st.stopper.best_step, "best_metric": st.stopper.best, "stopped_early": stopped_early,
+        "early_stopping_metric": s.early_stopping_metric, "wall_time_s": round(time.time() - st.started, 2),
+        "base_model": st.model_path, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
+        "precision": cfg.precision, "train_rows": len(st.data.train), "test_rows": len(st.data.test),
+        "data_fingerprint": st.data.fingerprint, "resumed_from": st.resumed_from,
+    }
+
+
+def finish(st: Stage, stopped_early: bool) -> dict:
+    """Write ``final/`` (a Hugging Face folder) and ``run.json`` on the main process; return the summary."""
+    st.accelerator.wait_for_everyone()
+    out = summary(st, stopped_early)
+    if st.main:
+        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.final)
+        st.out.run.write_text(json.dumps(out, indent=1))
+    st.accelerator.wait_for_everyone()
+    return out
+
+
+# ---------------------------------------------------------------- the driver
 
 
 def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
@@ -284,249 +518,42 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     """Train one stage (``sft`` or ``dpo``) of ``cfg`` from ``model_path`` into ``out_dir``.
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
-    time-boxed runs and resume tests. ``allow_changes`` lets ``resume`` continue with a changed
-    config or data (refused otherwise). Returns the run summary also written to ``run.json``."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    time-boxed runs and resume tests. ``allow_changes`` lets ``resume`` continue with a changed config
+    or data (refused otherwise). Returns the run summary also written to ``run.json``."""
+    threads = torch.get_num_threads()  # cfg.threads applies to this stage only
+    try:
+        return train(setup(cfg, stage, out_dir, model_path, resume, allow_changes), stop_at)
+    finally:
+        torch.set_num_threads(threads)
 
-    from preftune import reference as refs
-    from preftune.attention import choose_layout
-    from preftune.logprobs import SequenceLogps
-    from preftune.methods import METHODS
-    from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 
-    started = time.time()
-    out = Path(out_dir)
-    stage_cfg: TrainConfig = cfg.sft if stage == "sft" else cfg.dpo
-    method = METHODS["sft" if stage == "sft" else "dpo"]
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
-        # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=stage_cfg.grad_accum,
-        mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
-        cpu=not torch.cuda.is_available(),
-    )
-    main = accelerator.is_main_process
-    if main:
-        check_writable(out)
-        ckpt.clean_stale(out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    data = load_stage_data(cfg, stage, tokenizer)
-    if resume:
-        check_resume(out, cfg, stage, data.fingerprint, allow_changes)
-    model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
-    n_train, n_total = trainable_parameters(model)
-    layout = choose_layout(cfg.dpo.layout, model) if stage == "dpo" else "padded"
-    policy = SequenceLogps(model)
-    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True),
-                          getattr(model.config, "_attn_implementation", None))
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = world * stage_cfg.grad_accum
-    bins = packed_bins(data.train, cfg.dpo.token_budget) if layout == "packed" else None
-    steps_per_epoch = max(1, len(epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, 0)) // per_step)
-    total_steps = stage_cfg.max_steps or max(1, int(stage_cfg.epochs * steps_per_epoch))
-    warmup = int(stage_cfg.warmup_ratio * total_steps)
-    eval_batches = [collate(data.test[i : i + stage_cfg.eval_batch_size])
-                    for i in range(rank * stage_cfg.eval_batch_size, len(data.test), world * stage_cfg.eval_batch_size)]
-
-    # Reference: decided before any update, so it is the model as it came in.
-    reference = None
-    ref_strategy = "none"
-    if stage == "dpo":
-        ref_strategy = refs.resolve_strategy(cfg.dpo.reference, method.needs_reference(cfg.dpo),
-                                             cfg.lora.enabled or is_adapter(model_path), cfg.dpo.loss_name)
-        disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
-        if ref_strategy == "adapter":
-            reference = refs.ModelReference(policy, "adapter", disable)
-        elif ref_strategy == "copy":
-            frozen = load_model(cfg, model_path, trainable=False)
-            reference = refs.ModelReference(SequenceLogps(frozen), "copy")
-        elif ref_strategy == "precomputed":
-            all_items = data.train + data.test
-            bs = stage_cfg.eval_batch_size
-            key = refs.cache_key(model_path, tokenizer, cfg.data, cfg.precision, data.fingerprint)
-            reference = refs.load_or_precompute(
-                key, lambda: refs.precompute(policy, [collate(all_items[i : i + bs]) for i in range(0, len(all_items), bs)],
-                                             disable, progress=main),
-                accelerator,
-            )
-        else:
-            reference = refs.NoReference()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-
-    stopper = EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta)
-    state = {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0, "skipped_steps": 0}
-    latest = ckpt.latest_complete(out) if resume else None
-    if resume and latest is None and main:
-        log.info("resume: no checkpoint in %s; starting this stage from the beginning", out)
-    resumed_from = None
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(policy).model, optimizer)
-        for k, v in state.pop("early_stopping").items():
-            setattr(stopper, k, v)
-        resumed_from = state["step"]
-        log.info("resumed from %s at step %d", latest, state["step"])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if latest is None:  # a fresh start: snapshots of an earlier run in this folder are stale
-            shutil.rmtree(out / "snapshots", ignore_errors=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "versions.json").write_text(json.dumps(versions(), indent=1))
-        (out / "data.json").write_text(json.dumps({"fingerprint": data.fingerprint, **data.report,
-                                                    "reference": _ref_info(reference, ref_strategy)}, indent=1))
-    metrics_log = MetricsLog(out / "metrics.jsonl", cfg, main, state["step"] if latest else None)
-    if main:
-        log.info("%s: %d train / %d held-out %s, layout=%s, reference=%s, trainable %.2fM of %.1fM params, "
-                 "%d steps", stage, len(data.train), len(data.test), "pairs" if stage == "dpo" else "rows",
-                 layout, ref_strategy, n_train / 1e6, n_total / 1e6, total_steps)
-
-    curve_every = cfg.eval.curve_every if stage == "dpo" else 0
-    policy.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=stage, disable=not main, dynamic_ncols=True)
+def train(st: Stage, stop_at: int | None = None) -> dict:
+    """Optimizer steps until the total or early stopping, with eval rounds, logging, snapshots and
+    checkpoints between them; then ``finish`` (unless ``stop_at`` ended it first)."""
+    s = st.stage_cfg
+    bar = tqdm(total=st.total_steps, initial=st.state["step"], desc=st.name, disable=not st.main, dynamic_ncols=True)
     stopped_early = False
-    while state["step"] < total_steps and not stopped_early:
-        step = state["step"]
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        plan = epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, epoch)
-        micro = plan[in_epoch * per_step : (in_epoch + 1) * per_step][rank::world]
-        for group in optimizer.param_groups:
-            group["lr"] = stage_cfg.lr * lr_at(step, total_steps, warmup, stage_cfg.schedule)
-        t0 = time.perf_counter()
-        parts, finite, tokens, pairs = [], True, 0, 0
-        for i, idx in enumerate(micro):
-            batch = collate([data.train[j] for j in idx])
-            ref = reference.logps(batch) if reference is not None else None
-            sync = accelerator.no_sync(policy) if i < len(micro) - 1 and world > 1 else nullcontext()
-            with sync, accelerator.autocast():
-                loss, metrics = method.step(policy, batch, stage_cfg, ref)
-            # Backward even on NaN so every rank makes the same collective calls; the step is dropped below.
-            finite = finite and bool(torch.isfinite(loss))
-            accelerator.backward(loss / len(micro))
-            parts.append(({k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach())}, batch["num_pairs"]))
-            tokens += batch["tokens"]
-            pairs += batch["num_pairs"]
-        finite = accelerator.reduce(torch.tensor(float(not finite), device=accelerator.device), "sum").item() == 0
-        if not finite:
-            optimizer.zero_grad(set_to_none=True)
-            state["nan_streak"] += 1
-            state["skipped_steps"] += 1
-            log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, state["nan_streak"])
-            if state["nan_streak"] >= stage_cfg.nan_tolerance:
-                raise PreftuneError(f"{state['nan_streak']} consecutive steps with a NaN/inf loss at step {step}: "
-                                    "lower the learning rate, or use fp32 / bf16-mixed instead of bf16")
-            state["step"] += 1
+    try:
+        st.policy.train()
+        while st.state["step"] < st.total_steps and not stopped_early:
+            record = train_step(st)
             bar.update(1)
-            continue
-        state["nan_streak"] = 0
-        max_norm = stage_cfg.max_grad_norm if stage_cfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if stage == "dpo" and cfg.dpo.sync_ref_model and (step + 1) % cfg.dpo.ref_model_sync_steps == 0:  # TR-DPO
-            refs.sync_reference(reference, accelerator.unwrap_model(policy).model, cfg.dpo.ref_model_mixup_alpha)
-        step_time = time.perf_counter() - t0
-
-        record = mean_metrics(parts)
-        record = {k: float(v) for k, v in zip(record, accelerator.reduce(
-            torch.tensor(list(record.values()), device=accelerator.device), "mean").tolist())}
-        tot = accelerator.reduce(torch.tensor([tokens, pairs], device=accelerator.device), "sum").tolist()
-        state["tokens_seen"] += int(tot[0])
-        state["pairs_seen"] += int(tot[1])
-        state["step"] += 1
-        step = state["step"]
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "tokens_seen": state["tokens_seen"],
-                  "pairs_seen": state["pairs_seen"], "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                  **record, "step_time": step_time, "tokens_per_s": tot[0] / max(step_time, 1e-9)}
-
-        do_eval = eval_batches and ((stage_cfg.eval_every and step % stage_cfg.eval_every == 0) or step == total_steps)
-        if do_eval:
-            ev = reduce_eval(evaluate_batches(policy, eval_batches, method, stage_cfg, reference, progress=main),
-                             accelerator)
-            record |= {f"eval/{k}": v for k, v in ev.items()}
-            stopped_early = _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer, out, main)
-        if step % stage_cfg.log_every == 0 or do_eval or step == total_steps:
-            metrics_log.write(record)
-        bar.update(1)
-        bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
-                                                              ("tok/s", "tokens_per_s")) if m in record})
-        if curve_every and step % curve_every == 0 and step < total_steps and main:
-            # a model folder for the curves over training (the final step is final/)
-            ckpt.save_hf(accelerator.unwrap_model(policy).model, tokenizer, out / "snapshots" / f"step-{step}",
-                         {"snapshot.json": {k: state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
-        if stage_cfg.save_every and step % stage_cfg.save_every == 0 and step < total_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                ckpt.save_checkpoint(out / "checkpoints" / f"step-{step}", accelerator.unwrap_model(policy).model,
-                                     optimizer, state | {"early_stopping": stopper.state()})
-                ckpt.prune(out, stage_cfg.save_total_limit)
-        if stop_at is not None and step >= stop_at:
-            bar.close()
-            metrics_log.close()
-            return {"stage": stage, "steps": step, "stopped_at": step, "resumed_from": resumed_from}
-    bar.close()
-    metrics_log.close()
-
-    accelerator.wait_for_everyone()
-    summary = {
-        "stage": stage, "method": "sft" if stage == "sft" else cfg.dpo.loss_name,
-        "loss": None if stage == "sft" else cfg.dpo.loss_name, "beta": None if stage == "sft" else cfg.dpo.loss_beta,
-        "steps": state["step"], "total_steps": total_steps, "tokens_seen": state["tokens_seen"],
-        "pairs_seen": state["pairs_seen"], "skipped_steps": state["skipped_steps"],
-        "best_step": stopper.best_step, "best_metric": stopper.best, "stopped_early": stopped_early,
-        "early_stopping_metric": _es_metric(stage_cfg), "wall_time_s": round(time.time() - started, 2),
-        "base_model": model_path, "layout": layout, "reference": ref_strategy, "lora": cfg.lora.enabled,
-        "precision": cfg.precision, "train_rows": len(data.train), "test_rows": len(data.test),
-        "data_fingerprint": data.fingerprint, "resumed_from": resumed_from,
-    }
-    if main:
-        unwrapped = accelerator.unwrap_model(policy).model
-        ckpt.save_hf(unwrapped, tokenizer, out / "final")
-        (out / "run.json").write_text(json.dumps(summary, indent=1))
-        from preftune.card import update_card
-
-        update_card(out)  # final/ and best/ both get a card (refreshed with eval figures later)
-    accelerator.wait_for_everyone()
-    return summary
-
-
-def _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer, out, main) -> bool:
-    """Update early stopping from this eval round; keep ``best/``; return whether to stop."""
-    metric = _es_metric(stage_cfg)
-    if metric not in record:
-        return False
-    se = record.get(metric + "_se", 0.0)
-    improved, stop = stopper.update(record[metric], step, se)
-    accelerator.wait_for_everyone()
-    if improved and main:
-        summary = {"best_step": step, "metric": metric, "value": record[metric]}
-        ckpt.save_hf(accelerator.unwrap_model(model), tokenizer, out / "best", {"best.json": summary})
-    return stage_cfg.early_stopping and stop
-
-
-def _es_metric(stage_cfg: TrainConfig) -> str:
-    return stage_cfg.early_stopping_metric
-
-
-def _ref_info(reference, strategy: str) -> dict:
-    info = {"strategy": strategy}
-    if getattr(reference, "path", None) is not None:
-        info |= {"cache": str(reference.path), "computed": reference.computed}
-    return info
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+            if record is None:
+                continue
+            step = record["step"]
+            last = step == st.total_steps
+            do_eval = st.eval_batches and ((s.eval_every and step % s.eval_every == 0) or last)
+            if do_eval:
+                record |= {f"eval/{k}": v for k, v in evaluate(st).items()}
+                stopped_early = early_stop(st, record, step)
+            if step % s.log_every == 0 or do_eval or last:
+                st.metrics_log.write(record)
+            bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
+                                                                  ("tok/s", "tokens_per_s")) if m in record})
+            save_between_steps(st, step)
+            if stop_at is not None and step >= stop_at:
+                return {"stage": st.name, "steps": step, "stopped_at": step, "resumed_from": st.resumed_from}
+        return finish(st, stopped_early)
+    finally:
+        bar.close()
+        st.metrics_log.close()

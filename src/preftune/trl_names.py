@@ -333,24 +333,3 @@ def read_flat(path: str | Path) -> dict:
     if not isinstance(raw, dict):
         raise PreftuneError(f"config from-trl: {p} must hold a mapping of TRL argument names to values")
     return raw
-
-
-def from_trl(ns) -> int:
-    """``preftune config from-trl FILE [--kind dpo|sft] [--out CONFIG]``: print or write the preftune
-    config, checked as ``config show`` would; what could not be mapped goes to stderr."""
-    import sys
-
-    from preftune.config import config_from_dict
-
-    raw = read_flat(ns.file)
-    tree, unmapped = convert(raw, ns.kind)
-    config_from_dict(tree, f"{ns.file} (converted)")  # the converted config must load
-    text = f"# converted by `preftune config from-trl {ns.file}`\n" + yaml.safe_dump(tree, sort_keys=False)
-    if ns.out:
-        Path(ns.out).write_text(text)
-        print(f"wrote {ns.out}", file=sys.stderr)
-    else:
-        print(text, end="")
-    for line in unmapped:
-        print(f"not mapped: {line}", file=sys.stderr)
-    return 0

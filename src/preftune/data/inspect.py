@@ -4,7 +4,6 @@ rendered sample with the masked prompt visible. Reads only; trains nothing."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +121,3 @@ def inspect(cfg: Config, data: DataConfig, kind: str, tokenizer) -> dict[str, An
     sample = sample_view((train or heldout)[0], tokenizer) if train or heldout else None
     return summarize(data, kind, read, tok_train.merge(tok_heldout), {"train": len(train), "heldout": len(heldout)},
                      sample)
-
-
-def main(ns) -> int:
-    """CLI handler: ``ns.target`` (or ``ns.data_target``), ``ns.overrides``, ``ns.format``, ``ns.json``, ``ns.sft``."""
-    target = getattr(ns, "data_target", None) or ns.target
-    cfg, data = resolve(target, list(ns.overrides or []), ns.format, ns.sft)
-    kind = "sft" if ns.sft else "preference"
-    summary = inspect(cfg, data, kind, load_tokenizer_for(cfg))
-    print(json.dumps(summary, ensure_ascii=False) if ns.json else render_text(summary))
-    return 0

@@ -30,6 +30,7 @@ from preftune.data.formats import (
     detect_format,
     sft_rows_from_pairs,
 )
+from preftune.env import offline
 from preftune.errors import DataError, PreftuneError
 
 Record = tuple[dict, str, int]
@@ -246,13 +247,8 @@ def _local_files(source: str, split: str) -> list[Path] | None:
     return None
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_error(name: str, e: Exception) -> PreftuneError:
-    why = "the Hub cannot be reached (HF_HUB_OFFLINE=1)" if _offline() else f"{type(e).__name__}: {e}"
+    why = "the Hub cannot be reached (HF_HUB_OFFLINE=1)" if offline() else f"{type(e).__name__}: {e}"
     return PreftuneError(f"dataset {name!r} is not local and could not be loaded from the Hugging Face Hub ({why}). "
                          "Pass a local path instead: data.source=PATH (.jsonl/.json/.parquet/.csv file or folder)")
 

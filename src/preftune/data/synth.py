@@ -6,11 +6,9 @@ check (arithmetic, counting, sorting, unit conversion, table facts, format instr
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
 import random
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -460,19 +458,6 @@ def build_embedded(out_dir: str | Path, hand_path: Path | None = None) -> tuple[
     write_jsonl(paths[0], train)
     write_jsonl(paths[1], test)
     return paths
-
-
-def main(ns: argparse.Namespace) -> int:
-    """``preftune data synth --n N --seed S --out FILE``: write the generated pairs, print the count per category."""
-    rows = generate(ns.n, ns.seed)
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out, rows)
-    counts = Counter(r["meta"]["category"] for r in rows)
-    for category in CATEGORIES:
-        print(f"{category:<12}{counts.get(category, 0):>6}")
-    print(f"{'total':<12}{len(rows):>6}  -> {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import copy
 import json
 from pathlib import Path
 
-from preftune.checkpoint import snapshots, write_json
 from preftune.config import Config
 from preftune.errors import PreftuneError
+from preftune.eval.suite import evaluate_models
+from preftune.files import write_json
+from preftune.paths import StageDir
 
 CURVE_SECTIONS = ("winrate", "checked", "tasks")
 
@@ -21,13 +23,13 @@ def curve_points(stage_dir: Path, run: dict, start: str) -> list[dict]:
     """``{step, tokens_seen, pairs_seen, model}`` for the starting model, every snapshot and ``final/``
     of the finished stage in ``stage_dir`` (``run`` is its run.json)."""
     points = [{"step": 0, "tokens_seen": 0, "pairs_seen": 0, "model": str(start)}]
-    for snap in snapshots(stage_dir):
+    for snap in StageDir(stage_dir).snapshots():
         info = json.loads((snap / "snapshot.json").read_text())
         if info["step"] <= run["steps"]:
             points.append({k: info[k] for k in ("step", "tokens_seen", "pairs_seen")} | {"model": str(snap)})
     if run["steps"] > points[-1]["step"]:
         points.append({"step": run["steps"], "tokens_seen": run["tokens_seen"], "pairs_seen": run["pairs_seen"],
-                       "model": str(stage_dir / "final")})
+                       "model": str(StageDir(stage_dir).final)})
     return points
 
 
@@ -35,10 +37,8 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     """Evaluate every curve point of the stage in ``stage_dir`` (which started from ``start``) and
     write ``out_dir/curve.json``; per-point samples go to ``out_dir/curve/``. Results are cached like
     every evaluation, so an unchanged point is never generated or judged twice."""
-    from preftune.eval.suite import evaluate_models
-
     stage_dir, out = Path(stage_dir), Path(out_dir)
-    run_file = stage_dir / "run.json"
+    run_file = StageDir(stage_dir).run
     if not run_file.is_file():
         raise PreftuneError(f"{stage_dir} has no run.json: curves need a finished preference stage")
     run = json.loads(run_file.read_text())
@@ -53,5 +53,5 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     curve = {"stage": run.get("stage", "dpo"), "best_step": run.get("best_step"),
              "early_stopping_metric": run.get("early_stopping_metric"), "stopped_early": run.get("stopped_early"),
              "points": points, "skipped": results.get("skipped", {})}
-    write_json(out / "curve.json", curve)
+    write_json(out / "curve.json", curve)  # RunDir.curve_json when out is the run's eval/
     return curve

@@ -122,23 +122,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def main(ns) -> int:
-    """``preftune generate CONFIG --model M [--out F]``: responses to the held-out prompts as JSONL."""
-    from preftune.config import load_config
-    from preftune.model import load_for_inference, trust_options
-
-    cfg = load_config(ns.config, ns.overrides)
-    rows = held_out_prompts(cfg)
-    model, tok = load_for_inference(ns.model, cfg.precision, **trust_options(cfg))
-    w = cfg.eval.winrate
-    responses = generate(model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p,
-                         cfg.seed, cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)
-    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / "generations.jsonl"
-    write_jsonl(out, [{"prompt": r.prompt, "response": s, "meta": r.meta} for r, s in zip(rows, responses)])
-    print(f"wrote {len(rows)} generations to {out}")
-    return 0
-
-
 # ---------------------------------------------------------------- preftune chat
 
 CHAT_HELP = ("type a message; /reset starts a new conversation, /save FILE writes it as JSON, /exit (or "
@@ -214,17 +197,3 @@ def line_editing(history: Path) -> Callable[[], None]:
 
     return save
 
-
-def chat(ns) -> int:
-    """``preftune chat MODEL``: a terminal chat; the model is a run, adapter, model folder or embedded
-    name. At a terminal the line is edited with readline, and the history is kept in the cache folder."""
-    from preftune.embedded import cache_root
-    from preftune.model import load_for_inference
-
-    model, tok = load_for_inference(ns.model)
-    save = line_editing(cache_root() / "chat_history") if sys.stdin.isatty() else (lambda: None)
-    try:
-        chat_loop(model, tok, input, sys.stdout, ns.max_new_tokens, ns.temperature)
-    finally:
-        save()
-    return 0

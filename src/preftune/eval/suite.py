@@ -12,11 +12,29 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from preftune.checkpoint import write_json
-from preftune.config import Config, load_config, to_dict
+from preftune.config import Config, to_dict
 from preftune.data.rows import PreferenceRow
-from preftune.errors import PreftuneError
-from preftune.eval.tasks import mean_accuracy
+from preftune.data.sources import load_rows
+from preftune.env import cache_root
+from preftune.errors import MissingExtraError, PreftuneError
+from preftune.eval import generate as generation
+from preftune.eval import heldout as heldout_lm
+from preftune.eval.checks import check
+from preftune.eval.judges import judge_pairs, make_judge
+from preftune.eval.kl import token_kl
+from preftune.eval.rewards import evaluate_rewards
+from preftune.eval.stats import paired_bootstrap, wilson_interval
+from preftune.eval.tasks import run_tasks
+from preftune.files import write_json
+from preftune.methods import METHODS
+from preftune.model import (
+    adapter_base,
+    content_digest,
+    is_adapter,
+    load_for_inference,
+    resolve_model,
+    trust_options,
+)
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
@@ -26,8 +44,6 @@ PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk
 
 def cache_dir() -> Path:
     """``<preftune cache>/eval`` (``$PREFTUNE_CACHE`` moves it, e.g. per sweep or per test)."""
-    from preftune.embedded import cache_root
-
     return cache_root() / "eval"
 
 
@@ -35,8 +51,6 @@ def model_fingerprint(name: str) -> dict:
     """What identifies a model for the cache: the content of its files (an adapter's base included),
     so a retrained folder never reuses stale results and identical weights saved twice (``best/`` and
     the snapshot of the same step) are evaluated once."""
-    from preftune.model import content_digest, resolve_model
-
     return {"content": content_digest(resolve_model(name))}
 
 
@@ -60,8 +74,6 @@ def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str 
 
 def heldout_rows(cfg: Config) -> list[PreferenceRow]:
     """The held-out preference rows of ``cfg.data`` (split or carved off with the seed)."""
-    from preftune.data.sources import load_rows
-
     _, test, _ = load_rows(cfg.data, "preference", cfg.seed)
     if not test:
         raise PreftuneError(f"no held-out rows in {cfg.data.source}; set data.test_split or data.test_size")
@@ -89,20 +101,17 @@ def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[Preferenc
 
 
 def _folder(name: str) -> str:
-    from preftune.model import resolve_model
 
     return str(Path(resolve_model(name)).resolve())
 
 
 def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -> list[str]:
     """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings)."""
-    from preftune.eval.generate import generate
-
     w = cfg.eval.winrate
     settings = {"max_new_tokens": w.max_new_tokens, "temperature": w.temperature, "top_p": w.top_p,
                 "seed": cfg.seed, "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
     key = {"model": model_fingerprint(name), "prompts": [r.key for r in rows], **settings}
-    return cached("generations", key, lambda: generate(
+    return cached("generations", key, lambda: generation.generate(
         model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p, cfg.seed,
         cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length), about=_folder(name))
 
@@ -114,8 +123,6 @@ def judge_items(rows: list[PreferenceRow], responses: list[str], references: lis
 
 def judge(cfg: Config, items: list[dict]):
     """Both-order judgments of ``items`` with the configured judge (judgments cached in the eval cache)."""
-    from preftune.eval.judges import judge_pairs, make_judge
-
     w = cfg.eval.winrate
     judge_ = make_judge(w)
     try:
@@ -129,9 +136,6 @@ def judge(cfg: Config, items: list[dict]):
 def checked_entry(rows: list[PreferenceRow], responses: list[str]) -> tuple[dict, list]:
     """Checked-answer accuracy on the rows that carry a checkable answer, with a 95% Wilson interval,
     and the per-prompt 0/1 (None where unchecked) for paired comparisons."""
-    from preftune.eval.checks import check
-    from preftune.eval.stats import wilson_interval
-
     per = [check(r.meta, s) for r, s in zip(rows, responses)]
     marks = [None if c is None else float(c) for c in per]
     done = [m for m in marks if m is not None]
@@ -149,17 +153,14 @@ def winrate_entry(run, vs: str) -> dict:
 
 def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
     """Held-out loss with per-chunk values (cached by model files, corpus and chunking)."""
-    from preftune.eval.heldout import heldout_loss, load_corpus
-
     h = cfg.eval.heldout
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
            "max_chunks": h.max_chunks, "precision": cfg.precision}
-    return cached("heldout", key, lambda: heldout_loss(model, tok, load_corpus(h.corpus), h.chunk_length,
+    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(h.corpus), h.chunk_length,
                                                       h.max_chunks, cfg.eval.batch_size), about=_folder(name))
 
 
 def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
-    from preftune.eval.tasks import run_tasks
 
     key = {"model": model_fingerprint(name), "tasks": cfg.eval.tasks, "limit": cfg.eval.tasks_limit,
            "precision": cfg.precision}
@@ -170,10 +171,7 @@ def tasks_entry(cfg: Config, name: str, model, tok) -> dict:
 def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, rows: list[PreferenceRow]) -> dict:
     """``rewards/accuracies`` and margins against ``reference`` through the training core's
     ``evaluate_rewards``; a LoRA model whose base is the reference uses itself with adapters off."""
-    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model, trust_options
-    from preftune.train import evaluate_rewards
-
-    if not cfg.dpo.needs_reference():
+    if not METHODS["dpo"].needs_reference(cfg.dpo):
         return evaluate_rewards(model, tok, None, rows, cfg)
     path = resolve_model(name)
     if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
@@ -185,9 +183,6 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
 def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> dict:
     """Per-token KL from ``reference`` on the held-out chosen completions (cached by both models'
     files and the rows); a LoRA model whose base is the reference uses itself with adapters off."""
-    from preftune.eval.kl import token_kl
-    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
-
     key = {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
            "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
            "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
@@ -197,7 +192,7 @@ def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[Pref
         if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
             ref = "adapter"
         else:
-            ref, _ = load_for_inference(reference, cfg.precision)
+            ref, _ = load_for_inference(reference, cfg.precision, **trust_options(cfg))
         return token_kl(model, ref, tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
                         max(1, cfg.eval.batch_size // 2))
 
@@ -210,8 +205,6 @@ def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[Pref
 def _has_lm_eval(results: dict) -> bool:
     """Downstream tasks need the ``eval`` extra; without it the suite skips them, says so, and
     records why under ``skipped`` (``preftune eval tasks`` stops with the error instead)."""
-    from preftune.errors import MissingExtraError
-
     try:
         import lm_eval  # noqa: F401
 
@@ -226,9 +219,8 @@ def _has_lm_eval(results: dict) -> bool:
 
 
 def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], run) -> None:
-    from preftune.eval.generate import write_jsonl
 
-    write_jsonl(path, [{"prompt": r.prompt, "response": s, "chosen": r.chosen, "category": category_of(r),
+    generation.write_jsonl(path, [{"prompt": r.prompt, "response": s, "chosen": r.chosen, "category": category_of(r),
                         "score": res["score"], "status": res["status"], "meta": r.meta}
                        for r, s, res in zip(rows, responses, run.results)])
 
@@ -242,10 +234,6 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     such as the base, get none). Win-rate is against the dataset's chosen responses; with two or
     more models, the paired bootstrap of their per-prompt scores is stored under ``comparisons``.
     Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``."""
-    from preftune.eval.heldout import paired_difference
-    from preftune.eval.stats import paired_bootstrap
-    from preftune.model import load_for_inference, trust_options
-
     out = Path(out_dir)
     reference_for = reference_for or {}
     ev = cfg.eval
@@ -285,7 +273,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     if "base" in chunks:
         for name, per_chunk in chunks.items():
             if name != "base":
-                results["models"][name]["heldout"]["diff_vs_base"] = paired_difference(per_chunk, chunks["base"])
+                results["models"][name]["heldout"]["diff_vs_base"] = heldout_lm.paired_difference(per_chunk, chunks["base"])
     names = list(scores)
     for i, a in enumerate(names):
         for b in names[:i]:
@@ -301,150 +289,3 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
 
 
 # ---------------------------------------------------------------- printing
-
-
-def _fmt(x, spec: str = ".3f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) else "-"
-
-
-def table(results: dict) -> str:
-    """A compact table: one row per model."""
-    head = ("model", "reward acc", "win-rate [95% CI]", "W/T/L/inv", "bits/byte", "Δ vs base [95% CI]", "task acc")
-    rows = [head]
-    for name, e in results.get("models", {}).items():
-        rw, w, h, t = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {}), e.get("tasks", {})
-        d = h.get("diff_vs_base")
-        rows.append((
-            name, _fmt(rw.get("rewards/accuracies")),
-            f"{_fmt(w['winrate'])} [{_fmt(w['ci_low'], '.2f')}, {_fmt(w['ci_high'], '.2f')}]" if "winrate" in w else "-",
-            "/".join(str(w.get(k, "-")) for k in ("wins", "ties", "losses", "invalid")) if w else "-",
-            _fmt(h.get("bpb"), ".4f"),
-            f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else "-",
-            _fmt(mean_accuracy(t)),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)) for r in rows]
-    for pair, c in results.get("comparisons", {}).items():
-        lines.append(f"win-rate {pair}: {c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] (paired bootstrap)")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- commands
-
-
-def default_models(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
-    """base = cfg.model, plus sft/ and dpo/ of ``cfg.output_dir`` when those runs exist; and each
-    one's reward reference (sft -> base; dpo -> the SFT model it started from, else base)."""
-    out = Path(cfg.output_dir)
-    models, refs = {"base": cfg.model}, {}
-    if (out / "sft" / "run.json").is_file():
-        models["sft"], refs["sft"] = str(out / "sft"), cfg.model
-    if (out / "dpo" / "run.json").is_file():
-        models["dpo"] = str(out / "dpo")
-        sft_ref = out / "sft" / "merged" if (out / "sft" / "merged" / "config.json").is_file() else out / "sft"
-        refs["dpo"] = str(sft_ref) if "sft" in models else cfg.model
-    return models, refs
-
-
-def parse_models(specs: list[str], defaults: dict[str, str]) -> dict[str, str]:
-    """``base``/``sft``/``dpo`` (the defaults), ``NAME=PATH``, or a PATH (named after its folder)."""
-    out = {}
-    for spec in specs:
-        if spec in defaults:
-            out[spec] = defaults[spec]
-        elif "=" in spec:
-            name, _, path = spec.partition("=")
-            out[name] = path
-        elif spec in ("sft", "dpo"):
-            raise PreftuneError(f"--models {spec}: no finished {spec} run in the config's output_dir")
-        else:
-            out[Path(spec).name or spec] = spec
-    return out
-
-
-def main(ns) -> int:
-    """``preftune eval CONFIG [--models ...]``: writes ``<output_dir>/eval/eval.json``."""
-    cfg = load_config(ns.config, ns.overrides)
-    defaults, refs = default_models(cfg)
-    models = parse_models(ns.models, defaults) if ns.models else defaults
-    results = evaluate_models(cfg, models, Path(cfg.output_dir) / "eval", refs)
-    print(table(results))
-    if cfg.eval.curve_every and "dpo" in models and "dpo" in refs:
-        from preftune.eval.curve import evaluate_curve
-
-        curve = evaluate_curve(cfg, Path(cfg.output_dir) / "dpo", Path(cfg.output_dir) / "eval", refs["dpo"])
-        print(f"curve over training: {len(curve['points'])} points, wrote {Path(cfg.output_dir) / 'eval' / 'curve.json'}")
-    print(f"\nwrote {Path(cfg.output_dir) / 'eval' / 'eval.json'}")
-    return 0
-
-
-def _single(ns, section: str) -> Config:
-    """The config with only ``section`` switched on."""
-    cfg = load_config(ns.config, ns.overrides)
-    cfg.eval.rewards = section == "rewards"
-    cfg.eval.winrate.enabled = section == "winrate"
-    cfg.eval.heldout.enabled = section == "heldout"
-    if section != "tasks":
-        cfg.eval.tasks = []
-    return cfg
-
-
-def _out(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "eval"
-
-
-def rewards_main(ns) -> int:
-    """``preftune eval rewards CONFIG --model M [--reference R]`` (default reference: cfg.model)."""
-    cfg = _single(ns, "rewards")
-    results = evaluate_models(cfg, {"model": ns.model}, _out(cfg), {"model": ns.reference or cfg.model},
-                              json_name="rewards.json")
-    r = results["models"]["model"]["rewards"]
-    print(f"rewards/accuracies {r['rewards/accuracies']:.4f} ± {r['se']:.4f}  rewards/margins "
-          f"{r['rewards/margins']:.4f}  (n={r['n']}, reference {ns.reference or cfg.model})")
-    return 0
-
-
-def winrate_main(ns) -> int:
-    """``preftune eval winrate CONFIG --model M [--against B]``: vs chosen, or head to head against B."""
-    from preftune.model import load_for_inference, trust_options
-
-    cfg = _single(ns, "winrate")
-    if not ns.against:
-        print(table(evaluate_models(cfg, {"model": ns.model}, _out(cfg), json_name="winrate.json")))
-        return 0
-    rows = winrate_rows(heldout_rows(cfg), cfg.eval.winrate.per_category)
-    responses = {}
-    for name in (ns.model, ns.against):
-        model, tok = load_for_inference(name, cfg.precision, **trust_options(cfg))
-        responses[name] = generations(cfg, name, model, tok, rows)
-        del model
-    run = judge(cfg, judge_items(rows, responses[ns.model], responses[ns.against]))
-    result = {"models": {"model": {"winrate": winrate_entry(run, ns.against)}}, "config": to_dict(cfg.eval)}
-    write_json(_out(cfg) / "winrate-head-to-head.json", result)
-    print(f"{ns.model} vs {ns.against}")
-    print(table(result))
-    return 0
-
-
-def heldout_main(ns) -> int:
-    """``preftune eval heldout CONFIG --model M [--base B]``: NLL, ppl, bits/byte (and Δ vs B)."""
-    cfg = _single(ns, "heldout")
-    models = ({"base": ns.base} if ns.base else {}) | {"model": ns.model}
-    print(table(evaluate_models(cfg, models, _out(cfg), json_name="heldout.json")))
-    return 0
-
-
-def tasks_main(ns) -> int:
-    """``preftune eval tasks CONFIG --model M``: acc and acc_norm per task (writes tasks.json)."""
-    from preftune.model import load_for_inference, trust_options
-
-    cfg = _single(ns, "tasks")
-    if not cfg.eval.tasks:
-        raise PreftuneError("eval.tasks is empty; name tasks, e.g. eval.tasks=[embedded:mc]")
-    model, tok = load_for_inference(ns.model, cfg.precision, **trust_options(cfg))
-    tasks = tasks_entry(cfg, ns.model, model, tok)
-    write_json(_out(cfg) / "tasks.json", {"models": {"model": {"path": ns.model, "tasks": tasks}},
-                                           "config": to_dict(cfg.eval)})
-    for task, r in tasks.items():
-        print(f"{task}: acc {r.get('acc', float('nan')):.4f}  acc_norm {r.get('acc_norm', float('nan')):.4f}  (n={r['n']})")
-    return 0

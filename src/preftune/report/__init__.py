@@ -1,6 +1,4 @@
 """Reports: run, pipeline and sweep folders -> Markdown and self-contained HTML with PNG figures
-(``preftune report``). ``report.py`` reads the folders and builds the tables; ``plots.py`` draws."""
-
-from preftune.report.report import write_report
-
-__all__ = ["write_report"]
+(``preftune report``). ``runs.py`` reads the folders, ``table.py`` renders the results table,
+``report.py`` builds the tables and the page, ``plots.py`` draws. Importing the package loads none
+of them (matplotlib is heavy)."""

@@ -1,4 +1,4 @@
-"""The report's PNG figures (matplotlib, Agg backend): reward accuracy and loss/margin curves against
+"""The report's PNG figures (matplotlib's object API: no pyplot, no backend switch): reward accuracy and loss/margin curves against
 tokens seen with the early-stopping point marked, win-rate with CI bars, forgetting per model, and
 win-rate and downstream accuracy over training from evaluated snapshots (``eval/curve.json``).
 Each function takes the loaded runs and a target path, and returns the path, or None when the runs
@@ -8,17 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from preftune.eval.tasks import mean_accuracy  # noqa: E402
-
-if TYPE_CHECKING:  # pragma: no cover
-    from preftune.report.report import Run, StageRun
+from preftune.eval.tasks import mean_accuracy
+from preftune.report.runs import Run, StageRun
 
 DPI = 110
 
@@ -41,11 +35,17 @@ def best_point(stage: StageRun, key: str) -> tuple[float, float] | None:
     return None
 
 
+def _subplots(*grid, figsize, **kw):
+    """A figure and its axes, without pyplot: no global figure registry and no backend switch (PNG
+    output goes through matplotlib's Agg canvas whatever the session's backend is)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, format="png")
-    plt.close(fig)
     return path
 
 
@@ -79,9 +79,8 @@ def _curves(ax, runs: list[Run], key: str, stages: tuple[str, ...], mark_best: b
 
 def rewards_accuracy_plot(runs: list[Run], path: Path) -> Path | None:
     """Train and eval ``rewards/accuracies`` against tokens seen; the early-stopping point starred."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     if not _curves(ax, runs, "rewards/accuracies", ("dpo",), mark_best=True):
-        plt.close(fig)
         return None
     ax.set(xlabel="tokens seen", ylabel="rewards/accuracies", title="Reward accuracy (preference stage)")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -104,7 +103,7 @@ def loss_margins_plot(runs: list[Run], path: Path) -> Path | None:
                                             for r in runs if p[0] in r.stages)]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (stage, key, title) in zip(axes[0], panels):
         _curves(ax, runs, key, (stage,), mark_best=stage == "dpo")
         ax.set(xlabel="tokens seen", ylabel=key, title=title)
@@ -133,7 +132,7 @@ def winrate_plot(runs: list[Run], path: Path) -> Path | None:
     rows = [(label, w) for label, w in _model_rows(runs, "winrate") if "winrate" in w]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
+    fig, ax = _subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
     x = range(len(rows))
     rates = [w["winrate"] for _, w in rows]
     low = [w["winrate"] - w.get("ci_low", w["winrate"]) for _, w in rows]
@@ -153,7 +152,7 @@ def forgetting_plot(runs: list[Run], path: Path) -> Path | None:
     rows = [(label, h) for label, h in _model_rows(runs, "heldout") if "bpb" in h]
     if not rows:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = _subplots(1, 2, figsize=(11, 4))
     x = list(range(len(rows)))
     a1.bar(x, [h["bpb"] for _, h in rows], color="tab:orange", alpha=0.8)
     for i, (_, h) in zip(x, rows):
@@ -179,7 +178,7 @@ CurveSeries = tuple[str, Callable[[dict], "float | None"], Callable[[dict], "tup
 def _curve_figure(runs: list[Run], path: Path, series: list[CurveSeries], ylabel: str, title: str) -> Path | None:
     """One line per run and series against tokens seen, a CI band where given, and the run's
     early-stopping point (``best_step``) as a dotted line and a star."""
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = _subplots(figsize=(9, 4))
     drawn = False
     for run in runs:
         points = run.curve.get("points", [])
@@ -203,7 +202,6 @@ def _curve_figure(runs: list[Run], path: Path, series: list[CurveSeries], ylabel
                         label=f"{run.name} best (step {best})" if suffix == series[0][0] else None)
             drawn = True
     if not drawn:
-        plt.close(fig)
         return None
     ax.set(xlabel="tokens seen", ylabel=ylabel, title=title, ylim=(0, 1.05))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
@@ -248,7 +246,7 @@ def reward_kl_plot(runs: list[Run], path: Path) -> Path | None:
                 points.append((model if len(runs) == 1 else f"{run.name}/{model}", kl, reward))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = _subplots(figsize=(6, 4.5))
     ax.scatter([k for _, k, _ in points], [r for _, _, r in points], color="tab:purple")
     for label, k, r in points:
         ax.annotate(label, (k, r), textcoords="offset points", xytext=(4, 4), fontsize=7)

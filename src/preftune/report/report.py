@@ -12,134 +12,16 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from preftune.errors import PreftuneError
 from preftune.eval.tasks import mean_accuracy
 from preftune.report import plots
-
-STAGES = ("sft", "dpo")
-
-
-# ---------------------------------------------------------------- reading runs
-
-
-@dataclass
-class StageRun:
-    path: Path
-    stage: str
-    run: dict
-    metrics: list[dict]
-    config: dict
-
-
-@dataclass
-class Run:
-    name: str
-    path: Path
-    config: dict
-    stages: dict[str, StageRun] = field(default_factory=dict)
-    eval: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-    curve: dict = field(default_factory=dict)
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise PreftuneError(f"{path} is not valid JSON ({e}); was the run interrupted while writing it?") from None
-
-
-def _yaml(path: Path) -> dict:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn last line (a killed run) is skipped."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def is_stage_run(p: Path) -> bool:
-    return (p / "run.json").is_file() or (p / "metrics.jsonl").is_file()
-
-
-def is_pipeline_run(p: Path) -> bool:
-    return any(is_stage_run(p / s) for s in STAGES) or (p / "eval" / "eval.json").is_file()
-
-
-def load_stage(p: Path, stage: str | None = None) -> StageRun:
-    run = _json(p / "run.json")
-    return StageRun(p, run.get("stage", stage or p.name), run, read_metrics(p / "metrics.jsonl"), _yaml(p / "config.yaml"))
-
-
-def load_run(p: Path, name: str | None = None) -> Run:
-    """A pipeline run folder, or a single stage run folder (then the only stage)."""
-    name = name or p.resolve().name
-    if is_pipeline_run(p):
-        stages = {s: load_stage(p / s, s) for s in STAGES if is_stage_run(p / s)}
-        config = _yaml(p / "config.yaml") or next((s.config for s in stages.values()), {})
-        return Run(name, p, config, stages, _json(p / "eval" / "eval.json"), _json(p / "timings.json"),
-                   _json(p / "eval" / "curve.json"))
-    stage = load_stage(p)
-    return Run(name, p, stage.config, {stage.stage: stage}, _json(p / "eval" / "eval.json"), _json(p / "timings.json"),
-               _json(p / "eval" / "curve.json"))
-
-
-def _find_runs(p: Path, depth: int) -> list[Path]:
-    if is_pipeline_run(p) or is_stage_run(p):
-        return [p]
-    if depth == 0 or not p.is_dir():
-        return []
-    return [r for child in sorted(p.iterdir()) if child.is_dir() for r in _find_runs(child, depth - 1)]
-
-
-def discover_runs(paths: list[str | Path]) -> list[Run]:
-    """Every run under ``paths`` (a run folder, or a sweep folder holding runs)."""
-    runs = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.is_dir():
-            raise PreftuneError(f"run folder not found: {p}")
-        found = _find_runs(p, depth=2)
-        if not found:
-            raise PreftuneError(
-                f"{p} holds no run: expected run.json/metrics.jsonl (a stage run), sft/ dpo/ eval/ (a pipeline "
-                "run), or sub-folders that are runs (a sweep)"
-            )
-        for r in found:
-            name = r.resolve().name if r == p else str(r.relative_to(p))
-            runs.append(load_run(r, name))
-    return runs
-
+from preftune.report.runs import Run, discover_runs
+from preftune.report.table import REPORT, Table, fmt, html_table, markdown_table, results_table
 
 # ---------------------------------------------------------------- figures and tables
-
-
-def fmt(x, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        return "-" if math.isnan(x) else f"{x:.{digits}f}"
-    return str(x)
 
 
 def fmt_param(x) -> str:
@@ -175,9 +57,6 @@ def _dataset(run: Run) -> str:
     return str(_get(run.config, "data.source") or "-")
 
 
-Table = tuple[list[str], list[list[str]]]
-
-
 def runs_table(runs: list[Run]) -> Table:
     head = ["run", "stage", "loss", "beta", "steps", "tokens seen", "best step", "best metric", "stopped early",
             "wall time (s)"]
@@ -192,18 +71,8 @@ def runs_table(runs: list[Run]) -> Table:
 
 
 def eval_table(runs: list[Run]) -> Table:
-    head = ["run", "model", "reward acc (± se)", "win-rate [95% CI]", "W / T / L / invalid", "LC win-rate",
-            "checked acc [95% CI]", "nll", "ppl", "bits/byte", "Δ bits/byte vs base [95% CI]", "task acc (mean)"]
-    rows = []
-    for run in runs:
-        for model, e in run.eval.get("models", {}).items():
-            rw, w, h = e.get("rewards", {}), e.get("winrate", {}), e.get("heldout", {})
-            acc = rw.get("rewards/accuracies")
-            wtl = " / ".join(fmt(w.get(k)) for k in ("wins", "ties", "losses", "invalid")) if w else "-"
-            rows.append([run.name, model, f"{fmt(acc)} ± {fmt(rw.get('se'))}" if acc is not None else "-", _ci(w),
-                         wtl, fmt(w.get("lc_winrate")), _ci(e.get("checked", {}), "accuracy"), fmt(h.get("nll"), 4), fmt(h.get("ppl"), 2),
-                         fmt(h.get("bpb"), 4), _diff(h), fmt(mean_accuracy(e.get("tasks", {})))])
-    return head, rows
+    rows = [row for run in runs for row in results_table(run.eval.get("models", {}), REPORT, run=run.name)[1]]
+    return results_table({}, REPORT, run="")[0], rows
 
 
 def _tuned(run: Run) -> tuple[str, dict] | None:
@@ -335,20 +204,6 @@ TABLES: list[tuple[str, Callable[[list[Run]], Table]]] = [
 # ---------------------------------------------------------------- rendering
 
 
-def markdown_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = [[c.replace("|", "\\|") for c in r] for r in [head] + rows]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc[1:]])
-
-
-def html_table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c).replace('&lt;br&gt;', '<br>')}</td>" for c in r) + "</tr>" for r in rows
-    )
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:4px 8px}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}"""
@@ -395,11 +250,3 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
-
-
-def main(ns) -> int:
-    """``preftune report RUN_DIR... [--out DIR]`` (default: RUN_DIR/report for one folder, else ./report)."""
-    out = Path(ns.out) if ns.out else (Path(ns.runs[0]) / "report" if len(ns.runs) == 1 else Path("report"))
-    path = write_report(ns.runs, out)
-    print(f"report: {path} (and {path.with_suffix('.md')})")
-    return 0

@@ -1,4 +1,4 @@
-"""Handlers for the training commands of the CLI table: config show, losses, sft, dpo, orpo, merge."""
+"""Training commands: config show, losses, sft, dpo, orpo, merge, pipeline, quickstart, iterate, sweep."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import yaml
 
-from preftune.config import load_config, resolved_dict
-from preftune.logs import setup_logging  # noqa: F401  (the commands' one logging set-up)
+from preftune.commands import setup_logging
+from preftune.config import ConfigError, apply_overrides, load_config, load_raw, resolved_dict
 
 
 def config_show(ns) -> int:
+    """The resolved config, each loss with all its parameters."""
     print(yaml.safe_dump(resolved_dict(load_config(ns.config, ns.overrides)), sort_keys=False), end="")
     return 0
 
@@ -24,6 +25,7 @@ def losses_show(ns) -> int:
 
 
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
+    from preftune.card import update_card
     from preftune.model import resolve_model
     from preftune.train import run_stage
 
@@ -33,6 +35,7 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume,
                         allow_changes=getattr(ns, "allow_changes", False))
     if int(os.environ.get("RANK", "0")) == 0:
+        update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
         print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
     return 0
 
@@ -59,23 +62,52 @@ def merge(ns) -> int:
     return 0
 
 
+def pipeline(ns) -> int:
+    from preftune.pipeline import headline, run_pipeline
+
+    setup_logging()
+    cfg = load_config(ns.config, ns.overrides)
+    result = run_pipeline(cfg, resume=getattr(ns, "resume", False), allow_changes=getattr(ns, "allow_changes", False))
+    print(headline(result))
+    print(f"\ntimings (s): {result['timings']}")
+    print(f"report: {result['report']}")
+    return 0
+
+
+def quickstart(ns) -> int:
+    from preftune.pipeline import QUICKSTART
+
+    ns.config = str(QUICKSTART)
+    return pipeline(ns)
+
+
+def sweep(ns) -> int:
+    """``preftune sweep CONFIG [key=value ...] [--dry-run]``."""
+    from preftune.sweep import run_sweep
+
+    setup_logging()
+    raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
+    run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
+    return 0
+
+
 def iterate(ns) -> int:
     """``preftune iterate CONFIG``: on-policy rounds from the run folder's newest policy (its DPO stage,
     else its SFT model, else ``model``)."""
     from preftune.model import resolve_model
+    from preftune.paths import RunDir
     from preftune.pipeline import rounds_table
     from preftune.rounds import run_rounds
 
     setup_logging()
     cfg = load_config(ns.config, ns.overrides)
     if cfg.rounds.n < 1:
-        from preftune.config import ConfigError
-
-        raise ConfigError(["rounds.n: 'preftune iterate' runs on-policy rounds, but rounds.n is 0; set rounds.n=1 or more"],
-                          ns.config)
-    out = Path(cfg.output_dir)
-    start = next((str(p.resolve()) for p in (out / "dpo" / "final", out / "sft" / "merged", out / "sft" / "final")
+        raise ConfigError(["rounds.n: 'preftune iterate' runs on-policy rounds, but rounds.n is 0; set rounds.n=1 "
+                           "or more"], ns.config)
+    run = RunDir(cfg.output_dir)
+    newest = (run.stage("dpo").final, run.merged_sft, run.stage("sft").final)
+    start = next((str(p.resolve()) for p in newest
                   if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()), None)
-    records = run_rounds(cfg, out, start or resolve_model(cfg.model))
+    records = run_rounds(cfg, run.root, start or resolve_model(cfg.model))
     print("\n".join(rounds_table(records)).strip())
     return 0

@@ -1,0 +1,111 @@
+"""The run-folder layout, in one place: what a stage run, a pipeline run and a sweep hold, and where.
+Every module that reads or writes a run folder asks here; nothing here reads or writes files.
+
+    stage run     config.yaml  versions.json  data.json  metrics.jsonl  run.json
+                  final/  best/  snapshots/step-N/  checkpoints/step-N/
+    pipeline run  config.yaml  timings.json  done.json (in a sweep)  sft/  dpo/ (stage runs)
+                  sft/merged/  eval/eval.json  eval/curve.json  report/
+    sweep         sweep.json  runs/<name>/ (pipeline runs)  shared/sft/<key>/  report/
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("sft", "dpo")
+"""Stage folders of a pipeline run, in training order."""
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+def _steps(folder: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*") if (m := _STEP.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder of the layout, named by its ``root`` (a str or a Path)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class StageDir(Folder):
+    """One training stage's folder (``run_stage``'s ``out_dir``)."""
+
+    config = property(lambda self: self.root / "config.yaml")
+    versions = property(lambda self: self.root / "versions.json")
+    data = property(lambda self: self.root / "data.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    run = property(lambda self: self.root / "run.json")
+    final = property(lambda self: self.root / "final")
+    best = property(lambda self: self.root / "best")
+    snapshots_dir = property(lambda self: self.root / "snapshots")
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+
+    def is_finished(self) -> bool:
+        return self.run.is_file()
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots_dir / f"step-{step}"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step}"
+
+    def snapshots(self) -> list[Path]:
+        """``snapshots/step-N`` model folders (``eval.curve_every``), in step order."""
+        return _steps(self.snapshots_dir)
+
+    def checkpoints(self) -> list[Path]:
+        """``checkpoints/step-N`` resume folders, oldest first."""
+        return _steps(self.checkpoints_dir)
+
+    def model(self) -> Path | None:
+        """The stage's model to use: ``best/`` when kept, else ``final/``, else None (unfinished)."""
+        return next((p for p in (self.best, self.final) if p.is_dir()), None)
+
+
+@dataclass(frozen=True)
+class RunDir(Folder):
+    """A pipeline run's folder (``cfg.output_dir``): stage runs plus evaluation and report."""
+
+
+    config = property(lambda self: self.root / "config.yaml")
+    timings = property(lambda self: self.root / "timings.json")
+    done = property(lambda self: self.root / "done.json")
+    eval_dir = property(lambda self: self.root / "eval")
+    eval_json = property(lambda self: self.root / "eval" / "eval.json")
+    curve_json = property(lambda self: self.root / "eval" / "curve.json")
+    report_dir = property(lambda self: self.root / "report")
+    merged_sft = property(lambda self: self.root / "sft" / "merged")
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root / name)
+
+    def finished_stages(self) -> list[StageDir]:
+        return [s for s in map(self.stage, STAGES) if s.is_finished()]
+
+    def is_pipeline(self) -> bool:
+        return any(s.is_finished() or s.metrics.is_file() for s in map(self.stage, STAGES)) or self.eval_json.is_file()
+
+
+@dataclass(frozen=True)
+class SweepDir(Folder):
+    """A sweep's folder: one pipeline run per variant, a shared SFT stage per SFT key, one report."""
+
+
+    state = property(lambda self: self.root / "sweep.json")
+    runs_dir = property(lambda self: self.root / "runs")
+    report_dir = property(lambda self: self.root / "report")
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.runs_dir / name)
+
+    def shared_sft(self, key: str) -> StageDir:
+        return StageDir(self.root / "shared" / "sft" / key)
