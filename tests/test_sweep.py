@@ -268,3 +268,24 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch):
     state = run_sweep(raw, dry_run=True, echo=printed.append)
     assert state["tokens_per_second"] == {"value": 500.0, "source": "measured over 1 finished run(s) of this sweep"}
     assert [r["status"] for r in state["runs"]] == ["done", "planned"]
+
+
+def test_packed_estimates_count_the_loops_bins(tmp_path, monkeypatch):
+    """Under ``layout: packed`` an epoch is the packed bins, not ceil(rows / batch_size) batches: an
+    estimate of as many steps as there are bins is exactly one epoch's tokens."""
+    import math
+
+    from preftune.config import config_from_dict
+    from preftune.data.stage import load_stage_data, packed_bins
+    from preftune.sweep import _item_tokens, _tokenizer, stage_tokens
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    raw = _e2e_raw(tmp_path)
+    raw["dpo"] |= {"layout": "packed", "token_budget": 300}
+    cfg = config_from_dict({k: v for k, v in raw.items() if k != "sweep"})
+    tok = _tokenizer(cfg)
+    items = load_stage_data(cfg, "dpo", tok).train
+    bins = packed_bins(items, 300)
+    assert len(bins) != math.ceil(len(items) / cfg.dpo.batch_size)  # where the old estimate went wrong
+    cfg.dpo.max_steps = len(bins)
+    assert stage_tokens(cfg, "dpo", tok, {}) == sum(_item_tokens(i) for i in items)
