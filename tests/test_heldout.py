@@ -134,11 +134,14 @@ def test_in_training_eval_shows_a_progress_bar(capsys):
     """The loop's held-out evaluation (``evaluate_batches``) reports its batches on a bar; a step
     function returning each batch's loss shows the pair-weighted mean is unchanged."""
     from preftune.config import SFTConfig
-    from preftune.train import evaluate_batches
+    from preftune.eval.rewards import evaluate_batches
 
     class Step:
         def step(self, policy, batch, cfg, ref):
             return torch.tensor(batch["loss"]), {}
+
+        def units(self, batch):
+            return batch["num_pairs"]
 
     batches = [{"loss": 1.0, "num_pairs": 1}, {"loss": 3.0, "num_pairs": 1}, {"loss": 2.0, "num_pairs": 2}]
     out = evaluate_batches(torch.nn.Linear(1, 1), batches, Step(), SFTConfig(), None, progress=True)

@@ -11,7 +11,7 @@ EVAL = {"models": {
                          "invalid": 1},
              "checked": {"accuracy": 0.1333, "ci_low": 0.06, "ci_high": 0.26}, "heldout": {"bpb": 1.12619},
              "tasks": {"t": {"acc": 0.683}}},
-    "dpo": {"rewards": {"rewards/accuracies": 0.8125, "se": 0.0976},
+    "dpo": {"rewards": {"rewards/accuracies": 0.8125, "se": 0.0976}, "kl": {"kl": 0.012345},
             "heldout": {"bpb": 1.1213, "diff_vs_base": {"mean": -0.00491, "low": -0.008, "high": -0.002}}}},
     "comparisons": {"dpo-base": {"mean": 0.0556, "low": 0.0111, "high": 0.1111,
                                  "checked_accuracy": {"mean": 0.1111, "low": 0.0222, "high": 0.2222}}}}
@@ -19,9 +19,12 @@ EVAL = {"models": {
 
 def test_headline_reads_as_the_demo_prints_it():
     assert headline({"eval": EVAL}).splitlines() == [
-        "model  reward acc  win-rate vs chosen [95% CI]  checked acc [95% CI]  bits/byte (Δ vs base)  task acc",
-        "base   -           0.067 [0.02, 0.18]           0.133 [0.06, 0.26]    1.1262                 0.683   ",
-        "dpo    0.812       -                            -                     1.1213 (-0.0049)       -       ",
+        "model  reward acc  win-rate vs chosen [95% CI]  checked acc [95% CI]  bits/byte (Δ vs base)  task acc  "
+        "KL/token",
+        "base   -           0.067 [0.02, 0.18]           0.133 [0.06, 0.26]    1.1262                 0.683     "
+        "-       ",
+        "dpo    0.812       -                            -                     1.1213 (-0.0049)       -         "
+        "0.0123  ",
         "dpo-base: checked accuracy +0.111 [95% CI +0.022, +0.222] (paired bootstrap); win-rate vs chosen "
         "+0.056 [+0.011, +0.111]",
     ]

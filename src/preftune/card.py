@@ -1,7 +1,6 @@
 """Model cards: the ``README.md`` written beside every saved model, adapter and merged folder, built
 with huggingface_hub's ``ModelCard``/``ModelCardData`` (the Hub's metadata, with the evaluation as a
-machine-readable ``model-index``), refreshed with results after the suite runs; ``preftune push``
-uploads a run's model, with the base its adapter needs, through huggingface_hub."""
+machine-readable ``model-index``), refreshed with results after the suite runs. Exporting and pushing a model live in export.py."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from preftune import embedded
 from preftune.config import Config, config_from_dict
-from preftune.env import offline
-from preftune.errors import PreftuneError
 from preftune.paths import RunDir, StageDir
 from preftune.report.table import CARD, markdown_table, results_table
 
@@ -311,51 +308,3 @@ def write_merged_card(adapter_folder: str | Path, out: str | Path) -> Path:
                              f"`{adapter_folder.name}` merged into its base `{Path(base).name if local else base}`.\n"))
     (out / "README.md").write_text(text, encoding="utf-8")
     return out / "README.md"
-
-
-# ---------------------------------------------------------------- push
-
-
-def upload_folder_of(run: Path) -> Path:
-    """What ``push`` uploads: a pipeline run's last stage, a stage run's ``best/`` (else ``final/``),
-    or a model folder as is."""
-    from preftune.model import resolve_run
-
-    if not run.exists():
-        raise PreftuneError(f"push: run folder not found: {run}")
-    folder = resolve_run(run)
-    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
-        raise PreftuneError(f"push: {folder} holds no model (no config.json or adapter_config.json); "
-                            "pass a finished run folder or a saved model folder")
-    return folder
-
-
-def push_model(run: Path, repo: str, base_repo: str | None = None) -> tuple[Path, str, str | None]:
-    """Upload the model of ``run`` with its card to the Hub repo ``repo``; return (folder, url, the
-    base's repo or None). An adapter whose base is a local folder (the pipeline's merged SFT model) is
-    uploaded with that base: the base goes to ``base_repo`` (default ``REPO-base``) and the adapter's
-    config and card name it there, so ``AutoPeftModelForCausalLM.from_pretrained(REPO)`` works anywhere."""
-    import tempfile
-
-    from preftune.export import BASE, export
-
-    folder = upload_folder_of(Path(run))
-    if offline():
-        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {repo!r}; "
-                            "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    base_repo = base_repo or f"{repo}-base"
-    pushed_base = None
-    with tempfile.TemporaryDirectory(prefix="preftune-push-") as tmp:
-        staged = export(folder, Path(tmp) / "model", base_repo=base_repo)
-        if (staged / BASE).is_dir():
-            api.create_repo(base_repo, exist_ok=True)
-            api.upload_folder(folder_path=str(staged / BASE), repo_id=base_repo,
-                              commit_message=f"preftune push: the base of {folder}")
-            pushed_base = base_repo
-        url = api.create_repo(repo, exist_ok=True)
-        api.upload_folder(folder_path=str(staged), repo_id=repo, ignore_patterns=[f"{BASE}/*"],
-                          commit_message=f"preftune push of {folder}")
-    return folder, str(url), pushed_base

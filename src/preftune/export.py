@@ -10,6 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
+from preftune.card import card_for_stage, run_eval
+from preftune.env import offline
 from preftune.errors import PreftuneError
 
 RUN_FILES = frozenset({"best.json", "snapshot.json"})
@@ -37,8 +39,6 @@ def local_base(adapter: Path) -> tuple[str, Path | None]:
 
 def _base_card(base: Path, out: Path) -> None:
     """The card of the exported base: its own run card (a merged SFT model), else the one it has."""
-    from preftune.card import card_for_stage, run_eval
-
     if (base.parent / "run.json").is_file():
         (out / "README.md").write_text(card_for_stage(base.parent, run_eval(base.parent), merged=base.name == "merged"),
                                        encoding="utf-8")
@@ -47,8 +47,6 @@ def _base_card(base: Path, out: Path) -> None:
 def export(run: str | Path, out: str | Path, base_repo: str | None = None) -> Path:
     """Write ``run``'s model (a pipeline's last stage, a stage's ``best/`` or ``final/``, or a model
     folder) into ``out`` with its card; an adapter's local base goes to ``out/base``. Returns ``out``."""
-    from preftune.card import card_for_stage, run_eval, upload_folder_of
-
     folder = upload_folder_of(Path(run))
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -71,3 +69,49 @@ def export(run: str | Path, out: str | Path, base_repo: str | None = None) -> Pa
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
     return out
+
+
+# ---------------------------------------------------------------- push
+
+
+def upload_folder_of(run: Path) -> Path:
+    """What ``push`` uploads: a pipeline run's last stage, a stage run's ``best/`` (else ``final/``),
+    or a model folder as is."""
+    from preftune.model import resolve_run
+
+    if not run.exists():
+        raise PreftuneError(f"push: run folder not found: {run}")
+    folder = resolve_run(run)
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise PreftuneError(f"push: {folder} holds no model (no config.json or adapter_config.json); "
+                            "pass a finished run folder or a saved model folder")
+    return folder
+
+
+def push_model(run: Path, repo: str, base_repo: str | None = None) -> tuple[Path, str, str | None]:
+    """Upload the model of ``run`` with its card to the Hub repo ``repo``; return (folder, url, the
+    base's repo or None). An adapter whose base is a local folder (the pipeline's merged SFT model) is
+    uploaded with that base: the base goes to ``base_repo`` (default ``REPO-base``) and the adapter's
+    config and card name it there, so ``AutoPeftModelForCausalLM.from_pretrained(REPO)`` works anywhere."""
+    import tempfile
+
+    folder = upload_folder_of(Path(run))
+    if offline():
+        raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {repo!r}; "
+                            "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    base_repo = base_repo or f"{repo}-base"
+    pushed_base = None
+    with tempfile.TemporaryDirectory(prefix="preftune-push-") as tmp:
+        staged = export(folder, Path(tmp) / "model", base_repo=base_repo)
+        if (staged / BASE).is_dir():
+            api.create_repo(base_repo, exist_ok=True)
+            api.upload_folder(folder_path=str(staged / BASE), repo_id=base_repo,
+                              commit_message=f"preftune push: the base of {folder}")
+            pushed_base = base_repo
+        url = api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(staged), repo_id=repo, ignore_patterns=[f"{BASE}/*"],
+                          commit_message=f"preftune push of {folder}")
+    return folder, str(url), pushed_base

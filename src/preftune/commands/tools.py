@@ -68,7 +68,7 @@ def serve(ns) -> int:
 def push(ns) -> int:
     """``preftune push RUN --repo NAME [--base-repo NAME]``: upload the model with its card, and an
     adapter's local base (the pipeline's merged SFT model) to ``--base-repo`` (default ``NAME-base``)."""
-    from preftune.card import push_model
+    from preftune.export import push_model
 
     folder, url, base = push_model(Path(ns.run), ns.repo, getattr(ns, "base_repo", None))
     if base:
