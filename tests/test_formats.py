@@ -10,6 +10,7 @@ from preftune.data.formats import (
     FORMATS,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
+    UNPAIRED_FORMATS,
     RowError,
     RowFiltered,
     adapter,
@@ -28,8 +29,8 @@ def msg(role: str, content: str) -> dict:
 
 
 def test_tables_cover_every_format():
-    assert set(FORMATS) == set(PREFERENCE_FORMATS) | set(SFT_FORMATS)
-    assert not set(PREFERENCE_FORMATS) & set(SFT_FORMATS)
+    assert set(FORMATS) == set(PREFERENCE_FORMATS) | set(SFT_FORMATS) | set(UNPAIRED_FORMATS)
+    assert set(PREFERENCE_FORMATS) & set(SFT_FORMATS) == {"sharegpt"}  # pairs or plain conversations
 
 
 # ---------------------------------------------------------------- hh
