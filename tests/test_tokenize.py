@@ -142,7 +142,8 @@ def test_tokenize_rows_counts_every_drop_and_lengths(tokenizer):
     out, rep = tokenize_rows(rows, tokenizer, data, "preference")
     assert rep.rows_in == 4 and rep.kept == len(out) == 2
     assert rep.dropped == {"chosen_equals_rejected": 1, "empty_completion": 1}
-    assert rep.truncated == 1 and rep.truncation_rate == 0.5
+    assert rep.truncated == {"prompt": 0, "completion": 1}
+    assert rep.truncation_rate == {"prompt": 0.0, "completion": 0.5}
     assert sorted(rep.lengths) == ["chosen", "prompt", "rejected"]
     assert rep.length_stats()["chosen"]["max"] == len(out[1].chosen_ids)
     assert set(rep.to_dict()) >= {"kept", "dropped", "truncated", "boundary_merges", "lengths"}

@@ -87,6 +87,8 @@ class DataConfig:
     """Token budget for prompt + one completion."""
     max_prompt_length: int = 256
     """The prompt keeps its last this-many tokens."""
+    num_proc: int | None = None
+    """Processes that tokenize (null: the cores, at most 8; 1: this process only)."""
 
 
 @dataclass

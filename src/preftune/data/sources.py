@@ -20,7 +20,6 @@ from typing import Any
 from preftune.data import drops
 from preftune.data.formats import (
     KIND_FORMATS,
-    PREFERENCE_FORMATS,
     ROW_TYPES,
     RowError,
     RowFiltered,
