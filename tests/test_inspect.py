@@ -34,7 +34,9 @@ def test_text_report_shows_counts_lengths_and_masked_sample(tmp_path, capsys):
     assert "rows read: 13  kept: 12" in out
     assert "dropped: chosen_equals_rejected=1" in out
     assert "p50" in out and "p99" in out and "rejected" in out
-    assert "truncated: 0 of 12 rows" in out
+    assert "truncated: 0 of 12 prompts (0.0%) cut to max_prompt_length=256; 0 rows (0.0%)" in out
+    assert "before cuts" in out  # the length percentiles before truncation
+    assert "7.7% of rows read (data.max_drop_fraction 0.05; training would STOP)" in out
     # The sample shows the masked prompt, the boundary and the completion with its EOS.
     assert "[MASKED <|im_start|>system" in out and "<|im_start|>assistant\n]|It is" in out
     assert "<|im_end|>" in out.split("]|", 1)[1]
@@ -49,15 +51,20 @@ def test_json_report_keys_and_accounting(tmp_path, capsys):
     assert sum(s["splits"].values()) == 20 and s["splits"]["heldout"] >= 1  # test_size 0.1 carved off
     assert set(s["lengths"]) == {"prompt", "chosen", "rejected"}
     assert set(s["lengths"]["chosen"]) == {"p50", "p90", "p99", "max"}
-    assert s["format"] == "standard" and s["truncation_rate"] == 0.0
+    assert s["format"] == "standard" and s["truncation_rate"] == {"prompt": 0.0, "completion": 0.0}
+    assert s["truncated"] == {"prompt": 0, "completion": 0}
+    assert s["lengths_before_truncation"] == s["lengths"]  # nothing was cut
+    assert s["bad_fraction"] == pytest.approx(1 / 21) and not s["over_max_drop_fraction"]
 
 
 def test_overrides_drive_truncation(tmp_path, capsys):
     f = write_pairs(tmp_path / "d.jsonl")
     s = run_json(capsys, str(f), "data.max_length=10", "data.max_prompt_length=8")
     assert s["lengths"]["prompt"]["max"] == 8
-    assert s["truncated"] == s["rows_kept"] and s["truncation_rate"] == 1.0
+    assert s["truncated"] == {"prompt": s["rows_kept"], "completion": s["rows_kept"]}
+    assert s["truncation_rate"] == {"prompt": 1.0, "completion": 1.0}
     assert s["lengths"]["chosen"]["max"] == 2
+    assert s["lengths_before_truncation"]["prompt"]["max"] > 8 and s["lengths_before_truncation"]["chosen"]["max"] > 2
 
 
 def test_format_flag_and_sft(tmp_path, capsys):

@@ -84,8 +84,8 @@ class StageData:
 
 def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
     from preftune.data.formats import sft_rows_from_pairs
+    from preftune.data.prepare import tokenize_splits
     from preftune.data.sources import load_rows
-    from preftune.data.tokenize import tokenize_rows
 
     data_cfg = cfg.data
     if stage == "sft" and cfg.sft.data is not None:
@@ -96,11 +96,9 @@ def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
         if stage == "sft":
             train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
     kind = "sft" if stage == "sft" else "preference"
-    train, tok_train = tokenize_rows(train_rows, tokenizer, data_cfg, kind)
-    test, tok_test = tokenize_rows(test_rows, tokenizer, data_cfg, kind)
+    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, data_cfg, kind)
     if not train:
-        raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {tok_train.to_dict()}")
-    report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
+        raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {report['drops']}")
     return StageData(train, test, report, fingerprint([t.key for t in train] + ["|"] + [t.key for t in test]))
 
 

@@ -355,6 +355,29 @@ def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
     return rows, report
 
 
+def detect_kind(data, kind: str) -> str:
+    """``kind``, or ``"unpaired"`` when the data is KTO rows (``data.format: kto``, or an undetectable
+    ``kind`` whose first record fits ``kto``), so that inspecting a KTO file needs no flag."""
+    if data.format in KIND_FORMATS["unpaired"]:
+        return "unpaired"
+    if data.format != "auto" or kind == "unpaired":
+        return kind
+    for rec, file, _ in read_records(data.source, data.split, data.subset, on_bad=lambda err: None):
+        if (to_canonical := mapper(data)) is not None:
+            check_columns(rec, data.columns, file)
+            rec = to_canonical(rec)
+        try:
+            _detect(rec, kind)
+            return kind
+        except DataError:
+            try:
+                detect_format(rec.keys(), "unpaired", rec)
+            except DataError:
+                return kind
+            return "unpaired"
+    return kind
+
+
 def _carve(rows: list, test_size: float, seed: int) -> tuple[list, list]:
     """Split off ``round(test_size * n)`` rows (at least 1, leaving at least 1) chosen by a seeded
     shuffle; both parts keep the source order."""
