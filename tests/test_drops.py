@@ -116,3 +116,32 @@ def test_shp_without_scores_is_said_once(tmp_path, caplog):
     assert len(train) == 3 and read.dropped == {}
     assert read.notes == ["SHP: the data has no score columns (score_A/score_B or score_ratio), so every pair is kept"]
     assert caplog.text.count("no score columns") == 1
+
+
+def hub_shp(i: int) -> dict:
+    """One record with every column of stanfordnlp/SHP as the Hub has it."""
+    return {"post_id": f"p{i}", "domain": "askscience_train", "upvote_ratio": 0.98, "history": f"Why {i}?",
+            "c_root_id_A": f"a{i}", "c_root_id_B": f"b{i}", "created_at_utc_A": 1, "created_at_utc_B": 2,
+            "score_A": 10 + i, "score_B": 2, "human_ref_A": f"Because {i}.", "human_ref_B": "Dunno.", "labels": 1,
+            "seconds_difference": 1.0, "score_ratio": (10 + i) / 2}
+
+
+@pytest.mark.parametrize("config, records", [
+    ("hh_llama1b_lora_bf16.yaml", lambda: [hh(i) for i in range(40)] + [hh(99, chosen="")]),
+    ("pythia28b_hh_qlora.yaml", lambda: [hh(i) for i in range(40)] + [hh(99, chosen="")]),
+    ("shp_llama1b_lora_bf16.yaml", lambda: [hub_shp(i) for i in range(40)] + [{**hub_shp(50), "score_ratio": 1.1}]),
+])
+def test_shipped_configs_read_the_hub_layouts(tmp_path, tokenizer, config, records):
+    """The shipped configs, pointed at a local copy in the Hub's layout (train and test files)."""
+    from preftune.config import load_config
+
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records()))
+    cfg = load_config(Path(__file__).parents[1] / "configs" / config, [f"data.source={folder}"])
+    train_rows, test_rows, read = load_rows(cfg.data, "preference", seed=0)
+    assert read.rows_read == 82 and read.format == cfg.data.format
+    assert read.dropped == ({"score_ratio": 2} if "shp" in config else {"empty_completion": 2})
+    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, cfg.data, "preference")
+    assert len(train) == len(test) == 40 and report["drops"]["rows_kept"] == 80
