@@ -1,6 +1,7 @@
 """THE one function family that turns rows into token ids: prompt rendering (chat template or plain
-text), BOS/EOS, truncation, per-row invariant checks, and the counted drops. No batching here
-(collate.py) and no file reading (sources.py).
+text), BOS/EOS, truncation, per-row invariant checks, and the counted drops and cuts. Rows are
+encoded in batches (the fast tokenizer's batch call, over worker processes); padding and batch
+collation are collate.py's, file reading is sources.py's, the on-disk cache is cache.py's.
 
 Truncation policy (the same for preference pairs and SFT rows):
   1. The prompt is rendered as it will be at generation time (``render_prompt``) and encoded with
@@ -8,10 +9,10 @@ Truncation policy (the same for preference pairs and SFT rows):
      and the rendered text does not already start with it (SmolLM2 adds none: its template opens
      with ``<|im_start|>``, which is its BOS).
   2. The prompt keeps its END: it is cut to its last ``max_prompt_length`` tokens (a prepended BOS
-     is kept in front of the tail).
+     is kept in front of the tail). Counted as ``truncated["prompt"]``.
   3. Each completion is encoded, EOS (``tokenizer.eos_token_id``) is appended, and it keeps its
      START: it is cut to ``max_length - len(prompt_ids)`` tokens. A cut completion sets
-     ``truncated=True`` and may lack its EOS.
+     ``truncated=True`` and may lack its EOS. Counted as ``truncated["completion"]``.
   4. A row whose prompt leaves no room for even one completion token is dropped
      (``prompt_too_long``); with a validated config (``max_prompt_length < max_length``) this only
      happens when the limits are passed by hand.
@@ -19,6 +20,7 @@ Drops, returned as a reason string: ``empty_completion``, ``chosen_equals_reject
 after truncation), ``prompt_too_long``. Rows whose completion's first tokens would merge with the
 prompt's last tokens when the two texts are encoded jointly are counted as ``boundary_merges``
 (among kept rows; they are kept: we always encode the two parts separately, as generation sees them).
+Lengths are reported before and after truncation.
 """
 
 from __future__ import annotations
