@@ -35,7 +35,7 @@ def test_text_report_shows_counts_lengths_and_masked_sample(tmp_path, capsys):
     assert "dropped: chosen_equals_rejected=1" in out
     assert "p50" in out and "p99" in out and "rejected" in out
     assert "truncated: 0 of 12 prompts (0.0%) cut to max_prompt_length=256; 0 rows (0.0%)" in out
-    assert "before cuts" in out  # the length percentiles before truncation
+    assert "untruncated" in out  # the length percentiles before truncation
     assert "7.7% of rows read (data.max_drop_fraction 0.05; training would STOP)" in out
     # The sample shows the masked prompt, the boundary and the completion with its EOS.
     assert "[MASKED <|im_start|>system" in out and "<|im_start|>assistant\n]|It is" in out

@@ -124,7 +124,7 @@ def render_text(s: dict[str, Any]) -> str:
     if s["labels"]:
         lines.append(f"labels: {s['labels']['desirable']} desirable, {s['labels']['undesirable']} undesirable")
     lines += _length_table("token lengths", s["lengths"])
-    lines += _length_table("before cuts", s["lengths_before_truncation"])
+    lines += _length_table("untruncated", s["lengths_before_truncation"])
     t, r = s["truncated"], s["truncation_rate"]
     lines.append(f"truncated: {t['prompt']} of {s['rows_kept']} prompts ({100 * r['prompt']:.1f}%) cut to "
                  f"max_prompt_length={s['max_prompt_length']}; {t['completion']} rows ({100 * r['completion']:.1f}%) "

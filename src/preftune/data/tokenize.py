@@ -16,6 +16,10 @@ Truncation policy (the same for preference pairs and SFT rows):
   4. A row whose prompt leaves no room for even one completion token is dropped
      (``prompt_too_long``); with a validated config (``max_prompt_length < max_length``) this only
      happens when the limits are passed by hand.
+Message content and completions are untrusted text: a chat control string inside them (say
+``<|im_start|>system``) is encoded as plain characters, never as the special token, so no row, prompt
+or request can open a turn of its own (``encode_content``). Only the chat template's own text yields
+control tokens. A completion that ends in the literal EOS string still ends in exactly one EOS id.
 Drops, returned as a reason string: ``empty_completion``, ``chosen_equals_rejected`` (before or
 after truncation), ``prompt_too_long``. Rows whose completion's first tokens would merge with the
 prompt's last tokens when the two texts are encoded jointly are counted as ``boundary_merges``
@@ -28,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -88,6 +93,67 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def control_strings(tokenizer) -> list[str]:
+    """The text of every special token (``<|im_start|>``, ``<|endoftext|>``, ...), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials = {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted(specials | set(tokenizer.all_special_tokens), key=len, reverse=True)
+
+
+def encode_content(tokenizer, text: str) -> list[int]:
+    """Untrusted text -> ids that contain no special token: a control string in ``text`` is encoded
+    as the plain characters it is made of. Text without one encodes exactly as ``_encode`` does."""
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+
+_MARK = re.compile(r"\x00(\d+)\x00")
+
+
+def _encode_turns(messages: list[dict[str, str]], text: str, tokenizer) -> list[int]:
+    """``text`` (the template rendered over ``messages``) encoded piece by piece: the template's own
+    text with its control tokens, each message's content through :func:`encode_content`. The pieces
+    are found by rendering the template over numbered marks in place of the contents."""
+    marked = tokenizer.apply_chat_template([{**m, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)],
+                                           tokenize=False, add_generation_prompt=True)
+    pieces = _MARK.split(marked)  # template, content index, template, ..., template
+    for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+        if "".join(contents[int(p)] if k % 2 else p for k, p in enumerate(pieces)) == text:
+            break
+    else:
+        raise DataError("a message holds a chat control string (such as <|im_start|>) and the tokenizer's chat "
+                        "template rewrites message content, so it cannot be kept as plain text; remove the "
+                        "control strings from the content or use a template that emits content as given",
+                        field="prompt")
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        ids += encode_content(tokenizer, contents[int(piece)]) if k % 2 else _encode(tokenizer, piece)
+    return ids
+
+
+def _encode_rendered(prompt: Prompt, text: str, tokenizer) -> list[int]:
+    """The ids of ``text = render_prompt(prompt)``, where no message content yields a special token.
+
+    Content free of control strings (nearly all rows) is encoded jointly with the template, exactly as
+    before; otherwise the template and the contents are encoded piecewise (:func:`_encode_turns`).
+    Without a chat template the whole text is content."""
+    if not getattr(tokenizer, "chat_template", None):
+        return encode_content(tokenizer, text)
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    controls = control_strings(tokenizer)
+    if not any(c in m["content"] for m in messages for c in controls):
+        return _encode(tokenizer, text)
+    return _encode_turns(messages, text, tokenizer)
+
+
+def _encode_completion(tokenizer, text: str) -> list[int]:
+    """A completion's ids without EOS: a literal EOS string at its end is dropped (EOS is appended
+    once by the caller); any other control string stays plain text."""
+    eos = tokenizer.eos_token
+    while eos and text.endswith(eos):
+        text = text[: -len(eos)]
+    return encode_content(tokenizer, text)
+
+
 def _adds_bos(tokenizer) -> bool:
     """Whether the tokenizer prepends BOS by default (checked on a probe, not trusted from a flag)."""
     bos = tokenizer.bos_token_id
@@ -140,9 +206,10 @@ def _truncate_prompt(ids: list[int], bos: int | None, max_prompt_length: int) ->
 def encode_prompt(prompt: Prompt, tokenizer, max_prompt_length: int | None = None) -> list[int]:
     """The prompt's ids exactly as training sees them: rendered by :func:`render_prompt`, BOS once
     when the tokenizer adds one, cut to its last ``max_prompt_length`` tokens (a BOS stays in front).
-    Generation uses this too, so a model is prompted the way it was trained."""
+    Generation uses this too, so a model is prompted the way it was trained; message content never
+    yields a special token (see the module docstring)."""
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
-    ids = _encode(tokenizer, render_prompt(prompt, tokenizer))
+    ids = _encode_rendered(prompt, render_prompt(prompt, tokenizer), tokenizer)
     if bos is not None and ids[:1] != [bos]:
         ids = [bos] + ids
     return _truncate_prompt(ids, bos, max_prompt_length) if max_prompt_length else ids
@@ -165,19 +232,34 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return [_encode(tokenizer, t) for t in texts]
 
 
+def _has_control(texts: Sequence[str], controls: list[str]) -> bool:
+    return any(c in t for t in texts for c in controls)
+
+
 def _encode_rows(prompts: Sequence[Prompt], completions: Sequence[Sequence[str]], tokenizer,
                  bos: int | None, eos: int) -> list[_Encoded]:
     """Encode many rows at once: each prompt rendered as at generation time (BOS once), each
     completion with exactly one EOS, and whether the two would merge across the cut when encoded
-    jointly. The part of the row -> ids function that sees the tokenizer."""
+    jointly. The part of the row -> ids function that sees the tokenizer. Texts free of control
+    strings (nearly all) go through one batched call; the rest through :func:`_encode_rendered` and
+    :func:`_encode_completion`, so message content never yields a special token."""
+    controls = control_strings(tokenizer)
     prompt_texts = [render_prompt(p, tokenizer) for p in prompts]
     comp_texts = [[_completion_text(p, c, tokenizer) for c in cs] for p, cs in zip(prompts, completions)]
     flat = [t for cs in comp_texts for t in cs]
     heads = [t[:BOUNDARY_WINDOW] for t in flat]
     tails = [pt[-BOUNDARY_WINDOW:] for pt, cs in zip(prompt_texts, comp_texts) for _ in cs]
-    ids = _encode_batch(tokenizer, prompt_texts + flat + heads + tails + [t + h for t, h in zip(tails, heads)])
+    plain_prompt = [not _has_control([m["content"] for m in p] if isinstance(p, list) else [p], controls)
+                    if getattr(tokenizer, "chat_template", None) else not _has_control([t], controls)
+                    for p, t in zip(prompts, prompt_texts)]
+    plain_comp = [not _has_control([t], controls) for t in flat]
+    ids = _encode_batch(tokenizer, [t if ok else "" for t, ok in zip(prompt_texts, plain_prompt)]
+                        + [t if ok else "" for t, ok in zip(flat, plain_comp)]
+                        + heads + tails + [t + h for t, h in zip(tails, heads)])
     n, m = len(prompt_texts), len(flat)
-    prompt_ids, comp_ids = ids[:n], ids[n : n + m]
+    prompt_ids = [i if ok else _encode_rendered(p, t, tokenizer)
+                  for i, ok, p, t in zip(ids[:n], plain_prompt, prompts, prompt_texts)]
+    comp_ids = [i if ok else _encode_completion(tokenizer, t) for i, ok, t in zip(ids[n : n + m], plain_comp, flat)]
     merges = [ids[n + 3 * m + i] != ids[n + 2 * m + i] + ids[n + m + i] for i in range(m)]
     out, j = [], 0
     for text_ids, cs in zip(prompt_ids, comp_texts):
