@@ -4,6 +4,7 @@ same tokenizer, template, limits and mapping loads its token ids instead of toke
 
 from __future__ import annotations
 
+import array
 import contextlib
 import gc
 import hashlib
@@ -18,7 +19,7 @@ import numpy as np
 
 from preftune import embedded
 from preftune.data.rows import TokenizedPair, TokenizedSFT
-from preftune.data.tokenize import TokenizeReport, tokenize_rows
+from preftune.data.tokenize import TokenizeReport, tokenize_rows_with_positions
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ PARTS = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "comp
 def _save(path: Path, items: list, index: list[int], report: TokenizeReport, kind: str) -> None:
     parts = [[getattr(t, f"{name}_ids") for name in PARTS[kind]] for t in items]
     lens = np.array([[len(p) for p in row] for row in parts], dtype=np.int64).reshape(len(items), len(PARTS[kind]))
-    flat = np.fromiter((i for row in parts for p in row for i in p), dtype=np.int32, count=int(lens.sum()))
+    buf = array.array("i")
+    for row in parts:
+        for p in row:
+            buf.extend(p)
+    flat = np.frombuffer(buf, dtype=np.int32) if len(buf) else np.zeros(0, np.int32)
     meta = json.dumps({"report": report.to_dict(), "raw_lengths": report.raw_lengths})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
@@ -139,12 +144,6 @@ def tokenize_rows_cached(rows, tokenizer, data, kind: str = "preference", progre
             return items, report
         except (OSError, ValueError, KeyError, IndexError) as e:
             log.warning("tokenization cache entry %s is unreadable (%s); tokenizing again", path, e)
-    items, report = tokenize_rows(rows, tokenizer, data, kind, progress=progress)
-    index, i = [], 0
-    for t in items:  # kept rows keep their order: match each to the next row with its key
-        while rows[i].key != t.key:
-            i += 1
-        index.append(i)
-        i += 1
-    _save(path, items, index, report, kind)
+    items, report, positions = tokenize_rows_with_positions(rows, tokenizer, data, kind, progress=progress)
+    _save(path, items, positions, report, kind)
     return items, report

@@ -215,10 +215,23 @@ def encode_prompt(prompt: Prompt, tokenizer, max_prompt_length: int | None = Non
     return _truncate_prompt(ids, bos, max_prompt_length) if max_prompt_length else ids
 
 
-BOUNDARY_WINDOW = 32
+BOUNDARY_WINDOW = 16
 """Characters on each side of the prompt/completion cut that the boundary-merge check encodes
 jointly. BPE merges act within a pre-token, so a merge across the cut shows within this window
 (a pre-token longer than the window could hide one; the count is a diagnostic, nothing depends on it)."""
+
+
+def _boundary_merges(tokenizer, tails: list[str], heads: list[str]) -> list[bool]:
+    """Whether a token would span the cut if each prompt tail and completion head were encoded as
+    one text: from the fast tokenizer's character offsets in one batched call, else by comparing
+    the joint encoding with the two separate ones."""
+    joints = [t + h for t, h in zip(tails, heads)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "is_fast", False):
+        encodings = backend.encode_batch(joints, add_special_tokens=False) if joints else []
+        return [any(a < len(t) < b for a, b in e.offsets) for t, e in zip(tails, encodings)]
+    return [_encode(tokenizer, j) != _encode(tokenizer, t) + _encode(tokenizer, h)
+            for j, t, h in zip(joints, tails, heads)]
 
 
 def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -254,13 +267,12 @@ def _encode_rows(prompts: Sequence[Prompt], completions: Sequence[Sequence[str]]
                     for p, t in zip(prompts, prompt_texts)]
     plain_comp = [not _has_control([t], controls) for t in flat]
     ids = _encode_batch(tokenizer, [t if ok else "" for t, ok in zip(prompt_texts, plain_prompt)]
-                        + [t if ok else "" for t, ok in zip(flat, plain_comp)]
-                        + heads + tails + [t + h for t, h in zip(tails, heads)])
+                        + [t if ok else "" for t, ok in zip(flat, plain_comp)])
     n, m = len(prompt_texts), len(flat)
     prompt_ids = [i if ok else _encode_rendered(p, t, tokenizer)
                   for i, ok, p, t in zip(ids[:n], plain_prompt, prompts, prompt_texts)]
     comp_ids = [i if ok else _encode_completion(tokenizer, t) for i, ok, t in zip(ids[n : n + m], plain_comp, flat)]
-    merges = [ids[n + 3 * m + i] != ids[n + 2 * m + i] + ids[n + m + i] for i in range(m)]
+    merges = _boundary_merges(tokenizer, tails, heads)
     out, j = [], 0
     for text_ids, cs in zip(prompt_ids, comp_texts):
         if bos is not None and text_ids[:1] != [bos]:
@@ -535,14 +547,17 @@ def tokenize_rows(rows, tokenizer, data, kind: Literal["preference", "sft"] = "p
     ``tokenize_rows_cached``.
 
     Returns ``(tokenized rows, TokenizeReport)``; every dropped row is counted under its reason."""
+    items, report, _ = tokenize_rows_with_positions(rows, tokenizer, data, kind, progress=progress)
+    return items, report
+
+
+def tokenize_rows_with_positions(rows, tokenizer, data, kind: str = "preference", *, progress: bool | None = None):
+    """:func:`tokenize_rows` plus the position in ``rows`` of each tokenized row."""
     if kind not in KINDS:
         raise PreftuneError(f"unknown row kind {kind!r}; expected one of {list(KINDS)}")
-    return _tokenize_all(list(rows), tokenizer, data, kind, progress)
-
-
-def _tokenize_all(rows: list, tokenizer, data, kind: str, progress: bool | None):
+    rows = list(rows)
     show = _is_main_process() and (len(rows) > 8 * BATCH_ROWS if progress is None else progress)
-    report, out = TokenizeReport(), []
+    report, out, positions, i = TokenizeReport(), [], [], 0
     with tqdm(total=len(rows), desc=f"tokenizing {kind} rows", unit="row", disable=not show, leave=False) as bar, \
             _batches(rows, tokenizer, data, kind) as batches:
         for outcomes in batches:
@@ -550,5 +565,7 @@ def _tokenize_all(rows: list, tokenizer, data, kind: str, progress: bool | None)
                 report.add(outcome)
                 if not isinstance(outcome.result, str):
                     out.append(outcome.result)
+                    positions.append(i)
+                i += 1
             bar.update(len(outcomes))
-    return out, report
+    return out, report, positions
