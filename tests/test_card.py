@@ -23,8 +23,9 @@ SUMMARY = {
 }
 DATA_REPORT = {
     "read": {"rows_read": 410, "rows_kept": 400, "dropped": {"malformed": 7, "empty_completion": 3}, "format": "hh"},
-    "tokenize_train": {"rows_in": 360, "kept": 355, "dropped": {"prompt_too_long": 5}, "truncated": 12},
-    "tokenize_test": {"rows_in": 40, "kept": 40, "dropped": {}, "truncated": 1},
+    "tokenize_train": {"rows_in": 360, "kept": 355, "dropped": {"prompt_too_long": 5},
+                       "truncated": {"prompt": 3, "completion": 12}},
+    "tokenize_test": {"rows_in": 40, "kept": 40, "dropped": {}, "truncated": 1},  # as older runs wrote it
 }
 EVAL = {"models": {
     "base": {"heldout": {"bpb": 1.2345}, "winrate": {"winrate": 0.25, "ci_low": 0.1, "ci_high": 0.4},
@@ -71,7 +72,8 @@ def test_body_holds_provenance_and_training_figures():
     body = model_card(_cfg(), SUMMARY, DATA_REPORT).split("\n---\n", 1)[1]
     assert "9b2cd5de176ed27d27ac17f9" in body
     assert "dropped: empty_completion: 3, malformed: 7" in body
-    assert "dropped: prompt_too_long: 5" in body and "12 truncated" in body
+    assert "dropped: prompt_too_long: 5" in body and "3 prompts and 12 completions truncated" in body
+    assert "40 kept, 1 truncated" in body
     assert "`ipo`, **beta** 0.3" in body
     assert "r=16, alpha=32" in body
     assert "123456" in body and "Best step:** 30" in body

@@ -10,13 +10,14 @@ from preftune.data.formats import (
     FORMATS,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
+    UNPAIRED_FORMATS,
     RowError,
     RowFiltered,
     adapter,
     detect_format,
     sft_rows_from_pairs,
 )
-from preftune.data.rows import PreferenceRow, SFTRow
+from preftune.data.rows import PreferenceRow, SFTRow, UnpairedRow
 from preftune.errors import DataError
 
 U = "user"
@@ -28,8 +29,8 @@ def msg(role: str, content: str) -> dict:
 
 
 def test_tables_cover_every_format():
-    assert set(FORMATS) == set(PREFERENCE_FORMATS) | set(SFT_FORMATS)
-    assert not set(PREFERENCE_FORMATS) & set(SFT_FORMATS)
+    assert set(FORMATS) == set(PREFERENCE_FORMATS) | set(SFT_FORMATS) | set(UNPAIRED_FORMATS)
+    assert set(PREFERENCE_FORMATS) & set(SFT_FORMATS) == {"sharegpt"}  # pairs or plain conversations
 
 
 # ---------------------------------------------------------------- hh
@@ -106,6 +107,15 @@ def test_shp_score_ratio_filter():
     # The dataset's own score_ratio column wins when present.
     with pytest.raises(RowFiltered):
         FORMATS["shp"]({**shp_rec(1, 10, 1), "score_ratio": 1.2})
+
+
+def test_shp_without_scores_or_at_ratio_one_keeps_every_pair():
+    no_scores = {k: v for k, v in shp_rec(1, 0, 0).items() if not k.startswith("score")}
+    assert FORMATS["shp"](no_scores).chosen == "Rayleigh scattering."
+    # 9/5 = 1.8 is below the default 2.0, but min_score_ratio <= 1 reads no scores at all.
+    assert isinstance(functools.partial(FORMATS["shp"], min_score_ratio=1.0)(shp_rec(1, 9, 5)), PreferenceRow)
+    assert isinstance(functools.partial(FORMATS["shp"], min_score_ratio=0.5)({**no_scores, "score_A": "x"}),
+                      PreferenceRow)
 
 
 def test_adapter_binds_options_from_data_config():
@@ -192,6 +202,66 @@ def test_messages_and_completion_sft():
     assert e.value.reason == "no_prompt"
 
 
+# ---------------------------------------------------------------- openai, sharegpt, kto
+
+
+def openai_rec(chosen="Paris.", rejected="Rome.") -> dict:
+    return {"input": {"messages": [msg("system", "Be brief."), msg(U, "Capital of France?")], "tools": [],
+                      "parallel_tool_calls": True},
+            "preferred_output": [msg(A, chosen)], "non_preferred_output": [msg(A, rejected)], "source": "x"}
+
+
+def test_openai_keeps_the_system_message_and_takes_the_assistant_outputs():
+    row = FORMATS["openai"](openai_rec())
+    assert row.prompt == [msg("system", "Be brief."), msg(U, "Capital of France?")]
+    assert (row.chosen, row.rejected, row.meta) == ("Paris.", "Rome.", {"source": "x"})
+    with pytest.raises(RowError) as e:
+        FORMATS["openai"]({**openai_rec(), "input": "Capital?"})
+    assert (e.value.field, e.value.reason) == ("input", "wrong_type")
+    with pytest.raises(RowError) as e:
+        FORMATS["openai"](openai_rec(rejected=" "))
+    assert (e.value.field, e.value.reason) == ("non_preferred_output", "empty_completion")
+
+
+def sharegpt_turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"from": f, "value": v} for f, v in pairs]
+
+
+def test_sharegpt_ranking_layout_is_a_pair():
+    """LLaMA-Factory's ranking layout: chosen/rejected are single gpt turns after the conversation."""
+    rec = {"conversations": sharegpt_turns(("system", "Be kind."), ("human", "Hi"), ("gpt", "Hey"), ("human", "Joke?")),
+           "chosen": {"from": "gpt", "value": "Knock knock."}, "rejected": {"from": "gpt", "value": "No."}}
+    row = FORMATS["sharegpt"](rec)
+    assert isinstance(row, PreferenceRow)
+    assert row.prompt == [msg("system", "Be kind."), msg(U, "Hi"), msg(A, "Hey"), msg(U, "Joke?")]
+    assert (row.chosen, row.rejected) == ("Knock knock.", "No.")
+    listed = FORMATS["sharegpt"]({**rec, "rejected": sharegpt_turns(("gpt", "Nope."))})
+    assert listed.rejected == "Nope."
+    with pytest.raises(RowError) as e:
+        FORMATS["sharegpt"]({**rec, "chosen": {"from": "human", "value": "x"}})
+    assert (e.value.field, e.value.reason) == ("chosen", "no_assistant_turn")
+
+
+def test_sharegpt_plain_conversation_is_sft():
+    row = FORMATS["sharegpt"]({"conversations": sharegpt_turns(("human", "Hi"), ("gpt", "Hello"), ("human", "Bye"),
+                                                                ("gpt", "Bye!")), "id": "c1"})
+    assert row == SFTRow([msg(U, "Hi"), msg(A, "Hello"), msg(U, "Bye")], "Bye!", {"id": "c1"})
+    with pytest.raises(RowError) as e:
+        FORMATS["sharegpt"]({"conversations": [{"speaker": "human", "text": "Hi"}]})
+    assert (e.value.field, e.value.reason) == ("conversations", "wrong_type")
+
+
+def test_kto_rows_from_prompt_completion_or_messages():
+    row = FORMATS["kto"]({"prompt": "Q?", "completion": " A. ", "label": True, "category": "c"})
+    assert row == UnpairedRow("Q?", "A.", True, {"category": "c"})
+    conv = FORMATS["kto"]({"messages": [msg(U, "Q?"), msg(A, "Bad.")], "label": 0})
+    assert conv == UnpairedRow([msg(U, "Q?")], "Bad.", False, {})
+    assert FORMATS["kto"]({"prompt": "Q", "completion": "A", "label": "false"}).label is False
+    with pytest.raises(RowError) as e:
+        FORMATS["kto"]({"prompt": "Q", "completion": "A", "label": "maybe"})
+    assert (e.value.field, e.value.reason) == ("label", "wrong_type")
+
+
 def test_sft_rows_from_pairs_takes_chosen():
     pairs = [PreferenceRow("Q", "good", "bad", {"category": "c"})]
     assert sft_rows_from_pairs(pairs) == [SFTRow("Q", "good", {"category": "c"})]
@@ -212,6 +282,12 @@ def test_sft_rows_from_pairs_takes_chosen():
         (["instruction", "input", "output"], "sft", None, "alpaca"),
         (["messages", "category"], "sft", None, "messages"),
         (["prompt", "completion"], "sft", None, "completion"),
+        (["input", "preferred_output", "non_preferred_output"], "preference", None, "openai"),
+        (["conversations", "chosen", "rejected", "system"], "preference", None, "sharegpt"),
+        (["conversations"], "sft", None, "sharegpt"),
+        (["conversations", "chosen", "rejected"], "sft", None, "sharegpt"),
+        (["prompt", "completion", "label"], "unpaired", None, "kto"),
+        (["messages", "label"], "unpaired", None, "kto"),
     ],
 )
 def test_detect_format(columns, kind, sample, expected):

@@ -144,8 +144,8 @@ def test_max_rows_is_a_seeded_subset_and_counted(tmp_path):
 MALFORMED = {
     "missing": ({"prompt": "p", "rejected": "r"}, "chosen", "missing_field"),
     "wrong_type": ({"prompt": "p", "chosen": 5, "rejected": "r"}, "chosen", "wrong_type"),
-    "empty": ({"prompt": "p", "chosen": "ok", "rejected": "   "}, "rejected", "empty_completion"),
 }
+EMPTY = {"prompt": "p", "chosen": "ok", "rejected": "   "}
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
@@ -158,8 +158,15 @@ def test_malformed_row_stops_with_file_row_field(tmp_path, case):
     assert f"{f}, row 3, field '{field}'" in str(e.value)
 
 
+def test_quality_drops_are_counted_under_the_default_stop(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [pair(1), EMPTY, pair(2)])
+    train, _, rep = load_rows(data_cfg(f, test_size=0.0), "preference", seed=0)
+    assert [r.chosen for r in train] == ["2", "4"] and rep.dropped == {"empty_completion": 1}
+    assert rep.rows_read == 3 == rep.rows_kept + sum(rep.dropped.values())
+
+
 def test_skip_mode_counts_every_malformed_row(tmp_path):
-    records = [pair(1), pair(2)] + [bad for bad, _, _ in MALFORMED.values()] + [pair(3), [1, 2]]
+    records = [pair(1), pair(2)] + [bad for bad, _, _ in MALFORMED.values()] + [EMPTY, pair(3), [1, 2]]
     f = write_jsonl(tmp_path / "d.jsonl", records, raw_lines={4: "{not json"})
     train, held, rep = load_rows(data_cfg(f, on_error="skip", test_size=0.0), "preference", seed=0)
     assert [r.chosen for r in train] == ["2", "4", "6"] and held == []
@@ -187,7 +194,7 @@ def test_explicit_format_and_kind_mismatch(tmp_path):
                                            "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}])
     train, _, rep = load_rows(data_cfg(f, format="implicit", test_size=0.0), "preference", seed=0)
     assert rep.format == "implicit" and isinstance(train[0], PreferenceRow)
-    with pytest.raises(DataError, match="is an SFT format"):
+    with pytest.raises(DataError, match="format .alpaca. does not give preference rows"):
         load_rows(data_cfg(f, format="alpaca"), "preference", seed=0)
 
 
@@ -214,4 +221,4 @@ def test_report_merge_and_dict():
     a = DataReport(3, 2, {"bad_json": 1}, "hh")
     b = DataReport(4, 3, {"bad_json": 1, "score_ratio": 0})
     m = a.merge(b)
-    assert m.to_dict() == {"rows_read": 7, "rows_kept": 5, "dropped": {"bad_json": 2}, "format": "hh"}
+    assert m.to_dict() == {"rows_read": 7, "rows_kept": 5, "dropped": {"bad_json": 2}, "format": "hh", "notes": []}

@@ -142,7 +142,8 @@ def test_tokenize_rows_counts_every_drop_and_lengths(tokenizer):
     out, rep = tokenize_rows(rows, tokenizer, data, "preference")
     assert rep.rows_in == 4 and rep.kept == len(out) == 2
     assert rep.dropped == {"chosen_equals_rejected": 1, "empty_completion": 1}
-    assert rep.truncated == 1 and rep.truncation_rate == 0.5
+    assert rep.truncated == {"prompt": 0, "completion": 1}
+    assert rep.truncation_rate == {"prompt": 0.0, "completion": 0.5}
     assert sorted(rep.lengths) == ["chosen", "prompt", "rejected"]
     assert rep.length_stats()["chosen"]["max"] == len(out[1].chosen_ids)
     assert set(rep.to_dict()) >= {"kept", "dropped", "truncated", "boundary_merges", "lengths"}
@@ -182,3 +183,55 @@ def test_tokenize_pair_invariants_property(tokenizer, prompt, chosen, rejected, 
         assert 1 <= len(t.prompt_ids) + len(ids) <= max_length
         if t.truncated is False:
             assert ids[-1] == EOS and ids[-2:-1] != [EOS]
+
+
+def test_prompt_and_completion_truncation_are_counted_apart(tokenizer):
+    long_prompt = " ".join(f"w{i}" for i in range(80))
+    rows = [
+        PreferenceRow(long_prompt, "yes", "no"),  # prompt cut only
+        PreferenceRow("Hi", "word " * 60, "no"),  # completion cut only
+        PreferenceRow(long_prompt, "word " * 60, "no"),  # both
+        PreferenceRow("Hi", "yes", "no"),  # neither
+    ]
+    out, rep = tokenize_rows(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32), "preference")
+    assert rep.kept == 4 and rep.truncated == {"prompt": 2, "completion": 2}
+    assert rep.truncation_rate == {"prompt": 0.5, "completion": 0.5}
+    before, after = rep.length_stats(before_truncation=True), rep.length_stats()
+    assert after["prompt"]["max"] == 32 < before["prompt"]["max"]
+    assert before["chosen"]["max"] == len(tokenizer.encode("word " * 60, add_special_tokens=False)) + 1  # + EOS
+    assert rep.to_dict()["truncated"] == {"prompt": 2, "completion": 2}
+
+
+def test_worker_processes_give_the_same_rows_and_report(tokenizer, monkeypatch):
+    from preftune.data import tokenize
+
+    monkeypatch.setattr(tokenize, "BATCH_ROWS", 4)  # 30 rows -> 8 batches, enough for the worker pool
+    rows = [PreferenceRow(f"Question {i}? " * (i % 4 + 1), f"Answer {i}. " * (i % 9 + 1), "No.") for i in range(30)]
+    data = DataConfig(max_length=40, max_prompt_length=20)
+    assert tokenize._procs(2, 8) == 2
+    serial, serial_rep = tokenize_rows(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 1}))
+    pooled, pooled_rep = tokenize_rows(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 2}))
+    assert pooled == serial and pooled_rep.to_dict() == serial_rep.to_dict()
+    assert [t.key for t in pooled] == [r.key for r in rows]
+
+
+def test_batched_rows_equal_one_row_at_a_time(tokenizer):
+    rows = [PreferenceRow([{"role": "user", "content": f"Q{i}"}], f"A{i}", f"B{i}") for i in range(6)]
+    batched, _ = tokenize_rows(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32))
+    assert batched == [tokenize_pair(r, tokenizer, 64, 32) for r in rows]
+
+
+def test_the_prompt_ids_check_can_fail():
+    from preftune.data.tokenize import TokenizationInvariantError, _verify
+
+    _verify([5, 6], [[7, EOS]], [False], None, EOS, generation_ids=[5, 6])
+    with pytest.raises(TokenizationInvariantError, match="differ from encode_prompt"):
+        _verify([5, 6], [[7, EOS]], [False], None, EOS, generation_ids=[5, 9])
+
+
+def test_unpaired_rows_tokenize_through_the_sft_path(tokenizer):
+    from preftune.data.rows import UnpairedRow
+
+    row = UnpairedRow("Say hi", "Hi!", False)
+    t = tokenize_sft(row, tokenizer, 64, 48)
+    assert t.completion_ids == tokenizer.encode("Hi!", add_special_tokens=False) + [EOS] and t.key == row.key

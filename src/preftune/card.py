@@ -162,6 +162,13 @@ def _drops(report: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items())) or "none"
 
 
+def _truncated(value) -> str:
+    """Truncation counts: ``{prompt: N, completion: M}`` (older runs wrote one number)."""
+    if isinstance(value, dict):
+        return f"{value.get('prompt', 0)} prompts and {value.get('completion', 0)} completions"
+    return str(value or 0)
+
+
 def _data_lines(cfg: Config, summary: dict, data_report: dict) -> list[str]:
     stage_data = cfg.sft.data if summary.get("stage") == "sft" and cfg.sft.data is not None else cfg.data
     read = data_report.get("read", {})
@@ -173,7 +180,7 @@ def _data_lines(cfg: Config, summary: dict, data_report: dict) -> list[str]:
         t = data_report.get(part)
         if t:
             lines.append(f"- **Tokenized ({part.removeprefix('tokenize_')}):** {t.get('rows_in')} in, {t.get('kept')} kept, "
-                         f"{t.get('truncated', 0)} truncated; dropped: {_drops(t)}")
+                         f"{_truncated(t.get('truncated'))} truncated; dropped: {_drops(t)}")
     lines.append(f"- **Lengths:** max_length {stage_data.max_length}, max_prompt_length {stage_data.max_prompt_length}")
     return lines
 

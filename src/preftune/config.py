@@ -17,6 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from preftune import trl_names
+from preftune.data.mapping import mapping_problems
 from preftune.embedded import SMOLLM2
 from preftune.errors import PreftuneError
 
@@ -55,7 +56,8 @@ class DataConfig:
     """Where the rows come from: ``embedded:prefs``, a local .jsonl/.json/.parquet/.csv file or folder,
     or a Hub dataset name (online only)."""
     format: str = "auto"
-    """Row format: auto, hh, shp, chat, standard, implicit (preference) or alpaca, messages, completion (SFT)."""
+    """Row format: auto, hh, shp, chat, standard, implicit, openai, sharegpt (preference), alpaca,
+    messages, completion, sharegpt (SFT) or kto (unpaired)."""
     subset: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
@@ -69,9 +71,22 @@ class DataConfig:
     max_eval_rows: int | None = None
     """Use at most this many held-out rows."""
     on_error: Literal["stop", "skip"] = "stop"
-    """A malformed row stops the run (``stop``, naming file, row and field) or is counted and skipped."""
+    """A structurally malformed row (bad JSON, missing field, wrong type) stops the run (``stop``,
+    naming file, row and field) or is counted and skipped (``skip``). Data-quality problems (an empty
+    completion, chosen == rejected, a prompt the two sides do not share) are always counted drops."""
+    max_drop_fraction: float = 0.05
+    """Stop with the drop reasons and counts when more than this fraction of the rows read is dropped
+    as bad data or malformed (usually a wrong format or mapping). Filters the user asked for
+    (``min_score_ratio``, ``max_rows``) do not count."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field name -> the dataset's column, applied before the format adapters, e.g.
+    ``{prompt: question, chosen: response_j, rejected: response_k}``."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Message keys and role names of conversation lists, e.g. ``{role_key: from, content_key: value,
+    user: human, assistant: gpt, system: system}`` (ShareGPT's are the ``sharegpt`` format's default)."""
     min_score_ratio: float = 2.0
-    """SHP only: keep a pair when score(chosen) / score(rejected) is at least this."""
+    """SHP only: keep a pair when score(chosen) / score(rejected) is at least this; at most 1 (or a
+    file without score columns) keeps every pair."""
     max_length: int = 512
     """Token budget for prompt + one completion."""
     max_prompt_length: int = 256
@@ -79,6 +94,8 @@ class DataConfig:
     test_source: str | None = None
     """Held-out rows from another source (a file or folder, all of it held out) instead of a split of
     ``source``; on-policy rounds use it to train on their own pairs and evaluate on the run's held-out rows."""
+    num_proc: int | None = None
+    """Processes that tokenize (null: the cores, at most 8; 1: this process only)."""
 
 
 @dataclass
@@ -737,6 +754,8 @@ def validate(cfg: Config) -> list[str]:
         if isinstance(dc, DataConfig) and isinstance(dc.max_length, int) and isinstance(dc.max_prompt_length, int):
             if dc.max_prompt_length >= dc.max_length:
                 p.append(f"{name}.max_prompt_length ({dc.max_prompt_length}) must be below {name}.max_length ({dc.max_length})")
+        if isinstance(dc, DataConfig):
+            p += _data_problems(dc, name)
     ev = cfg.eval
     if isinstance(ev, EvalConfig) and isinstance(ev.curve_every, int) and ev.curve_every > 0:
         if not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
@@ -766,6 +785,16 @@ def validate(cfg: Config) -> list[str]:
             close = difflib.get_close_matches(str(t), ["tensorboard", "wandb", "mlflow"], n=1)
             p.append(f"report_to: unknown tracker {t!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return p
+
+
+def _data_problems(dc: DataConfig, name: str) -> list[str]:
+    p = []
+    if isinstance(dc.max_drop_fraction, float) and not 0 <= dc.max_drop_fraction <= 1:
+        p.append(f"{name}.max_drop_fraction: must be in [0, 1], got {dc.max_drop_fraction}")
+    if isinstance(dc.columns, dict) and isinstance(dc.roles, dict):
+        p += mapping_problems(dc.columns, dc.roles, name)
+    return p
+
 
 
 def _check_losses(d: DPOConfig, data: DataConfig) -> list[str]:

@@ -1,24 +1,29 @@
 """Format adapters: one function per source layout turning a record (a dict) into a PreferenceRow or
 SFTRow, plus format auto-detection by columns. No file reading (sources.py) and no tokens here.
 
-Preference: hh, shp, chat, standard, implicit. SFT: alpaca, messages, completion. Completions are
-the assistant's reply text only (stripped); prompts are plain strings or message lists
-``[{"role": ..., "content": ...}]`` so the chat template applies at tokenization.
+Preference: hh, shp, chat, standard, implicit, openai, sharegpt. SFT: alpaca, messages, completion,
+sharegpt. Unpaired (KTO): kto. Completions are the assistant's reply text only (stripped); prompts are
+plain strings or message lists ``[{"role": ..., "content": ...}]`` so the chat template applies at
+tokenization. Column and role names are canonical here: data/mapping.py renames them first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from preftune.data.rows import Messages, PreferenceRow, Prompt, SFTRow
+from preftune.data.rows import Messages, PreferenceRow, Prompt, SFTRow, UnpairedRow
 from preftune.errors import DataError
 
 HH_ASSISTANT = "\n\nAssistant:"
 TRANSCRIPT_ROLES = {"Human": "user", "User": "user", "Assistant": "assistant", "System": "system"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+"""ShareGPT ``from`` names -> roles (other names pass through unchanged)."""
 TURN_MARKER = re.compile(r"(?:^|\n\n)(Human|User|Assistant|System):")
 HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
@@ -168,22 +173,30 @@ def hh(rec: dict) -> PreferenceRow:
 
 def shp(rec: dict, min_score_ratio: float = 2.0) -> PreferenceRow:
     """Stanford SHP: prompt = ``history``; ``labels`` 1 means A is preferred. Pairs whose score ratio
-    (preferred / dispreferred) is below ``min_score_ratio`` raise RowFiltered("score_ratio")."""
+    (preferred / dispreferred) is below ``min_score_ratio`` raise RowFiltered("score_ratio"); with
+    ``min_score_ratio <= 1``, or a record without scores, every pair is kept."""
     history, ref_a, ref_b = _str(rec, "history"), _str(rec, "human_ref_A"), _str(rec, "human_ref_B")
     label = _number(rec, "labels")
     if label not in (0, 1):
         raise RowError(f"'labels' must be 0 or 1, got {rec['labels']!r}", "labels", "wrong_type")
-    if rec.get("score_ratio") is not None:
-        ratio = _number(rec, "score_ratio")
-    else:
-        score_a, score_b = _number(rec, "score_A"), _number(rec, "score_B")
-        better, worse = (score_a, score_b) if label == 1 else (score_b, score_a)
-        ratio = better / worse if worse > 0 else math.inf
-    if ratio < min_score_ratio:
+    if min_score_ratio > 1 and has_shp_scores(rec) and _score_ratio(rec, label) < min_score_ratio:
         raise RowFiltered("score_ratio")
     a, b = _completion(ref_a, "human_ref_A"), _completion(ref_b, "human_ref_B")
     chosen, rejected = (a, b) if label == 1 else (b, a)
     return PreferenceRow(history, chosen, rejected, _meta(rec, COLUMNS_USED["shp"]))
+
+
+def has_shp_scores(rec: dict) -> bool:
+    """Whether an SHP record carries ``score_ratio`` or both ``score_A`` and ``score_B``."""
+    return rec.get("score_ratio") is not None or (rec.get("score_A") is not None and rec.get("score_B") is not None)
+
+
+def _score_ratio(rec: dict, label: float) -> float:
+    if rec.get("score_ratio") is not None:
+        return _number(rec, "score_ratio")
+    score_a, score_b = _number(rec, "score_A"), _number(rec, "score_B")
+    better, worse = (score_a, score_b) if label == 1 else (score_b, score_a)
+    return better / worse if worse > 0 else math.inf
 
 
 def chat(rec: dict) -> PreferenceRow:
@@ -222,6 +235,82 @@ def implicit(rec: dict) -> PreferenceRow:
                          _meta(rec, COLUMNS_USED["implicit"]))
 
 
+def openai(rec: dict) -> PreferenceRow:
+    """The OpenAI/Azure preference fine-tuning format: ``input.messages`` is the prompt (a system
+    message is kept); ``preferred_output`` / ``non_preferred_output`` are lists holding the assistant
+    message."""
+    inp = _get(rec, "input")
+    if not isinstance(inp, dict):
+        raise RowError(f"'input' must be an object with 'messages', got {type(inp).__name__}", "input", "wrong_type")
+    prompt = _messages(_get(inp, "messages"), "input.messages")
+    if not prompt:
+        raise RowError("'input.messages' is empty", "input.messages", "empty_prompt")
+    return PreferenceRow(prompt, _reply(_get(rec, "preferred_output"), "preferred_output"),
+                         _reply(_get(rec, "non_preferred_output"), "non_preferred_output"),
+                         _meta(rec, COLUMNS_USED["openai"]))
+
+
+def _sharegpt_turns(value: Any, key: str) -> Messages:
+    """ShareGPT turns (``from``/``value``, human/gpt) or plain messages -> messages."""
+    turns = [value] if isinstance(value, dict) else value
+    if not isinstance(turns, list):
+        raise RowError(f"'{key}' must be a list of turns, got {type(value).__name__}", key, "wrong_type")
+    out = []
+    for i, t in enumerate(turns):
+        if isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str):
+            out.append({"role": SHAREGPT_ROLES.get(t["from"].lower(), t["from"]), "content": t["value"]})
+        elif isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str):
+            out.append({"role": t["role"], "content": t["content"]})
+        else:
+            raise RowError(f"'{key}' turn {i} must have string 'from' and 'value' (or 'role' and 'content'), "
+                           f"got {t!r:.120}", key, "wrong_type")
+    return out
+
+
+def sharegpt(rec: dict) -> PreferenceRow | SFTRow:
+    """ShareGPT ``conversations`` (``from``/``value`` turns). With ``chosen``/``rejected`` (the ranking
+    layout LLaMA-Factory uses: each one gpt turn, or turns ending in one) the conversation is the
+    prompt of a pair; without, it is an SFT conversation whose last assistant turn is the completion."""
+    conv = _sharegpt_turns(_get(rec, "conversations"), "conversations")
+    if "chosen" in rec or "rejected" in rec:
+        if not conv:
+            raise RowError("'conversations' is empty", "conversations", "empty_prompt")
+        chosen = _last_assistant(_sharegpt_turns(_get(rec, "chosen"), "chosen"), "chosen")[1]
+        rejected = _last_assistant(_sharegpt_turns(_get(rec, "rejected"), "rejected"), "rejected")[1]
+        return PreferenceRow(conv, chosen, rejected, _meta(rec, COLUMNS_USED["sharegpt"]))
+    prompt, completion = _last_assistant(conv, "conversations")
+    if not prompt:
+        raise RowError("'conversations' has no turn before the last assistant turn", "conversations", "no_prompt")
+    return SFTRow(prompt, completion, _meta(rec, COLUMNS_USED["sharegpt"]))
+
+
+# ---------------------------------------------------------------- unpaired (KTO) adapter
+
+
+def _label(rec: dict) -> bool:
+    value = _get(rec, "label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RowError(f"'label' must be true/false (desirable or not), got {value!r:.60}", "label", "wrong_type")
+
+
+def kto(rec: dict) -> UnpairedRow:
+    """Unpaired rows: ``prompt`` (string or messages) + ``completion`` + boolean ``label``, or a
+    ``messages`` conversation (the last assistant turn is the completion) + ``label``."""
+    label = _label(rec)
+    if "messages" in rec and "completion" not in rec:
+        prompt, text = _last_assistant(_messages(_get(rec, "messages"), "messages"), "messages")
+        if not prompt:
+            raise RowError("'messages' has no message before the last assistant turn", "messages", "no_prompt")
+    else:
+        prompt, text = _prompt(_get(rec, "prompt"), "prompt"), _reply(_get(rec, "completion"), "completion")
+    return UnpairedRow(prompt, text, label, _meta(rec, COLUMNS_USED["kto"]))
+
+
 # ---------------------------------------------------------------- SFT adapters
 
 
@@ -253,6 +342,19 @@ def completion(rec: dict) -> SFTRow:
                   _meta(rec, COLUMNS_USED["completion"]))
 
 
+def with_system(row: PreferenceRow | SFTRow | UnpairedRow, rec: dict):
+    """A non-empty ``system`` column becomes the prompt's first message (a string prompt becomes one
+    user message after it), unless the prompt already opens with a system message."""
+    system = rec.get("system")
+    if not isinstance(system, str) or not system.strip():
+        return row
+    prompt = row.prompt if isinstance(row.prompt, list) else [{"role": "user", "content": row.prompt}]
+    if prompt and prompt[0]["role"] == "system":
+        return row
+    meta = {k: v for k, v in row.meta.items() if k != "system"}
+    return dataclasses.replace(row, prompt=[{"role": "system", "content": system.strip()}, *prompt], meta=meta)
+
+
 def sft_rows_from_pairs(rows: Iterable[PreferenceRow]) -> list[SFTRow]:
     """SFT on the preferred subset: each pair's prompt with its chosen completion."""
     return [SFTRow(r.prompt, r.chosen, dict(r.meta)) for r in rows]
@@ -260,13 +362,15 @@ def sft_rows_from_pairs(rows: Iterable[PreferenceRow]) -> list[SFTRow]:
 
 # ---------------------------------------------------------------- tables and detection
 
-FORMATS: dict[str, Callable[[dict], PreferenceRow | SFTRow]] = {
-    "hh": hh, "shp": shp, "chat": chat, "standard": standard, "implicit": implicit,
-    "alpaca": alpaca, "messages": messages, "completion": completion,
+FORMATS: dict[str, Callable[[dict], PreferenceRow | SFTRow | UnpairedRow]] = {
+    "hh": hh, "shp": shp, "chat": chat, "standard": standard, "implicit": implicit, "openai": openai,
+    "sharegpt": sharegpt, "alpaca": alpaca, "messages": messages, "completion": completion, "kto": kto,
 }
-PREFERENCE_FORMATS = ("hh", "shp", "chat", "standard", "implicit")
-SFT_FORMATS = ("alpaca", "messages", "completion")
-KIND_FORMATS = {"preference": PREFERENCE_FORMATS, "sft": SFT_FORMATS}
+PREFERENCE_FORMATS = ("hh", "shp", "chat", "standard", "implicit", "openai", "sharegpt")
+SFT_FORMATS = ("alpaca", "messages", "completion", "sharegpt")
+UNPAIRED_FORMATS = ("kto",)
+KIND_FORMATS = {"preference": PREFERENCE_FORMATS, "sft": SFT_FORMATS, "unpaired": UNPAIRED_FORMATS}
+ROW_TYPES = {"preference": PreferenceRow, "sft": SFTRow, "unpaired": UnpairedRow}
 
 COLUMNS: dict[str, frozenset[str]] = {
     "hh": frozenset({"chosen", "rejected"}),
@@ -274,18 +378,35 @@ COLUMNS: dict[str, frozenset[str]] = {
     "chat": frozenset({"chosen", "rejected"}),
     "standard": frozenset({"prompt", "chosen", "rejected"}),
     "implicit": frozenset({"chosen", "rejected"}),
+    "openai": frozenset({"input", "preferred_output", "non_preferred_output"}),
+    "sharegpt": frozenset({"conversations"}),
     "alpaca": frozenset({"instruction", "output"}),
     "messages": frozenset({"messages"}),
     "completion": frozenset({"prompt", "completion"}),
+    "kto": frozenset({"label"}),
 }
 """Columns a record must have for the format to fit."""
+
+KIND_COLUMNS: dict[tuple[str, str], frozenset[str]] = {
+    ("preference", "sharegpt"): COLUMNS["sharegpt"] | {"chosen", "rejected"},
+}
+"""Where a format needs more columns for one kind (ShareGPT pairs need chosen and rejected)."""
 
 COLUMNS_USED: dict[str, frozenset[str]] = {
     **COLUMNS,
     "shp": COLUMNS["shp"] | {"score_A", "score_B", "score_ratio"},
     "alpaca": COLUMNS["alpaca"] | {"input"},
+    "sharegpt": COLUMNS["sharegpt"] | {"chosen", "rejected"},
+    "kto": COLUMNS["kto"] | {"prompt", "completion", "messages"},
 }
 """Columns the adapter reads; the other scalar columns go into ``meta``."""
+
+FIELDS = frozenset().union(*COLUMNS_USED.values(), {"system"})
+"""Every canonical field name an adapter reads (``data.columns`` maps these to a dataset's columns)."""
+
+
+def columns_for(fmt: str, kind: str) -> frozenset[str]:
+    return KIND_COLUMNS.get((kind, fmt), COLUMNS[fmt])
 
 def _is_hh_transcript(text: str) -> bool:
     return HH_ASSISTANT in text and re.search(r"(?:^|\n\n)Human:", text) is not None
@@ -325,16 +446,17 @@ def detect_format(columns: Iterable[str], kind: str, sample: dict | None = None)
     the same columns by their values (HH transcript strings vs message lists). Unknown or ambiguous
     layouts raise DataError listing the columns found and the formats that fit."""
     if kind not in KIND_FORMATS:
-        raise DataError(f"unknown data kind {kind!r}; expected 'preference' or 'sft'")
+        raise DataError(f"unknown data kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
     cols = set(columns)
-    fits = [f for f in KIND_FORMATS[kind] if COLUMNS[f] <= cols]
-    fits = [f for f in fits if not any(COLUMNS[f] < COLUMNS[g] for g in fits)]
+    need = {f: columns_for(f, kind) for f in KIND_FORMATS[kind]}
+    fits = [f for f in KIND_FORMATS[kind] if need[f] <= cols]
+    fits = [f for f in fits if not any(need[f] < need[g] for g in fits)]
     if len(fits) > 1 and sample is not None:
         fits = [f for f in fits if SAMPLE_FITS.get(f, lambda r: True)(sample)]
     specific = [f for f in fits if f != FALLBACK] if len(fits) > 1 else fits
     if len(specific) == 1:
         return specific[0]
-    needs = "; ".join(f"{f}: {', '.join(sorted(COLUMNS[f]))}" for f in KIND_FORMATS[kind])
+    needs = "; ".join(f"{f}: {', '.join(sorted(need[f]))}" for f in KIND_FORMATS[kind])
     problem = f"ambiguous: formats that fit: {', '.join(fits)}" if fits else f"no {kind} format fits (each needs: {needs})"
     raise DataError(f"cannot detect the {kind} data format from columns {sorted(cols)}: {problem}. "
                     f"Set data.format (or --format) to one of: {', '.join(KIND_FORMATS[kind])}", field="data.format")

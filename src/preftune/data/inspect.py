@@ -1,6 +1,8 @@
 """``preftune data inspect TARGET``: read and tokenize a dataset exactly as training would, then print
-what was kept and dropped (by reason), token-length percentiles, truncation, boundary merges and one
-rendered sample with the masked prompt visible. Reads only; trains nothing."""
+what was kept and dropped (by reason, against ``data.max_drop_fraction``), token-length percentiles
+before and after truncation, prompt and completion truncation, boundary merges and one rendered
+sample with the masked prompt visible. KTO (unpaired) data is recognised and its labels counted.
+Reads only; trains nothing."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from preftune.config import Config, DataConfig, load_config
-from preftune.data.sources import load_rows
-from preftune.data.tokenize import TokenizeReport, tokenize_rows
+from preftune.data import drops
+from preftune.data.prepare import tokenize_splits
+from preftune.data.sources import detect_kind, load_rows
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 SAMPLE_CHARS = 1500
@@ -66,17 +69,21 @@ def sample_view(item, tokenizer) -> dict[str, Any]:
     return view
 
 
-def summarize(data: DataConfig, kind: str, read, tok: TokenizeReport, splits: dict[str, int],
-              sample: dict | None) -> dict[str, Any]:
-    """The inspect result as one JSON-able dict: ``rows_read == rows_kept + sum(dropped)``."""
-    dropped = dict(read.dropped)
-    for reason, n in tok.dropped.items():
-        dropped[reason] = dropped.get(reason, 0) + n
+def summarize(data: DataConfig, kind: str, read, report: dict[str, Any], splits: dict[str, int],
+              sample: dict | None, labels: dict[str, int] | None = None) -> dict[str, Any]:
+    """The inspect result as one JSON-able dict: ``rows_read == rows_kept + sum(dropped)``;
+    ``truncated`` is ``{prompt: N, completion: N}`` over the kept rows. ``report`` is
+    :func:`~preftune.data.prepare.tokenize_splits`'s."""
+    tok, account = report["tokenize"], report["drops"]
     return {
         "source": data.source, "format": read.format, "kind": kind,
-        "rows_read": read.rows_read, "rows_kept": tok.kept, "dropped": dropped, "splits": splits,
-        "lengths": tok.length_stats(), "truncated": tok.truncated, "truncation_rate": tok.truncation_rate,
-        "boundary_merges": tok.boundary_merges,
+        "rows_read": account["rows_read"], "rows_kept": account["rows_kept"], "dropped": account["dropped"],
+        "bad_fraction": account["bad_fraction"], "max_drop_fraction": data.max_drop_fraction,
+        "over_max_drop_fraction": drops.over_limit(account, data.max_drop_fraction), "notes": read.notes,
+        "splits": splits, "labels": labels,
+        "lengths": tok["lengths"], "lengths_before_truncation": tok["lengths_before_truncation"],
+        "truncated": tok["truncated"], "truncation_rate": tok["truncation_rate"],
+        "boundary_merges": tok["boundary_merges"],
         "max_length": data.max_length, "max_prompt_length": data.max_prompt_length, "sample": sample,
     }
 
@@ -95,6 +102,13 @@ def _render_sample(sample: dict) -> list[str]:
     return lines
 
 
+def _length_table(title: str, lengths: dict[str, dict[str, int]]) -> list[str]:
+    lines = [f"{title:<13}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"]
+    for part, st in lengths.items():
+        lines.append(f"  {part:<11}" + "".join(f"{st[k]:>8}" for k in ("p50", "p90", "p99", "max")))
+    return lines
+
+
 def render_text(s: dict[str, Any]) -> str:
     dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
     splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
@@ -102,12 +116,18 @@ def render_text(s: dict[str, Any]) -> str:
         f"source: {s['source']} (format: {s['format']}, kind: {s['kind']})",
         f"rows read: {s['rows_read']}  kept: {s['rows_kept']} ({splits})",
         f"dropped: {dropped}",
-        f"token lengths {'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
+        f"bad or malformed: {100 * s['bad_fraction']:.1f}% of rows read (data.max_drop_fraction "
+        f"{s['max_drop_fraction']}{'; training would STOP' if s['over_max_drop_fraction'] else ''})",
     ]
-    for part, st in s["lengths"].items():
-        lines.append(f"  {part:<11}" + "".join(f"{st[k]:>8}" for k in ("p50", "p90", "p99", "max")))
-    lines.append(f"truncated: {s['truncated']} of {s['rows_kept']} rows ({100 * s['truncation_rate']:.1f}%) at "
-                 f"max_length={s['max_length']}, max_prompt_length={s['max_prompt_length']}")
+    lines += [f"note: {n}" for n in s["notes"]]
+    if s["labels"]:
+        lines.append(f"labels: {s['labels']['desirable']} desirable, {s['labels']['undesirable']} undesirable")
+    lines += _length_table("token lengths", s["lengths"])
+    lines += _length_table("untruncated", s["lengths_before_truncation"])
+    t, r = s["truncated"], s["truncation_rate"]
+    lines.append(f"truncated: {t['prompt']} of {s['rows_kept']} prompts ({100 * r['prompt']:.1f}%) cut to "
+                 f"max_prompt_length={s['max_prompt_length']}; {t['completion']} rows ({100 * r['completion']:.1f}%) "
+                 f"with a completion cut to fit max_length={s['max_length']}")
     lines.append(f"boundary merges (prompt/completion BPE merge, counted and kept): {s['boundary_merges']}")
     if s["sample"]:
         lines += _render_sample(s["sample"])
@@ -115,9 +135,14 @@ def render_text(s: dict[str, Any]) -> str:
 
 
 def inspect(cfg: Config, data: DataConfig, kind: str, tokenizer) -> dict[str, Any]:
+    kind = detect_kind(data, kind)
     train_rows, heldout_rows, read = load_rows(data, kind, cfg.seed)
-    train, tok_train = tokenize_rows(train_rows, tokenizer, data, kind)
-    heldout, tok_heldout = tokenize_rows(heldout_rows, tokenizer, data, kind)
+    labels = None
+    if kind == "unpaired":
+        desirable = sum(r.label for r in train_rows + heldout_rows)
+        labels = {"desirable": desirable, "undesirable": len(train_rows) + len(heldout_rows) - desirable}
+    tok_kind = "preference" if kind == "preference" else "sft"  # unpaired rows tokenize as prompt + completion
+    train, heldout, report = tokenize_splits(train_rows, heldout_rows, read, tokenizer, data, tok_kind, check=False)
     sample = sample_view((train or heldout)[0], tokenizer) if train or heldout else None
-    return summarize(data, kind, read, tok_train.merge(tok_heldout), {"train": len(train), "heldout": len(heldout)},
-                     sample)
+    return summarize(data, kind, read, report, {"train": len(train), "heldout": len(heldout)}, sample, labels)
+

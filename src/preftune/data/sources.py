@@ -19,19 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data import drops
 from preftune.data.formats import (
-    COLUMNS,
     KIND_FORMATS,
-    PREFERENCE_FORMATS,
-    SFT_FORMATS,
+    ROW_TYPES,
     RowError,
     RowFiltered,
     adapter,
+    columns_for,
     detect_format,
+    has_shp_scores,
     sft_rows_from_pairs,
+    with_system,
 )
+from preftune.data.mapping import check_columns, mapper
+from preftune.data.rows import PreferenceRow
 from preftune.env import offline
 from preftune.errors import DataError, PreftuneError
+
+log = logging.getLogger(__name__)
 
 Record = tuple[dict, str, int]
 """(record, file or source name, 1-based row / line)."""
@@ -298,38 +304,50 @@ def has_split(source: str, split: str, subset: str | None = None) -> bool:
 
 @dataclass
 class DataReport:
-    """Records read, rows kept, and every drop by reason: ``rows_read == rows_kept + sum(dropped)``."""
+    """Records read, rows kept, and every drop by reason: ``rows_read == rows_kept + sum(dropped)``;
+    ``notes`` are things said once about the whole source (SHP without scores)."""
 
     rows_read: int = 0
     rows_kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     format: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def drop(self, reason: str, n: int = 1) -> None:
         if n:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
 
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+            log.warning("%s", text)
+
     def merge(self, other: DataReport) -> DataReport:
         out = DataReport(self.rows_read + other.rows_read, self.rows_kept + other.rows_kept, dict(self.dropped),
-                         self.format or other.format)
+                         self.format or other.format, list(self.notes))
         for reason, n in other.dropped.items():
             out.drop(reason, n)
+        out.notes += [n for n in other.notes if n not in out.notes]
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows_read": self.rows_read, "rows_kept": self.rows_kept, "dropped": dict(self.dropped),
-                "format": self.format}
+                "format": self.format, "notes": list(self.notes)}
+
+
+FALLBACK_KIND = {"sft": "preference"}
+"""SFT data may also be preference data (SFT on each pair's chosen)."""
 
 
 def _detect(rec: dict, kind: str) -> str:
-    """Detect the format of ``kind``; SFT data may also be preference data (SFT on chosen)."""
+    """Detect the format of ``kind``, else of its fallback kind when no format of ``kind`` fits."""
     try:
         return detect_format(rec.keys(), kind, rec)
     except DataError:
-        if kind != "sft" or any(COLUMNS[f] <= set(rec) for f in SFT_FORMATS):
+        if kind not in FALLBACK_KIND or any(columns_for(f, kind) <= set(rec) for f in KIND_FORMATS[kind]):
             raise
         try:
-            return detect_format(rec.keys(), "preference", rec)
+            return detect_format(rec.keys(), FALLBACK_KIND[kind], rec)
         except DataError:
             pass
         raise
@@ -337,14 +355,33 @@ def _detect(rec: dict, kind: str) -> str:
 
 def _check_format(fmt: str, kind: str) -> None:
     if kind not in KIND_FORMATS:
-        raise PreftuneError(f"unknown data kind {kind!r}; expected 'preference' or 'sft'")
-    if fmt != "auto" and kind == "preference" and fmt in SFT_FORMATS:
-        raise DataError(f"format {fmt!r} is an SFT format; preference data needs one of "
-                        f"{', '.join(PREFERENCE_FORMATS)}", field="data.format")
+        raise PreftuneError(f"unknown data kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
+    allowed = KIND_FORMATS[kind] + KIND_FORMATS.get(FALLBACK_KIND.get(kind, ""), ())
+    if fmt != "auto" and fmt not in allowed:
+        raise DataError(f"format {fmt!r} does not give {kind} rows; {kind} data needs one of "
+                        f"{', '.join(dict.fromkeys(allowed))}", field="data.format")
+
+
+def _shp_note(rec: dict, data) -> str | None:
+    if data.min_score_ratio <= 1:
+        return f"SHP: data.min_score_ratio={data.min_score_ratio} is at most 1, so every pair is kept"
+    if not has_shp_scores(rec):
+        return "SHP: the data has no score columns (score_A/score_B or score_ratio), so every pair is kept"
+    return None
+
+
+def _adapt(fn, rec: dict, kind: str):
+    """One record -> a row of ``kind`` (a pair where SFT rows may come from pairs)."""
+    row = with_system(fn(rec), rec)
+    if not isinstance(row, (ROW_TYPES[kind], PreferenceRow) if kind in FALLBACK_KIND else ROW_TYPES[kind]):
+        field_name = "chosen" if kind == "preference" else "label"
+        raise RowError(f"the record gives no {kind} row (it lacks '{field_name}')", field_name, "missing_field")
+    return row
 
 
 def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
-    """Read one split and adapt every record, stopping or counting per ``data.on_error``."""
+    """Read one split, map its columns and roles, and adapt every record. Data-quality problems are
+    counted drops; malformed records stop or are counted per ``data.on_error``."""
     report = DataReport(format=None if fmt == "auto" else fmt)
     rows: list = []
 
@@ -353,28 +390,59 @@ def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
         report.drop(err.reason)
 
     fn = None if fmt == "auto" else adapter(fmt, data)
+    to_canonical, first = mapper(data), True
     on_bad = skip if data.on_error == "skip" else None
     for rec, file, row in read_records(data.source, split, data.subset, on_bad):
         report.rows_read += 1
         try:
             check_values(rec)
+            if to_canonical is not None:
+                if first:
+                    check_columns(rec, data.columns, file)
+                rec = to_canonical(rec)
             if fn is None:
                 try:
                     report.format = _detect(rec, kind)
                 except DataError as e:  # the layout of the whole file, named at its first record
                     raise DataError(e.message, file, row, e.field) from None
                 fn = adapter(report.format, data)
-            rows.append(fn(rec))
+            if first and report.format == "shp" and (note := _shp_note(rec, data)):
+                report.note(note)
+            first = False
+            rows.append(_adapt(fn, rec, kind))
         except RowFiltered as f:
             report.drop(f.reason)
         except RowError as e:
-            if data.on_error != "skip":
+            if data.on_error != "skip" and not drops.is_quality(e.reason):
                 raise e.at(file, row) from None
             report.drop(e.reason)
-    if kind == "sft" and report.format in PREFERENCE_FORMATS:
-        rows = sft_rows_from_pairs(rows)
+    if kind == "sft":
+        rows = [sft_rows_from_pairs([r])[0] if isinstance(r, PreferenceRow) else r for r in rows]
     report.rows_kept = len(rows)
     return rows, report
+
+
+def detect_kind(data, kind: str) -> str:
+    """``kind``, or ``"unpaired"`` when the data is KTO rows (``data.format: kto``, or an undetectable
+    ``kind`` whose first record fits ``kto``), so that inspecting a KTO file needs no flag."""
+    if data.format in KIND_FORMATS["unpaired"]:
+        return "unpaired"
+    if data.format != "auto" or kind == "unpaired":
+        return kind
+    for rec, file, _ in read_records(data.source, data.split, data.subset, on_bad=lambda err: None):
+        if (to_canonical := mapper(data)) is not None:
+            check_columns(rec, data.columns, file)
+            rec = to_canonical(rec)
+        try:
+            _detect(rec, kind)
+            return kind
+        except DataError:
+            try:
+                detect_format(rec.keys(), "unpaired", rec)
+            except DataError:
+                return kind
+            return "unpaired"
+    return kind
 
 
 def _carve(rows: list, test_size: float, seed: int) -> tuple[list, list]:
@@ -405,7 +473,7 @@ def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
     Held-out rows are the source's ``data.test_split`` when it has one, else ``data.test_size`` of
     the training rows carved off with ``seed``. ``max_rows`` / ``max_eval_rows`` then keep a seeded
     random subset (the rest is counted as dropped under those names). ``kind="sft"`` also accepts
-    preference data (each pair's prompt and chosen)."""
+    preference data (each pair's prompt and chosen); ``kind="unpaired"`` reads KTO rows."""
     fmt = data.format
     _check_format(fmt, kind)
     train, report = _convert(data, data.split, kind, fmt)

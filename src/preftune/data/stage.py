@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from preftune.config import Config, DataConfig, DPOConfig, TrainConfig
 from preftune.data.collate import pack_into_batches
 from preftune.data.formats import sft_rows_from_pairs
+from preftune.data.prepare import tokenize_splits
 from preftune.data.rows import fingerprint
 from preftune.data.sources import load_rows
-from preftune.data.tokenize import tokenize_rows
 from preftune.data.unpaired import load_unpaired, tokenize_unpaired
 from preftune.errors import PreftuneError
 
@@ -32,24 +32,24 @@ def stage_data_config(cfg: Config, stage: str) -> DataConfig:
 
 def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
     """Train and held-out items of ``stage``: SFT reads ``sft.data`` when set, else the chosen
-    responses of the preference data; every other stage reads ``data`` as preference pairs."""
+    responses of the preference data; a preference stage reads ``data`` as pairs, or as unpaired rows
+    for KTO (pairs split with ``dpo.unpair``)."""
     data_cfg = stage_data_config(cfg, stage)
-    if stage == "dpo" and cfg.dpo.unpaired():  # KTO: unpaired rows (or pairs split with dpo.unpair)
+    if stage == "dpo" and cfg.dpo.unpaired():
         train_rows, test_rows, read = load_unpaired(data_cfg, cfg.dpo.unpair, cfg.seed)
         (train, tok_train), (test, tok_test) = (tokenize_unpaired(r, tokenizer, data_cfg) for r in (train_rows, test_rows))
+        # split pairs do not fit the read = kept + dropped account, so the unpaired report keeps its parts
+        report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
+        why = tok_train.to_dict()
     else:
-        if data_cfg is not cfg.data:
-            train_rows, test_rows, read = load_rows(data_cfg, "sft", cfg.seed)
-        else:
-            train_rows, test_rows, read = load_rows(data_cfg, "preference", cfg.seed)
-            if stage == "sft":
-                train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
         kind = "sft" if stage == "sft" else "preference"
-        train, tok_train = tokenize_rows(train_rows, tokenizer, data_cfg, kind)
-        test, tok_test = tokenize_rows(test_rows, tokenizer, data_cfg, kind)
+        train_rows, test_rows, read = load_rows(data_cfg, "sft" if data_cfg is not cfg.data else "preference", cfg.seed)
+        if stage == "sft" and data_cfg is cfg.data:
+            train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
+        train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, data_cfg, kind)
+        why = report["drops"]
     if not train:
-        raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {tok_train.to_dict()}")
-    report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
+        raise PreftuneError(f"no training rows left from {data_cfg.source} after filtering: {why}")
     return StageData(train, test, report, fingerprint([t.key for t in train] + ["|"] + [t.key for t in test]))
 
 
