@@ -47,7 +47,10 @@ REQUIRED = {"standard": ["prompt", "chosen", "rejected"], "hh": ["chosen", "reje
             "completion": ["prompt", "completion"]}
 REPLY = {"standard": "chosen", "hh": "chosen", "shp": "human_ref_A", "chat": "chosen", "implicit": "chosen",
          "alpaca": "output", "messages": "messages", "completion": "completion"}
-"""A field whose empty value is always malformed."""
+"""The field that holds the reply (or the whole transcript) of each format."""
+EMPTY_IS_A_DROP = {"standard", "shp", "alpaca", "completion"}
+"""Formats whose REPLY field is the reply alone: an empty one is an empty completion, a counted drop in
+both modes (real data has them); elsewhere an empty REPLY breaks the record's structure."""
 TEXT = {"standard": "prompt", "hh": "chosen", "shp": "history", "chat": "chosen", "implicit": "chosen",
         "alpaca": "instruction", "messages": "messages", "completion": "prompt"}
 """A field holding text (directly or in message contents) to corrupt."""
@@ -77,6 +80,7 @@ class Case:
     records: int | None = None  # records read (None: the file stops both modes)
     bad: dict[int, str | None] = field(default_factory=dict)  # row -> field (None: no field applies)
     file_error: str | None = None  # both modes stop with a DataError naming the file and this text
+    drop: bool = False  # the bad rows are data-quality drops: counted in both modes, never an error
 
 
 # ---------------------------------------------------------------- writers
@@ -172,8 +176,9 @@ def cases() -> list[Case]:
         kind = KIND[fmt]
         bad1 = {BAD_AT: None}
         for name, rec, fld in mutations(fmt):
-            out.append(Case(f"jsonl-{fmt}-{name}", jsonl(with_bad(fmt, rec)), kind, N, {BAD_AT: fld}))
-            out.append(Case(f"json-{fmt}-{name}", json_list(with_bad(fmt, rec)), kind, N, {BAD_AT: fld}))
+            drop = name == "empty-reply" and fmt in EMPTY_IS_A_DROP
+            out.append(Case(f"jsonl-{fmt}-{name}", jsonl(with_bad(fmt, rec)), kind, N, {BAD_AT: fld}, drop=drop))
+            out.append(Case(f"json-{fmt}-{name}", json_list(with_bad(fmt, rec)), kind, N, {BAD_AT: fld}, drop=drop))
         t = TEXT[fmt]
         byte_rec = BASE[fmt](BAD_AT) | {t: _corrupt(BASE[fmt](BAD_AT)[t], MARK)}
         out.append(Case(f"jsonl-{fmt}-bad-byte", jsonl(with_bad(fmt, byte_rec)), kind, N, {BAD_AT: t}))
@@ -198,7 +203,8 @@ def cases() -> list[Case]:
         out.append(Case(f"csv-{fmt}-bad-byte", csv_file(with_bad(fmt, byte_rec)), kind, N, {BAD_AT: t}))
         r = REPLY[fmt]
         empty = BASE[fmt](BAD_AT) | {r: ""}
-        out.append(Case(f"csv-{fmt}-empty-cell", csv_file(with_bad(fmt, empty)), kind, N, {BAD_AT: r}))
+        out.append(Case(f"csv-{fmt}-empty-cell", csv_file(with_bad(fmt, empty)), kind, N, {BAD_AT: r},
+                        drop=fmt in EMPTY_IS_A_DROP))
         out.append(Case(f"csv-{fmt}-upper", csv_file(recs, "DATA.CSV"), kind, N))
         # Parquet
         out.append(Case(f"parquet-{fmt}-valid-upper", parquet(recs, "D.PARQUET"), kind, N))
@@ -286,7 +292,7 @@ def test_malformed_file(case: Case, tmp_path, tokenizer):
             if case.file_error is not None:
                 assert case.file_error in str(e), str(e)
                 continue
-            assert on_error == "stop" and case.bad, f"{on_error}: unexpected error {e}"
+            assert on_error == "stop" and case.bad and not case.drop, f"{on_error}: unexpected error {e}"
             row = min(case.bad)
             want = case.bad[row]
             assert e.row == row and (e.field == want or want == ANY and e.field), f"want row {row} field {want!r}: {e}"
@@ -295,8 +301,10 @@ def test_malformed_file(case: Case, tmp_path, tokenizer):
         except PreftuneError as e:
             pytest.fail(f"{on_error}: a PreftuneError that is not a DataError: {e}")
         assert case.file_error is None, f"{on_error}: read without the expected error {case.file_error!r}"
-        assert on_error == "skip" or not case.bad, "stop mode read a malformed record without an error"
+        assert on_error == "skip" or not case.bad or case.drop, "stop mode read a malformed record without an error"
         dropped = sum(report.dropped.values())
+        if case.drop:
+            assert report.dropped == {"empty_completion": len(case.bad)}, report.dropped
         assert report.rows_read == report.rows_kept + dropped == case.records
         assert dropped == len(case.bad) and report.rows_kept == len(train) + len(heldout) == case.records - dropped
         tokenize_rows(train, tokenizer, data, case.kind)

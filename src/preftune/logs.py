@@ -24,12 +24,25 @@ class _RankFilter(logging.Filter):
         return r == 0 or record.levelno >= logging.WARNING
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the line (a redirected or captured stderr,
+    as under pytest or a wrapping tool, is honoured; a handler bound to a closed stream is not kept)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Give the ``preftune`` logger its handler (stderr, ``preftune: message``); idempotent."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     if not any(getattr(h, "_preftune", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler._preftune = True
         handler.addFilter(_RankFilter())
         handler.setFormatter(logging.Formatter("preftune%(rank_label)s: %(message)s"))
