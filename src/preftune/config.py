@@ -81,9 +81,9 @@ class DataConfig:
 @dataclass
 class EvalDatasetConfig(DataConfig):
     """An extra evaluation dataset (``eval.datasets``): a name plus every field of a DataConfig, so
-    each source keeps its own format, split and truncation. Its held-out rows are chosen exactly as
-    ``data``'s would be (same split rules and seed), so a run trained on the same source is never
-    evaluated on its own training rows."""
+    each source keeps its own format, split and truncation. Its held-out rows are chosen by the rules
+    ``data`` follows (its split, or ``test_size`` carved off with the seed), so with the same source and
+    split settings a model is never evaluated on rows it was trained on."""
 
     source: str = ""
     """Where the rows come from (required): a local file or folder, ``embedded:NAME`` or a Hub dataset."""

@@ -1,5 +1,6 @@
 """The evaluation suite: reward accuracy, judged win-rate against chosen, held-out loss (forgetting)
-and downstream tasks for one or more models, written to ``eval.json`` (``preftune eval``), and the
+and downstream tasks for one or more models (and the first two, with checked accuracy, on every
+``eval.datasets`` entry), written to ``eval.json`` (``preftune eval``), and the
 single-evaluation subcommands. Generations, held-out losses and task scores are cached on disk,
 keyed by the model's files and the settings, so a base model is evaluated once across runs and sweeps.
 The measurements themselves live in generate.py, judges.py, heldout.py, tasks.py and train.py."""
