@@ -58,6 +58,40 @@ def test_curve_every_checks():
     assert config_from_dict({"eval": {"curve_every": 4, "tasks": []}}).eval.curve_every == 4
 
 
+def test_eval_datasets_are_data_configs_with_a_name():
+    from preftune.config import DataConfig
+
+    cfg = config_from_dict({"eval": {"datasets": [
+        {"name": "hh", "source": "hh/", "format": "hh", "max_eval_rows": 64},
+        {"name": "shp", "source": "shp.jsonl", "format": "shp", "min_score_ratio": 3, "test_split": None}]}})
+    hh, shp = cfg.eval.datasets
+    assert isinstance(hh, DataConfig) and (hh.name, hh.source, hh.format, hh.max_eval_rows) == ("hh", "hh/", "hh", 64)
+    assert (shp.min_score_ratio, shp.test_split, shp.max_length) == (3.0, None, 512)  # DataConfig's defaults
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_eval_datasets_problems_name_the_entry_and_field():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"eval": {"datasets": [
+            {"name": "hh", "source": "a.jsonl", "format": "hhh"},
+            {"name": "x", "sourse": "b.jsonl"},
+            {"name": "hh", "source": "c.jsonl", "max_length": 64, "max_prompt_length": 64},
+            {"name": "a/b", "source": "d.jsonl", "max_eval_rows": 0}]}})
+    assert sorted(e.value.problems) == sorted([
+        "eval.datasets[0].format: 'hhh' is not a preference format; choose auto or one of hh, shp, chat, standard, "
+        "implicit (did you mean 'hh'?)",
+        "unknown key 'eval.datasets[1].sourse' (did you mean 'eval.datasets[1].source'?)",
+        "eval.datasets[1].source: required (a local file or folder, embedded:NAME, or a Hub dataset)",
+        "eval.datasets[2].name: 'hh' is already the name of eval.datasets[0]",
+        "eval.datasets[2].max_prompt_length (64) must be below eval.datasets[2].max_length (64)",
+        "eval.datasets[3].name: 'a/b' may hold only letters, digits, '.', '_' and '-'",
+        "eval.datasets[3].max_eval_rows: must be at least 1 (or null for all), got 0"])
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].name: required"):
+        config_from_dict({"eval": {"datasets": [{"source": "a.jsonl"}]}})
+    with pytest.raises(ConfigError, match=r"eval.datasets\[0\].format: 'alpaca' is not a preference format"):
+        config_from_dict({"eval": {"datasets": [{"name": "sft", "source": "a.jsonl", "format": "alpaca"}]}})
+
+
 def test_shorthands_and_roundtrip():
     cfg = config_from_dict({"lora": False, "data": "file.jsonl"})
     assert cfg.lora.enabled is False and cfg.data.source == "file.jsonl"

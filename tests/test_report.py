@@ -215,3 +215,57 @@ def test_reward_kl_frontier_plots_every_model_with_a_kl(tmp_path):
     loaded = rp.discover_runs(runs)
     assert plots.reward_kl_plot(loaded, tmp_path / "again.png") == tmp_path / "again.png"
     assert plots.reward_kl_plot([rp.discover_runs([plain])[0]], tmp_path / "none.png") is None
+
+
+def _figures(acc: float | None, winrate: tuple, checked: tuple | None = None) -> dict:
+    """One model's ``eval.json`` figures on one dataset: reward acc (se 0.05), (win-rate, CI low,
+    CI high) and optionally (checked accuracy, CI low, CI high)."""
+    e = {"winrate": dict(zip(("winrate", "ci_low", "ci_high"), winrate)) | {"n": 20, "vs": "chosen"}}
+    if acc is not None:
+        e["rewards"] = {"rewards/accuracies": acc, "se": 0.05, "n": 40}
+    if checked is not None:
+        e["checked"] = dict(zip(("accuracy", "ci_low", "ci_high"), checked)) | {"n": 20}
+    return e
+
+
+def test_models_across_evaluation_datasets_table(tmp_path):
+    """Two runs of an SFT data x DPO data sweep, each measured on HH and SHP (the study's Tables 5
+    and 6): one row per run and model, one column group per evaluation dataset; HH's rows are
+    checkable, SHP's are not, so only HH has a checked-accuracy column."""
+    sweep = tmp_path / "sweep"
+    for name, sft, dpo, shift in (("sft_hh-dpo_shp", "data/hh.jsonl", "data/shp.jsonl", 0.0),
+                                  ("sft_shp-dpo_hh", "data/shp.jsonl", "embedded:prefs", 0.25)):
+        run = write_pipeline(sweep / name, 0.1, dpo, 0.5, 1.25)
+        config = yaml.safe_load((run / "config.yaml").read_text()) | {"sft": {"data": {"source": sft}}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        ev = json.loads((run / "eval" / "eval.json").read_text())
+        ev["datasets"] = {
+            "hh": {"base": _figures(None, (0.25, 0.1, 0.4), (0.25, 0.05, 0.5)),
+                   "sft": _figures(0.5 + shift, (0.375, 0.2, 0.55), (0.5, 0.3, 0.7)),
+                   "dpo": _figures(0.625 + shift, (0.5, 0.3, 0.7), (0.75, 0.55, 0.9))},
+            "shp": {"base": _figures(None, (0.125, 0.05, 0.3)), "sft": _figures(0.75, (0.25 + shift, 0.1, 0.6)),
+                    "dpo": _figures(0.875, (0.625, 0.45, 0.8))}}
+        (run / "eval" / "eval.json").write_text(json.dumps(ev))
+    rp.write_report([sweep], tmp_path / "rep")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    lines = md.split("## Models across evaluation datasets")[1].split("\n## ")[0].strip().splitlines()
+    assert lines[0] == ("| run | model | trained on | hh: reward acc (± se) | hh: win-rate [95% CI] | "
+                        "hh: checked acc [95% CI] | shp: reward acc (± se) | shp: win-rate [95% CI] |")
+    assert lines[2:] == [
+        "| sft_hh-dpo_shp | base | - | - | 0.250 [0.10, 0.40] | 0.250 [0.05, 0.50] | - | 0.125 [0.05, 0.30] |",
+        "| sft_hh-dpo_shp | sft | hh | 0.500 ± 0.050 | 0.375 [0.20, 0.55] | 0.500 [0.30, 0.70] | 0.750 ± 0.050 | "
+        "0.250 [0.10, 0.60] |",
+        "| sft_hh-dpo_shp | dpo | hh → shp | 0.625 ± 0.050 | 0.500 [0.30, 0.70] | 0.750 [0.55, 0.90] | 0.875 ± 0.050 | "
+        "0.625 [0.45, 0.80] |",
+        "| sft_shp-dpo_hh | base | - | - | 0.250 [0.10, 0.40] | 0.250 [0.05, 0.50] | - | 0.125 [0.05, 0.30] |",
+        "| sft_shp-dpo_hh | sft | shp | 0.750 ± 0.050 | 0.375 [0.20, 0.55] | 0.500 [0.30, 0.70] | 0.750 ± 0.050 | "
+        "0.500 [0.10, 0.60] |",
+        "| sft_shp-dpo_hh | dpo | shp → embedded:prefs | 0.875 ± 0.050 | 0.500 [0.30, 0.70] | 0.750 [0.55, 0.90] | "
+        "0.875 ± 0.050 | 0.625 [0.45, 0.80] |"]
+    assert "<th>hh: checked acc [95% CI]</th>" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_no_cross_dataset_table_without_eval_datasets(tmp_path):
+    run = write_pipeline(tmp_path / "run", 0.1, "hh", 0.5, 1.25)
+    rp.write_report([run], tmp_path / "out")
+    assert "Models across evaluation datasets" not in (tmp_path / "out" / "report.md").read_text()

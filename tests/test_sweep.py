@@ -289,3 +289,75 @@ def test_packed_estimates_count_the_loops_bins(tmp_path, monkeypatch):
     assert len(bins) != math.ceil(len(items) / cfg.dpo.batch_size)  # where the old estimate went wrong
     cfg.dpo.max_steps = len(bins)
     assert stage_tokens(cfg, "dpo", tok, {}) == sum(_item_tokens(i) for i in items)
+
+
+# ---------------------------------------------------------------- SFT data x DPO data, cross-evaluated
+
+
+def _write_hh_and_shp(folder: Path) -> tuple[str, str]:
+    """16 HH transcript pairs and 16 SHP pairs, both with checkable answers (extra columns become
+    ``meta``), so the rule judge rules on every held-out row of either."""
+    folder.mkdir()
+    hh, shp = folder / "hh.jsonl", folder / "shp.jsonl"
+    with open(hh, "w") as f:
+        for i in range(16):
+            prompt = f"\n\nHuman: What is {i} + 2?\n\nAssistant:"
+            f.write(json.dumps({"chosen": f"{prompt} {i + 2}", "rejected": f"{prompt} {i + 3}", "check": "number",
+                                "answer": str(i + 2)}) + "\n")
+    with open(shp, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"history": f"How many legs do {i} birds have?", "human_ref_A": f"{2 * i} legs.",
+                                "human_ref_B": "Birds fly.", "labels": 1, "score_A": 9, "score_B": 3,
+                                "check": "number", "answer": str(2 * i)}) + "\n")
+    return str(hh), str(shp)
+
+
+@pytest.mark.e2e
+def test_sweep_over_sft_data_and_dpo_data_fills_the_cross_dataset_table(tmp_path, monkeypatch):
+    """The study's Tables 5 and 6 on the tiny model: SFT data {hh, shp} x DPO data {hh, shp}, every
+    model evaluated on both; the report's table has a figure in every cell, each the run's eval.json."""
+    from preftune.report.report import fmt
+    from preftune.sweep import run_sweep
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    hh, shp = _write_hh_and_shp(tmp_path / "data")
+    split = {"test_size": 0.25, "max_length": 64, "max_prompt_length": 32}
+    raw = {"model": "tiny", "output_dir": str(tmp_path / "sweep"), "seed": 0, "data": {"source": hh} | split,
+           "sft": {"max_steps": 2, "batch_size": 4, "data": {"source": hh} | split},
+           "dpo": {"max_steps": 2, "batch_size": 4},
+           "eval": {"winrate": {"per_category": 4, "max_new_tokens": 4}, "heldout": {"enabled": False},
+                    "tasks": [], "kl": False, "batch_size": 4,
+                    "datasets": [{"name": "hh", "source": hh, "format": "hh"} | split,
+                                 {"name": "shp", "source": shp, "format": "shp"} | split]},
+           "sweep": {"sft.data.source": [hh, shp], "data.source": [hh, shp]}}
+    state = run_sweep(raw, echo=lambda *_: None)
+    names = ["data_hh-data_hh", "data_hh-data_shp", "data_shp-data_hh", "data_shp-data_shp"]
+    assert [r["name"] for r in state["runs"]] == names and all(r["status"] == "done" for r in state["runs"])
+    assert sum(r["result"]["sft_trained_here"] for r in state["runs"]) == 2  # one SFT stage per SFT dataset
+
+    md = Path(state["report"]).with_suffix(".md").read_text()
+    table = md.split("## Models across evaluation datasets")[1].split("\n## ")[0].strip().splitlines()
+    assert table[0] == ("| run | model | trained on | hh: reward acc (± se) | hh: win-rate [95% CI] | "
+                        "hh: checked acc [95% CI] | shp: reward acc (± se) | shp: win-rate [95% CI] | "
+                        "shp: checked acc [95% CI] |")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table[2:]}
+    assert len(rows) == 12 and set(rows) == {(n, m) for n in names for m in ("base", "sft", "dpo")}
+    for name in names:
+        sft_data, dpo_data = (part.removeprefix("data_") for part in name.split("-"))
+        ev = json.loads((tmp_path / "sweep" / "runs" / name / "eval" / "eval.json").read_text())["datasets"]
+        for model in ("sft", "dpo"):
+            cells = rows[(name, model)]
+            assert cells[0] == (sft_data if model == "sft" else f"{sft_data} → {dpo_data}")
+            assert "-" not in cells  # every cell filled
+            for i, d in enumerate(("hh", "shp")):
+                e = ev[d][model]
+                assert e["rewards"]["n"] == 4 and e["winrate"]["n"] == 4 and e["checked"]["n"] == 4
+                assert cells[1 + 3 * i] == f"{fmt(e['rewards']['rewards/accuracies'])} ± {fmt(e['rewards']['se'])}"
+                assert cells[2 + 3 * i].startswith(f"{fmt(e['winrate']['winrate'])} [")
+                assert cells[3 + 3 * i].startswith(f"{fmt(e['checked']['accuracy'])} [")
+        if dpo_data == "hh":  # the same source as the DPO data: the same held-out rows, never a trained-on one
+            run_eval = json.loads((tmp_path / "sweep" / "runs" / name / "eval" / "eval.json").read_text())
+            assert ev["hh"]["dpo"]["rewards"] == run_eval["models"]["dpo"]["rewards"]
+        base = rows[(name, "base")]  # no training data and no reference: no reward accuracy
+        assert base[0] == base[1] == base[4] == "-" and "-" not in base[2:4] + base[5:]

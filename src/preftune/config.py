@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,19 @@ class DataConfig:
     ``source``; on-policy rounds use it to train on their own pairs and evaluate on the run's held-out rows."""
     num_proc: int | None = None
     """Processes that tokenize (null: the cores, at most 8; 1: this process only)."""
+
+
+@dataclass
+class EvalDatasetConfig(DataConfig):
+    """An extra evaluation dataset (``eval.datasets``): a name plus every field of a DataConfig, so
+    each source keeps its own format, split and truncation. Its held-out rows are chosen by the rules
+    ``data`` follows (its split, or ``test_size`` carved off with the seed), so with the same source and
+    split settings a model is never evaluated on rows it was trained on."""
+
+    source: str = ""
+    """Where the rows come from (required): a local file or folder, ``embedded:NAME`` or a Hub dataset."""
+    name: str = ""
+    """Label in ``eval.json`` (``datasets.<name>``) and the report; letters, digits, ``._-``; unique."""
 
 
 @dataclass
@@ -439,6 +453,9 @@ class EvalConfig:
     curve_every: int = 0
     """Snapshot the preference stage every N optimizer steps and evaluate every snapshot (win-rate,
     checked accuracy, downstream tasks) for the report's curves against tokens seen; 0 = off."""
+    datasets: list[EvalDatasetConfig] = field(default_factory=list)
+    """Extra preference datasets every model is also evaluated on (the study's Tables 5 and 6): win-rate
+    against their chosen responses, reward accuracy and checked accuracy on each one's held-out rows."""
 
 
 @dataclass
@@ -761,6 +778,8 @@ def validate(cfg: Config) -> list[str]:
         if not (isinstance(ev.winrate, WinrateConfig) and ev.winrate.enabled) and not ev.tasks:
             p.append("eval.curve_every: curves evaluate win-rate and downstream tasks, but eval.winrate.enabled "
                      "is false and eval.tasks is empty")
+    if isinstance(ev, EvalConfig) and isinstance(ev.datasets, list):
+        p += _validate_eval_datasets(ev.datasets)
     r = cfg.rounds
     if isinstance(r, RoundsConfig):
         for key in ("n", "mix_offline"):
@@ -895,6 +914,41 @@ def _model_problems(model: Any) -> list[str]:
     if Path(model).expanduser().is_file():
         return [f"model: {model} is a file; pass the folder that holds the model's config.json"]
     return []
+
+
+DATASET_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _validate_eval_datasets(datasets: list) -> list[str]:
+    """Each ``eval.datasets[i]`` needs a source, a unique file-safe name and a preference format."""
+    from preftune.data.formats import PREFERENCE_FORMATS
+
+    p: list[str] = []
+    seen: dict[str, int] = {}
+    for i, d in enumerate(datasets):
+        if not isinstance(d, EvalDatasetConfig):
+            continue
+        key = f"eval.datasets[{i}]"
+        if not d.name:
+            p.append(f"{key}.name: required (a label for eval.json and the report, e.g. 'hh')")
+        elif not DATASET_NAME.fullmatch(str(d.name)):
+            p.append(f"{key}.name: {d.name!r} may hold only letters, digits, '.', '_' and '-'")
+        elif d.name in seen:
+            p.append(f"{key}.name: {d.name!r} is already the name of eval.datasets[{seen[d.name]}]")
+        else:
+            seen[d.name] = i
+        if not d.source:
+            p.append(f"{key}.source: required (a local file or folder, embedded:NAME, or a Hub dataset)")
+        if d.format != "auto" and d.format not in PREFERENCE_FORMATS:
+            close = difflib.get_close_matches(str(d.format), PREFERENCE_FORMATS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            p.append(f"{key}.format: {d.format!r} is not a preference format; choose auto or one of "
+                     f"{', '.join(PREFERENCE_FORMATS)}{hint}")
+        if isinstance(d.max_length, int) and isinstance(d.max_prompt_length, int) and d.max_prompt_length >= d.max_length:
+            p.append(f"{key}.max_prompt_length ({d.max_prompt_length}) must be below {key}.max_length ({d.max_length})")
+        if isinstance(d.max_eval_rows, int) and d.max_eval_rows < 1:
+            p.append(f"{key}.max_eval_rows: must be at least 1 (or null for all), got {d.max_eval_rows}")
+    return p
 
 
 def to_dict(cfg: Any) -> dict:

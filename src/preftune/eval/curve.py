@@ -46,6 +46,7 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     sub = copy.deepcopy(cfg)
     sub.eval.rewards = False  # the reward-accuracy curve is the loop's own (metrics.jsonl)
     sub.eval.heldout.enabled = False
+    sub.eval.datasets = []  # curves follow the run's own data; eval.datasets are measured on the final models
     results = evaluate_models(sub, {f"step-{p['step']}": p["model"] for p in points}, out / "curve")
     for p in points:
         entry = results["models"][f"step-{p['step']}"]

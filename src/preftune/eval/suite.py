@@ -1,11 +1,13 @@
 """The evaluation suite: reward accuracy, judged win-rate against chosen, held-out loss (forgetting)
-and downstream tasks for one or more models, written to ``eval.json`` (``preftune eval``), and the
+and downstream tasks for one or more models (and the first two, with checked accuracy, on every
+``eval.datasets`` entry), written to ``eval.json`` (``preftune eval``), and the
 single-evaluation subcommands. Generations, held-out losses and task scores are cached on disk,
 keyed by the model's files and the settings, so a base model is evaluated once across runs and sweeps.
 The measurements themselves live in generate.py, judges.py, heldout.py, tasks.py and train.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -199,6 +201,56 @@ def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[Pref
     return cached("kl", key, compute, about=_folder(name))
 
 
+# ---------------------------------------------------------------- extra evaluation datasets
+
+DatasetInputs = tuple[str, Config, list[PreferenceRow], list[PreferenceRow]]
+"""(name, the config with that dataset as its ``data``, held-out rows, win-rate rows)."""
+
+
+def dataset_inputs(cfg: Config) -> list[DatasetInputs]:
+    """The held-out rows of every ``eval.datasets`` entry, chosen as ``heldout_rows`` chooses
+    ``data``'s (its own split, or ``test_size`` carved off with the seed), and its win-rate rows."""
+    from preftune.data.sources import load_rows
+
+    ev = cfg.eval
+    if not (ev.rewards or ev.winrate.enabled):
+        return []
+    out = []
+    for i, ds in enumerate(ev.datasets):
+        where = f"eval.datasets[{i}] ({ds.name})"
+        try:
+            _, rows, _ = load_rows(ds, "preference", cfg.seed)
+        except PreftuneError as e:
+            raise PreftuneError(f"{where}: {e}") from None
+        if not rows:
+            raise PreftuneError(f"{where}: no held-out rows in {ds.source}; set eval.datasets[{i}].test_split, "
+                                "test_size or test_source")
+        wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+        out.append((ds.name, dataclasses.replace(cfg, data=ds), rows, wr_rows))
+    return out
+
+
+def dataset_entries(sets: list[DatasetInputs], name: str, path: str, model, tok, reference: str | None,
+                    out: Path) -> dict[str, dict]:
+    """One model on every extra dataset: ``{dataset: {rewards, winrate, checked}}`` through the same
+    entry functions (and caches) as the run's own data; samples go to ``out/datasets/<dataset>/``."""
+    figures = {}
+    for ds_name, sub, rows, wr_rows in sets:
+        entry: dict = {}
+        if sub.eval.rewards and reference:
+            entry["rewards"] = rewards_entry(sub, path, model, tok, reference, rows)
+        if wr_rows:
+            responses = generations(sub, path, model, tok, wr_rows)
+            run = judge(sub, judge_items(wr_rows, responses, [r.chosen for r in wr_rows]))
+            entry["winrate"] = winrate_entry(run, "chosen")
+            checked, _ = checked_entry(wr_rows, responses)
+            if checked:
+                entry["checked"] = checked
+            _write_samples(out / "datasets" / ds_name / f"samples-{name}.jsonl", wr_rows, responses, run)
+        figures[ds_name] = entry
+    return figures
+
+
 # ---------------------------------------------------------------- the suite
 
 
@@ -233,7 +285,9 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     ``reference_for[name]`` is the reference for that model's reward accuracy (models without one,
     such as the base, get none). Win-rate is against the dataset's chosen responses; with two or
     more models, the paired bootstrap of their per-prompt scores is stored under ``comparisons``.
-    Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``."""
+    Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``. Each ``eval.datasets``
+    entry adds reward accuracy, win-rate and checked accuracy on its held-out rows under
+    ``datasets: {dataset: {model: {...}}}``."""
     out = Path(out_dir)
     reference_for = reference_for or {}
     ev = cfg.eval
@@ -242,6 +296,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
     do_tasks = bool(ev.tasks) and _has_lm_eval(results)
+    sets = dataset_inputs(cfg)
     scores: dict[str, list] = {}
     checked_marks: dict[str, list] = {}
     chunks: dict[str, dict] = {}
@@ -268,6 +323,8 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
         if do_tasks:
             entry["tasks"] = tasks_entry(cfg, str(path), model, tok)
         results["models"][name] = entry
+        for ds_name, figures in dataset_entries(sets, name, str(path), model, tok, reference_for.get(name), out).items():
+            results.setdefault("datasets", {}).setdefault(ds_name, {})[name] = figures
         del model
         write_json(out / json_name, results)
     if "base" in chunks:

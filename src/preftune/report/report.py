@@ -4,7 +4,8 @@ The figures themselves are drawn in plots.py; nothing here trains or evaluates.
 
 Folders read (the training loop's and the eval suite's documented outputs):
   stage run     run.json, metrics.jsonl, config.yaml
-  pipeline run  config.yaml, sft/ and dpo/ (stage runs), eval/eval.json, eval/curve.json, timings.json
+  pipeline run  config.yaml, sft/ and dpo/ (stage runs), eval/eval.json (its ``datasets`` section too),
+                eval/curve.json, timings.json
   sweep         sub-folders that are pipeline (or stage) runs, found up to two levels down
 """
 
@@ -73,6 +74,53 @@ def runs_table(runs: list[Run]) -> Table:
 def eval_table(runs: list[Run]) -> Table:
     rows = [row for run in runs for row in results_table(run.eval.get("models", {}), REPORT, run=run.name)[1]]
     return results_table({}, REPORT, run="")[0], rows
+
+
+def _source_label(source) -> str:
+    """A data source as a short label: a local file or folder by its stem, anything else as written."""
+    text = str(source)
+    if text.startswith(("/", ".", "~")) or Path(text).suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        return Path(text).stem or text
+    return text
+
+
+def _trained_on(run: Run, model: str) -> str:
+    """The data behind one of the run's models: the SFT data for ``sft``, ``SFT data -> preference
+    data`` for ``dpo`` and on-policy rounds (rounds add their own samples of the same prompts)."""
+    if model != "sft" and model != "dpo" and not model.startswith("round-"):
+        return "-"
+    prefs = _source_label(_get(run.config, "data.source") or "-")
+    sft = _source_label(_get(run.config, "sft.data.source") or prefs)
+    if model == "sft":
+        return sft
+    return f"{sft} → {prefs}" if _get(run.config, "sft.enabled") is not False else prefs
+
+
+def datasets_table(runs: list[Run]) -> Table:
+    """Every model on every ``eval.datasets`` entry (the study's Tables 5 and 6): one row per run and
+    model, one column group per evaluation dataset (reward acc, win-rate, and checked accuracy where
+    that dataset's rows are checkable)."""
+    names = list(dict.fromkeys(d for r in runs for d in r.eval.get("datasets", {})))
+    checkable = {d for r in runs for d, per in r.eval.get("datasets", {}).items() for e in per.values()
+                 if e.get("checked")}
+    head = ["run", "model", "trained on"]
+    for d in names:
+        head += [f"{d}: reward acc (± se)", f"{d}: win-rate [95% CI]"] + ([f"{d}: checked acc [95% CI]"]
+                                                                          if d in checkable else [])
+    rows = []
+    for run in runs:
+        per_dataset = run.eval.get("datasets", {})
+        for model in dict.fromkeys(m for per_model in per_dataset.values() for m in per_model):
+            row = [run.name, model, _trained_on(run, model)]
+            for d in names:
+                e = per_dataset.get(d, {}).get(model, {})
+                rw = e.get("rewards", {})
+                acc = rw.get("rewards/accuracies")
+                row += [f"{fmt(acc)} ± {fmt(rw.get('se'))}" if acc is not None else "-", _ci(e.get("winrate", {}))]
+                if d in checkable:
+                    row.append(_ci(e.get("checked", {}), "accuracy"))
+            rows.append(row)
+    return head, rows
 
 
 def _tuned(run: Run) -> tuple[str, dict] | None:
@@ -189,6 +237,7 @@ def comparisons_table(runs: list[Run]) -> Table:
 TABLES: list[tuple[str, Callable[[list[Run]], Table]]] = [
     ("Runs", runs_table),
     ("Evaluation", eval_table),
+    ("Models across evaluation datasets", datasets_table),
     ("Win-rate and downstream accuracy by beta and dataset", beta_dataset_table),
     ("Held-out loss by beta", heldout_beta_table),
     ("Precision and LoRA variants", variants_table),
