@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from preftune.config import Config, ConfigError, config_from_dict, load_config, to_yaml
+from preftune.data.formats import PREFERENCE_FORMATS
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -78,8 +79,8 @@ def test_eval_datasets_problems_name_the_entry_and_field():
             {"name": "hh", "source": "c.jsonl", "max_length": 64, "max_prompt_length": 64},
             {"name": "a/b", "source": "d.jsonl", "max_eval_rows": 0}]}})
     assert sorted(e.value.problems) == sorted([
-        "eval.datasets[0].format: 'hhh' is not a preference format; choose auto or one of hh, shp, chat, standard, "
-        "implicit (did you mean 'hh'?)",
+        "eval.datasets[0].format: 'hhh' is not a preference format; choose auto or one of "
+        f"{', '.join(PREFERENCE_FORMATS)} (did you mean 'hh'?)",
         "unknown key 'eval.datasets[1].sourse' (did you mean 'eval.datasets[1].source'?)",
         "eval.datasets[1].source: required (a local file or folder, embedded:NAME, or a Hub dataset)",
         "eval.datasets[2].name: 'hh' is already the name of eval.datasets[0]",

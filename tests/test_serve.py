@@ -298,7 +298,8 @@ def _timed(url: str, body: dict) -> float:
 
 def test_a_gone_client_frees_the_model(tiny):
     """A long request takes ``full`` seconds; after four abandoned ones (two of them streamed),
-    a one-token request is answered in well under one of them, close to an idle server's time."""
+    a one-token request is answered in less than one of them (without cancellation it waits for all
+    four, about 4 x ``full``); the margin holds on a loaded machine."""
     model, tok = tiny
     long = {"messages": HELLO, "max_tokens": 300, "temperature": 0}
     one = {"messages": HELLO, "max_tokens": 1, "temperature": 0}
@@ -309,7 +310,7 @@ def test_a_gone_client_frees_the_model(tiny):
             _abandon(base, long, stream)
         after = _timed(base, one)
     print(f"one token idle {idle:.2f}s, after 4 abandoned {after:.2f}s; a full long request {full:.2f}s")
-    assert full > 1.0 and after < full / 2 and after < idle + 1.0
+    assert full > 1.0 and after < full
 
 
 def test_a_full_queue_answers_503_with_retry_after(tiny):
