@@ -53,12 +53,14 @@ def write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
+def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None,
+            state_dict: dict | None = None) -> Path:
     """``save_pretrained`` the model (adapter only, for peft) and tokenizer, atomically, with
-    ``extra`` JSON files (name -> content) such as ``best.json`` in the same folder."""
+    ``extra`` JSON files (name -> content) such as ``best.json`` in the same folder. ``state_dict``:
+    the model's full weights when its own parameters are shards (gathered by distributed.py)."""
 
     def write(tmp: Path):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import random
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from preftune import checkpoint as ckpt
+from preftune import distributed as dist
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
 from preftune.data.rows import fingerprint
 from preftune.errors import PreftuneError
@@ -275,7 +275,6 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
     time-boxed runs and resume tests. Returns the run summary also written to ``run.json``."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from preftune import reference as refs
@@ -288,17 +287,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     out = Path(out_dir)
     stage_cfg: TrainConfig = cfg.sft if stage == "sft" else cfg.dpo
     method = METHODS["sft" if stage == "sft" else "dpo"]
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
-        # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=stage_cfg.grad_accum,
-        mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
-        cpu=not torch.cuda.is_available(),
-    )
+    accelerator = dist.make_accelerator(cfg.precision, stage_cfg.grad_accum)
     main = accelerator.is_main_process
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -346,9 +335,9 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         else:
             reference = refs.NoReference()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer, params = dist.prepare(
+        accelerator, policy, lambda ps: torch.optim.AdamW(ps, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay),
+        stage_cfg.batch_size, stage_cfg.max_grad_norm)
 
     stopper = EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta)
     state = {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0, "skipped_steps": 0}
@@ -357,7 +346,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         log.info("resume: no checkpoint in %s; starting this stage from the beginning", out)
     resumed_from = None
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, accelerator.unwrap_model(policy).model, optimizer)
+        state = dist.load_checkpoint(accelerator, latest, policy, optimizer)
         for k, v in state.pop("early_stopping").items():
             setattr(stopper, k, v)
         resumed_from = state["step"]
@@ -436,21 +425,21 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         if do_eval:
             ev = reduce_eval(evaluate_batches(policy, eval_batches, method, stage_cfg, reference), accelerator)
             record |= {f"eval/{k}": v for k, v in ev.items()}
-            stopped_early = _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer, out, main)
+            stopped_early = _early_stop(stopper, stage_cfg, record, step, accelerator, policy, tokenizer, out, main)
         if step % stage_cfg.log_every == 0 or do_eval or step == total_steps:
             metrics_log.write(record)
         bar.update(1)
         bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
                                                               ("tok/s", "tokens_per_s")) if m in record})
-        if curve_every and step % curve_every == 0 and step < total_steps and main:
+        if curve_every and step % curve_every == 0 and step < total_steps:
             # a model folder for the curves over training (the final step is final/)
-            ckpt.save_hf(accelerator.unwrap_model(policy).model, tokenizer, out / "snapshots" / f"step-{step}",
+            dist.save_hf(accelerator, policy, tokenizer, out / "snapshots" / f"step-{step}",
                          {"snapshot.json": {k: state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
         if stage_cfg.save_every and step % stage_cfg.save_every == 0 and step < total_steps:
             accelerator.wait_for_everyone()
+            dist.save_checkpoint(accelerator, out / "checkpoints" / f"step-{step}", policy, optimizer,
+                                 state | {"early_stopping": stopper.state()})
             if main:
-                ckpt.save_checkpoint(out / "checkpoints" / f"step-{step}", accelerator.unwrap_model(policy).model,
-                                     optimizer, state | {"early_stopping": stopper.state()})
                 ckpt.prune(out, stage_cfg.save_total_limit)
         if stop_at is not None and step >= stop_at:
             bar.close()
@@ -470,10 +459,10 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         "base_model": model_path, "layout": layout, "reference": ref_strategy, "lora": cfg.lora.enabled,
         "precision": cfg.precision, "train_rows": len(data.train), "test_rows": len(data.test),
         "data_fingerprint": data.fingerprint, "resumed_from": resumed_from,
+        "distributed": dist.describe(accelerator),
     }
+    dist.save_hf(accelerator, policy, tokenizer, out / "final")
     if main:
-        unwrapped = accelerator.unwrap_model(policy).model
-        ckpt.save_hf(unwrapped, tokenizer, out / "final")
         (out / "run.json").write_text(json.dumps(summary, indent=1))
         from preftune.card import update_card
 
@@ -482,7 +471,7 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     return summary
 
 
-def _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer, out, main) -> bool:
+def _early_stop(stopper, stage_cfg, record, step, accelerator, policy, tokenizer, out, main) -> bool:
     """Update early stopping from this eval round; keep ``best/``; return whether to stop."""
     metric = _es_metric(stage_cfg)
     if metric not in record:
@@ -490,9 +479,9 @@ def _early_stop(stopper, stage_cfg, record, step, accelerator, model, tokenizer,
     se = record.get(metric + "_se", 0.0)
     improved, stop = stopper.update(record[metric], step, se)
     accelerator.wait_for_everyone()
-    if improved and main:
+    if improved:
         summary = {"best_step": step, "metric": metric, "value": record[metric]}
-        ckpt.save_hf(accelerator.unwrap_model(model), tokenizer, out / "best", {"best.json": summary})
+        dist.save_hf(accelerator, policy, tokenizer, out / "best", {"best.json": summary})
     return stage_cfg.early_stopping and stop
 
 
