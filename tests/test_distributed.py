@@ -181,10 +181,12 @@ def test_two_processes_match_one(full_one, tiny_model_dir, config, kind, extra):
         run = json.loads((out / stage / "run.json").read_text())
         assert run["distributed"]["type"] == kind and run["distributed"]["world_size"] == 2
         assert run["distributed"]["mixed_precision"] == "no" and run["distributed"]["device"] == "cpu"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     a = AutoModelForCausalLM.from_pretrained(tmp / "one" / "dpo" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(out / "dpo" / "final").state_dict()
-    assert a.keys() == b.keys()
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert a.keys() == b.keys() == base.keys()
+    # Adam at lr 1e-2 turns last-bit gradient differences into ~1e-4 weight differences; training moved them ~1e-2
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3 < max(float((a[k] - base[k]).abs().max()) for k in a)
 
 
 @pytest.mark.e2e
