@@ -167,6 +167,7 @@ def full_one(tmp_path_factory, tiny_model_dir):
     ("ddp.yaml", "DDP", ()),
     ("fsdp.yaml", "FSDP", ()),
     ("deepspeed_zero2_offload.yaml", "DEEPSPEED", ("--offload_optimizer_device", "none")),
+    ("deepspeed_zero3.yaml", "DEEPSPEED", ()),
 ])
 def test_two_processes_match_one(full_one, tiny_model_dir, config, kind, extra):
     """The shipped accelerate config on 2 CPU processes with batch 2 each trains SFT and DPO exactly

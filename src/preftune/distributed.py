@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +214,24 @@ def _configure_deepspeed(accelerator, policy, batch_size: int, max_grad_norm: fl
         deepspeed.zero.register_external_parameter(policy, policy.causal_lm.get_output_embeddings().weight)
 
 
+@contextmanager
+def whole_weights(accelerator):
+    """Load models whole on every rank. Under DeepSpeed ZeRO-3 transformers would partition them at
+    load (``zero.Init``), but the reference copy and the precomputed reference run before (or outside)
+    the engine; ZeRO-3 partitions the policy when :func:`prepare` builds the engine."""
+    plugin = accelerator.state.deepspeed_plugin if describe(accelerator)["type"] == "DEEPSPEED" else None
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def _fsdp2(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -242,7 +261,7 @@ def save_hf(accelerator, policy, tokenizer, folder: Path, extra: dict | None = N
             full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             full = accelerator.get_state_dict(policy)
-        state_dict = _strip(full)
+        state_dict = _strip(full) if full is not None else None  # ZeRO-3 gathers onto rank 0 only
     if accelerator.is_main_process:
         ckpt.save_hf(inner, tokenizer, folder, extra, state_dict=state_dict)
     accelerator.wait_for_everyone()

@@ -295,7 +295,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
 
     tokenizer = load_tokenizer(model_path)
     data = load_stage_data(cfg, stage, tokenizer)
-    model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
+    with dist.whole_weights(accelerator):
+        model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
     n_train, n_total = trainable_parameters(model)
     layout = choose_layout(cfg.dpo.layout, model) if stage == "dpo" else "padded"
     policy = SequenceLogps(model)
@@ -321,7 +322,8 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
         if ref_strategy == "adapter":
             reference = refs.ModelReference(policy, "adapter", disable)
         elif ref_strategy == "copy":
-            frozen = load_model(cfg, model_path, trainable=False)
+            with dist.whole_weights(accelerator):
+                frozen = load_model(cfg, model_path, trainable=False)
             reference = refs.ModelReference(SequenceLogps(frozen), "copy")
         elif ref_strategy == "precomputed":
             all_items = data.train + data.test
