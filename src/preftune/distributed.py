@@ -92,6 +92,10 @@ def make_accelerator(precision: str, grad_accum: int):
     if intent.single_launcher_many:
         raise PreftuneError(_SINGLE)
     mixed = mixed_precision_for(precision, intent.mixed_precision)
+    launcher_accum = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "")
+    if launcher_accum.isdigit() and int(launcher_accum) != grad_accum:
+        raise PreftuneError(f"the launcher sets gradient_accumulation_steps {launcher_accum} but the stage's grad_accum "
+                            f"is {grad_accum}: drop it from the accelerate config (preftune's grad_accum sets it)")
     cuda = torch.cuda.is_available() and not intent.cpu
     kwargs: dict = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed, "cpu": not cuda}
     cpu_fsdp = None
@@ -131,7 +135,9 @@ def describe(accelerator) -> dict:
         kind = "DEEPSPEED"
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         mixed = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "no"
-        extra = {"zero_stage": ds.get("zero_optimization", {}).get("stage")}
+        zero = ds.get("zero_optimization", {})
+        extra = {"zero_stage": zero.get("stage"),
+                 "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none")}
     else:
         fsdp = d == DT.FSDP or getattr(accelerator, "cpu_fsdp", None) is not None
         kind = "FSDP" if fsdp else "NO" if d == DT.NO else "DDP"
@@ -162,6 +168,9 @@ def shard(policy, plugin):
     if plugin.auto_wrap_policy is not None and getattr(plugin.auto_wrap_policy, "__name__", "") != "transformer_auto_wrap_policy":
         raise PreftuneError("FSDP on CPU processes wraps by transformer layer only: set "
                             "fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP in the accelerate config")
+    if plugin.activation_checkpointing:
+        raise PreftuneError("fsdp_activation_checkpointing is not applied on CPU processes: set it false in the "
+                            "accelerate config and use sft.gradient_checkpointing / dpo.gradient_checkpointing")
     classes = _layer_classes(policy, plugin)
     layers = [m for m in policy.modules() if type(m).__name__ in classes]
     if not layers:
