@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,25 +196,34 @@ def test_two_processes_match_one(full_one, tiny_model_dir, config, kind, extra):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3 < max(float((a[k] - base[k]).abs().max()) for k in a)
 
 
+@pytest.fixture(scope="module")
+def lora_one(tmp_path_factory, tiny_model_dir):
+    """One process, batch 4: LoRA DPO for 4 steps (the adapter-disabled policy as reference)."""
+    tmp = tmp_path_factory.mktemp("lora")
+    _launch(tmp, _config(tmp, tiny_model_dir, lora=True, batch=4), tmp / "one", [sys.executable])
+    return tmp
+
+
 @pytest.mark.e2e
-def test_fsdp_lora_resumes_from_sharded_checkpoint(tmp_path, tiny_model_dir):
-    """FSDP2 with LoRA on 2 CPU processes: 2 steps, a stop, a resume from the sharded step-2
-    checkpoint for 2 more; the 4 losses equal one process's, and final/ is a peft adapter folder."""
+@pytest.mark.parametrize("config,shards", [
+    ("fsdp.yaml", "sharded/.metadata"),  # torch distributed-checkpoint shards, one file per rank
+    _needs_deepspeed("deepspeed_zero3.yaml", "deepspeed/latest"),  # DeepSpeed's engine checkpoint
+])
+def test_sharded_lora_run_resumes(lora_one, tiny_model_dir, config, shards):
+    """LoRA on 2 CPU processes, sharded: 2 steps, a stop, a resume from the sharded step-2 checkpoint
+    for 2 more; the 4 losses equal one process's, and final/ is a peft adapter folder with its weights."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    one, two = tmp_path / "one", tmp_path / "two"
-    _launch(tmp_path, _config(tmp_path, tiny_model_dir, lora=True, batch=4), one, [sys.executable])
-    cfg = _config(tmp_path, tiny_model_dir, lora=True, batch=2)
-    _launch(tmp_path, cfg, two, _accelerate("fsdp.yaml"), stop_at=2)
-    ckpt_dir = two / "dpo" / "checkpoints" / "step-2"
-    assert (ckpt_dir / "sharded" / ".metadata").is_file() and not (two / "dpo" / "final").exists()
-    _launch(tmp_path, cfg, two, _accelerate("fsdp.yaml"), resume=True)
+    tmp = lora_one
+    one, two = tmp / "one", tmp / config.split(".")[0]
+    cfg = _config(tmp, tiny_model_dir, lora=True, batch=2)
+    _launch(tmp, cfg, two, _accelerate(config), stop_at=2)
+    assert (two / "dpo" / "checkpoints" / "step-2" / shards).is_file() and not (two / "dpo" / "final").exists()
+    _launch(tmp, cfg, two, _accelerate(config), resume=True)
     assert json.loads((two / "dpo" / "run.json").read_text())["resumed_from"] == 2
     _same_trajectory(one / "dpo", two / "dpo", 4)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    adapter = PeftModel.from_pretrained(base, two / "dpo" / "final")
     ids = torch.tensor([[1, 2, 3, 4]])
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), one / "dpo" / "final")
-    assert torch.allclose(adapter(ids).logits, ref(ids).logits, atol=1e-4)
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    got, want = (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "dpo" / "final")
+                 for run in (two, one))
+    assert torch.allclose(got(ids).logits, want(ids).logits, atol=1e-4)

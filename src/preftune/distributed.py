@@ -206,12 +206,15 @@ def _configure_deepspeed(accelerator, policy, batch_size: int, max_grad_norm: fl
     """The stage's micro-batch, accumulation and clipping into the DeepSpeed config (a yaml value that
     disagrees with the preftune config stops the run); under ZeRO-3 the LM head is an external
     parameter of the policy, since the chunked log-probs read its weight outside its own forward."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
     want = {"train_micro_batch_size_per_gpu": batch_size,
             "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
             "gradient_clipping": 0.0 if max_grad_norm is None else float(max_grad_norm)}
+    # the launcher's values, kept from the first stage: a later stage in this process may differ
+    launched = plugin.__dict__.setdefault("preftune_launched", {k: ds.get(k, "auto") for k in want})
     for key, value in want.items():
-        have = ds.get(key, "auto")
+        have = launched[key]
         if have != "auto" and float(have) != float(value):
             raise PreftuneError(f"the DeepSpeed config sets {key}: {have} but the preftune config asks {value}; "
                                 "remove it from the accelerate/DeepSpeed config (preftune's config sets it)")
