@@ -1,7 +1,7 @@
 """Distribution: the launcher's intent is honoured or refused (never silently downgraded), and
 ``accelerate launch`` with the shipped configs on 2 CPU processes (gloo) trains exactly as one process
-with the same global batch: DDP, FSDP2 (full fine-tuning and LoRA, with a sharded resume) and
-DeepSpeed ZeRO-2/3, for SFT and DPO."""
+with the same global batch: DDP, FSDP2 and DeepSpeed ZeRO-2/3 for SFT and DPO (full fine-tuning), and
+LoRA under FSDP2 and ZeRO-3 resumed from their sharded checkpoints."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def lora_one(tmp_path_factory, tiny_model_dir):
 @pytest.mark.e2e
 @pytest.mark.parametrize("config,shards", [
     ("fsdp.yaml", "sharded/.metadata"),  # torch distributed-checkpoint shards, one file per rank
-    _needs_deepspeed("deepspeed_zero3.yaml", "deepspeed/latest"),  # DeepSpeed's engine checkpoint
+    _needs_deepspeed("deepspeed_zero3.yaml", "deepspeed"),  # DeepSpeed's engine checkpoint (a folder per tag)
 ])
 def test_sharded_lora_run_resumes(lora_one, tiny_model_dir, config, shards):
     """LoRA on 2 CPU processes, sharded: 2 steps, a stop, a resume from the sharded step-2 checkpoint
@@ -219,7 +219,7 @@ def test_sharded_lora_run_resumes(lora_one, tiny_model_dir, config, shards):
     one, two = tmp / "one", tmp / config.split(".")[0]
     cfg = _config(tmp, tiny_model_dir, lora=True, batch=2)
     _launch(tmp, cfg, two, _accelerate(config), stop_at=2)
-    assert (two / "dpo" / "checkpoints" / "step-2" / shards).is_file() and not (two / "dpo" / "final").exists()
+    assert (two / "dpo" / "checkpoints" / "step-2" / shards).exists() and not (two / "dpo" / "final").exists()
     _launch(tmp, cfg, two, _accelerate(config), resume=True)
     assert json.loads((two / "dpo" / "run.json").read_text())["resumed_from"] == 2
     _same_trajectory(one / "dpo", two / "dpo", 4)
