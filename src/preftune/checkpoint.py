@@ -34,12 +34,14 @@ def clean_stale(root: Path) -> list[Path]:
     return removed
 
 
-def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None) -> Path:
+def save_hf(model, tokenizer, folder: Path, extra: dict[str, dict] | None = None,
+            state_dict: dict | None = None) -> Path:
     """``save_pretrained`` the model (adapter only, for peft) and tokenizer, atomically, with
-    ``extra`` JSON files (name -> content) such as ``best.json`` in the same folder."""
+    ``extra`` JSON files (name -> content) such as ``best.json`` in the same folder. ``state_dict``:
+    the model's full weights when its own parameters are shards (gathered by distributed.py)."""
 
     def write(tmp: Path):
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in (extra or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=1))
@@ -67,6 +69,15 @@ def set_rng_state(tensors: dict, plain: dict) -> None:
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def save_rng(path: Path) -> None:
+    """The random states as safetensors + JSON (a sharded checkpoint's ``rng.safetensors``)."""
+    _save_with_json(path, *rng_state())
+
+
+def load_rng(path: Path) -> None:
+    set_rng_state(*_load_with_json(path))
 
 
 def optimizer_tensors(state_dict: dict) -> tuple[dict, dict]:

@@ -27,12 +27,11 @@ import numpy as np
 import peft
 import torch
 import transformers
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 import preftune
 from preftune import checkpoint as ckpt
+from preftune import distributed as dist
 from preftune import reference as refs
 from preftune.attention import choose_layout
 from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
@@ -201,19 +200,6 @@ class Stage:
         return self.accelerator.unwrap_model(self.policy).model
 
 
-def make_accelerator(stage_cfg: TrainConfig, cfg: Config):
-    """The stage's ``Accelerator``: gradient accumulation and mixed precision from the config."""
-    if not torch.distributed.is_initialized():
-        # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
-        # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
-        AcceleratorState._reset_state()
-    return Accelerator(
-        gradient_accumulation_steps=stage_cfg.grad_accum,
-        mixed_precision="bf16" if cfg.precision == "bf16-mixed" else "no",
-        cpu=not torch.cuda.is_available(),
-    )
-
-
 def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True):
     """The stage's collate function: SFT rows, preference pairs in ``layout``, or unpaired (KTO) rows in
     the same pair layouts plus their labels. Shared layouts carry ``blocks``/``segments``, from which
@@ -236,7 +222,9 @@ def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, 
     if strategy == "adapter":
         return refs.ModelReference(policy, "adapter", disable), strategy
     if strategy == "copy":
-        return refs.ModelReference(SequenceLogps(load_model(cfg, model_path, trainable=False)), "copy"), strategy
+        with dist.whole_weights(accelerator):
+            frozen = load_model(cfg, model_path, trainable=False)
+        return refs.ModelReference(SequenceLogps(frozen), "copy"), strategy
     items, bs = data.train + data.test, stage_cfg.eval_batch_size
     key = refs.cache_key(model_path, tokenizer, cfg.data, cfg.precision, data.fingerprint)
     batches = lambda: [collate(items[i : i + bs]) for i in range(0, len(items), bs)]  # noqa: E731
@@ -260,7 +248,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     config or data unless ``allow_changes``), and write the run records (config, versions, data)."""
     stage_cfg: TrainConfig = getattr(cfg, stage)
     method = METHODS[stage]
-    accelerator = make_accelerator(stage_cfg, cfg)
+    accelerator = dist.make_accelerator(cfg.precision, stage_cfg.grad_accum)
     if accelerator.is_main_process:  # before any data, model or reference work
         check_writable(Path(out_dir))
         ckpt.clean_stale(Path(out_dir))
@@ -272,7 +260,8 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     data = load_stage_data(cfg, stage, tokenizer)
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
-    model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
+    with dist.whole_weights(accelerator):
+        model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
     layout = choose_layout(stage_cfg.layout, model) if method.data == "preference" else "padded"
     policy = SequenceLogps(model)
     collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
@@ -287,9 +276,9 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     chunks = [data.test[i : i + ebs] for i in range(0, len(data.test), ebs)]
     eval_chunks, eval_keep = shard(chunks, rank, world) if chunks else ([], [])
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy, optimizer, params = dist.prepare(
+        accelerator, policy, lambda ps: torch.optim.AdamW(ps, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay),
+        stage_cfg.batch_size, stage_cfg.max_grad_norm)
     st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
                policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
                int(stage_cfg.warmup_ratio * total), [collate(c) for c in eval_chunks], eval_keep,
@@ -313,7 +302,7 @@ def _resume(st: Stage, resume: bool) -> Path | None:
         log.info("resume: no checkpoint in %s; starting this stage from the beginning", st.out.root)
     if latest is None:
         return None
-    st.state = ckpt.load_checkpoint(latest, st.unwrapped(), st.optimizer)
+    st.state = dist.load_checkpoint(st.accelerator, latest, st.policy, st.optimizer)
     for k, v in st.state.pop("early_stopping").items():
         setattr(st.stopper, k, v)
     st.resumed_from = st.state["step"]
@@ -457,8 +446,8 @@ def early_stop(st: Stage, record: dict, step: int) -> bool:
         return False
     improved, stop = st.stopper.update(record[metric], step, record.get(metric + "_se", 0.0))
     st.accelerator.wait_for_everyone()
-    if improved and st.main:
-        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.best,
+    if improved:  # every rank: a sharded model is gathered first
+        dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.best,
                      {"best.json": {"best_step": step, "metric": metric, "value": record[metric]}})
     return st.stage_cfg.early_stopping and stop
 
@@ -468,14 +457,14 @@ def save_between_steps(st: Stage, step: int) -> None:
     and a resume checkpoint every ``save_every`` steps."""
     cfg = st.stage_cfg
     curve_every = st.cfg.eval.curve_every if st.method.data == "preference" else 0
-    if curve_every and step % curve_every == 0 and step < st.total_steps and st.main:
-        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.snapshot(step),
+    if curve_every and step % curve_every == 0 and step < st.total_steps:
+        dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.snapshot(step),
                      {"snapshot.json": {k: st.state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
     if cfg.save_every and step % cfg.save_every == 0 and step < st.total_steps:
         st.accelerator.wait_for_everyone()
+        dist.save_checkpoint(st.accelerator, st.out.checkpoint(step), st.policy, st.optimizer,
+                             st.state | {"early_stopping": st.stopper.state()})
         if st.main:
-            ckpt.save_checkpoint(st.out.checkpoint(step), st.unwrapped(), st.optimizer,
-                                 st.state | {"early_stopping": st.stopper.state()})
             ckpt.prune(st.out.root, cfg.save_total_limit)
 
 
@@ -496,6 +485,7 @@ def summary(st: Stage, stopped_early: bool) -> dict:
         "base_model": st.model_path, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
         "precision": cfg.precision, "train_rows": len(st.data.train), "test_rows": len(st.data.test),
         "data_fingerprint": st.data.fingerprint, "resumed_from": st.resumed_from,
+        "distributed": dist.describe(st.accelerator),
     }
 
 
@@ -503,8 +493,8 @@ def finish(st: Stage, stopped_early: bool) -> dict:
     """Write ``final/`` (a Hugging Face folder) and ``run.json`` on the main process; return the summary."""
     st.accelerator.wait_for_everyone()
     out = summary(st, stopped_early)
+    dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.final)  # every rank: shards are gathered
     if st.main:
-        ckpt.save_hf(st.unwrapped(), st.tokenizer, st.out.final)
         st.out.run.write_text(json.dumps(out, indent=1))
     st.accelerator.wait_for_everyone()
     return out
