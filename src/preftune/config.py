@@ -782,16 +782,6 @@ def validate(cfg: Config) -> list[str]:
         p += _validate_eval_datasets(ev.datasets)
     r = cfg.rounds
     if isinstance(r, RoundsConfig):
-        for key in ("n", "mix_offline"):
-            if isinstance(getattr(r, key), int) and getattr(r, key) < 0:
-                p.append(f"rounds.{key}: must be 0 or more, got {getattr(r, key)}")
-        for key in ("prompts", "max_new_tokens"):
-            if isinstance(getattr(r, key), int) and getattr(r, key) < 1:
-                p.append(f"rounds.{key}: must be at least 1, got {getattr(r, key)}")
-        if isinstance(r.samples, int) and r.samples < 2:
-            p.append(f"rounds.samples: a pair needs at least 2 samples per prompt, got {r.samples}")
-        if isinstance(r.temperature, float) and r.temperature <= 0:
-            p.append(f"rounds.temperature: on-policy pairs need sampling (a positive temperature), got {r.temperature}")
         if r.reward == "reward_model" and not r.reward_model:
             p.append("rounds.reward_model: reward 'reward_model' needs the path of a sequence-classification model")
         if r.reference == "sft" and isinstance(cfg.lora, LoraConfig) and not cfg.lora.enabled:
@@ -885,6 +875,12 @@ RANGES: dict[str, Any] = {
     "HeldoutConfig.chunk_length": AT_LEAST_1, "HeldoutConfig.max_chunks": AT_LEAST_1,
     "EvalConfig.batch_size": AT_LEAST_1, "EvalConfig.tasks_limit": AT_LEAST_1,
     "EvalConfig.curve_every": _number_rule(lambda v: v >= 0, "must be 0 (off) or a positive number of steps"),
+    "RoundsConfig.n": AT_LEAST_0, "RoundsConfig.mix_offline": AT_LEAST_0, "RoundsConfig.prompts": AT_LEAST_1,
+    "RoundsConfig.max_new_tokens": AT_LEAST_1,
+    "RoundsConfig.samples": _number_rule(lambda v: v >= 2, "a pair needs at least 2 samples per prompt"),
+    "RoundsConfig.temperature": _number_rule(lambda v: v > 0, "on-policy pairs need sampling (a positive temperature)"),
+    "RoundsConfig.top_p": _number_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "RoundsConfig.epochs": POSITIVE, "RoundsConfig.lr": POSITIVE,
 }
 """Allowed ranges by ``Class.field`` (a field of a base class covers its subclasses); null passes."""
 
