@@ -49,7 +49,7 @@ class Terminal:
     def close(self) -> int:
         self.type(EOF)
         try:
-            return self.proc.wait(timeout=60)
+            return self.proc.wait(timeout=180)  # a loaded machine exits slowly
         finally:
             os.close(self.fd)
 
