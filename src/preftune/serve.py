@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import uvicorn
 from anyio import to_thread
 from fastapi import FastAPI, Request  # Request here: FastAPI resolves the endpoints' annotations
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -500,6 +499,8 @@ def listen(host: str, port: int) -> socket.socket:
 def background(app, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
     """Run ``app`` under uvicorn in a daemon thread on a free port; yields its base URL
     (``http://127.0.0.1:PORT``) once the server is accepting, and stops it on exit."""
+    import uvicorn  # here, as ARCHITECTURE.md has it: only this in-process runner needs the server
+
     sock = listen(host, 0)
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
