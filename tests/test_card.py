@@ -10,6 +10,7 @@ from argparse import Namespace
 import pytest
 import yaml
 
+from preftune import export
 from preftune.card import front_matter, model_card, update_card
 from preftune.commands.tools import push
 from preftune.config import Config, to_yaml
@@ -113,7 +114,8 @@ def test_update_card_refreshes_best_and_final(tmp_path):
 def test_push_offline_is_a_clear_error_before_any_network(tmp_path, monkeypatch):
     _stage(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any Hub import would fail differently
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # any Hub import would fail differently,
+    monkeypatch.setattr(export, "HfApi", None)  # and so would any use of the Hub client
     with pytest.raises(PreftuneError, match="HF_HUB_OFFLINE=1") as e:
         push(Namespace(run=str(tmp_path / "run"), repo="me/model"))
     assert "best" in str(e.value) and "me/model" in str(e.value)

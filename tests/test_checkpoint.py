@@ -141,11 +141,11 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_m
 
 KILLER = """
 import json, os, signal, sys
-import safetensors.torch as st
+from preftune import checkpoint
 from preftune.config import config_from_dict
 from preftune.train import run_stage
 
-real = st.save_file
+real = checkpoint.save_file
 
 def dying(tensors, path, metadata=None):
     real(tensors, path, metadata=metadata)
@@ -154,7 +154,7 @@ def dying(tensors, path, metadata=None):
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
-st.save_file = dying
+checkpoint.save_file = dying  # where checkpoints write it
 cfg = config_from_dict(json.loads(sys.argv[1]))
 run_stage(cfg, "dpo", cfg.output_dir, sys.argv[2])
 """

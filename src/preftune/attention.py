@@ -175,6 +175,7 @@ def shared_block_mask(blocks: Tensor, segments: Tensor, position_ids: Tensor | N
 
     Built without compiling ``create_block_mask``: it evaluates the rule on every (query, key) pair (a
     few ``[R, 1, T, T]`` boolean tensors for a moment), then keeps only the 128 x 128 tiles with work."""
+    # imported here: flex attention needs torch 2.5+, newer than the torch>=2.4 floor
     from torch.nn.attention.flex_attention import create_block_mask
 
     # One captured tensor, not several: with two, torch 2.13's CPU kernel fails to build (CppCompileError)

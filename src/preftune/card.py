@@ -12,6 +12,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from preftune import embedded
 from preftune.config import Config, config_from_dict
+from preftune.losses import LOSSES
 from preftune.paths import RunDir, StageDir
 from preftune.report.table import CARD, markdown_table, results_table
 
@@ -35,8 +36,6 @@ LOCAL_PREFIXES = ("embedded:", "tiny", "/", ".", "~")
 def method_tag(method: str) -> str:
     """run.json's ``method`` (``sft``, a loss name, or names joined by ``+``) -> the Hub tag of its family:
     the ``tag`` of its first loss that is not ``sft`` in the loss table."""
-    from preftune.losses import LOSSES
-
     names = [n for n in method.split("+") if n in LOSSES]
     main = next((n for n in names if n != "sft"), names[0] if names else None)
     return LOSSES[main].tag if main else ("sft" if method == "sft" else "dpo")

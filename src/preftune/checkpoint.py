@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from preftune.errors import PreftuneError
 from preftune.files import atomic_dir, json_default, remove_stale
@@ -106,14 +108,10 @@ def optimizer_state_dict(tensors: dict, plain: dict, optimizer) -> dict:
 
 
 def _save_with_json(path: Path, tensors: dict, plain: dict) -> None:
-    from safetensors.torch import save_file
-
     save_file(tensors, path, metadata={"json": json.dumps(plain, default=json_default)})
 
 
 def _load_with_json(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["json"])
 
@@ -158,8 +156,6 @@ def verify_checkpoint(folder: Path) -> str | None:
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> Path:
     """Trainable weights, optimizer and RNG states (safetensors; no pickle anywhere), the loop state
     (``state.json``) and, last, the manifest; the folder appears only once it is complete."""
-    from safetensors.torch import save_file
-
     def write(tmp: Path):
         weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, tmp / "trainable.safetensors")
@@ -173,8 +169,6 @@ def save_checkpoint(folder: Path, model, optimizer, state: dict) -> Path:
 
 def load_checkpoint(folder: Path, model, optimizer) -> dict:
     """Restore what :func:`save_checkpoint` wrote (after verifying its manifest); returns the loop state."""
-    from safetensors.torch import load_file
-
     if problem := verify_checkpoint(folder):
         raise PreftuneError(f"checkpoint {folder} is incomplete: {problem}; delete it to resume from an earlier one")
     name = "trainable.safetensors"

@@ -18,9 +18,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from preftune import trl_names
+from preftune.data.formats import PREFERENCE_FORMATS
 from preftune.data.mapping import mapping_problems
 from preftune.embedded import SMOLLM2
 from preftune.errors import PreftuneError
+from preftune.losses import LOSSES, NoParams, param_key
 
 EMBEDDED_MODEL = SMOLLM2
 
@@ -252,14 +254,10 @@ class DPOConfig(TrainConfig):
 
     def needs_reference(self) -> bool:
         """Whether any of the losses needs reference log-probs."""
-        from preftune.losses import LOSSES
-
         return any(LOSSES[t.name].needs_reference for t in self.terms())
 
     def unpaired(self) -> bool:
         """Whether the losses read unpaired rows (KTO)."""
-        from preftune.losses import LOSSES
-
         return any(LOSSES[t.name].unpaired for t in self.terms())
 
 
@@ -273,8 +271,6 @@ class LossTerm:
     params: Any
 
     def to_dict(self) -> dict:
-        from preftune.losses import param_key
-
         return {"name": self.name, "weight": self.weight} | {
             param_key(k): v for k, v in dataclasses.asdict(self.params).items()}
 
@@ -321,8 +317,6 @@ def _loss_entries(d: DPOConfig, problems: list[str]) -> list[tuple[str, dict]]:
 
 
 def _resolve_term(d: DPOConfig, key: str, e: dict, legacy_used: set, problems: list[str]) -> LossTerm | None:
-    from preftune.losses import LOSSES, param_key
-
     name = e.pop("name", None)
     if name not in LOSSES:
         close = difflib.get_close_matches(str(name), list(LOSSES), n=1)
@@ -360,8 +354,6 @@ def _resolve_term(d: DPOConfig, key: str, e: dict, legacy_used: set, problems: l
 
 
 def unpaired_names() -> list[str]:
-    from preftune.losses import LOSSES
-
     return [n for n, spec in LOSSES.items() if spec.unpaired]
 
 
@@ -369,8 +361,6 @@ def resolve_loss(d: DPOConfig) -> tuple[list[LossTerm], list[str]]:
     """``dpo.loss`` -> ``(terms, problems)``. The shared ``dpo.beta`` fills every loss's ``beta`` that the
     entry does not set; the older flat keys (``dpo.gamma``, ...) fill the parameter they name and are an
     error when no loss takes it; ``dpo.sft_weight`` appends an ``sft`` term."""
-    from preftune.losses import LOSSES, NoParams
-
     problems: list[str] = []
     legacy_used: set[str] = set()
     terms = [t for key, e in _loss_entries(d, problems)
@@ -808,8 +798,6 @@ def _data_problems(dc: DataConfig, name: str) -> list[str]:
 
 def _check_losses(d: DPOConfig, data: DataConfig) -> list[str]:
     """The losses (resolve_loss) and the options that depend on them: reference, LD-DPO, WPO, TR-DPO, KTO data."""
-    from preftune.losses import LOSSES
-
     terms, p = resolve_loss(d)
     if not terms:
         return p
@@ -917,8 +905,6 @@ DATASET_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 def _validate_eval_datasets(datasets: list) -> list[str]:
     """Each ``eval.datasets[i]`` needs a source, a unique file-safe name and a preference format."""
-    from preftune.data.formats import PREFERENCE_FORMATS
-
     p: list[str] = []
     seen: dict[str, int] = {}
     for i, d in enumerate(datasets):

@@ -16,6 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType as DT
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from preftune import checkpoint as ckpt
 from preftune.errors import PreftuneError
@@ -86,8 +98,6 @@ def make_accelerator(precision: str, grad_accum: int):
     On the CPU: DDP is accelerate's MULTI_CPU (gloo); FSDP (version 2) is accelerate's MULTI_CPU
     process group with the model sharded here by torch's ``fully_shard`` (see :func:`prepare`);
     DeepSpeed runs on its CPU accelerator over gloo. On a GPU accelerate drives all three itself."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
     intent = launcher_intent()
     if intent.single_launcher_many:
         raise PreftuneError(_SINGLE)
@@ -103,8 +113,6 @@ def make_accelerator(precision: str, grad_accum: int):
         if intent.fsdp_version != 2:
             raise PreftuneError(f"FSDP version {intent.fsdp_version} does not run on CPU processes here; "
                                 "set fsdp_version: 2 in the accelerate config (or --fsdp_version 2)")
-        from accelerate import FullyShardedDataParallelPlugin
-
         cpu_fsdp = FullyShardedDataParallelPlugin()  # the launcher's FSDP_* settings
         kwargs["fsdp_plugin"] = cpu_fsdp
     if intent.type == "DEEPSPEED" and not cuda:
@@ -113,8 +121,6 @@ def make_accelerator(precision: str, grad_accum: int):
     if intent.world_size == 1:
         # Stages run back to back in one process (pipeline, sweep) may differ in mixed precision;
         # accelerate keeps that in a process-wide singleton, which is only safe to reset undistributed.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()
     accelerator = Accelerator(**kwargs)
     accelerator.cpu_fsdp = cpu_fsdp
@@ -128,8 +134,6 @@ def make_accelerator(precision: str, grad_accum: int):
 
 def describe(accelerator) -> dict:
     """``run.json``'s ``distributed``: the type, world size, mixed precision and device as used."""
-    from accelerate.utils import DistributedType as DT
-
     d = accelerator.distributed_type
     if d == DT.DEEPSPEED:
         kind = "DEEPSPEED"
@@ -161,7 +165,8 @@ def shard(policy, plugin):
     """FSDP2 over gloo: ``fully_shard`` each decoder layer (the plugin's layer classes, else the
     model's ``_no_split_modules``), then the policy as the root, so that the embedding and the LM head
     the chunked log-probs read are gathered for the policy's one forward."""
-    from torch.distributed.device_mesh import init_device_mesh
+    # FSDP2's names (here and in _fsdp2) are public from torch 2.6, newer than the torch>=2.4 floor, and
+    # deepspeed is the optional `gpu` extra: these are imported where used, everything else at the top
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
@@ -235,8 +240,6 @@ def whole_weights(accelerator):
     if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
         yield
         return
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()
     try:
         yield
@@ -268,8 +271,6 @@ def save_hf(accelerator, policy, tokenizer, folder: Path, extra: dict | None = N
     state_dict = None
     if _fsdp2(policy) or _deepspeed(policy):
         if _fsdp2(policy):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             full = accelerator.get_state_dict(policy)
@@ -297,8 +298,6 @@ def save_checkpoint(accelerator, folder: Path, policy, optimizer, state: dict) -
     if _deepspeed(policy):
         policy.save_checkpoint(str(tmp), tag="deepspeed")
     else:
-        import torch.distributed.checkpoint as dcp
-
         dcp.save(_sharded_state(policy, optimizer), checkpoint_id=str(tmp / "sharded"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -317,9 +316,6 @@ def load_checkpoint(accelerator, folder: Path, policy, optimizer) -> dict:
     if _deepspeed(policy):
         policy.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False)
     elif _fsdp2(policy):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         if not (folder / "sharded").is_dir():
             raise PreftuneError(f"checkpoint {folder} is not sharded (no sharded/): it was written by an unsharded "
                                 "run; resume it with the launcher it was written by")
@@ -339,8 +335,6 @@ def _optimizers(optimizer):
 
 def _sharded_state(policy, optimizer) -> dict:
     """This rank's shards of the trainable weights and their optimizer state, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     model_sd, optim_sd = get_state_dict(policy, _optimizers(optimizer))
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     return {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}

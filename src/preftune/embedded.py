@@ -10,6 +10,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from preftune.env import cache_root
 from preftune.errors import PreftuneError
 from preftune.files import atomic_dir
@@ -75,8 +78,6 @@ def tokenizer_dir() -> Path:
     src = gguf_path()
 
     def build(tmp: Path):
-        from transformers import AutoTokenizer
-
         tok = fix_tokenizer(AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name))
         tok.save_pretrained(tmp)
 
@@ -92,9 +93,6 @@ def model_dir(progress: bool = True) -> Path:
     src = gguf_path()
 
     def build(tmp: Path):
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         if progress:
             print(f"preftune: converting the embedded model {src.name} once (cache: {tmp.parent})", flush=True)
         gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
@@ -121,9 +119,6 @@ def tiny_llama(path: str | Path | None = None, seed: int = 0, layers: int = 2, h
     """A random Llama (2 layers, hidden 64 by default) with the real SmolLM2 tokenizer, for tests.
 
     Returns ``(model, tokenizer)``; with ``path`` both are also saved there (a loadable HF folder)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
+
+from huggingface_hub import HfApi
 
 from preftune.card import card_for_stage, run_eval
 from preftune.env import offline
 from preftune.errors import PreftuneError
+from preftune.model import resolve_model, resolve_run
 
 RUN_FILES = frozenset({"best.json", "snapshot.json"})
 """Run bookkeeping that a model folder carries in the run but not outside it."""
@@ -28,8 +32,6 @@ def _copy_model(src: Path, dst: Path) -> None:
 
 def local_base(adapter: Path) -> tuple[str, Path | None]:
     """(the base the adapter's config names, its local folder when it is one, else None for a Hub id)."""
-    from preftune.model import resolve_model
-
     named = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     p = Path(named).expanduser()
     if p.exists() or named.startswith(("embedded:", "tiny")):
@@ -77,8 +79,6 @@ def export(run: str | Path, out: str | Path, base_repo: str | None = None) -> Pa
 def upload_folder_of(run: Path) -> Path:
     """What ``push`` uploads: a pipeline run's last stage, a stage run's ``best/`` (else ``final/``),
     or a model folder as is."""
-    from preftune.model import resolve_run
-
     if not run.exists():
         raise PreftuneError(f"push: run folder not found: {run}")
     folder = resolve_run(run)
@@ -93,14 +93,10 @@ def push_model(run: Path, repo: str, base_repo: str | None = None) -> tuple[Path
     base's repo or None). An adapter whose base is a local folder (the pipeline's merged SFT model) is
     uploaded with that base: the base goes to ``base_repo`` (default ``REPO-base``) and the adapter's
     config and card name it there, so ``AutoPeftModelForCausalLM.from_pretrained(REPO)`` works anywhere."""
-    import tempfile
-
     folder = upload_folder_of(Path(run))
     if offline():
         raise PreftuneError(f"push: HF_HUB_OFFLINE=1 is set, so {folder} cannot be uploaded to {repo!r}; "
                             "unset HF_HUB_OFFLINE, log in (`hf auth login`), and run `preftune push` again")
-    from huggingface_hub import HfApi
-
     api = HfApi()
     base_repo = base_repo or f"{repo}-base"
     pushed_base = None

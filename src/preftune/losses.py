@@ -17,6 +17,7 @@ model-card tags and the evaluation suite all read the table.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple
@@ -813,8 +814,6 @@ REFERENCE_FREE: frozenset[str] = frozenset(n for n, spec in LOSSES.items() if no
 def get_loss(name: str) -> Loss:
     """The table entry for ``dpo.loss``, or a PreftuneError listing the choices."""
     if name not in LOSSES:
-        import difflib
-
         close = difflib.get_close_matches(str(name), list(LOSSES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise PreftuneError(f"dpo.loss: unknown loss {name!r}{hint}; choose one of {', '.join(LOSSES)}")

@@ -5,16 +5,22 @@ opts in (``trust_remote_code``, ``allow_pickle``). Training and log-probs live e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from preftune import embedded
 from preftune.config import Config
 from preftune.env import offline
 from preftune.errors import PreftuneError
+from preftune.files import atomic_dir
 from preftune.paths import RunDir, StageDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
@@ -57,8 +63,6 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PreftuneError(f"model folder not found: {name}")
     try:
-        from huggingface_hub import snapshot_download
-
         return snapshot_download(name, local_files_only=offline())
     except Exception as e:
         how = "offline (HF_HUB_OFFLINE=1)" if offline() else f"could not be fetched ({type(e).__name__})"
@@ -85,8 +89,6 @@ def content_digest(path: str | Path) -> str:
     """sha256 over a model or adapter folder's files (weights, config, tokenizer; an adapter's base
     included), so identical models share it wherever they are saved and retraining changes it. Cards
     and run bookkeeping are left out. Memoised in the process by the files' sizes and mtimes."""
-    import hashlib
-
     folder = Path(path).resolve()
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name not in NOT_MODEL_FILES
                    and not f.name.startswith("."))
@@ -145,8 +147,6 @@ def _hf_errors(folder: str | Path):
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     folder = Path(path)
     if is_adapter(folder) and not (folder / "tokenizer_config.json").is_file():
         folder = Path(adapter_base(folder))
@@ -160,8 +160,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def _load_base(path: str, cfg: Config, trainable: bool):
-    from transformers import AutoModelForCausalLM
-
     check_weights(path, cfg.allow_pickle)
     kwargs: dict = {"dtype": DTYPES[cfg.precision], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -178,10 +176,6 @@ def _load_base(path: str, cfg: Config, trainable: bool):
                 "lora.quantize_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit kernels do not run on the CPU. "
                 "Use lora.quantize_4bit=false (plain LoRA) here."
             )
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError:  # pragma: no cover
-            raise PreftuneError("QLoRA needs bitsandbytes: pip install 'preftune[gpu]'") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
@@ -190,15 +184,11 @@ def _load_base(path: str, cfg: Config, trainable: bool):
     with _hf_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.lora.quantize_4bit and trainable:
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
 def lora_config(cfg: Config):
-    from peft import LoraConfig as PeftLoraConfig
-
     targets = cfg.lora.target_modules
     return PeftLoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
@@ -210,8 +200,6 @@ def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpoi
     """Load the model at ``path`` (a resolved folder); add fresh LoRA adapters when ``cfg.lora.enabled``.
 
     An adapter folder loads onto its base (trainable when ``trainable``)."""
-    from peft import PeftModel, get_peft_model
-
     if is_adapter(path):
         check_weights(path, cfg.allow_pickle)
         base = _load_base(adapter_base(path), cfg, trainable)
@@ -235,15 +223,11 @@ def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_c
     """(model in eval mode, tokenizer) for generation and scoring: a run folder, an adapter (kept
     unmerged), a full model folder, or an embedded/tiny/Hub name. The opt-ins come from
     :func:`trust_options`."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model(path_or_run)
     check_weights(path, allow_pickle)
     tok = load_tokenizer(path, trust_remote_code)
     dtype = DTYPES.get(precision, torch.float32)
     if is_adapter(path):
-        from peft import PeftModel
-
         base_path = adapter_base(path)
         check_weights(base_path, allow_pickle)
         with _hf_errors(base_path):
@@ -258,11 +242,6 @@ def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_c
 
 def merge_adapter(adapter: str, out: str | Path) -> Path:
     """Merge a LoRA adapter into its base and save a full model folder (written atomically)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from preftune.files import atomic_dir
-
     path = resolve_model(adapter)
     if not is_adapter(path):
         raise PreftuneError(f"{adapter} is not a LoRA adapter (no adapter_config.json in {path})")

@@ -5,6 +5,7 @@ reference log-probs for a batch."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -13,9 +14,15 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from preftune.env import cache_root
 from preftune.errors import PreftuneError
+from preftune.files import disk_errors, remove_stale
+from preftune.methods import reference_logps_of
+from preftune.model import content_digest, resolve_model
 
 log = logging.getLogger("preftune")
 
@@ -34,8 +41,6 @@ class ModelReference:
         self.module, self.name, self.disable_adapter = module, name, disable_adapter
 
     def logps(self, batch: dict) -> dict:
-        from preftune.methods import reference_logps_of
-
         with self.disable_adapter() if self.disable_adapter else nullcontext():
             return reference_logps_of(self.module, batch)
 
@@ -64,8 +69,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint: str) -> str:
     """Everything the reference log-probs depend on; beta, loss and learning rate are not in it."""
-    from preftune.model import content_digest, resolve_model
-
     blob = {
         "model": content_digest(resolve_model(model_path)),
         "tokenizer": [tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id],
@@ -80,8 +83,6 @@ def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint:
 
 def precompute(module, batches, disable_adapter=None, progress: bool = True) -> dict[str, dict[str, float]]:
     """Run the reference once over ``batches`` (any layout) and return ``{row key: {field: value}}``."""
-    from tqdm.auto import tqdm
-
     ref = ModelReference(module, "precompute", disable_adapter)
     table: dict[str, dict[str, float]] = {}
     for batch in tqdm(batches, desc="reference log-probs", disable=not progress, leave=False):
@@ -98,10 +99,6 @@ def cache_path(key: str) -> Path:
 def write_table(path: Path, table: dict[str, dict[str, float]]) -> None:
     """The table as one safetensors file (one float64 column per field; row keys in its JSON
     metadata), written to a temporary name and renamed: never pickle, never half a file."""
-    from safetensors.torch import save_file
-
-    from preftune.files import disk_errors
-
     keys = list(table)
     fields = list(table[keys[0]]) if keys else []
     columns = {f: torch.tensor([table[k][f] for k in keys], dtype=torch.float64) for f in fields}
@@ -117,8 +114,6 @@ def write_table(path: Path, table: dict[str, dict[str, float]]) -> None:
 
 def read_table(path: Path) -> dict[str, dict[str, float]]:
     """What :func:`write_table` wrote; a damaged file is an error naming it and saying what to do."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -134,8 +129,6 @@ def read_table(path: Path) -> dict[str, dict[str, float]]:
 
 def clean_stale_temps(folder: Path) -> None:
     """Remove temporary cache files left by killed writes (their process is gone)."""
-    from preftune.files import remove_stale
-
     for p in folder.glob(".*.tmp-*") if folder.is_dir() else []:
         remove_stale(p)
 
@@ -211,8 +204,6 @@ def _mix_weights(frozen, weights: dict[str, torch.Tensor], alpha: float) -> None
 
 @torch.no_grad()
 def _mix_adapter(model, alpha: float) -> None:
-    import copy
-
     active = model.active_adapter
     if REFERENCE_ADAPTER not in model.peft_config:
         config = copy.deepcopy(model.peft_config[active])

@@ -23,10 +23,20 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.config import Config, DataConfig
 from preftune.data.rows import PreferenceRow
+from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
+from preftune.eval.checks import check, checkable
+from preftune.eval.generate import generate, write_jsonl
+from preftune.eval.judges import judge_pairs, make_judge
+from preftune.eval.prompts import prompt_text
+from preftune.eval.suite import cache_dir
+from preftune.files import write_json
+from preftune.model import is_adapter, load_for_inference, merge_adapter
+from preftune.train import run_stage
 
 log = logging.getLogger("preftune")
 
@@ -36,8 +46,6 @@ log = logging.getLogger("preftune")
 
 def rule_scores(rows: list[PreferenceRow], responses: list[list[str]]) -> list[list[float | None]]:
     """1.0 when a sample gets the row's checkable answer right, else 0.0."""
-    from preftune.eval.checks import check, checkable
-
     missing = sum(1 for r in rows if not checkable(r.meta))
     if missing:
         raise PreftuneError(f"rounds.reward: 'rule' scores samples by the row's checkable answer, but {missing} of "
@@ -49,8 +57,6 @@ def rule_scores(rows: list[PreferenceRow], responses: list[list[str]]) -> list[l
 def judge_scores(cfg: Config, rows: list[PreferenceRow], responses: list[list[str]], cache: Path):
     """Each sample judged against the row's chosen response in both orders (``eval.winrate``'s judge):
     1 win, 0.5 tie or split verdict, 0 loss, None when the judge's answers were invalid."""
-    from preftune.eval.judges import judge_pairs, make_judge
-
     items = [{"prompt": r.prompt, "model": s, "reference": r.chosen, "meta": r.meta}
              for r, group in zip(rows, responses) for s in group]
     w = cfg.eval.winrate
@@ -67,8 +73,6 @@ def judge_scores(cfg: Config, rows: list[PreferenceRow], responses: list[list[st
 
 def load_reward_model(path: str):
     """A local sequence-classification model (one score per text) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise PreftuneError(f"rounds.reward_model: {folder} is not a model folder (no config.json)")
@@ -86,8 +90,6 @@ def load_reward_model(path: str):
 
 
 def _rm_text(prompt, response: str, tok) -> str:
-    from preftune.eval.prompts import prompt_text
-
     if getattr(tok, "chat_template", None) and isinstance(prompt, list):
         return tok.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
     return f"{prompt_text(prompt)}\n{response}"
@@ -138,8 +140,6 @@ def build_pairs(rows: list[PreferenceRow], responses: list[list[str]], scores: l
 
 def write_rows(path: Path, rows: list[PreferenceRow]) -> Path:
     """Preference rows as a standard ``prompt``/``chosen``/``rejected`` JSONL file."""
-    from preftune.eval.generate import write_jsonl
-
     return write_jsonl(path, [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected, "meta": r.meta}
                               for r in rows])
 
@@ -151,8 +151,6 @@ def _start_model(cfg: Config, start: str, round_dir: Path) -> str:
     """The folder the round's stage trains from. With LoRA and the ``round_start`` reference, an
     adapter is merged first so that fresh adapters (and their disabled state, the reference) sit on
     the round's starting policy; with the ``sft`` reference the previous adapter keeps training."""
-    from preftune.model import is_adapter, merge_adapter
-
     if cfg.lora.enabled and cfg.rounds.reference == "round_start" and is_adapter(start):
         return str(merge_adapter(start, round_dir / "start").resolve())
     return start
@@ -170,9 +168,6 @@ def _round_config(cfg: Config, round_dir: Path) -> Config:
 def sample(cfg: Config, model_path: str, rows: list[PreferenceRow], round_no: int) -> list[list[str]]:
     """``rounds.samples`` completions per prompt from the model, batched through the evaluation's
     generation path, seeded by the run's seed and the round."""
-    from preftune.eval.generate import generate
-    from preftune.model import load_for_inference
-
     r = cfg.rounds
     model, tok = load_for_inference(model_path, cfg.precision)
     prompts = [row.prompt for row in rows for _ in range(r.samples)]
@@ -187,8 +182,6 @@ def score(cfg: Config, rows, responses, round_dir: Path) -> list[list[float | No
     if r.reward == "rule":
         return rule_scores(rows, responses)
     if r.reward == "judge":
-        from preftune.eval.suite import cache_dir
-
         return judge_scores(cfg, rows, responses, cache_dir() / "judgments" / f"{cfg.eval.winrate.judge}.jsonl")
     return reward_model_scores(r.reward_model, rows, responses, cfg.eval.batch_size)
 
@@ -208,8 +201,6 @@ def _last_eval(stage_dir: Path) -> dict:
 def run_round(cfg: Config, round_no: int, start: str, train_rows: list[PreferenceRow],
               heldout: list[PreferenceRow], out: Path) -> dict:
     """Run round ``round_no`` from the policy at ``start`` into ``out/rounds/round-K``; return its record."""
-    from preftune.train import run_stage
-
     r = cfg.rounds
     round_dir = out / "rounds" / f"round-{round_no}"
     if round_dir.exists():
@@ -223,8 +214,6 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     drawn = rng.sample(train_rows, min(r.prompts, len(train_rows)))
     responses = sample(cfg, start, drawn, round_no)
     scores = score(cfg, drawn, responses, round_dir)
-    from preftune.eval.generate import write_jsonl
-
     write_jsonl(round_dir / "samples.jsonl", [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "score": x} for s, x in zip(g, sc)]}
         for row, g, sc in zip(drawn, responses, scores)])
@@ -249,8 +238,6 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir))
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
                "final_model": str((round_dir / "dpo" / "final").resolve()), **_last_eval(round_dir / "dpo")}
-    from preftune.files import write_json
-
     write_json(round_dir / "round.json", record)  # last: marks the round finished
     return record
 
@@ -258,8 +245,6 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
 def run_rounds(cfg: Config, out: str | Path, start: str) -> list[dict]:
     """``cfg.rounds.n`` rounds from the policy at ``start``; finished rounds are read back, not redone.
     Returns the per-round records (``round.json``)."""
-    from preftune.data.sources import load_rows
-
     out = Path(out)
     train_rows, heldout, _ = load_rows(cfg.data, "preference", cfg.seed)
     records = []

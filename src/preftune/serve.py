@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from fastapi import Request  # at module level: FastAPI resolves the endpoints' annotations here
+from anyio import to_thread
+from fastapi import FastAPI, Request  # Request here: FastAPI resolves the endpoints' annotations
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from preftune.errors import PreftuneError
@@ -280,8 +283,6 @@ class Engine:
         return asyncio.create_task(self._run(ids, settings, strip, cancelled, emit))
 
     async def _run(self, ids, settings, strip, cancelled, emit) -> dict | None:
-        from anyio import to_thread
-
         try:
             async with self.lock:
                 if cancelled.is_set():
@@ -400,10 +401,6 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
     refused), so clients written for large models still work; a missing ``max_tokens`` means the cap.
     The one model answers whatever ``model`` a request names. Requests run one at a time behind a
     queue of ``max_queue`` (:class:`Engine`). Errors are OpenAI-style JSON."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     app = FastAPI(title="preftune serve", docs_url=None, redoc_url=None, openapi_url=None)
     engine = Engine(model, tokenizer, max_queue)
     card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "preftune"}
@@ -502,7 +499,7 @@ def listen(host: str, port: int) -> socket.socket:
 def background(app, host: str = "127.0.0.1", log_level: str = "warning") -> Iterator[str]:
     """Run ``app`` under uvicorn in a daemon thread on a free port; yields its base URL
     (``http://127.0.0.1:PORT``) once the server is accepting, and stops it on exit."""
-    import uvicorn
+    import uvicorn  # here, as ARCHITECTURE.md has it: only this in-process runner needs the server
 
     sock = listen(host, 0)
     port = sock.getsockname()[1]

@@ -10,11 +10,12 @@ import json
 import os
 import re
 import secrets
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from preftune.config import Config, to_dict
-from preftune.errors import MissingExtraError
+from preftune.errors import MissingExtraError, PreftuneError
 
 MLFLOW_EXPERIMENT = "preftune"
 WANDB_PROJECT = "preftune"
@@ -72,7 +73,7 @@ class TensorBoardTracker:
     name = "tensorboard"
 
     def __init__(self, run_dir: Path, cfg: Config):
-        try:
+        try:  # each tracker imports its library where it opens: they are the optional `track` extra
             import tensorboard  # noqa: F401  (torch's writer needs it)
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -135,8 +136,6 @@ class MLflowTracker:
         self.run_id, self.uri = run_id, uri
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -190,8 +189,6 @@ def open_trackers(names: list[str], run_dir: str | Path, cfg: Config) -> list[Tr
 
     A tracker whose library is missing raises MissingExtraError naming the ``track`` extra; the
     ones already opened are closed first."""
-    from preftune.errors import PreftuneError
-
     opened: list[Tracker] = []
     try:
         for name in names:

@@ -52,6 +52,7 @@ from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
+from preftune.tracking import open_trackers
 
 log = logging.getLogger("preftune")
 
@@ -124,8 +125,6 @@ class MetricsLog:
         elif path.exists():
             path.unlink()
         if cfg.report_to:
-            from preftune.tracking import open_trackers  # trackers are optional extras
-
             self.trackers = open_trackers(cfg.report_to, path.parent, cfg)
 
     def write(self, record: dict) -> None:

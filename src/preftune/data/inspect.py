@@ -9,10 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
+from preftune import embedded
 from preftune.config import Config, DataConfig, load_config
 from preftune.data import drops
 from preftune.data.prepare import tokenize_splits
 from preftune.data.sources import detect_kind, load_rows
+from preftune.model import load_tokenizer, resolve_model
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 SAMPLE_CHARS = 1500
@@ -40,15 +44,9 @@ def resolve(target: str, overrides: list[str], fmt: str | None, sft: bool) -> tu
 def load_tokenizer_for(cfg: Config):
     """The tokenizer training would use: ``cfg.tokenizer`` or the model's; embedded and tiny models
     share the SmolLM2 tokenizer (no model conversion needed)."""
-    from transformers import AutoTokenizer
-
-    from preftune import embedded
-
     name = cfg.tokenizer or cfg.model
     if name.startswith(("embedded:", "tiny")):
         return AutoTokenizer.from_pretrained(embedded.tokenizer_dir())
-    from preftune.model import load_tokenizer, resolve_model
-
     return load_tokenizer(resolve_model(name))
 
 

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from preftune.data import drops
 from preftune.data.formats import (
     KIND_FORMATS,
@@ -131,9 +135,6 @@ def _read_json(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
 
 
 def _read_parquet(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     row = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
@@ -260,8 +261,6 @@ def _hub_error(name: str, e: Exception) -> PreftuneError:
 
 
 def _hub_records(name: str, split: str, subset: str | None) -> Iterator[Record]:
-    import datasets
-
     try:
         ds = datasets.load_dataset(name, subset, split=split, trust_remote_code=False)
     except Exception as e:  # offline, not found, network: all become one actionable message
@@ -291,8 +290,6 @@ def has_split(source: str, split: str, subset: str | None = None) -> bool:
     files = _local_files(source, split)
     if files is not None:
         return bool(files)
-    import datasets
-
     try:
         return split in datasets.get_dataset_split_names(source, subset)
     except Exception as e:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from preftune.data.rows import PreferenceRow, SFTRow, TokenizedPair, UnpairedRow, unpair
+from preftune.data.sources import load_rows
+from preftune.data.tokenize import tokenize_rows
 from preftune.errors import PreftuneError
 
 
@@ -40,8 +42,6 @@ def kl_partners(prompts: list[list[int]]) -> list[int]:
 def tokenize_unpaired(rows: list[UnpairedRow], tokenizer, data) -> tuple[list[TokenizedUnpaired], object]:
     """Unpaired rows -> ``(items, TokenizeReport)`` through the SFT tokenization (drops counted there),
     each item with its KL completion (:func:`kl_partners`) and its row's key."""
-    from preftune.data.tokenize import tokenize_rows
-
     sft_rows = [SFTRow(r.prompt, r.completion, {"label": bool(r.label), "key": r.key, **r.meta}) for r in rows]
     tokenized, report = tokenize_rows(sft_rows, tokenizer, data, "sft")
     partners = kl_partners([t.prompt_ids for t in tokenized])
@@ -69,8 +69,6 @@ def load_unpaired(data, split_pairs: bool, seed: int):
     """``(train rows, held-out rows, DataReport)`` as UnpairedRow: ``kto`` data as it is, or preference pairs
     split by ``dpo.unpair`` (pairs without it are an error naming that key). The data is read as the kind
     the option expects first, then as the other; if neither reads, the first error stands."""
-    from preftune.data.sources import load_rows
-
     first_error = None
     for kind in ("preference", "unpaired") if split_pairs else ("unpaired", "preference"):
         try:

@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from preftune.data.rows import Prompt
+from preftune.data.sources import load_rows
+from preftune.data.tokenize import encode_prompt
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
 
 
 def prompt_ids(prompt: Prompt, tokenizer, max_prompt_length: int | None = None) -> list[int]:
     """The prompt as training saw it (``data.tokenize.encode_prompt``)."""
-    from preftune.data.tokenize import encode_prompt
-
     return encode_prompt(prompt, tokenizer, max_prompt_length)
 
 
@@ -55,8 +57,6 @@ def cut_at_stop(new_ids: list[int], stops: list[int]) -> list[int]:
 
 def generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
     """Greedy decoding at temperature 0, else sampling with ``top_p``; ends at any of the ``stops`` ids."""
-    from transformers import GenerationConfig
-
     sample = temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
@@ -76,8 +76,6 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128,
     under ``torch.manual_seed(seed + k)`` inside a forked RNG, so the same prompts, settings and
     seed give the same responses, and the caller's RNG state is untouched. ``temperature=0`` is
     greedy decoding. ``max_prompt_length`` keeps each prompt's last tokens, as training does."""
-    from tqdm.auto import tqdm
-
     if not prompts:
         return []
     encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
@@ -106,8 +104,6 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128,
 
 def held_out_prompts(cfg) -> list:
     """The held-out preference rows of ``cfg.data`` (their prompts are what gets generated for)."""
-    from preftune.data.sources import load_rows
-
     _, test, _ = load_rows(cfg.data, "preference", cfg.seed)
     return test
 
@@ -183,7 +179,7 @@ def line_editing(history: Path) -> Callable[[], None]:
     sessions read from ``history``; returns the function that saves them there. Without readline
     (e.g. plain Windows) input stays unedited and nothing is saved."""
     try:
-        import readline
+        import readline  # here: absent on some platforms, and loading it changes input() for the chat only
     except ImportError:
         return lambda: None
     readline.set_history_length(HISTORY_LENGTH)

@@ -24,8 +24,11 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from preftune.embedded import heldout_corpus_path
 from preftune.errors import DataError, PreftuneError
+from preftune.eval.stats import bootstrap_mean_ci
 
 LN2 = math.log(2.0)
 
@@ -66,8 +69,6 @@ def load_corpus(spec: str) -> list[str]:
     """``embedded:lee`` (gensim's Lee background corpus, one document per line), a local ``.txt``
     (documents separated by blank lines) or a ``.jsonl`` with a ``text`` field -> list of documents."""
     if spec == "embedded:lee":
-        from preftune.embedded import heldout_corpus_path
-
         return _read_lines(heldout_corpus_path())
     path = Path(spec).expanduser()
     if not path.is_file():
@@ -135,8 +136,6 @@ def heldout_loss(model, tokenizer, texts: list[str], chunk_length: int = 256, ma
     "per_chunk": {"nll", "n_tokens", "n_bytes", "bpb"}}``; ``per_chunk["nll"]`` holds summed nats per
     chunk (the values :func:`paired_difference` pairs). See the module docstring for what is scored.
     ``progress`` shows a bar over the batches (on stderr)."""
-    from tqdm.auto import tqdm
-
     chunks = make_chunks(token_stream(tokenizer, texts), chunk_length, max_chunks)
     was_training = model.training
     model.eval()
@@ -174,8 +173,6 @@ def paired_difference(per_chunk_a: dict, per_chunk_b: dict, seed: int = 0) -> di
     Each chunk contributes ``d_i = (nll_a_i - nll_b_i) / ln 2 / mean(n_bytes)``, so that
     ``mean(d) = (sum nll_a - sum nll_b) / ln 2 / sum n_bytes``, exactly ``bpb_a - bpb_b``; the CI
     resamples chunks (stats.bootstrap_mean_ci). Returns ``{"mean", "low", "high", "n"}``."""
-    from preftune.eval.stats import bootstrap_mean_ci
-
     a_bytes, b_bytes = per_chunk_a["n_bytes"], per_chunk_b["n_bytes"]
     if list(a_bytes) != list(b_bytes):
         raise PreftuneError(

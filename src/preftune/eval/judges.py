@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from tqdm.auto import tqdm
+
 from preftune.errors import DataError, MissingExtraError, PreftuneError
 from preftune.eval import stats
+from preftune.eval.checks import check
+from preftune.eval.generate import generate
 from preftune.eval.prompts import get_template, parse_verdict, render
+from preftune.model import load_for_inference
 
 RAW_VERDICTS = ("A", "B", "tie", "invalid")
 # (model shown as A?) -> the judge's raw verdict -> the verdict from the model's point of view
@@ -100,7 +105,7 @@ class OpenAIJudge:
                  invalid_retries: int = 2, backoff_base: float = 1.0, backoff_max: float = 30.0,
                  max_tokens: int = 256, temperature: float = 0.0):
         try:
-            from openai import OpenAI, omit
+            from openai import OpenAI, omit  # here (and in _complete): openai is the optional `eval` extra
         except ImportError:
             raise MissingExtraError("openai", "eval", "the openai judge") from None
 
@@ -223,13 +228,9 @@ class HFJudge:
         self._lock = threading.Lock()
 
     def judge(self, prompt: Any, a: str, b: str, meta: dict) -> str:
-        from preftune.eval.generate import generate
-
         text = render(self.template, prompt, a, b)
         with self._lock:
             if self._loaded is None:
-                from preftune.model import load_for_inference
-
                 self._loaded = load_for_inference(self.model)
             lm, tok = self._loaded
             self.tally.add("requests")
@@ -258,8 +259,6 @@ class RuleJudge:
         self.tally = Tally()
 
     def judge(self, prompt: Any, a: str, b: str, meta: dict) -> str:
-        from preftune.eval.checks import check
-
         self.tally.add("requests")
         correct = (check(meta, a), check(meta, b))
         if None in correct:
@@ -477,8 +476,6 @@ def _plan(judge, items, cache, max_calls):
 
 
 def _run_tasks(judge, tasks, cache, concurrency, requests_per_second, progress) -> dict[str, str]:
-    from tqdm.auto import tqdm
-
     limiter = RateLimiter(None if getattr(judge, "local", False) else requests_per_second)
     outcomes: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:

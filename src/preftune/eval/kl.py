@@ -8,12 +8,11 @@ from __future__ import annotations
 import torch
 
 from preftune.data.rows import PreferenceRow, SFTRow
+from preftune.data.tokenize import tokenize_sft
 
 
 def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int):
     """(input ids, index of the first completion token) per row, tokenized as training does."""
-    from preftune.data.tokenize import tokenize_sft
-
     out = []
     for r in rows:
         t = tokenize_sft(SFTRow(r.prompt, r.chosen), tokenizer, max_length, max_prompt_length)

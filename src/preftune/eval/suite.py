@@ -210,8 +210,6 @@ DatasetInputs = tuple[str, Config, list[PreferenceRow], list[PreferenceRow]]
 def dataset_inputs(cfg: Config) -> list[DatasetInputs]:
     """The held-out rows of every ``eval.datasets`` entry, chosen as ``heldout_rows`` chooses
     ``data``'s (its own split, or ``test_size`` carved off with the seed), and its win-rate rows."""
-    from preftune.data.sources import load_rows
-
     ev = cfg.eval
     if not (ev.rewards or ev.winrate.enabled):
         return []
@@ -258,7 +256,7 @@ def _has_lm_eval(results: dict) -> bool:
     """Downstream tasks need the ``eval`` extra; without it the suite skips them, says so, and
     records why under ``skipped`` (``preftune eval tasks`` stops with the error instead)."""
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  (here: lm-eval is the optional, heavy `eval` extra)
 
         return True
     except ImportError:

@@ -28,7 +28,7 @@ def mean_accuracy(tasks: dict) -> float | None:
 
 
 def _lm_eval():
-    try:
+    try:  # imported here: lm-eval is the optional, heavy `eval` extra
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager

@@ -3,11 +3,11 @@ the ``lm_eval`` CLI in any folder (``custom_dataset: !function preftune_mc.load`
 
 from pathlib import Path
 
+import datasets
+
 DATA = Path(__file__).resolve().with_name("preftune_mc.jsonl")
 
 
 def load(**metadata):
     """A DatasetDict with the 60 questions as its ``test`` split (lm-eval passes the YAML's metadata)."""
-    import datasets
-
     return datasets.load_dataset("json", data_files={"test": str(DATA)})
