@@ -13,7 +13,14 @@ from preftune.config import ConfigError, load_config
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check
-from preftune.rounds import build_pairs, judge_scores, reward_model_scores, rule_scores, run_rounds
+from preftune.rounds import (
+    build_pairs,
+    judge_scores,
+    prompt_pool,
+    reward_model_scores,
+    rule_scores,
+    run_rounds,
+)
 
 
 def _rows_file(path, n=12, answers=("1", "2", "3")):
@@ -46,6 +53,17 @@ def test_pairs_take_best_and_worst_and_count_what_they_skip():
     p = pairs[0]
     assert (p.prompt, p.chosen, p.rejected) == ("q0", "b", "a")
     assert p.meta == {"id": 0, "round": 2, "chosen_score": 1.0, "rejected_score": 0.0}
+
+
+def test_a_rule_reward_draws_only_checkable_rows_and_counts_the_rest():
+    checkable_row = PreferenceRow("q", "c", "r", {"check": "number", "answer": "4"})
+    plain = PreferenceRow("q2", "c", "r", {"category": "helpful"})
+    assert prompt_pool([checkable_row, plain, plain], "rule") == ([checkable_row], 2)
+    assert prompt_pool([checkable_row, plain], "judge") == ([checkable_row, plain], 0)
+    with pytest.raises(PreftuneError, match="none of the 2 training rows has one"):
+        prompt_pool([plain, plain], "rule")
+    with pytest.raises(PreftuneError, match="no training prompts"):
+        prompt_pool([], "judge")
 
 
 def test_rule_reward_needs_checkable_rows():
@@ -92,8 +110,15 @@ def test_a_round_end_to_end_then_resume(tmp_path, monkeypatch, caplog):
     r2.mkdir()
     (r2 / "samples.jsonl").write_text("{half a line")
     cfg2 = _cfg(tmp_path, "rounds.n=2", rows=tmp_path / "rows.jsonl")
-    with caplog.at_level("INFO", logger="preftune"):
-        recs = run_rounds(cfg2, tmp_path / "run", start)
+    import logging
+
+    logger = logging.getLogger("preftune")  # preftune's logger does not propagate once the CLI set it up
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="preftune"):
+            recs = run_rounds(cfg2, tmp_path / "run", start)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert [r["round"] for r in recs] == [1, 2] and recs[0] == rec
     assert (rd / "round.json").stat().st_mtime_ns == stamp
     assert "round 1: finished earlier" in caplog.text and "starting the round again" in caplog.text

@@ -147,6 +147,22 @@ def write_rows(path: Path, rows: list[PreferenceRow]) -> Path:
 # ---------------------------------------------------------------- one round
 
 
+def prompt_pool(train_rows: list[PreferenceRow], reward: str) -> tuple[list[PreferenceRow], int]:
+    """The training rows a round draws its prompts from, and how many were left out: a ``rule`` reward
+    draws only rows with a checkable answer (mixed data such as the embedded set also holds
+    hand-written rows without one). No row to draw from is an error, raised before any generation."""
+    if not train_rows:
+        raise PreftuneError("rounds: 0 pairs can be built: there are no training prompts to draw from")
+    if reward != "rule":
+        return train_rows, 0
+    pool = [row for row in train_rows if checkable(row.meta)]
+    if not pool:
+        raise PreftuneError(f"rounds.reward: 'rule' scores samples by the row's checkable answer, but none of the "
+                            f"{len(train_rows)} training rows has one (meta.check and meta.answer); use data whose "
+                            "rows carry answers, or rounds.reward 'judge' or 'reward_model'")
+    return pool, len(train_rows) - len(pool)
+
+
 def _start_model(cfg: Config, start: str, round_dir: Path) -> str:
     """The folder the round's stage trains from. With LoRA and the ``round_start`` reference, an
     adapter is merged first so that fresh adapters (and their disabled state, the reference) sit on
@@ -208,10 +224,9 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
                  round_no)
         shutil.rmtree(round_dir)
     round_dir.mkdir(parents=True)
-    if not train_rows:
-        raise PreftuneError(f"round {round_no} built 0 pairs: there are no training prompts to draw from")
+    pool, unchecked = prompt_pool(train_rows, r.reward)
     rng = random.Random(cfg.seed * 7919 + round_no)
-    drawn = rng.sample(train_rows, min(r.prompts, len(train_rows)))
+    drawn = rng.sample(pool, min(r.prompts, len(pool)))
     responses = sample(cfg, start, drawn, round_no)
     scores = score(cfg, drawn, responses, round_dir)
     write_jsonl(round_dir / "samples.jsonl", [
@@ -228,7 +243,7 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     write_rows(round_dir / "heldout.jsonl", heldout)
     flat = [x for sc in scores for x in sc if x is not None]
     record = {"round": round_no, "start_model": start, "reward": r.reward, "reference": r.reference,
-              "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
+              "unchecked_rows_left_out": unchecked, "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
               "pairs": len(pairs), "offline_pairs": len(offline),
               "reward_mean": sum(flat) / len(flat) if flat else None}
     log.info("round %d: %d prompts x %d samples, mean reward %.3f, %d pairs (%d ties, %d unscored, %d identical)",
