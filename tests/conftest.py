@@ -20,6 +20,14 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory):
+    """A second tiny model (another seed): the "tuned" model of the evaluation tests."""
+    path = tmp_path_factory.mktemp("tuned")
+    preftune.embedded.tiny_llama(path, seed=1)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The real SmolLM2 tokenizer (ChatML template; EOS ``<|im_end|>``, pad ``<|endoftext|>``)."""

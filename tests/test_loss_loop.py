@@ -13,6 +13,7 @@ import yaml
 
 from preftune.cli import main
 from preftune.losses import LOSSES
+from test_train import write_pairs
 
 LN2 = math.log(2)
 
@@ -39,23 +40,12 @@ REFERENCE_FREE = sorted(n for n, s in LOSSES.items() if not s.needs_reference)
 CASES = [(n, r) for n in STEP0 for r in ("precomputed", "adapter")] + [(n, "none") for n in REFERENCE_FREE]
 
 
-def write_pairs(folder: Path, n_train: int = 8, n_test: int = 4) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n, off in (("train", n_train, 0), ("test", n_test, 100)):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for i in range(off, off + n):
-                a, b = i % 7 + 1, i % 5 + 2
-                f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "chosen": f"{a} + {b} = {a + b}.",
-                                    "rejected": f"{a} + {b} = {a + b + 1 + i % 3}, I think."}) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_model_dir):
     """One data folder and one reference cache for all runs: the precomputed table is computed once
     for the pairs and once for the unpaired rows, then reused by every other loss."""
     root = tmp_path_factory.mktemp("losses")
-    return {"data": write_pairs(root / "data"), "cache": root / "cache", "model": str(tiny_model_dir)}
+    return {"data": write_pairs(root / "data", n_train=8, n_test=4), "cache": root / "cache", "model": str(tiny_model_dir)}
 
 
 def config(tmp_path: Path, shared: dict, **dpo) -> Path:

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.e2e
 CHECKABLE = {"check": "number", "answer": "4"}  # meta the rule judge checks (preftune.eval.checks.check)
 
 
-@pytest.fixture(scope="module")
-def tuned_dir(tmp_path_factory):
-    """A second tiny model (another seed): the "tuned" model."""
-    path = tmp_path_factory.mktemp("tuned")
-    tiny_llama(path, seed=1)
-    return path
-
-
 @pytest.fixture
 def setup(tmp_path, monkeypatch, tiny_model_dir, tuned_dir):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,6 @@ import pytest
 
 from preftune.config import config_from_dict
 from preftune.data.sources import load_rows
-from preftune.embedded import tiny_llama
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check
 from preftune.eval.suite import evaluate_models
@@ -34,14 +33,6 @@ def write_jsonl(path, records) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def tuned_dir(tmp_path_factory):
-    """A second tiny model (another seed): the "tuned" model."""
-    path = tmp_path_factory.mktemp("tuned")
-    tiny_llama(path, seed=1)
-    return path
 
 
 @pytest.fixture
