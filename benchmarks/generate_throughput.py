@@ -1,9 +1,11 @@
-"""Generation throughput: preftune's batched generation (``eval.generate.generate``: prompts sorted by
-length into left-padded batches, KV cache on) against a plain per-prompt ``model.generate`` loop, on
+"""Generation throughput: preftune's batched generation (``eval.generate.generate``: the prompts' shared
+prefix computed once, prompts sorted by length into left-padded batches, repeated prompts prefilled
+once, finished rows dropped from the batch) against a plain per-prompt ``model.generate`` loop, on
 the same model, the same prompts (the embedded held-out prompts, rendered with the chat template as
 training sees them) and the same settings (greedy, or sampling with ``--temperature``).
 
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py                    # embedded SmolLM2
+    HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --samples 4 --temperature 1  # a round's sampling
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --model tiny --prompts 16
 
 The sides alternate (preftune, plain, preftune, ...) and each repeat prints new tokens per second
@@ -69,6 +71,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=1, help="completions per prompt (a round's rounds.samples)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3)
@@ -82,12 +85,12 @@ def main() -> None:
     from preftune.model import load_for_inference
 
     _, test, _ = load_rows(DataConfig(), "preference", 0)
-    prompts = [r.prompt for r in test[: args.prompts]]
+    prompts = [r.prompt for r in test[: args.prompts] for _ in range(args.samples)]
     model, tok = load_for_inference(args.model)
     sides = {"preftune": preftune_side, "plain": plain_side}
     rates: dict[str, list[float]] = {s: [] for s in sides}
     texts: dict[str, list[str]] = {}
-    print(f"model {args.model}, {len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, "
+    print(f"model {args.model}, {args.prompts} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, "
           f"temperature {args.temperature}, batch {args.batch_size}, {args.threads} threads")
     for rep in range(args.repeats):
         for name, fn in sides.items():
@@ -101,9 +104,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     same = sum(a == b for a, b in zip(texts["preftune"], texts["plain"])) / len(prompts)
     ratio = med["preftune"] / med["plain"] if med["plain"] else float("nan")
+    agree = (f"identical responses {same:.0%} (greedy: batching with left padding may flip a near-tie token)"
+             if args.temperature == 0 else "sampled, so the responses differ")
     print(f"\nmedian new tokens/s: preftune {med['preftune']:.1f}, plain loop {med['plain']:.1f}, "
-          f"ratio {ratio:.2f}x; identical responses {same:.0%} "
-          "(greedy: batching with left padding may flip a near-tie token)")
+          f"ratio {ratio:.2f}x; {agree}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "tokens_per_s": rates, "median": med, "identical": same}, f, indent=1)

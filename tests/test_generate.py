@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from preftune.commands.evaluation import generate as main
 from preftune.data.tokenize import render_prompt
 from preftune.embedded import tiny_llama
-from preftune.eval.generate import chat_loop, cut_at_stop, generate, prompt_ids, stop_ids
+from preftune.eval.generate import chat_loop, common_prefix, cut_at_stop, generate, pick, prompt_ids, stop_ids
 
 PROMPTS = ["hello", "What is the capital of France, and why is it that city?",
            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
@@ -131,3 +131,50 @@ def test_chat_command_reads_stdin(tiny_model_dir, monkeypatch, capsys):
     assert chat(ns) == 0
     out = capsys.readouterr().out
     assert out.startswith("type a message") and out.count("assistant> ") == 1
+
+
+def test_shared_prefix_duplicates_and_finished_rows_match_hf_generate(untied):
+    """Oracle: HF ``model.generate`` on each prompt alone. preftune's decoder computes the prompts'
+    shared prefix once, prefills the repeated prompts once and drops rows as they stop: none of it may
+    change a greedy answer."""
+    model, tok = untied
+    prompts = [PROMPTS[1], "hello", PROMPTS[2], "hello", PROMPTS[1], "a third, longer question about things?"]
+    encoded = [prompt_ids(p, tok) for p in prompts]
+    assert common_prefix(encoded) > 0  # the chat template's header is shared
+
+    def hf(ids: list[int], stops: list[int]) -> list[int]:
+        x = torch.tensor([ids])
+        full = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                              eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        return cut_at_stop(full[0, x.shape[1]:].tolist(), stops)
+
+    saved = model.generation_config.eos_token_id
+    try:
+        with torch.no_grad():  # a model eos id that "hello" writes third: its rows end early, the others run on
+            third = hf(encoded[1], stop_ids(tok))[2]
+            model.generation_config.eos_token_id = [third]
+            stops = stop_ids(tok, model)
+            expected = [hf(ids, stops) for ids in encoded]
+        assert len(expected[1]) == 2 and max(map(len, expected)) == 12
+        got = generate(model, tok, prompts, max_new_tokens=12, batch_size=4, progress=False)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert got == [tok.decode(ids, skip_special_tokens=True).strip() for ids in expected]
+
+
+def test_common_prefix_leaves_each_row_a_token():
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical rows keep their last token
+    assert common_prefix([[7, 1], [8, 1]]) == 0 and common_prefix([[5]]) == 0
+
+
+def test_nucleus_sampling_keeps_the_top_p_mass():
+    """Probabilities 0.5, 0.3, 0.2 with top_p 0.7: the nucleus is the first two (0.5 < 0.7, 0.8 > 0.7),
+    renormalised to 5/8 and 3/8; temperature 0 is the argmax."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log().expand(8000, 3)
+    draws = pick(logits, 1.0, 0.7, torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 5 / 8) < 0.02
+    full = pick(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert abs((full == 2).float().mean().item() - 0.2) < 0.02
+    assert pick(logits[:2], 0.0, 1.0, None).tolist() == [0, 0]

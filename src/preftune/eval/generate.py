@@ -5,6 +5,9 @@ live elsewhere."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -56,7 +59,8 @@ def cut_at_stop(new_ids: list[int], stops: list[int]) -> list[int]:
 
 
 def generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops):
-    """Greedy decoding at temperature 0, else sampling with ``top_p``; ends at any of the ``stops`` ids."""
+    """Greedy decoding at temperature 0, else sampling with ``top_p``; ends at any of the ``stops`` ids
+    (the settings of ``serve``'s one-request ``model.generate``)."""
     sample = temperature > 0
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
@@ -66,35 +70,122 @@ def generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stop
     )
 
 
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix every row shares, leaving each row at least one token of its own
+    (the system prompt and the chat header, for prompts rendered with one chat template)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: the argmax at temperature 0, else a draw from the temperature-scaled
+    distribution cut to its top-``top_p`` nucleus (the most likely token always stays)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _forward(model, ids, mask, cache, last_only: bool):
+    """One forward over ``ids`` after ``cache`` (positions from the mask: pads take no position)."""
+    cache_name, keeps_logits = _forward_names(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+    kw = {"logits_to_keep": 1} if last_only and keeps_logits else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}, **kw)
+    return out.logits[:, -1].float(), getattr(out, cache_name)
+
+
+@functools.cache
+def _forward_names(cls) -> tuple[str, bool]:
+    """The name the model's forward gives the KV cache (``cache``; ``past_key_values`` before
+    transformers renamed it), and whether it can skip the logits of all but the last position."""
+    params = inspect.signature(cls.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def decode(model, prefix: tuple[torch.Tensor, object] | None, rows: list[list[int]], stops: list[int], pad_id: int,
+           max_new_tokens: int, temperature: float, top_p: float, gen: torch.Generator | None) -> list[list[int]]:
+    """New ids for each of ``rows`` (prompt ids after the shared ``prefix``: its attention mask and KV
+    cache), up to the first stop id. Identical rows are prefilled once; finished rows leave the batch,
+    so each step costs only what is still being written."""
+    device = next(model.parameters()).device
+    unique = list(dict.fromkeys(map(tuple, rows)))
+    which = torch.tensor([unique.index(tuple(r)) for r in rows], device=device)
+    ids, mask = left_pad([list(u) for u in unique], pad_id, device)
+    cache = None
+    if prefix is not None:
+        prefix_mask, prefix_cache = prefix
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(unique))
+        mask = torch.cat([prefix_mask.expand(len(unique), -1), mask], 1)
+    logits, cache = _forward(model, ids, mask, cache, last_only=True)
+    cache.batch_select_indices(which)
+    logits, mask = logits[which], mask[which]
+    alive = torch.arange(len(rows), device=device)
+    out: list[list[int]] = [[] for _ in rows]
+    stop_set = torch.tensor(stops, device=device)
+    for step in range(max_new_tokens):
+        nxt = pick(logits, temperature, top_p, gen)
+        ended = torch.isin(nxt, stop_set)
+        for i, t, e in zip(alive.tolist(), nxt.tolist(), ended.tolist()):
+            if not e:
+                out[i].append(t)
+        if ended.all() or step == max_new_tokens - 1:
+            break
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, nxt, mask = alive[keep], nxt[keep], mask[keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
+        logits, cache = _forward(model, nxt[:, None], mask, cache, last_only=False)
+    return out
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, progress: bool = True,
              max_prompt_length: int | None = None) -> list[str]:
     """Responses to ``prompts`` (the new text only, cut at EOS / end of turn), in the prompts' order.
 
-    Prompts are sorted by length into batches (less padding) and left-padded. Batch ``k`` samples
-    under ``torch.manual_seed(seed + k)`` inside a forked RNG, so the same prompts, settings and
-    seed give the same responses, and the caller's RNG state is untouched. ``temperature=0`` is
+    The prefix all prompts share (a chat template's system prompt) is computed once and its KV cache
+    reused by every batch. Prompts are sorted by length into batches (less padding), identical ones
+    side by side (several samples of one prompt are prefilled once), and left-padded after the shared
+    prefix. Batch ``k`` samples from a generator seeded ``seed + k``, so the same prompts, settings
+    and seed give the same responses, and the caller's RNG state is untouched. ``temperature=0`` is
     greedy decoding. ``max_prompt_length`` keeps each prompt's last tokens, as training does."""
     if not prompts:
         return []
     encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i]))
     stops = stop_ids(tokenizer, model)
-    gen_cfg = generation_config(model, tokenizer, max_new_tokens, temperature, top_p, stops)
-    pad_id = gen_cfg.pad_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    shared = common_prefix(encoded)
+    prefix = None
+    if shared:
+        ids = torch.tensor([encoded[0][:shared]], device=device)
+        _, cache = _forward(model, ids, torch.ones_like(ids), None, last_only=True)
+        prefix = (torch.ones_like(ids), cache)
     out: list[str] = [""] * len(prompts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for k, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
-        ids, mask = left_pad([encoded[i] for i in idx], pad_id, device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed + k)
-            seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        for row, i in zip(seqs[:, ids.shape[1] :].tolist(), idx):
-            out[i] = tokenizer.decode(cut_at_stop(row, stops), skip_special_tokens=True).strip()
+        gen = torch.Generator(device=device).manual_seed(seed + k) if temperature > 0 else None
+        new = decode(model, prefix, [encoded[i][shared:] for i in idx], stops, pad_id, max_new_tokens,
+                     temperature, top_p, gen)
+        for row, i in zip(new, idx):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     model.train(was_training)
     return out
 
