@@ -148,6 +148,17 @@ def test_ranges_and_non_finite_numbers_are_all_reported_by_key(tmp_path):
     assert len(e.value.problems) == 10  # and data.max_prompt_length: must be 0 or more
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``1e-4`` as a string; a float key takes it as the number it is, in a
+    file and on the command line, while a word stays an error."""
+    p = tmp_path / "c.yaml"
+    p.write_text("dpo:\n  lr: 5e-5\n  beta: 1E-1\n")
+    cfg = load_config(p, ["sft.lr=2e-4"])
+    assert (cfg.dpo.lr, cfg.dpo.beta, cfg.sft.lr) == (5e-5, 0.1, 2e-4)
+    with pytest.raises(ConfigError, match="dpo.lr: expected a number, got 'e-4'"):
+        load_config(None, ["dpo.lr=e-4"])
+
+
 def test_duplicate_yaml_keys_are_errors_with_lines(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("dpo:\n  beta: 0.1\n  lr: 1e-5\n  beta: 0.5\nseed: 1\nseed: 2\n")

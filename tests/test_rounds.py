@@ -18,6 +18,7 @@ from preftune.rounds import (
     judge_scores,
     prompt_pool,
     reward_model_scores,
+    round_config,
     rule_scores,
     run_rounds,
 )
@@ -58,12 +59,28 @@ def test_pairs_take_best_and_worst_and_count_what_they_skip():
 def test_a_rule_reward_draws_only_checkable_rows_and_counts_the_rest():
     checkable_row = PreferenceRow("q", "c", "r", {"check": "number", "answer": "4"})
     plain = PreferenceRow("q2", "c", "r", {"category": "helpful"})
-    assert prompt_pool([checkable_row, plain, plain], "rule") == ([checkable_row], 2)
-    assert prompt_pool([checkable_row, plain], "judge") == ([checkable_row, plain], 0)
+    none_left_out = {"heldout_prompts_left_out": 0}
+    assert prompt_pool([checkable_row, plain, plain], "rule") == ([checkable_row],
+                                                                  none_left_out | {"unchecked_rows_left_out": 2})
+    assert prompt_pool([checkable_row, plain], "judge") == ([checkable_row, plain],
+                                                           none_left_out | {"unchecked_rows_left_out": 0})
     with pytest.raises(PreftuneError, match="none of the 2 training rows has one"):
         prompt_pool([plain, plain], "rule")
     with pytest.raises(PreftuneError, match="no training prompts"):
         prompt_pool([], "judge")
+
+
+def test_a_prompt_that_is_also_held_out_is_never_drawn():
+    """Several pairs per prompt can put one prompt on both sides of the split: such rows leave the
+    pool (counted), so no round trains on a prompt the held-out figures are measured on."""
+    shared = [{"role": "user", "content": "What is 2 + 2?"}]
+    leaked = PreferenceRow(shared, "4", "5", {"check": "number", "answer": "4"})
+    fresh = PreferenceRow("What is 3 + 3?", "6", "7", {"check": "number", "answer": "6"})
+    heldout = [PreferenceRow([dict(m) for m in shared], "It is 4.", "It is 22.", {})]
+    pool, left_out = prompt_pool([leaked, fresh, leaked], "rule", heldout)
+    assert pool == [fresh] and left_out == {"heldout_prompts_left_out": 2, "unchecked_rows_left_out": 0}
+    with pytest.raises(PreftuneError, match="every training prompt is also a held-out prompt"):
+        prompt_pool([leaked], "judge", heldout)
 
 
 def test_rule_reward_needs_checkable_rows():
@@ -140,13 +157,25 @@ def test_zero_pairs_says_why(tmp_path, monkeypatch):
         run_rounds(_cfg(tmp_path, rows=rows), tmp_path / "run", resolve_model("tiny"))
 
 
-def test_round_config_errors():
+def testround_config_errors():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["rounds.samples=1", "rounds.reward=reward_model", "rounds.temperature=0",
                            "rounds.reference=sft", "lora.enabled=false"])
     text = str(e.value)
     for key in ("rounds.samples", "rounds.reward_model", "rounds.temperature", "rounds.reference"):
         assert key in text
+    with pytest.raises(ConfigError, match=r"rounds\.loss.*nosuchloss"):
+        load_config(None, ["rounds.loss=nosuchloss"])
+
+
+def test_the_rounds_stage_takes_the_rounds_loss_lr_and_epochs(tmp_path):
+    """RPO in the rounds (DPO plus an NLL term on the chosen samples) while the offline stage keeps dpo.loss."""
+    cfg = load_config(None, ["dpo.loss=sigmoid", "dpo.lr=1e-4", "rounds.lr=4e-4", "rounds.epochs=3",
+                             'rounds.loss=[{"name": "sigmoid"}, {"name": "sft", "weight": 1.0}]'])
+    stage = round_config(cfg, tmp_path).dpo
+    assert [(t.name, t.weight) for t in stage.terms()] == [("sigmoid", 1.0), ("sft", 1.0)]
+    assert (stage.lr, stage.epochs) == (4e-4, 3) and [t.name for t in cfg.dpo.terms()] == ["sigmoid"]
+    assert round_config(load_config(None, []), tmp_path).dpo.loss == "sigmoid"  # null: dpo.loss
 
 
 def _reward_model(path, tokenizer):

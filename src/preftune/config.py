@@ -465,6 +465,8 @@ class RoundsConfig:
     """Nucleus sampling."""
     max_new_tokens: int = 64
     """Length cap of each sample."""
+    batch_size: int = 64
+    """Samples decoded together (on a CPU a wide batch costs little more per step than a narrow one)."""
     reward: Literal["rule", "judge", "reward_model"] = "rule"
     """How samples are scored: ``rule`` (the row's checkable answer), ``judge`` (the ``eval.winrate``
     judge against the row's chosen response, both orders) or ``reward_model`` (a local classifier)."""
@@ -479,6 +481,15 @@ class RoundsConfig:
     """Passes over a round's pairs (the round's stage otherwise takes its settings from ``dpo``)."""
     lr: float | None = None
     """Learning rate of the rounds' stages; null = ``dpo.lr``."""
+    loss: str | dict[str, Any] | list[Any] | None = None
+    """Loss of the rounds' stages, in ``dpo.loss``'s forms (RPO: ``[{name: sigmoid}, {name: sft, weight:
+    1.0}]``, DPO plus an NLL term on the chosen samples); null = ``dpo.loss``."""
+
+    def stage_dpo(self, dpo: DPOConfig) -> DPOConfig:
+        """The ``dpo`` settings of a round's preference stage: ``dpo`` with the rounds' epochs, learning
+        rate and loss."""
+        loss = {} if self.loss is None else {"loss": self.loss, "loss_weights": None}
+        return dataclasses.replace(dpo, epochs=self.epochs, max_steps=None, lr=self.lr or dpo.lr, **loss)
 
 
 @dataclass
@@ -533,6 +544,10 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+YAML11_EXPONENT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent form without a dot (``1e-4``): YAML 1.1 (PyYAML) reads it as a string."""
 
 
 def _check(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
@@ -593,6 +608,8 @@ def _check(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and YAML11_EXPONENT.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 problems.append(f"{key}: must be a finite number, got {value!r}")
@@ -772,6 +789,8 @@ def validate(cfg: Config) -> list[str]:
         p += _validate_eval_datasets(ev.datasets)
     r = cfg.rounds
     if isinstance(r, RoundsConfig):
+        if r.loss is not None and isinstance(d, DPOConfig):
+            p += [m.replace("dpo.loss", "rounds.loss") for m in _check_losses(r.stage_dpo(d), cfg.data)]
         if r.reward == "reward_model" and not r.reward_model:
             p.append("rounds.reward_model: reward 'reward_model' needs the path of a sequence-classification model")
         if r.reference == "sft" and isinstance(cfg.lora, LoraConfig) and not cfg.lora.enabled:
@@ -864,6 +883,7 @@ RANGES: dict[str, Any] = {
     "EvalConfig.batch_size": AT_LEAST_1, "EvalConfig.tasks_limit": AT_LEAST_1,
     "EvalConfig.curve_every": _number_rule(lambda v: v >= 0, "must be 0 (off) or a positive number of steps"),
     "RoundsConfig.n": AT_LEAST_0, "RoundsConfig.mix_offline": AT_LEAST_0, "RoundsConfig.prompts": AT_LEAST_1,
+    "RoundsConfig.batch_size": AT_LEAST_1,
     "RoundsConfig.max_new_tokens": AT_LEAST_1,
     "RoundsConfig.samples": _number_rule(lambda v: v >= 2, "a pair needs at least 2 samples per prompt"),
     "RoundsConfig.temperature": _number_rule(lambda v: v > 0, "on-policy pairs need sampling (a positive temperature)"),

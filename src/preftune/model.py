@@ -219,9 +219,10 @@ def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpoi
 
 
 def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_code: bool = False,
-                       allow_pickle: bool = False):
+                       allow_pickle: bool = False, merge: bool = False):
     """(model in eval mode, tokenizer) for generation and scoring: a run folder, an adapter (kept
-    unmerged), a full model folder, or an embedded/tiny/Hub name. The opt-ins come from
+    unmerged, so that it can be switched off; ``merge=True`` folds it into its base, for faster
+    generation), a full model folder, or an embedded/tiny/Hub name. The opt-ins come from
     :func:`trust_options`."""
     path = resolve_model(path_or_run)
     check_weights(path, allow_pickle)
@@ -233,6 +234,8 @@ def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_c
         with _hf_errors(base_path):
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, path)
+        if merge:
+            model = model.merge_and_unload()
     else:
         with _hf_errors(path):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -77,7 +77,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
         name = f"round-{rec['round']}"
         models[name] = str(Path(rec["final_model"]).parent)
         reference_for[name] = dpo_base
-    results = evaluate_models(cfg, models, run.eval_dir, reference_for=reference_for)
+    earlier_rounds = [f"round-{rec['round']}" for rec in records[:-1]]  # generations and KL only
+    results = evaluate_models(cfg, models, run.eval_dir, reference_for=reference_for, brief=earlier_rounds)
     if cfg.dpo.enabled and cfg.eval.curve_every:
         evaluate_curve(cfg, run.stage("dpo").root, run.eval_dir, start=dpo_base)
     timings["eval"] = round(time.time() - t, 1)
@@ -102,17 +103,20 @@ def headline(result: dict) -> str:
         keep = {p: c for p, c in ev.get("comparisons", {}).items()
                 if not p.startswith("round-") or p in (f"{last}-sft", f"{last}-dpo")}
         ev = {**ev, "comparisons": keep}
-    return "\n".join([table, *rounds_table(records), *comparison_lines(ev, checked=True)])
+    return "\n".join([table, *rounds_table(records, ev.get("models")), *comparison_lines(ev, checked=True)])
 
 
-def rounds_table(records: list[dict]) -> list[str]:
-    """One line per on-policy round: pairs built, the samples' mean reward, held-out reward accuracy."""
+def rounds_table(records: list[dict], models: dict | None = None) -> list[str]:
+    """One line per on-policy round: pairs built, the samples' mean reward, held-out reward accuracy
+    (against the round's reference), and the round model's held-out checked accuracy when evaluated."""
     if not records:
         return []
     lines = ["", "on-policy rounds:"]
     for r in records:
         acc = r.get("eval/rewards/accuracies")
+        checked = ((models or {}).get(f"round-{r['round']}") or {}).get("checked")
         lines.append(f"  round {r['round']}: {r['prompts']} prompts x {r['samples'] // max(1, r['prompts'])} samples, "
                      f"mean reward {r['reward_mean']:.3f}, {r['pairs']} pairs ({r['ties']} ties skipped), "
-                     f"held-out reward acc {'-' if acc is None else format(acc, '.3f')}")
+                     f"held-out reward acc {'-' if acc is None else format(acc, '.3f')}"
+                     + (f", checked acc {checked['accuracy']:.3f}" if checked else ""))
     return lines

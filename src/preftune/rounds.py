@@ -26,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.config import Config, DataConfig
-from preftune.data.rows import PreferenceRow
+from preftune.data.rows import PreferenceRow, row_key
 from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check, checkable
@@ -147,20 +147,27 @@ def write_rows(path: Path, rows: list[PreferenceRow]) -> Path:
 # ---------------------------------------------------------------- one round
 
 
-def prompt_pool(train_rows: list[PreferenceRow], reward: str) -> tuple[list[PreferenceRow], int]:
-    """The training rows a round draws its prompts from, and how many were left out: a ``rule`` reward
-    draws only rows with a checkable answer (mixed data such as the embedded set also holds
-    hand-written rows without one). No row to draw from is an error, raised before any generation."""
-    if not train_rows:
-        raise PreftuneError("rounds: 0 pairs can be built: there are no training prompts to draw from")
+def prompt_pool(train_rows: list[PreferenceRow], reward: str,
+                heldout: list[PreferenceRow] = ()) -> tuple[list[PreferenceRow], dict]:
+    """The training rows a round draws its prompts from, and what was left out (counted): rows whose
+    prompt is also a held-out prompt (data with several pairs per prompt can put one prompt on both
+    sides of the split; training on it would leak into the held-out figures), and with a ``rule``
+    reward rows with no checkable answer (mixed data such as the embedded set also holds hand-written
+    rows without one). No row to draw from is an error, raised before any generation."""
+    held = {row_key(row.prompt) for row in heldout}
+    unseen = [row for row in train_rows if row_key(row.prompt) not in held]
+    left_out = {"heldout_prompts_left_out": len(train_rows) - len(unseen), "unchecked_rows_left_out": 0}
+    if not unseen:
+        raise PreftuneError("rounds: 0 pairs can be built: there are no training prompts to draw from"
+                            + (" (every training prompt is also a held-out prompt)" if train_rows else ""))
     if reward != "rule":
-        return train_rows, 0
-    pool = [row for row in train_rows if checkable(row.meta)]
+        return unseen, left_out
+    pool = [row for row in unseen if checkable(row.meta)]
     if not pool:
         raise PreftuneError(f"rounds.reward: 'rule' scores samples by the row's checkable answer, but none of the "
-                            f"{len(train_rows)} training rows has one (meta.check and meta.answer); use data whose "
+                            f"{len(unseen)} training rows has one (meta.check and meta.answer); use data whose "
                             "rows carry answers, or rounds.reward 'judge' or 'reward_model'")
-    return pool, len(train_rows) - len(pool)
+    return pool, left_out | {"unchecked_rows_left_out": len(unseen) - len(pool)}
 
 
 def _start_model(cfg: Config, start: str, round_dir: Path) -> str:
@@ -172,23 +179,23 @@ def _start_model(cfg: Config, start: str, round_dir: Path) -> str:
     return start
 
 
-def _round_config(cfg: Config, round_dir: Path) -> Config:
+def round_config(cfg: Config, round_dir: Path) -> Config:
+    """The config of a round's preference stage: its pairs, the run's held-out rows, the rounds' settings."""
     r = cfg.rounds
     data = DataConfig(source=str(round_dir / "pairs.jsonl"), format="standard", test_source=str(round_dir / "heldout.jsonl"),
                       max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                       max_eval_rows=cfg.data.max_eval_rows)
-    dpo = dataclasses.replace(cfg.dpo, epochs=r.epochs, max_steps=None, lr=r.lr or cfg.dpo.lr)
-    return dataclasses.replace(cfg, data=data, dpo=dpo, eval=dataclasses.replace(cfg.eval, curve_every=0))
+    return dataclasses.replace(cfg, data=data, dpo=r.stage_dpo(cfg.dpo), eval=dataclasses.replace(cfg.eval, curve_every=0))
 
 
 def sample(cfg: Config, model_path: str, rows: list[PreferenceRow], round_no: int) -> list[list[str]]:
     """``rounds.samples`` completions per prompt from the model, batched through the evaluation's
     generation path, seeded by the run's seed and the round."""
     r = cfg.rounds
-    model, tok = load_for_inference(model_path, cfg.precision)
+    model, tok = load_for_inference(model_path, cfg.precision, merge=True)
     prompts = [row.prompt for row in rows for _ in range(r.samples)]
     flat = generate(model, tok, prompts, r.max_new_tokens, r.temperature, r.top_p, seed=cfg.seed + 1000 * round_no,
-                    batch_size=cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)
+                    batch_size=r.batch_size, max_prompt_length=cfg.data.max_prompt_length)
     del model
     return [flat[i * r.samples : (i + 1) * r.samples] for i in range(len(rows))]
 
@@ -224,7 +231,7 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
                  round_no)
         shutil.rmtree(round_dir)
     round_dir.mkdir(parents=True)
-    pool, unchecked = prompt_pool(train_rows, r.reward)
+    pool, left_out = prompt_pool(train_rows, r.reward, heldout)
     rng = random.Random(cfg.seed * 7919 + round_no)
     drawn = rng.sample(pool, min(r.prompts, len(pool)))
     responses = sample(cfg, start, drawn, round_no)
@@ -243,13 +250,13 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     write_rows(round_dir / "heldout.jsonl", heldout)
     flat = [x for sc in scores for x in sc if x is not None]
     record = {"round": round_no, "start_model": start, "reward": r.reward, "reference": r.reference,
-              "unchecked_rows_left_out": unchecked, "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
+              **left_out, "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
               "pairs": len(pairs), "offline_pairs": len(offline),
               "reward_mean": sum(flat) / len(flat) if flat else None}
     log.info("round %d: %d prompts x %d samples, mean reward %.3f, %d pairs (%d ties, %d unscored, %d identical)",
              round_no, len(drawn), r.samples, record["reward_mean"] or 0.0, len(pairs), counts["ties"],
              counts["unscored"], counts["identical"])
-    stage_cfg = _round_config(cfg, round_dir)
+    stage_cfg = round_config(cfg, round_dir)
     summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir))
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
                "final_model": str((round_dir / "dpo" / "final").resolve()), **_last_eval(round_dir / "dpo")}

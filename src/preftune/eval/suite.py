@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from preftune.config import Config, to_dict
@@ -276,7 +276,8 @@ def _write_samples(path: Path, rows: list[PreferenceRow], responses: list[str], 
 
 
 def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
-                    reference_for: dict[str, str | None] | None = None, json_name: str = "eval.json") -> dict:
+                    reference_for: dict[str, str | None] | None = None, json_name: str = "eval.json",
+                    brief: Collection[str] = ()) -> dict:
     """Run the configured evaluations (``cfg.eval``) for every ``name -> model or run folder`` and
     write ``out_dir/eval.json`` (``json_name``; after each model, so a crash keeps what finished).
 
@@ -285,7 +286,8 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     more models, the paired bootstrap of their per-prompt scores is stored under ``comparisons``.
     Per-prompt generations and scores go to ``out_dir/samples-<name>.jsonl``. Each ``eval.datasets``
     entry adds reward accuracy, win-rate and checked accuracy on its held-out rows under
-    ``datasets: {dataset: {model: {...}}}``."""
+    ``datasets: {dataset: {model: {...}}}``. Models named in ``brief`` (the on-policy rounds before
+    the last) get only their generations judged and checked and their KL."""
     out = Path(out_dir)
     reference_for = reference_for or {}
     ev = cfg.eval
@@ -301,7 +303,8 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     for name, path in models.items():
         model, tok = load_for_inference(str(path), cfg.precision, **trust_options(cfg))
         entry: dict = {"path": str(path)}
-        if ev.rewards and reference_for.get(name):
+        full = name not in brief
+        if full and ev.rewards and reference_for.get(name):
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
         if ev.kl and reference_for.get(name) and rows:
             entry["kl"] = kl_entry(cfg, str(path), model, tok, reference_for[name], rows)
@@ -314,14 +317,15 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             if checked:
                 entry["checked"] = checked
             _write_samples(out / f"samples-{name}.jsonl", wr_rows, responses, run)
-        if ev.heldout.enabled:
+        if full and ev.heldout.enabled:
             ho = heldout_entry(cfg, str(path), model, tok)
             chunks[name] = ho["per_chunk"]
             entry["heldout"] = {k: ho[k] for k in PUBLIC_HELDOUT}
-        if do_tasks:
+        if full and do_tasks:
             entry["tasks"] = tasks_entry(cfg, str(path), model, tok)
         results["models"][name] = entry
-        for ds_name, figures in dataset_entries(sets, name, str(path), model, tok, reference_for.get(name), out).items():
+        for ds_name, figures in dataset_entries(sets if full else [], name, str(path), model, tok,
+                                                reference_for.get(name), out).items():
             results.setdefault("datasets", {}).setdefault(ds_name, {})[name] = figures
         del model
         write_json(out / json_name, results)
