@@ -29,7 +29,7 @@ def pipeline_run(tmp_path_factory):
     old = os.environ.get("PREFTUNE_CACHE")
     os.environ["PREFTUNE_CACHE"] = str(root / "cache")
     try:
-        rc = main(["pipeline", str(QUICKSTART), f"model={root / 'tiny-base'}", f"output_dir={root / 'run'}",
+        rc = main(["pipeline", str(QUICKSTART), "dpo.enabled=true", "rounds.n=0", f"model={root / 'tiny-base'}", f"output_dir={root / 'run'}",
                    "data.max_rows=16", "data.max_eval_rows=8", "sft.max_steps=2", "dpo.max_steps=2",
                    "eval.winrate.per_category=1", "eval.winrate.max_new_tokens=4", "eval.heldout.max_chunks=2",
                    "eval.tasks_limit=4"])

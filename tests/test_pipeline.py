@@ -1,4 +1,5 @@
-"""The demo pipeline end to end: the shipped quickstart config with the tiny random model and a few
+"""The demo pipeline end to end: the shipped quickstart config (offline DPO on, the on-policy rounds off:
+test_rounds.py runs those through the pipeline) with the tiny random model and a few
 steps writes every stage's outputs, and its report holds the figures."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from preftune.pipeline import QUICKSTART
 def test_quickstart_pipeline_on_the_tiny_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "qs"
-    rc = main(["pipeline", str(QUICKSTART), "model=tiny", f"output_dir={out}", "data.max_rows=16",
+    rc = main(["pipeline", str(QUICKSTART), "dpo.enabled=true", "rounds.n=0", "model=tiny", f"output_dir={out}", "data.max_rows=16",
                "data.max_eval_rows=8", "sft.max_steps=2", "dpo.max_steps=4", "dpo.eval_every=2",
                "eval.winrate.per_category=1", "eval.winrate.max_new_tokens=8", "eval.heldout.max_chunks=2",
                "eval.tasks_limit=4", "eval.curve_every=2", "dpo.save_every=2"])

@@ -174,7 +174,8 @@ def test_the_rounds_stage_takes_the_rounds_loss_lr_and_epochs(tmp_path):
                              'rounds.loss=[{"name": "sigmoid"}, {"name": "sft", "weight": 1.0}]'])
     stage = round_config(cfg, tmp_path).dpo
     assert [(t.name, t.weight) for t in stage.terms()] == [("sigmoid", 1.0), ("sft", 1.0)]
-    assert (stage.lr, stage.epochs) == (4e-4, 3) and [t.name for t in cfg.dpo.terms()] == ["sigmoid"]
+    assert (stage.lr, stage.epochs, stage.eval_every, stage.early_stopping) == (4e-4, 3, 0, False)
+    assert [t.name for t in cfg.dpo.terms()] == ["sigmoid"]
     assert round_config(load_config(None, []), tmp_path).dpo.loss == "sigmoid"  # null: dpo.loss
 
 
@@ -257,3 +258,43 @@ def test_kl_against_a_hand_computed_value(tokenizer):
     assert got["kl"] == pytest.approx(total / n, rel=1e-4)
     same = token_kl(policy, policy, tokenizer, rows, 64, 32)
     assert abs(same["kl"]) < 1e-6
+
+
+@pytest.mark.e2e
+def test_the_pipeline_with_rounds_never_evaluates_on_a_trained_prompt(tmp_path, monkeypatch, capsys):
+    """``preftune pipeline`` on the quickstart config with two on-policy rounds (tiny model): the earlier
+    round is evaluated briefly (generations and KL), the last in full and against SFT, the headline
+    carries the per-round figures, and no prompt of the evaluation was trained on by any stage or round."""
+    from preftune.cli import main
+    from preftune.data.sources import load_rows
+    from preftune.pipeline import QUICKSTART
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    rows = _rows_file(tmp_path / "rows.jsonl", n=16)
+    out = tmp_path / "qs"
+    args = ["model=tiny", f"output_dir={out}", f"data.source={rows}", "data.test_size=0.25", "data.max_rows=null",
+            "data.max_eval_rows=null", "lora.r=4", "sft.max_steps=2", "dpo.max_steps=2", "dpo.eval_every=2",
+            "dpo.batch_size=2", "eval.winrate.max_new_tokens=4", "eval.heldout.max_chunks=2", "eval.tasks_limit=2",
+            "rounds.n=2", "rounds.prompts=6", "rounds.samples=4", "rounds.max_new_tokens=3", "rounds.temperature=1.5"]
+    assert main(["pipeline", str(QUICKSTART), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "on-policy rounds:" in printed and "round 1:" in printed and "round 2:" in printed
+    assert "round-2-sft: checked accuracy" in printed
+
+    results = json.loads((out / "eval" / "eval.json").read_text())
+    models = results["models"]
+    assert set(models) == {"base", "sft", "round-1", "round-2"}  # the demo: SFT, then DPO by rounds
+    assert {"winrate", "checked", "kl"} <= set(models["round-1"]) and not {"heldout", "tasks", "rewards"} & set(models["round-1"])
+    assert {"winrate", "checked", "kl", "heldout", "tasks", "rewards"} <= set(models["round-2"])
+    assert "rounds" in json.loads((out / "timings.json").read_text())
+
+    cfg = load_config(QUICKSTART, args)
+    train, heldout, _ = load_rows(cfg.data, "preference", cfg.seed)
+    trained = {json.dumps(r.prompt) for r in train}
+    for k in (1, 2):
+        pairs = (out / "rounds" / f"round-{k}" / "pairs.jsonl").read_text().splitlines()
+        trained |= {json.dumps(json.loads(p)["prompt"]) for p in pairs}
+    evaluated = {json.dumps(json.loads(x)["prompt"]) for name in models
+                 for x in (out / "eval" / f"samples-{name}.jsonl").read_text().splitlines()}
+    assert evaluated and evaluated <= {json.dumps(r.prompt) for r in heldout}
+    assert not evaluated & trained

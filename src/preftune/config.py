@@ -487,9 +487,11 @@ class RoundsConfig:
 
     def stage_dpo(self, dpo: DPOConfig) -> DPOConfig:
         """The ``dpo`` settings of a round's preference stage: ``dpo`` with the rounds' epochs, learning
-        rate and loss."""
+        rate and loss. A round is short: its stage evaluates the held-out rows once, at its end, and
+        keeps its final model (no early stopping)."""
         loss = {} if self.loss is None else {"loss": self.loss, "loss_weights": None}
-        return dataclasses.replace(dpo, epochs=self.epochs, max_steps=None, lr=self.lr or dpo.lr, **loss)
+        return dataclasses.replace(dpo, enabled=True, epochs=self.epochs, max_steps=None, lr=self.lr or dpo.lr, eval_every=0,
+                                   early_stopping=False, **loss)
 
 
 @dataclass
