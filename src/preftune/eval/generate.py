@@ -119,8 +119,9 @@ def decode(model, prefix: tuple[torch.Tensor, object] | None, rows: list[list[in
     cache), up to the first stop id. Identical rows are prefilled once; finished rows leave the batch,
     so each step costs only what is still being written."""
     device = next(model.parameters()).device
-    unique = list(dict.fromkeys(map(tuple, rows)))
-    which = torch.tensor([unique.index(tuple(r)) for r in rows], device=device)
+    slot = {u: j for j, u in enumerate(dict.fromkeys(map(tuple, rows)))}
+    unique = list(slot)
+    which = torch.tensor([slot[tuple(r)] for r in rows], device=device)
     ids, mask = left_pad([list(u) for u in unique], pad_id, device)
     cache = None
     if prefix is not None:
