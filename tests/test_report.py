@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,34 @@ def test_reward_kl_frontier_plots_every_model_with_a_kl(tmp_path):
     loaded = rp.discover_runs(runs)
     assert plots.reward_kl_plot(loaded, tmp_path / "again.png") == tmp_path / "again.png"
     assert plots.reward_kl_plot([rp.discover_runs([plain])[0]], tmp_path / "none.png") is None
+
+
+def test_a_model_shared_by_sweep_runs_is_plotted_once(tmp_path):
+    """A sweep's shared SFT stage (each run's sft/ links one folder, as `preftune sweep` lays it out;
+    its reward figures differ by the run's beta) and the base appear once, under their own names; each
+    run's DPO model once per run, and a run with its own SFT stage keeps it."""
+    from preftune.report import plots
+
+    shared = tmp_path / "shared" / "sft"
+    write_stage(shared, "sft", 0.1, None)
+    for beta in (0.1, 0.5, 0.9):
+        run = write_pipeline(tmp_path / "runs" / f"b{beta}", beta=beta, data="embedded:prefs", winrate=0.6, bpb=1.25)
+        if beta != 0.9:
+            shutil.rmtree(run / "sft")
+            (run / "sft").symlink_to(Path("..") / ".." / "shared" / "sft")
+        ev = json.loads((run / "eval" / "eval.json").read_text())
+        models = ev["models"]
+        sft = {"rewards": {"rewards/accuracies": 0.6, "rewards/margins": beta, "se": 0.05, "n": 80},
+               "heldout": {"bpb": 1.2, "nll": 3.0}, "kl": {"kl": 0.2}, "checked": {"accuracy": 0.3},
+               "path": f"runs/b{beta}/sft"}
+        ev["models"] = {"base": models["base"], "sft": sft,
+                        "dpo": models["dpo"] | {"kl": {"kl": beta}, "checked": {"accuracy": 0.4}}}
+        (run / "eval" / "eval.json").write_text(json.dumps(ev))
+    loaded = rp.discover_runs([tmp_path / "runs"])
+    assert [label for label, _ in plots.model_entries(loaded)] == [
+        "base", "sft", "b0.1/dpo", "b0.5/dpo", "b0.9/sft", "b0.9/dpo"]
+    assert [label for label, _ in plots._model_rows(loaded, "kl")] == ["sft", "b0.1/dpo", "b0.5/dpo", "b0.9/sft", "b0.9/dpo"]
+    assert plots.forgetting_plot(loaded, tmp_path / "f.png") and plots.reward_kl_plot(loaded, tmp_path / "k.png")
 
 
 def _figures(acc: float | None, winrate: tuple, checked: tuple | None = None) -> dict:

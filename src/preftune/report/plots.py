@@ -6,6 +6,7 @@ hold nothing to plot. Reading run folders lives in report.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,20 +112,30 @@ def loss_margins_plot(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _model_rows(runs: list[Run], section: str) -> list[tuple[str, dict]]:
-    """(label, eval section) for every run and model that has ``section``; a shared base once."""
-    rows, seen_base = [], set()
+def _identity(run: Run, model: str, entry: dict) -> str:
+    """What makes two runs' models the same model: the resolved stage folder (a sweep's runs link one
+    shared SFT stage), else the evaluated path, else the figures themselves."""
+    stage = run.stages.get(model)
+    if stage is not None:
+        return str(stage.path.resolve())
+    return entry.get("path") or json.dumps(entry, sort_keys=True, default=str)
+
+
+def model_entries(runs: list[Run]) -> list[tuple[str, dict]]:
+    """(label, eval.json entry) for every run and model, in order of first appearance. A model that
+    several runs share (the base, a sweep's shared SFT stage) comes once, under its own name; any
+    other model is labelled ``run/model`` when there are several runs."""
+    groups: dict[tuple[str, str], tuple[str, dict, list[str]]] = {}
     for run in runs:
         for model, entry in run.eval.get("models", {}).items():
-            data = entry.get(section)
-            if not data:
-                continue
-            key = (model, repr(sorted(data.items()) if isinstance(data, dict) else data))
-            if model == "base" and key in seen_base:
-                continue
-            seen_base.add(key)
-            rows.append((model if len(runs) == 1 or model == "base" else f"{run.name}/{model}", data))
-    return rows
+            groups.setdefault((model, _identity(run, model, entry)), (model, entry, []))[2].append(run.name)
+    return [(model if len(runs) == 1 or len(names) > 1 else f"{names[0]}/{model}", entry)
+            for model, entry, names in groups.values()]
+
+
+def _model_rows(runs: list[Run], section: str) -> list[tuple[str, dict]]:
+    """(label, eval section) for every model of ``model_entries`` that has ``section``."""
+    return [(label, entry[section]) for label, entry in model_entries(runs) if entry.get(section)]
 
 
 def winrate_plot(runs: list[Run], path: Path) -> Path | None:
@@ -234,16 +245,15 @@ def downstream_curve_plot(runs: list[Run], path: Path) -> Path | None:
 def reward_kl_plot(runs: list[Run], path: Path) -> Path | None:
     """The reward-KL frontier (the DPO paper's Figure 2): each tuned model's checked-answer accuracy
     (win-rate where no row is checkable) against its per-token KL from its reference, one point per
-    run and model (each beta of a sweep, each on-policy round)."""
+    model of ``model_entries`` (each beta of a sweep, each on-policy round; a shared SFT model once)."""
     points = []
-    for run in runs:
-        for model, entry in run.eval.get("models", {}).items():
-            kl = (entry.get("kl") or {}).get("kl")
-            reward = (entry.get("checked") or {}).get("accuracy")
-            if reward is None:
-                reward = (entry.get("winrate") or {}).get("winrate")
-            if kl is not None and reward is not None:
-                points.append((model if len(runs) == 1 else f"{run.name}/{model}", kl, reward))
+    for label, entry in model_entries(runs):
+        kl = (entry.get("kl") or {}).get("kl")
+        reward = (entry.get("checked") or {}).get("accuracy")
+        if reward is None:
+            reward = (entry.get("winrate") or {}).get("winrate")
+        if kl is not None and reward is not None:
+            points.append((label, kl, reward))
     if not points:
         return None
     fig, ax = _subplots(figsize=(6, 4.5))
