@@ -232,7 +232,8 @@ def test_judge_reward_over_http_against_preftune_serve(tmp_path, monkeypatch):
 
 
 def test_kl_against_a_hand_computed_value(tokenizer):
-    """token_kl against KL summed by hand, one completion position at a time, from separate forwards."""
+    """token_kl against KL summed by hand, one completion position at a time, from separate forwards
+    without padding; the batch pads prompts and completions of different lengths."""
     from preftune.data.rows import SFTRow
     from preftune.data.tokenize import tokenize_sft
     from preftune.embedded import tiny_llama
@@ -241,8 +242,9 @@ def test_kl_against_a_hand_computed_value(tokenizer):
     policy, _ = tiny_llama(seed=1)
     reference, _ = tiny_llama(seed=2)
     rows = [PreferenceRow("Say hi.", "Hi there, friend.", "No."),
-            PreferenceRow([{"role": "user", "content": "Count to three."}], "One, two, three.", "Four.")]
-    got = token_kl(policy.eval(), reference.eval(), tokenizer, rows, 64, 32, batch_size=2)
+            PreferenceRow([{"role": "user", "content": "Count to three."}], "One, two, three.", "Four."),
+            PreferenceRow("A story, please, about the sea and a cat.", "Once upon a time a small cat lived by the sea.", "")]
+    got = token_kl(policy.eval(), reference.eval(), tokenizer, rows, 64, 32, batch_size=3)
     total, n = 0.0, 0
     for r in rows:
         t = tokenize_sft(SFTRow(r.prompt, r.chosen), tokenizer, 64, 32)
@@ -254,7 +256,7 @@ def test_kl_against_a_hand_computed_value(tokenizer):
                 q = torch.softmax(reference(ctx).logits[0, -1].double(), -1)
             total += float((p * (p.log() - q.log())).sum())
             n += 1
-    assert got["tokens"] == n and got["rows"] == 2
+    assert got["tokens"] == n and got["rows"] == 3
     assert got["kl"] == pytest.approx(total / n, rel=1e-4)
     same = token_kl(policy, policy, tokenizer, rows, 64, 32)
     assert abs(same["kl"]) < 1e-6

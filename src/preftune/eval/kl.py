@@ -9,6 +9,7 @@ import torch
 
 from preftune.data.rows import PreferenceRow, SFTRow
 from preftune.data.tokenize import tokenize_sft
+from preftune.eval.generate import forward_names, left_pad
 
 
 def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int):
@@ -21,11 +22,18 @@ def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt
     return out
 
 
-def _completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, starts: list[int], lengths: list[int]):
-    """Log-softmax over the vocabulary at each position that predicts a completion token: a list of
-    ``[n_i, V]`` tensors, one per row."""
-    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    return [torch.log_softmax(logits[i, s - 1 : n - 1], -1) for i, (s, n) in enumerate(zip(starts, lengths))]
+def _completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]):
+    """Log-softmax over the vocabulary at each position that predicts a completion token, for
+    left-padded rows whose completions (at their ends) have ``lengths`` tokens: a list of ``[n_i, V]``
+    tensors, one per row. Only the last ``max(lengths) + 1`` positions get logits, where the model
+    can skip the others."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = max(lengths) + 1
+    kw = {"logits_to_keep": keep} if forward_names(type(base))[1] else {}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kw).logits
+    logits = logits[:, -keep:].float()
+    return [torch.log_softmax(logits[i, keep - 1 - n : keep - 1], -1) for i, n in enumerate(lengths)]
 
 
 @torch.inference_mode()
@@ -36,26 +44,20 @@ def token_kl(model, reference, tokenizer, rows: list[PreferenceRow], max_length:
     ``reference`` is a model, or ``"adapter"`` for the model itself with its LoRA adapters off.
     Returns ``kl`` (the token mean), ``kl_row_mean`` (the mean of per-row token means), ``tokens``
     and ``rows`` (those that tokenized)."""
-    seqs = _sequences(rows, tokenizer, max_length, max_prompt_length)
+    seqs = sorted(_sequences(rows, tokenizer, max_length, max_prompt_length), key=lambda s: len(s[0]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens, row_means = 0.0, 0, []
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b : b + batch_size]
-        width = max(len(s) for s, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (s, _) in enumerate(chunk):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        starts, lengths = [s for _, s in chunk], [len(s) for s, _ in chunk]
-        logp = _completion_logprobs(model, ids, mask, starts, lengths)
+        ids, mask = left_pad([s for s, _ in chunk], pad, device)
+        lengths = [len(s) - start for s, start in chunk]
+        logp = _completion_logprobs(model, ids, mask, lengths)
         if reference == "adapter":
             with model.disable_adapter():
-                logq = _completion_logprobs(model, ids, mask, starts, lengths)
+                logq = _completion_logprobs(model, ids, mask, lengths)
         else:
-            logq = _completion_logprobs(reference, ids, mask, starts, lengths)
+            logq = _completion_logprobs(reference, ids, mask, lengths)
         for p, q in zip(logp, logq):
             per_token = (p.exp() * (p - q)).sum(-1)
             total += float(per_token.sum())
