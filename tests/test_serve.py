@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 
@@ -14,7 +15,7 @@ from preftune.commands.tools import serve as main
 from preftune.embedded import tiny_llama
 from preftune.errors import PreftuneError
 from preftune.eval.generate import generate
-from preftune.serve import background, check_bind, create_app, is_loopback
+from preftune.serve import MAX_JSON_DEPTH, background, check_bind, create_app, is_loopback, json_depth
 
 KEY = "test-key-123"
 CAP = 6
@@ -77,6 +78,34 @@ def test_key_required(url):
         assert err["code"] == "invalid_api_key" and KEY not in err["message"]
     _error(httpx.get(f"{url}/v1/models"), 401)
     assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+
+
+def test_json_depth_counts_nesting_outside_strings():
+    assert json_depth(b'{"a": [1, {"b": []}]}') == 4
+    assert json_depth(b'{"a": "[[[[{{{{", "b": "\\"[[["}') == 1  # brackets in strings, an escaped quote
+    assert json_depth(b'"x"') == 0
+
+
+@pytest.mark.parametrize("limit", [1000, 100_000])
+def test_too_deep_a_body_is_refused_whatever_the_recursion_limit(url, limit):
+    """Refused before parsing: the same 400 with the default recursion limit and with a raised one
+    (importing torch._dynamo raises it), under which json.loads would parse it."""
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        _check_depth_refusal(url)
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def _check_depth_refusal(url: str) -> None:
+    deep = b'{"messages": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    r = httpx.post(f"{url}/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=deep)
+    assert r.status_code == 400 and "nested" not in r.text and _error(r, 400)["param"] == "messages[0]"
+    deeper = b'{"messages": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+    r = httpx.post(f"{url}/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=deeper)
+    err = _error(r, 400)
+    assert err["param"] is None and err["code"] == "invalid_json" and f"more than {MAX_JSON_DEPTH}" in err["message"]
 
 
 def test_max_tokens_clamped_to_cap(url):

@@ -157,11 +157,34 @@ def parse_request(body: Any, cap: int, kind: str = "chat") -> dict:
     return {**out, "prompt": prompt}
 
 
+MAX_JSON_DEPTH = 32
+"""The deepest nesting of arrays and objects a request body may have. Checked before parsing, so the
+refusal does not depend on the interpreter's recursion limit (which importing torch._dynamo raises)."""
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in ``raw``, outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
 def parse_json(raw: bytes) -> Any:
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise RequestError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None,
+                           "invalid_json")
     try:
         return json.loads(raw)
-    except RecursionError:
-        raise RequestError(400, "the request body is nested too deeply", None, "invalid_json") from None
     except ValueError as e:
         raise RequestError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
 
