@@ -33,20 +33,26 @@ class Terminal:
         self.screen = ""
 
     def wait_for(self, text: str, count: int = 1, timeout: float = 180.0) -> None:
+        self.wait_until(lambda screen: screen.count(text) >= count, f"{text!r} x{count}", timeout)
+
+    def wait_until(self, done, what: str, timeout: float = 180.0) -> None:
         end = time.monotonic() + timeout
-        while self.screen.count(text) < count:
+        while not done(self.screen):
             ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.monotonic()))
             if not ready:
-                raise AssertionError(f"{text!r} x{count} never appeared; the screen:\n{self.screen}")
+                raise AssertionError(f"{what} never appeared; the screen:\n{self.screen}")
             try:
                 self.screen += os.read(self.fd, 4096).decode("utf-8", "replace")
             except OSError:  # the chat has exited
-                raise AssertionError(f"the chat ended before {text!r}; the screen:\n{self.screen}") from None
+                raise AssertionError(f"the chat ended before {what}; the screen:\n{self.screen}") from None
 
     def type(self, keys: str) -> None:
         os.write(self.fd, keys.encode())
 
     def close(self) -> int:
+        # ^D only ends the chat once readline holds the terminal, which it does before it shows the
+        # prompt: typed earlier, the terminal's line discipline swallows it and the chat waits on.
+        self.wait_until(lambda screen: "you> " in screen.rsplit("\n", 1)[-1], "the prompt on the last line")
         self.type(EOF)
         try:
             return self.proc.wait(timeout=180)  # a loaded machine exits slowly
