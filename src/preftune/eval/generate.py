@@ -98,17 +98,22 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gene
 
 def _forward(model, ids, mask, cache, last_only: bool):
     """One forward over ``ids`` after ``cache`` (positions from the mask: pads take no position)."""
-    cache_name, keeps_logits = forward_names(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    cache_name, keeps_logits = forward_names(model)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
     kw = {"logits_to_keep": 1} if last_only and keeps_logits else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_name: cache}, **kw)
     return out.logits[:, -1].float(), getattr(out, cache_name)
 
 
+def forward_names(model) -> tuple[str, bool]:
+    """The name ``model``'s forward (under a peft wrapper, if any) gives the KV cache (``cache``;
+    ``past_key_values`` before transformers renamed it), and whether it can skip the logits of all
+    but the last positions (``logits_to_keep``)."""
+    return _forward_names(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
+
+
 @functools.cache
-def forward_names(cls) -> tuple[str, bool]:
-    """The name the model's forward gives the KV cache (``cache``; ``past_key_values`` before
-    transformers renamed it), and whether it can skip the logits of all but the last position."""
+def _forward_names(cls) -> tuple[str, bool]:
     params = inspect.signature(cls.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 

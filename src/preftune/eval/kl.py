@@ -27,9 +27,8 @@ def _completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, lengths: 
     left-padded rows whose completions (at their ends) have ``lengths`` tokens: a list of ``[n_i, V]``
     tensors, one per row. Only the last ``max(lengths) + 1`` positions get logits, where the model
     can skip the others."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     keep = max(lengths) + 1
-    kw = {"logits_to_keep": keep} if forward_names(type(base))[1] else {}
+    kw = {"logits_to_keep": keep} if forward_names(model)[1] else {}
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **kw).logits
     logits = logits[:, -keep:].float()
