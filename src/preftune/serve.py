@@ -180,7 +180,8 @@ def json_depth(raw: bytes) -> int:
 
 
 def parse_json(raw: bytes) -> Any:
-    if json_depth(raw) > MAX_JSON_DEPTH:
+    openers = raw.count(b"[") + raw.count(b"{")  # the depth's upper bound, at C speed: most bodies stop here
+    if openers > MAX_JSON_DEPTH and json_depth(raw) > MAX_JSON_DEPTH:
         raise RequestError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep", None,
                            "invalid_json")
     try:
