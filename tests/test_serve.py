@@ -344,13 +344,21 @@ def test_a_gone_client_frees_the_model(tiny):
 
 def test_a_full_queue_answers_503_with_retry_after(tiny):
     """A queue of one: while a long request runs, the next is refused at once with Retry-After; once
-    the queue is free again, requests are served."""
+    the queue is free again, requests are served. The long request streams, and the next is sent once
+    its first token has come: it is then running, however fast the machine (a fixed sleep raced it)."""
     model, tok = tiny
-    long = {"messages": HELLO, "max_tokens": 300, "temperature": 0}
+    long = {"messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
+    running = threading.Event()
+
+    def stream_long(base: str) -> None:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=AUTH, json=long, timeout=60) as r:
+            for _ in r.iter_lines():
+                running.set()
+
     with background(create_app(model, tok, "tiny", KEY, 300, max_queue=1)) as base:
-        worker = threading.Thread(target=_timed, args=(base, long))
+        worker = threading.Thread(target=stream_long, args=(base,))
         worker.start()
-        time.sleep(0.5)
+        assert running.wait(60)
         r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "max_tokens": 1})
         assert _error(r, 503)["code"] == "server_overloaded" and int(r.headers["Retry-After"]) >= 1
         worker.join()
