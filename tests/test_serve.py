@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 
 import httpx
@@ -342,23 +341,13 @@ def test_a_gone_client_frees_the_model(tiny):
     assert after < full
 
 
-def test_a_full_queue_answers_503_with_retry_after(tiny):
+def test_a_full_queue_answers_503_with_retry_after(tiny, admitted_request):
     """A queue of one: while a long request runs, the next is refused at once with Retry-After; once
-    the queue is free again, requests are served. The long request streams, and the next is sent once
-    its first token has come: it is then running, however fast the machine (a fixed sleep raced it)."""
+    the queue is free again, requests are served."""
     model, tok = tiny
-    long = {"messages": HELLO, "max_tokens": 300, "temperature": 0, "stream": True}
-    running = threading.Event()
-
-    def stream_long(base: str) -> None:
-        with httpx.stream("POST", f"{base}/v1/chat/completions", headers=AUTH, json=long, timeout=60) as r:
-            for _ in r.iter_lines():
-                running.set()
-
+    long = {"messages": HELLO, "max_tokens": 300, "temperature": 0}
     with background(create_app(model, tok, "tiny", KEY, 300, max_queue=1)) as base:
-        worker = threading.Thread(target=stream_long, args=(base,))
-        worker.start()
-        assert running.wait(60)
+        worker = admitted_request(base, long, AUTH)
         r = httpx.post(f"{base}/v1/chat/completions", headers=AUTH, json={"messages": HELLO, "max_tokens": 1})
         assert _error(r, 503)["code"] == "server_overloaded" and int(r.headers["Retry-After"]) >= 1
         worker.join()

@@ -7,11 +7,9 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
@@ -95,16 +93,12 @@ def test_bad_values_are_bad_requests(client):
         client.chat.completions.create(**SAMPLED, stop=["a", "b", "c", "d", "e"])
 
 
-def test_queue_full_is_a_retryable_503(tiny):
+def test_queue_full_is_a_retryable_503(tiny, admitted_request):
     """The client sees 503 with Retry-After while the one queue place is taken; with retries it
     honours Retry-After and gets its answer once the long request is done."""
     model, tok = tiny
     with background(create_app(model, tok, NAME, None, 300, max_queue=1)) as base:
-        long = threading.Thread(target=httpx.post, args=(f"{base}/v1/chat/completions",),
-                                kwargs={"json": {"messages": HELLO, "max_tokens": 300, "temperature": 0},
-                                        "timeout": 60})
-        long.start()
-        time.sleep(0.5)
+        long = admitted_request(base, {"messages": HELLO, "max_tokens": 300, "temperature": 0})
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.InternalServerError) as e:
             c.chat.completions.create(model=NAME, messages=HELLO, max_tokens=1)
