@@ -16,6 +16,7 @@ from preftune.config import DPOConfig, SFTConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
+from preftune.reward import bradley_terry_loss, rewards_of
 
 Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
@@ -43,6 +44,9 @@ class Method:
     needs_reference: Callable[[Any], bool]
     units: Callable[[dict], int] = pairs_of
     data: str = "preference"
+    model: str = "causal_lm"
+    """What it trains: ``causal_lm`` (log-probs, logprobs.SequenceLogps) or ``reward`` (a one-label
+    sequence classifier, reward.SequenceRewards)."""
 
 
 def sequence_logps_of(
@@ -237,8 +241,29 @@ def dpo_step(
     return loss, metrics
 
 
+# ------------------------------------------------------------------ reward model
+
+
+def rm_step(policy, batch: dict, cfg: Any, reference_logps: dict | None = None) -> tuple[Tensor, Metrics]:
+    """Bradley-Terry loss of a reward model (``policy``: reward.SequenceRewards) on a preference batch,
+    with the batch's ``margin`` ``[B]`` when the data has one and ``rm.center_rewards_coefficient``.
+
+    Metrics under TRL RewardTrainer's names: ``loss``, ``accuracy`` (r_c > r_r), ``margin`` (mean r_c - r_r),
+    ``min_reward``/``mean_reward``/``max_reward`` over chosen and rejected, ``rewards/chosen``/``rewards/rejected``."""
+    rewards = rewards_of(policy, batch)
+    b = batch["num_pairs"]
+    losses, chosen, rejected = bradley_terry_loss(rewards[:b], rewards[b:], batch.get("margin"),
+                                                  cfg.center_rewards_coefficient)
+    loss = losses.mean()
+    every, c, r = rewards.detach(), chosen.detach(), rejected.detach()
+    return loss, {"loss": loss.detach(), "accuracy": (c > r).float().mean(), "margin": (c - r).mean(),
+                  "min_reward": every.min(), "mean_reward": every.mean(), "max_reward": every.max(),
+                  "rewards/chosen": c.mean(), "rewards/rejected": r.mean()}
+
+
 METHODS: dict[str, Method] = {
     "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft"),
     "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
+    "rm": Method(step=rm_step, needs_reference=lambda cfg: False, model="reward"),
 }
 """Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""
