@@ -25,7 +25,8 @@ METHOD_NAMES = {"sft": "supervised fine-tuning (SFT)", "dpo": "Direct Preference
                 "simpo": "SimPO (reference-free, length-normalised rewards)",
                 "cpo": "CPO (contrastive preference optimization, no reference model)",
                 "alphapo": "AlphaPO (reference-free, reshaped length-normalised rewards)",
-                "kto": "KTO (unpaired desirable/undesirable completions)"}
+                "kto": "KTO (unpaired desirable/undesirable completions)",
+                "reward-model": "a Bradley-Terry reward model (one-label sequence classifier)"}
 """Hub tag of a method family -> its name on the card."""
 LOCAL_PREFIXES = ("embedded:", "tiny", "/", ".", "~")
 
@@ -36,6 +37,8 @@ LOCAL_PREFIXES = ("embedded:", "tiny", "/", ".", "~")
 def method_tag(method: str) -> str:
     """run.json's ``method`` (``sft``, a loss name, or names joined by ``+``) -> the Hub tag of its family:
     the ``tag`` of its first loss that is not ``sft`` in the loss table."""
+    if method == "rm":
+        return "reward-model"
     names = [n for n in method.split("+") if n in LOSSES]
     main = next((n for n in names if n != "sft"), names[0] if names else None)
     return LOSSES[main].tag if main else ("sft" if method == "sft" else "dpo")
@@ -103,7 +106,7 @@ def card_data(cfg: Config, summary: dict, eval_entry: dict | None = None, name: 
     results = eval_results(cfg, eval_entry or {})
     return ModelCardData(
         base_model=base_model(cfg, summary, base_repo), library_name="peft" if lora else "transformers",
-        pipeline_tag="text-generation", tags=["preftune", tag] + (["lora"] if lora else []) + (["merged"] if merged else []),
+        pipeline_tag="text-classification" if tag == "reward-model" else "text-generation", tags=["preftune", tag] + (["lora"] if lora else []) + (["merged"] if merged else []),
         datasets=list(dict.fromkeys(dataset_name(s) for s in _stage_sources(cfg, summary))),
         license=_license(cfg), model_name=name, eval_results=results or None,
     )
@@ -143,7 +146,11 @@ def _method_lines(cfg: Config, summary: dict) -> list[str]:
     method = str(summary.get("method") or "sft")
     family = method_tag(method)
     lines = [f"- **Method:** {METHOD_NAMES.get(family, family)}"]
-    if summary.get("stage") != "sft":
+    if summary.get("stage") == "rm":
+        acc = summary.get("eval_accuracy")
+        lines.append("- **Loss:** Bradley-Terry, `-log sigmoid(r_chosen - r_rejected - margin)`; **held-out "
+                     f"accuracy** {_fmt(acc) if acc is not None else '-'} (r_chosen > r_rejected on the held-out pairs)")
+    elif summary.get("stage") != "sft":
         lines.append(f"- **Loss:** `{method}`, **beta** {summary.get('beta') or cfg.dpo.beta:g}")
         lines.append(f"- **Reference:** {summary.get('reference', cfg.dpo.reference)}")
     lines.append(f"- **Precision:** {summary.get('precision', cfg.precision)}")
@@ -309,7 +316,7 @@ def write_merged_card(adapter_folder: str | Path, out: str | Path) -> Path:
         base = json.loads((adapter_folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
         local = base.startswith(LOCAL_PREFIXES) or Path(base).exists()
         data = ModelCardData(base_model=None if local else base, library_name="transformers",
-                             pipeline_tag="text-generation", tags=["preftune", "merged"])
+                             pipeline_tag="text-classification" if tag == "reward-model" else "text-generation", tags=["preftune", "merged"])
         text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {out.name}\n\nThe LoRA adapter "
                              f"`{adapter_folder.name}` merged into its base `{Path(base).name if local else base}`.\n"))
     (out / "README.md").write_text(text, encoding="utf-8")

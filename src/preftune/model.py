@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import snapshot_download
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from preftune import embedded
 from preftune.config import Config
@@ -159,9 +159,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def _load_base(path: str, cfg: Config, trainable: bool):
+def _load_base(path: str, cfg: Config, trainable: bool, reward: bool = False):
     check_weights(path, cfg.allow_pickle)
     kwargs: dict = {"dtype": DTYPES[cfg.precision], "trust_remote_code": cfg.trust_remote_code}
+    if reward:  # a causal LM gets a fresh scalar head (seeded); a reward model keeps its own
+        kwargs["num_labels"] = 1
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.attn_implementation == "flex_attention" and trainable and not torch.cuda.is_available():
@@ -182,32 +184,36 @@ def _load_base(path: str, cfg: Config, trainable: bool):
         )
         kwargs["dtype"] = torch.bfloat16
     with _hf_errors(path):
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = (AutoModelForSequenceClassification if reward else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     if cfg.lora.quantize_4bit and trainable:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
 
-def lora_config(cfg: Config):
+def lora_config(cfg: Config, reward: bool = False):
+    """LoRA adapters; a reward model's score head is trained whole beside them (peft's SEQ_CLS task)."""
     targets = cfg.lora.target_modules
     return PeftLoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
     )
 
 
-def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpointing: bool = False):
+def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpointing: bool = False,
+               reward: bool = False):
     """Load the model at ``path`` (a resolved folder); add fresh LoRA adapters when ``cfg.lora.enabled``.
+    ``reward``: as a one-label sequence classifier (a reward model) instead of a causal LM.
 
     An adapter folder loads onto its base (trainable when ``trainable``)."""
     if is_adapter(path):
         check_weights(path, cfg.allow_pickle)
-        base = _load_base(adapter_base(path), cfg, trainable)
+        base = _load_base(adapter_base(path), cfg, trainable, reward)
         model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
     else:
-        model = _load_base(path, cfg, trainable)
+        model = _load_base(path, cfg, trainable, reward)
         if cfg.lora.enabled and trainable:
-            model = get_peft_model(model, lora_config(cfg))
+            model = get_peft_model(model, lora_config(cfg, reward))
     if not trainable:
         model.requires_grad_(False)
     if gradient_checkpointing:

@@ -4,12 +4,26 @@ The step function lives in methods.py, loading in model.py."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from preftune.attention import decoder_mask
+from preftune.config import DataConfig
+from preftune.data.collate import collate_sft
+from preftune.data.rows import SFTRow
+from preftune.data.tokenize import tokenize_rows_with_positions
 from preftune.errors import PreftuneError
+from preftune.model import check_weights, load_tokenizer, resolve_model
+
+RECORD = "reward_model.json"
+"""Written beside a reward model that preftune trained: the digest of its tokenizer, so scoring with
+another tokenizer is refused, and the sign that it reads rewards at the EOS of ``prompt + completion``."""
 
 
 def bradley_terry_loss(
@@ -98,3 +112,91 @@ def check_reward_head(model: nn.Module, where: str) -> None:
                             "reward model is an AutoModelForSequenceClassification with num_labels=1")
     if labels != 1:
         raise PreftuneError(f"{where}: the classifier has {labels} labels; a reward model has num_labels=1")
+
+
+def margins(items: list, column: str) -> Tensor:
+    """The ``[B]`` margins of tokenized pairs from their ``meta[column]`` (the data's margin column, as in
+    TRL and Llama 2); a row without the column, or with a value that is not a number, is an error."""
+    out = []
+    for it in items:
+        value = it.meta.get(column)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            shown = "no such column" if column not in it.meta else f"{value!r} ({type(value).__name__})"
+            raise PreftuneError(f"rm.margin_column '{column}': row {it.key} has {shown}; every row needs a "
+                                "number there (0 for no margin), or set rm.margin_column to null")
+        out.append(float(value))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- a trained reward model in use
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what decides a text's ids: the vocabulary, the special tokens and the chat template."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens,
+                       getattr(tokenizer, "chat_template", None) or ""], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def reward_record(tokenizer) -> dict:
+    """The content of :data:`RECORD` for a reward model trained with ``tokenizer``."""
+    return {"tokenizer_digest": tokenizer_digest(tokenizer), "reads": "eos of prompt + completion"}
+
+
+def load_reward_model(path: str, where: str, tokenizer: str | None = None, precision: str = "fp32"):
+    """``(model in eval mode, tokenizer, preftune-trained?)`` from a folder holding a one-label
+    ``*ForSequenceClassification`` (a run or stage folder resolves to its model). ``tokenizer``: another
+    tokenizer folder to score with; for a reward model preftune trained, it must be the one it was
+    trained with. ``where`` (a config key) heads every error."""
+    folder = Path(resolve_model(str(path)))
+    if not (folder / "config.json").is_file():
+        raise PreftuneError(f"{where}: {folder} is not a full model folder (no config.json); a reward model is an "
+                            "AutoModelForSequenceClassification folder (merge a LoRA adapter first: preftune merge)")
+    archs = AutoConfig.from_pretrained(folder).architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise PreftuneError(f"{where}: {folder} is not a sequence-classification model (its architectures are "
+                            f"{archs or 'not given'}); a reward model is an AutoModelForSequenceClassification "
+                            "folder, such as the final/ of `preftune rm`")
+    check_weights(folder)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype).eval()
+    check_reward_head(model, f"{where}: {folder}")
+    tok = load_tokenizer(str(tokenizer or folder))
+    record = folder / RECORD
+    trained = record.is_file()
+    if trained:
+        want = json.loads(record.read_text()).get("tokenizer_digest")
+        if want != tokenizer_digest(tok):
+            raise PreftuneError(f"{where}: the tokenizer {'at ' + str(tokenizer) if tokenizer else 'in ' + str(folder)} "
+                                f"differs from the one this reward model was trained with ({RECORD} holds its "
+                                "digest): its rewards would be read from other ids; score with the tokenizer saved "
+                                "beside the model")
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise PreftuneError(f"{where}: the tokenizer has {len(tok)} tokens but the model embeds only "
+                            f"{model.get_input_embeddings().num_embeddings}; they were not trained together")
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok, trained
+
+
+class RewardScorer:
+    """Scores ``(prompt, response)`` with a reward model preftune trained, on exactly the ids it trained on
+    (data/tokenize.py's prompt + completion + EOS, the reward read at EOS), in padded batches. A response
+    the tokenizer drops (empty, or too long for ``data.max_length``) scores None."""
+
+    def __init__(self, model, tokenizer, data: DataConfig | None = None, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.data = data or DataConfig()
+        self.policy = SequenceRewards(model)
+
+    @torch.inference_mode()
+    def score(self, prompts: list, responses: list[str]) -> list[float | None]:
+        rows = [SFTRow(p, r) for p, r in zip(prompts, responses)]
+        items, _, positions = tokenize_rows_with_positions(rows, self.tokenizer, self.data, "sft", progress=False)
+        out: list[float | None] = [None] * len(rows)
+        device = next(self.model.parameters()).device
+        for i in range(0, len(items), self.batch_size):
+            batch = collate_sft(items[i : i + self.batch_size], self.tokenizer.pad_token_id)
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            for pos, reward in zip(positions[i : i + self.batch_size], rewards_of(self.policy, batch).tolist()):
+                out[pos] = reward
+        return out

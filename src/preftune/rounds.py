@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.config import Config, DataConfig
 from preftune.data.rows import PreferenceRow, row_key
@@ -36,6 +35,7 @@ from preftune.eval.prompts import prompt_text
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
 from preftune.model import is_adapter, load_for_inference, merge_adapter
+from preftune.reward import RewardScorer, load_reward_model
 from preftune.train import run_stage
 
 log = logging.getLogger("preftune")
@@ -71,24 +71,6 @@ def judge_scores(cfg: Config, rows: list[PreferenceRow], responses: list[list[st
     return [flat[i * k : (i + 1) * k] for i in range(len(rows))]
 
 
-def load_reward_model(path: str):
-    """A local sequence-classification model (one score per text) and its tokenizer."""
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise PreftuneError(f"rounds.reward_model: {folder} is not a model folder (no config.json)")
-    archs = AutoConfig.from_pretrained(folder).architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise PreftuneError(f"rounds.reward_model: {folder} is not a sequence-classification model (its "
-                            f"architectures are {archs or 'not given'}); a reward model is an "
-                            "AutoModelForSequenceClassification folder")
-    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
 def _rm_text(prompt, response: str, tok) -> str:
     if getattr(tok, "chat_template", None) and isinstance(prompt, list):
         return tok.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
@@ -96,18 +78,25 @@ def _rm_text(prompt, response: str, tok) -> str:
 
 
 @torch.inference_mode()
-def reward_model_scores(path: str, rows: list[PreferenceRow], responses: list[list[str]], batch_size: int = 8):
-    """The classifier's score of prompt + sample: its logit with one label, else log p(last label)."""
-    model, tok = load_reward_model(path)
+def reward_model_scores(path: str, rows: list[PreferenceRow], responses: list[list[str]], batch_size: int = 8,
+                        data: DataConfig | None = None):
+    """The classifier's score of prompt + sample. A reward model from ``preftune rm`` scores the ids it
+    was trained on (reward.RewardScorer: its reward at the completion's EOS; a sample the tokenizer
+    drops scores None); any other classifier scores the chat-templated text: its logit with one label,
+    else log p(last label)."""
+    model, tok, trained = load_reward_model(path, "rounds.reward_model")
+    k = len(responses[0]) if responses else 0
+    if trained:
+        flat = RewardScorer(model, tok, data, batch_size).score([r.prompt for r, g in zip(rows, responses) for _ in g],
+                                                               [s for g in responses for s in g])
+        return [flat[j * k : (j + 1) * k] for j in range(len(rows))]
     texts = [_rm_text(r.prompt, s, tok) for r, group in zip(rows, responses) for s in group]
-    flat: list[float] = []
-    tok.padding_side = "right"
+    flat = []
     for i in range(0, len(texts), batch_size):
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024)
         logits = model(**enc).logits.float()
         score = logits[:, 0] if logits.shape[-1] == 1 else torch.log_softmax(logits, -1)[:, -1]
         flat += score.tolist()
-    k = len(responses[0]) if responses else 0
     return [flat[j * k : (j + 1) * k] for j in range(len(rows))]
 
 
@@ -206,7 +195,7 @@ def score(cfg: Config, rows, responses, round_dir: Path) -> list[list[float | No
         return rule_scores(rows, responses)
     if r.reward == "judge":
         return judge_scores(cfg, rows, responses, cache_dir() / "judgments" / f"{cfg.eval.winrate.judge}.jsonl")
-    return reward_model_scores(r.reward_model, rows, responses, cfg.eval.batch_size)
+    return reward_model_scores(r.reward_model, rows, responses, cfg.eval.batch_size, cfg.data)
 
 
 def _last_eval(stage_dir: Path) -> dict:

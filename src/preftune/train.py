@@ -52,6 +52,7 @@ from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
+from preftune.reward import SequenceRewards, check_reward_head
 from preftune.tracking import open_trackers
 
 log = logging.getLogger("preftune")
@@ -181,6 +182,7 @@ class Stage:
     state: dict = field(default_factory=lambda: {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0,
                                                  "skipped_steps": 0})
     resumed_from: int | None = None
+    last_eval: dict = field(default_factory=dict)  # the last eval round's figures
     started: float = field(default_factory=time.time)
 
     @property
@@ -259,10 +261,15 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     data = load_stage_data(cfg, stage, tokenizer)
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
+    reward = method.model == "reward"
     with dist.whole_weights(accelerator):
-        model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing)
+        model = load_model(cfg, model_path, trainable=True, gradient_checkpointing=stage_cfg.gradient_checkpointing,
+                           reward=reward)
+    if reward:  # transformers' own forward then reads the last real token of a padded row
+        check_reward_head(model, f"{stage}: {model_path}")
+        model.config.pad_token_id = tokenizer.pad_token_id
     layout = choose_layout(stage_cfg.layout, model) if method.data == "preference" else "padded"
-    policy = SequenceLogps(model)
+    policy = SequenceRewards(model) if reward else SequenceLogps(model)
     collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
     reference, strategy = build_reference(cfg, stage_cfg, method, model, policy, data, collate, model_path,
                                           tokenizer, accelerator)
@@ -407,6 +414,7 @@ def train_step(st: Stage) -> dict | None:
     record = means.reduced(_reduce_sum(acc)).means()
     record.pop("n")
     record.pop("rewards/accuracies_se", None)
+    record.pop("accuracy_se", None)
     tot = acc.reduce(torch.tensor([tokens, pairs], device=acc.device), "sum").tolist()
     st.state["tokens_seen"] += int(tot[0])
     st.state["pairs_seen"] += int(tot[1])
@@ -455,7 +463,7 @@ def save_between_steps(st: Stage, step: int) -> None:
     """A snapshot model for curves over training (``eval.curve_every``; the last step is ``final/``)
     and a resume checkpoint every ``save_every`` steps."""
     cfg = st.stage_cfg
-    curve_every = st.cfg.eval.curve_every if st.method.data == "preference" else 0
+    curve_every = st.cfg.eval.curve_every if st.method.data == "preference" and st.method.model == "causal_lm" else 0
     if curve_every and step % curve_every == 0 and step < st.total_steps:
         dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.snapshot(step),
                      {"snapshot.json": {k: st.state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
@@ -485,6 +493,7 @@ def summary(st: Stage, stopped_early: bool) -> dict:
         "precision": cfg.precision, "train_rows": len(st.data.train), "test_rows": len(st.data.test),
         "data_fingerprint": st.data.fingerprint, "resumed_from": st.resumed_from,
         "distributed": dist.describe(st.accelerator),
+        **({"eval_accuracy": st.last_eval.get("eval/accuracy")} if st.method.model == "reward" else {}),
     }
 
 
@@ -533,11 +542,12 @@ def train(st: Stage, stop_at: int | None = None) -> dict:
             last = step == st.total_steps
             do_eval = st.eval_batches and ((s.eval_every and step % s.eval_every == 0) or last)
             if do_eval:
-                record |= {f"eval/{k}": v for k, v in evaluate(st).items()}
+                st.last_eval = {f"eval/{k}": v for k, v in evaluate(st).items()}
+                record |= st.last_eval
                 stopped_early = early_stop(st, record, step)
             if step % s.log_every == 0 or do_eval or last:
                 st.metrics_log.write(record)
-            bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"),
+            bar.set_postfix({k: f"{record[m]:.3g}" for k, m in (("loss", "loss"), ("acc", "rewards/accuracies"), ("acc", "accuracy"),
                                                                   ("tok/s", "tokens_per_s")) if m in record})
             save_between_steps(st, step)
             if stop_at is not None and step >= stop_at:

@@ -1,4 +1,4 @@
-"""Training commands: config show, losses, sft, dpo, orpo, merge, pipeline, quickstart, iterate, sweep."""
+"""Training commands: config show, losses, sft, dpo, rm, orpo, merge, pipeline, quickstart, iterate, sweep."""
 
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ def sft(ns) -> int:
 
 def dpo(ns) -> int:
     return _train(ns, "dpo")
+
+
+def rm(ns) -> int:
+    """``preftune rm CONFIG``: a Bradley-Terry reward model on the preference data (``rm`` settings)."""
+    return _train(ns, "rm")
 
 
 def orpo(ns) -> int:

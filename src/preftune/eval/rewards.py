@@ -49,11 +49,13 @@ class WeightedMeans:
         return WeightedMeans(dict(zip(keys, packed)), dict(zip(keys, packed[len(keys):])), int(round(packed[-1])))
 
     def means(self) -> dict:
-        """Weighted means; with ``rewards/accuracies``, its standard error over the ``n`` pairs."""
+        """Weighted means; with ``rewards/accuracies`` (or a reward model's ``accuracy``), its standard error
+        over the ``n`` pairs."""
         out = {k: v / self.weights[k] if self.weights[k] else float("nan") for k, v in self.sums.items()}
-        if "rewards/accuracies" in out and self.n:
-            p = out["rewards/accuracies"]
-            out["rewards/accuracies_se"] = math.sqrt(max(p * (1 - p), 1e-12) / self.n)
+        for name in ("rewards/accuracies", "accuracy"):
+            if name in out and self.n:
+                p = out[name]
+                out[name + "_se"] = math.sqrt(max(p * (1 - p), 1e-12) / self.n)
         return out | {"n": self.n}
 
 
