@@ -316,7 +316,7 @@ def write_merged_card(adapter_folder: str | Path, out: str | Path) -> Path:
         base = json.loads((adapter_folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")
         local = base.startswith(LOCAL_PREFIXES) or Path(base).exists()
         data = ModelCardData(base_model=None if local else base, library_name="transformers",
-                             pipeline_tag="text-classification" if tag == "reward-model" else "text-generation", tags=["preftune", "merged"])
+                             pipeline_tag="text-generation", tags=["preftune", "merged"])
         text = str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {out.name}\n\nThe LoRA adapter "
                              f"`{adapter_folder.name}` merged into its base `{Path(base).name if local else base}`.\n"))
     (out / "README.md").write_text(text, encoding="utf-8")

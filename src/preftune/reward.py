@@ -200,3 +200,31 @@ class RewardScorer:
             for pos, reward in zip(positions[i : i + self.batch_size], rewards_of(self.policy, batch).tolist()):
                 out[pos] = reward
         return out
+
+
+def _classifier_text(prompt, response: str, tok) -> str:
+    """The text a classifier from elsewhere scores: the chat template over the turns, else plain text."""
+    if getattr(tok, "chat_template", None) and isinstance(prompt, list):
+        return tok.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+    if isinstance(prompt, list):
+        prompt = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+    return f"{prompt}\n{response}"
+
+
+@torch.inference_mode()
+def score_responses(loaded: tuple, prompts: list, responses: list[str], batch_size: int = 8,
+                    data: DataConfig | None = None) -> list[float | None]:
+    """Rewards of ``(prompt, response)`` pairs from :func:`load_reward_model`'s ``loaded`` triple. A reward
+    model from ``preftune rm`` scores the ids it was trained on (:class:`RewardScorer`); any other
+    classifier scores the chat-templated text: its logit with one label, else log p(last label)."""
+    model, tok, trained = loaded
+    if trained:
+        return RewardScorer(model, tok, data, batch_size).score(prompts, responses)
+    texts = [_classifier_text(p, r, tok) for p, r in zip(prompts, responses)]
+    tok.padding_side = "right"
+    out: list[float | None] = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024)
+        logits = model(**enc).logits.float()
+        out += (logits[:, 0] if logits.shape[-1] == 1 else torch.log_softmax(logits, -1)[:, -1]).tolist()
+    return out

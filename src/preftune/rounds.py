@@ -22,8 +22,6 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
-
 from preftune.config import Config, DataConfig
 from preftune.data.rows import PreferenceRow, row_key
 from preftune.data.sources import load_rows
@@ -31,11 +29,10 @@ from preftune.errors import PreftuneError
 from preftune.eval.checks import check, checkable
 from preftune.eval.generate import generate, write_jsonl
 from preftune.eval.judges import judge_pairs, make_judge
-from preftune.eval.prompts import prompt_text
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
 from preftune.model import is_adapter, load_for_inference, merge_adapter
-from preftune.reward import RewardScorer, load_reward_model
+from preftune.reward import load_reward_model, score_responses
 from preftune.train import run_stage
 
 log = logging.getLogger("preftune")
@@ -71,32 +68,14 @@ def judge_scores(cfg: Config, rows: list[PreferenceRow], responses: list[list[st
     return [flat[i * k : (i + 1) * k] for i in range(len(rows))]
 
 
-def _rm_text(prompt, response: str, tok) -> str:
-    if getattr(tok, "chat_template", None) and isinstance(prompt, list):
-        return tok.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
-    return f"{prompt_text(prompt)}\n{response}"
-
-
-@torch.inference_mode()
 def reward_model_scores(path: str, rows: list[PreferenceRow], responses: list[list[str]], batch_size: int = 8,
                         data: DataConfig | None = None):
-    """The classifier's score of prompt + sample. A reward model from ``preftune rm`` scores the ids it
-    was trained on (reward.RewardScorer: its reward at the completion's EOS; a sample the tokenizer
-    drops scores None); any other classifier scores the chat-templated text: its logit with one label,
-    else log p(last label)."""
-    model, tok, trained = load_reward_model(path, "rounds.reward_model")
+    """Each sample's reward from the classifier at ``path`` (reward.score_responses: a reward model from
+    ``preftune rm`` on the ids it trained on; a sample the tokenizer drops scores None)."""
+    loaded = load_reward_model(path, "rounds.reward_model")
+    flat = score_responses(loaded, [r.prompt for r, g in zip(rows, responses) for _ in g],
+                           [s for g in responses for s in g], batch_size, data)
     k = len(responses[0]) if responses else 0
-    if trained:
-        flat = RewardScorer(model, tok, data, batch_size).score([r.prompt for r, g in zip(rows, responses) for _ in g],
-                                                               [s for g in responses for s in g])
-        return [flat[j * k : (j + 1) * k] for j in range(len(rows))]
-    texts = [_rm_text(r.prompt, s, tok) for r, group in zip(rows, responses) for s in group]
-    flat = []
-    for i in range(0, len(texts), batch_size):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=1024)
-        logits = model(**enc).logits.float()
-        score = logits[:, 0] if logits.shape[-1] == 1 else torch.log_softmax(logits, -1)[:, -1]
-        flat += score.tolist()
     return [flat[j * k : (j + 1) * k] for j in range(len(rows))]
 
 

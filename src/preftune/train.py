@@ -52,7 +52,7 @@ from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
-from preftune.reward import SequenceRewards, check_reward_head
+from preftune.reward import RECORD, SequenceRewards, check_reward_head, reward_record
 from preftune.tracking import open_trackers
 
 log = logging.getLogger("preftune")
@@ -455,7 +455,7 @@ def early_stop(st: Stage, record: dict, step: int) -> bool:
     st.accelerator.wait_for_everyone()
     if improved:  # every rank: a sharded model is gathered first
         dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.best,
-                     {"best.json": {"best_step": step, "metric": metric, "value": record[metric]}})
+                     {"best.json": {"best_step": step, "metric": metric, "value": record[metric]}} | model_records(st))
     return st.stage_cfg.early_stopping and stop
 
 
@@ -497,11 +497,16 @@ def summary(st: Stage, stopped_early: bool) -> dict:
     }
 
 
+def model_records(st: Stage) -> dict:
+    """JSON files saved beside the model: a reward model's tokenizer digest (reward.RECORD)."""
+    return {RECORD: reward_record(st.tokenizer)} if st.method.model == "reward" else {}
+
+
 def finish(st: Stage, stopped_early: bool) -> dict:
     """Write ``final/`` (a Hugging Face folder) and ``run.json`` on the main process; return the summary."""
     st.accelerator.wait_for_everyone()
     out = summary(st, stopped_early)
-    dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.final)  # every rank: shards are gathered
+    dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.final, model_records(st))  # every rank: shards gathered
     if st.main:
         st.out.run.write_text(json.dumps(out, indent=1))
     st.accelerator.wait_for_everyone()

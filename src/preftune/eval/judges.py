@@ -266,7 +266,51 @@ class RuleJudge:
         return RULE_VERDICTS[correct]
 
 
-JUDGES: dict[str, type] = {"openai": OpenAIJudge, "hf": HFJudge, "rule": RuleJudge}
+# ---------------------------------------------------------------- reward_model: a local scalar reward model
+
+
+class RewardModelJudge:
+    """A reward model as the judge: the response with the higher reward wins, equal rewards tie (counted
+    as half by the statistics, as every judge's ties). A reward model from ``preftune rm`` scores the
+    ids it trained on; any other one-label classifier scores the chat-templated text (rounds.py's
+    convention). Deterministic, so both orders agree; each text is scored once. A response the
+    tokenizer drops (empty, too long) makes the pair invalid, never a loss."""
+
+    name = "reward_model"
+    template = ""
+    local = True  # free and instant: no rate limit
+
+    def __init__(self, path: str):
+        from preftune.model import content_digest, resolve_model
+
+        self.path = path
+        self.model = f"{resolve_model(path)}@{content_digest(resolve_model(path))[:16]}"  # retraining changes it
+        self.tally = Tally()
+        self._loaded = None
+        self._rewards: dict[str, float | None] = {}
+        self._lock = threading.Lock()
+
+    def reward(self, prompt: Any, response: str) -> float | None:
+        from preftune.reward import load_reward_model, score_responses
+
+        key = json.dumps([prompt, response], ensure_ascii=False)
+        with self._lock:
+            if key not in self._rewards:
+                if self._loaded is None:
+                    self._loaded = load_reward_model(self.path, "eval.winrate.judge_model")
+                self.tally.add("requests")
+                self._rewards[key] = score_responses(self._loaded, [prompt], [response], 1)[0]
+            return self._rewards[key]
+
+    def judge(self, prompt: Any, a: str, b: str, meta: dict) -> str:
+        ra, rb = self.reward(prompt, a), self.reward(prompt, b)
+        if ra is None or rb is None:
+            raise InvalidVerdict("the reward model could not score a response (empty, or longer than data.max_length)")
+        return "A" if ra > rb else "B" if rb > ra else "tie"
+
+
+JUDGES: dict[str, type] = {"openai": OpenAIJudge, "hf": HFJudge, "rule": RuleJudge,
+                           "reward_model": RewardModelJudge}
 
 
 def _need(value: str | None, key: str, judge: str) -> str:
@@ -286,6 +330,7 @@ BUILDERS: dict[str, Callable[[Any], Judge]] = {
                                     template=_template(w)),
     "hf": lambda w: HFJudge(model=_need(w.judge_model, "judge_model", "hf"), template=_template(w)),
     "rule": lambda w: RuleJudge(),
+    "reward_model": lambda w: RewardModelJudge(_need(w.judge_model, "judge_model", "reward_model")),
 }
 
 
