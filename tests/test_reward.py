@@ -177,3 +177,54 @@ def test_not_a_reward_model(tiny_model_dir) -> None:
     two = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
     with pytest.raises(PreftuneError, match="2 labels"):
         check_reward_head(two, "rm")
+
+
+# ----------------------------------------------------------------------------- scoring a trained reward model
+def test_scorer_reads_the_training_ids(tmp_path, reward_model, tokenizer) -> None:
+    """RewardScorer (rounds, the judge, bon, eval rm) gives each chosen and rejected response the reward the
+    training step computes on the tokenized pair; the tokenizer record refuses another tokenizer."""
+    from transformers import AutoTokenizer
+
+    from preftune.config import DataConfig
+    from preftune.data.rows import PreferenceRow
+    from preftune.data.tokenize import tokenize_rows
+    from preftune.reward import RECORD, load_reward_model, reward_record, score_responses
+
+    rows = [PreferenceRow([{"role": "user", "content": p}], c, r) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
+    items, _ = tokenize_rows(rows, tokenizer, DataConfig(), "preference")
+    with torch.no_grad():
+        want = rewards_of(SequenceRewards(reward_model), collate_prefix_shared(items, tokenizer.pad_token_id))
+    folder = tmp_path / "rm"
+    reward_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / RECORD).write_text(__import__("json").dumps(reward_record(tokenizer)))
+    loaded = load_reward_model(str(folder), "test")
+    assert loaded[2]  # trained by preftune: scored on its training ids
+    got = score_responses(loaded, [r.prompt for r in rows] * 2, CHOSEN + REJECTED, batch_size=2)
+    torch.testing.assert_close(torch.tensor(got), want, atol=TOL, rtol=0)
+
+    other = AutoTokenizer.from_pretrained(folder)
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(PreftuneError, match="differs from the one this reward model was trained with"):
+        load_reward_model(str(folder), "eval.winrate.judge_model", tokenizer=str(tmp_path / "other"))
+    with pytest.raises(PreftuneError, match="not a sequence-classification model"):
+        load_reward_model(_causal(tmp_path, tokenizer), "rounds.reward_model")
+
+
+def _causal(tmp_path, tokenizer) -> str:
+    from preftune.embedded import tiny_llama
+
+    tiny_llama(tmp_path / "causal")
+    return str(tmp_path / "causal")
+
+
+def test_margin_column_must_be_numeric() -> None:
+    from preftune.reward import margins
+
+    ok = [TokenizedPair([1], [2], [3], "k1", {"m": 0.5}), TokenizedPair([1], [2], [3], "k2", {"m": 2})]
+    assert margins(ok, "m").tolist() == [0.5, 2.0]
+    with pytest.raises(PreftuneError, match="rm.margin_column 'm': row k3 has 'high' \\(str\\)"):
+        margins(ok + [TokenizedPair([1], [2], [3], "k3", {"m": "high"})], "m")
+    with pytest.raises(PreftuneError, match="row k4 has no such column"):
+        margins([TokenizedPair([1], [2], [3], "k4", {})], "m")
