@@ -1,17 +1,22 @@
-"""``preftune pipeline``: SFT, then DPO with the SFT model as the reference (never the bare base),
+"""``preftune pipeline``: SFT, optionally a reward model and best-of-n sampling from the SFT model, then
+DPO with the SFT model as the reference (never the bare base),
 then evaluation of base, SFT and DPO side by side (and of DPO's snapshots, for curves over training,
 when ``eval.curve_every`` is set) and a report. ``preftune quickstart`` runs it on
 the shipped ``configs/quickstart.yaml``."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
+from preftune.bon import run_bon
 from preftune.card import update_card
 from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
+from preftune.data.sources import load_rows
 from preftune.eval.curve import evaluate_curve
+from preftune.eval.reward_model import evaluate_reward_model
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
 from preftune.model import is_adapter, merge_adapter, resolve_model
@@ -19,6 +24,7 @@ from preftune.paths import STAGES, RunDir
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
 from preftune.resume import check_writable
+from preftune.reward import load_reward_model
 from preftune.rounds import run_rounds
 from preftune.train import run_stage
 
@@ -45,6 +51,11 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
         else:
             dpo_base = str(sft.final.resolve())
         timings["sft"] = round(time.time() - t, 1)
+    for stage, run_it in (("rm", train_reward_model), ("bon", best_of_n)):  # optional, from the SFT model
+        if getattr(cfg, stage).enabled:
+            t = time.time()
+            run_it(cfg, run, dpo_base, resume, allow_changes)
+            timings[stage] = round(time.time() - t, 1)
     if cfg.dpo.enabled:
         t = time.time()
         dpo = run.stage("dpo")
@@ -52,6 +63,35 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
             run_stage(cfg, "dpo", dpo.root, dpo_base, resume=resume, allow_changes=allow_changes)
         timings["dpo"] = round(time.time() - t, 1)
     return dpo_base, timings
+
+
+def train_reward_model(cfg: Config, run: RunDir, start: str, resume: bool, allow_changes: bool) -> None:
+    """The ``rm`` stage: a reward model from the SFT model (as in the RLHF recipe), with its figures."""
+    rm = run.stage("rm")
+    if not (resume and rm.is_finished()):
+        run_stage(cfg, "rm", rm.root, start, resume=resume, allow_changes=allow_changes)
+    write_json(rm.root / "eval_rm.json", evaluate_reward_model(
+        load_reward_model(str(rm.root), "rm"), load_rows(cfg.data, "preference", cfg.seed)[1], cfg.data,
+        cfg.eval.batch_size))
+
+
+def best_of_n(cfg: Config, run: RunDir, start: str, resume: bool, allow_changes: bool) -> None:
+    """The ``bon`` step: best-of-n samples of the SFT model into ``bon/`` (skipped on resume once written)."""
+    if not (resume and (run.root / "bon" / "summary.json").is_file()):
+        run_bon(with_reward_model(cfg, run), start, run.root / "bon")
+
+
+def with_reward_model(cfg: Config, run: RunDir) -> Config:
+    """``cfg`` with the run's own reward model (``rm/``) wherever a reward model is asked for and none is named."""
+    if not cfg.rm.enabled:
+        return cfg
+    path = str(run.stage("rm").root.resolve())
+    rounds, w = cfg.rounds, cfg.eval.winrate
+    if rounds.reward == "reward_model" and not rounds.reward_model:
+        cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(rounds, reward_model=path))
+    if w.judge == "reward_model" and not w.judge_model:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, winrate=dataclasses.replace(w, judge_model=path)))
+    return cfg
 
 
 def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False) -> dict:
@@ -62,6 +102,7 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     clean_stale(run.root)
     run.config.write_text(to_yaml(cfg))
     dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
+    cfg = with_reward_model(cfg, run)
 
     records = []
     if cfg.rounds.n:

@@ -94,6 +94,21 @@ def eval_rewards(ns) -> int:
     return 0
 
 
+def eval_rm(ns) -> int:
+    """``preftune eval rm CONFIG --model RM``: a reward model's held-out accuracy, its calibration by
+    reward-margin bucket and its agreement with the rule on checkable rows (``rm.json`` in the eval folder)."""
+    from preftune.data.sources import load_rows
+    from preftune.eval.reward_model import calibration_table, evaluate_reward_model
+    from preftune.reward import load_reward_model
+
+    cfg = load_config(ns.config, ns.overrides)
+    rows = load_rows(cfg.data, "preference", cfg.seed)[1]
+    result = evaluate_reward_model(load_reward_model(ns.model, "--model"), rows, cfg.data, cfg.eval.batch_size)
+    write_json(_out(cfg) / "rm.json", {"model": ns.model, **result})
+    print(calibration_table(result))
+    return 0
+
+
 def eval_winrate(ns) -> int:
     """``preftune eval winrate CONFIG --model M [--against B]``: vs chosen, or head to head against B."""
     from preftune.model import load_for_inference, trust_options

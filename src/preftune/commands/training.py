@@ -1,4 +1,4 @@
-"""Training commands: config show, losses, sft, dpo, rm, orpo, merge, pipeline, quickstart, iterate, sweep."""
+"""Training commands: config show, losses, sft, dpo, rm, bon, orpo, merge, pipeline, quickstart, iterate, sweep."""
 
 from __future__ import annotations
 
@@ -51,6 +51,28 @@ def dpo(ns) -> int:
 def rm(ns) -> int:
     """``preftune rm CONFIG``: a Bradley-Terry reward model on the preference data (``rm`` settings)."""
     return _train(ns, "rm")
+
+
+def bon(ns) -> int:
+    """``preftune bon CONFIG [--model M]``: best-of-n samples of the run's SFT model (else ``model``) into
+    ``output_dir/bon``, scored by ``rounds.reward``."""
+    from preftune.bon import run_bon
+    from preftune.model import resolve_model
+    from preftune.paths import RunDir
+
+    setup_logging()
+    cfg = load_config(ns.config, ns.overrides)
+    run = RunDir(cfg.output_dir)
+    newest = (run.merged_sft, run.stage("sft").final)
+    start = ns.model or next((str(p.resolve()) for p in newest if (p / "config.json").is_file()
+                              or (p / "adapter_config.json").is_file()), None)
+    summary = run_bon(cfg, resolve_model(start or cfg.model), run.root / "bon")
+    r = summary["rewards"]
+    print(f"bon: {summary['prompts']} prompts x {summary['n']} samples -> {summary['sft_rows']} SFT rows, "
+          f"{summary['pairs']} pairs; {summary['all_tied']} prompts all tied, {summary['unscored']} unscored")
+    print(f"rewards: mean {r.get('mean', float('nan')):.3f}, best mean {r.get('best_mean', float('nan')):.3f}, "
+          f"worst mean {r.get('worst_mean', float('nan')):.3f} -> {run.root / 'bon'}")
+    return 0
 
 
 def orpo(ns) -> int:
