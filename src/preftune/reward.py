@@ -114,6 +114,13 @@ def check_reward_head(model: nn.Module, where: str) -> None:
         raise PreftuneError(f"{where}: the classifier has {labels} labels; a reward model has num_labels=1")
 
 
+def with_margins(batch: dict, items: list, column: str | None) -> dict:
+    """A pair batch with ``margin`` ``[B]`` from ``column`` (:func:`margins`); unchanged when ``column`` is None."""
+    if column is not None:
+        batch["margin"] = margins(items, column)
+    return batch
+
+
 def margins(items: list, column: str) -> Tensor:
     """The ``[B]`` margins of tokenized pairs from their ``meta[column]`` (the data's margin column, as in
     TRL and Llama 2); a row without the column, or with a value that is not a number, is an error."""

@@ -52,7 +52,7 @@ from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
-from preftune.reward import RECORD, SequenceRewards, check_reward_head, reward_record
+from preftune.reward import RECORD, SequenceRewards, check_reward_head, margins, reward_record, with_margins
 from preftune.tracking import open_trackers
 
 log = logging.getLogger("preftune")
@@ -201,10 +201,13 @@ class Stage:
         return self.accelerator.unwrap_model(self.policy).model
 
 
-def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True):
-    """The stage's collate function: SFT rows, preference pairs in ``layout``, or unpaired (KTO) rows in
-    the same pair layouts plus their labels. Shared layouts carry ``blocks``/``segments``, from which
-    the model side builds its mask (attention.py)."""
+def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True,
+                reward: bool = False):
+    """The stage's collate function: SFT rows, preference pairs in ``layout`` (with their ``margin`` for
+    a reward model with ``rm.margin_column``), or unpaired (KTO) rows in the same pair layouts plus their
+    labels. Shared layouts carry ``blocks``/``segments``, from which the model side builds its mask (attention.py)."""
+    if reward:
+        return lambda items: with_margins(collation.LAYOUTS[layout](items, pad_id), items, stage_cfg.margin_column)
     if not isinstance(stage_cfg, DPOConfig):
         return lambda items: collation.collate_sft(items, pad_id, completion_only=completion_only)
     if stage_cfg.unpaired():
@@ -270,7 +273,9 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
         model.config.pad_token_id = tokenizer.pad_token_id
     layout = choose_layout(stage_cfg.layout, model) if method.data == "preference" else "padded"
     policy = SequenceRewards(model) if reward else SequenceLogps(model)
-    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True))
+    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True), reward)
+    if reward and stage_cfg.margin_column:  # every row's margin checked before any training
+        margins(data.train + data.test, stage_cfg.margin_column)
     reference, strategy = build_reference(cfg, stage_cfg, method, model, policy, data, collate, model_path,
                                           tokenizer, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
