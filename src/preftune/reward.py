@@ -150,6 +150,31 @@ def reward_record(tokenizer) -> dict:
     return {"tokenizer_digest": tokenizer_digest(tokenizer), "reads": "eos of prompt + completion"}
 
 
+def merge_reward_adapter(folder: Path) -> None:
+    """Replace a LoRA reward model's adapter folder with the full classifier (adapters merged, the trained
+    score head kept), so that ``AutoModelForSequenceClassification`` and ``pipeline("text-classification")``
+    load it as it is. The folder's JSON records (best.json, :data:`RECORD`) stay."""
+    from peft import PeftModel
+
+    from preftune.files import atomic_dir
+    from preftune.model import adapter_base
+
+    folder = Path(folder)
+    base = AutoModelForSequenceClassification.from_pretrained(adapter_base(folder), num_labels=1, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    tok = load_tokenizer(str(folder))
+    merged.config.pad_token_id = tok.pad_token_id
+    records = {f.name: f.read_text() for f in folder.glob("*.json") if f.name in ("best.json", "snapshot.json", RECORD)}
+
+    def write(tmp: Path):
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        for name, text in records.items():
+            (tmp / name).write_text(text)
+
+    atomic_dir(folder, write, replace=True)
+
+
 def load_reward_model(path: str, where: str, tokenizer: str | None = None, precision: str = "fp32"):
     """``(model in eval mode, tokenizer, preftune-trained?)`` from a folder holding a one-label
     ``*ForSequenceClassification`` (a run or stage folder resolves to its model). ``tokenizer``: another

@@ -52,7 +52,15 @@ from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_resume, check_writable, trim_metrics
-from preftune.reward import RECORD, SequenceRewards, check_reward_head, margins, reward_record, with_margins
+from preftune.reward import (
+    RECORD,
+    SequenceRewards,
+    check_reward_head,
+    margins,
+    merge_reward_adapter,
+    reward_record,
+    with_margins,
+)
 from preftune.tracking import open_trackers
 
 log = logging.getLogger("preftune")
@@ -512,6 +520,10 @@ def finish(st: Stage, stopped_early: bool) -> dict:
     st.accelerator.wait_for_everyone()
     out = summary(st, stopped_early)
     dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.final, model_records(st))  # every rank: shards gathered
+    if st.main and st.method.model == "reward" and is_adapter(st.out.final):  # a reward model loads as it is
+        for folder in (st.out.final, st.out.best):
+            if is_adapter(folder):
+                merge_reward_adapter(folder)
     if st.main:
         st.out.run.write_text(json.dumps(out, indent=1))
     st.accelerator.wait_for_everyone()
