@@ -80,7 +80,7 @@ def write_pairs(folder: Path, shape: str, pairs: int, seed: int = 0) -> Path:
 
 
 def preftune_config(spec: Spec, out_dir: Path):
-    from preftune.config import config_from_dict
+    from preftune.config.validate import config_from_dict
 
     return config_from_dict({
         "model": MODELS[spec.model], "seed": 0, "output_dir": str(out_dir), "threads": spec.threads,

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from preftune import loss_terms
 from preftune.config import DPOConfig
 from preftune.errors import PreftuneError
 from preftune.losses import (
@@ -266,7 +267,7 @@ def test_loss_table_lists_every_loss_with_parameters():
 
 
 def test_dpo_config_default_still_resolves_to_sigmoid():
-    (term,) = DPOConfig().terms()
+    (term,) = loss_terms.terms(DPOConfig())
     assert term.name == "sigmoid" and term.weight == 1.0 and term.params == SigmoidParams(beta=0.1)
 
 
