@@ -10,8 +10,8 @@ detached and follow TRL 1.16's convention for that loss, so logged metrics compa
 ``h`` below is the DPO margin ``(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))``.
 
 Adding a loss: write its function and its parameter dataclass, add one ``Loss`` entry to ``LOSSES``
-and its hand-computed test in tests/test_losses.py. Config checking, the CLI help, the table in docs/methods.md,
-model-card tags and the evaluation suite all read the table.
+and its hand-computed test in tests/test_losses.py. Config checking, the CLI help, the loss table of
+docs/methods.md, model-card tags and the evaluation suite all read the table.
 """
 
 from __future__ import annotations
