@@ -8,7 +8,7 @@ is reported apart: seconds per pair precomputed, and per training step (``batch_
 
     HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py                      # tiny model, quick
     HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py --models smollm2 --modes full,lora \\
-        --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # the README table
+        --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # docs/speed.md's table
 
 Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
 both. TRL runs without gradient checkpointing and without bf16 autocast (both on by default in its
