@@ -1,5 +1,5 @@
-"""Training methods as small step functions plus a table: ``METHODS["sft"]`` and ``METHODS["dpo"]``
-(every loss of ``losses.LOSSES``, alone or as a weighted sum, on pairs or on unpaired KTO rows). A
+"""Training methods as small step functions plus a table: ``METHODS["sft"]``, ``METHODS["dpo"]``
+(every loss of ``losses.LOSSES``, alone or as a weighted sum, on pairs or on unpaired KTO rows) and ``METHODS["rm"]`` (a reward model). A
 step turns one batch (the contract in data/rows.py) into ``(loss, metrics)``; the loop, optimizer and
 reference strategy live elsewhere (train.py, reference.py). LD-DPO's length-desensitised sums and
 WPO's weights are computed here, from the log-probs, for every loss alike."""
@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from preftune.config import DPOConfig, SFTConfig
+from preftune import loss_terms
+from preftune.config import DPOConfig, RMConfig, SFTConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
@@ -166,7 +167,7 @@ def unpaired_metrics(
 
 
 def dpo_needs_reference(cfg: DPOConfig) -> bool:
-    return cfg.needs_reference()
+    return loss_terms.needs_reference(cfg)
 
 
 def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
@@ -211,7 +212,7 @@ def dpo_step(
     mean(losses_k)`` over the ``dpo.loss`` terms (TRL's ``loss_type`` list with ``loss_weights``),
     each pair's loss times its WPO weight under ``dpo.wpo``. ``rewards/*`` come from the first term
     that is not ``sft``; ``loss/<name>`` is logged per term when there are several, ``nll_loss`` for ``sft``."""
-    terms = cfg.terms()
+    terms = loss_terms.terms(cfg)
     specs = [LOSSES[t.name] for t in terms]
     pol, weights = policy_logps(policy, batch, cfg)
     ref = None
@@ -244,7 +245,7 @@ def dpo_step(
 # ------------------------------------------------------------------ reward model
 
 
-def rm_step(policy, batch: dict, cfg: Any, reference_logps: dict | None = None) -> tuple[Tensor, Metrics]:
+def rm_step(policy, batch: dict, cfg: RMConfig, reference_logps: dict | None = None) -> tuple[Tensor, Metrics]:
     """Bradley-Terry loss of a reward model (``policy``: reward.SequenceRewards) on a preference batch,
     with the batch's ``margin`` ``[B]`` when the data has one and ``rm.center_rewards_coefficient``.
 
@@ -266,4 +267,5 @@ METHODS: dict[str, Method] = {
     "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
     "rm": Method(step=rm_step, needs_reference=lambda cfg: False, model="reward"),
 }
-"""Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""
+"""Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``; ``rm`` trains a
+reward model (reward.py) with the Bradley-Terry loss."""

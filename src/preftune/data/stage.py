@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from preftune.config import Config, DataConfig, DPOConfig, TrainConfig
+from preftune.config import Config, DataConfig, DPOConfig, RMConfig, TrainConfig
 from preftune.data.collate import pack_into_batches
 from preftune.data.formats import sft_rows_from_pairs
 from preftune.data.prepare import tokenize_splits
@@ -30,12 +30,12 @@ def stage_data_config(cfg: Config, stage: str) -> DataConfig:
     return cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
 
 
-def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
+def load_stage_data(cfg: Config, stage: str, tokenizer, unpaired: bool = False) -> StageData:
     """Train and held-out items of ``stage``: SFT reads ``sft.data`` when set, else the chosen
     responses of the preference data; a preference stage reads ``data`` as pairs, or as unpaired rows
-    for KTO (pairs split with ``dpo.unpair``)."""
+    when ``unpaired`` (the losses read them, as KTO's: pairs split with ``dpo.unpair``)."""
     data_cfg = stage_data_config(cfg, stage)
-    if stage == "dpo" and cfg.dpo.unpaired():
+    if unpaired:
         train_rows, test_rows, read = load_unpaired(data_cfg, cfg.dpo.unpair, cfg.seed)
         (train, tok_train), (test, tok_test) = (tokenize_unpaired(r, tokenizer, data_cfg) for r in (train_rows, test_rows))
         # split pairs do not fit the read = kept + dropped account, so the unpaired report keeps its parts
@@ -78,7 +78,8 @@ def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed
 
 def stage_bins(items: list, stage_cfg: TrainConfig, layout: str) -> list[list[int]] | None:
     """The packed layout's bins (fixed for the whole stage), or None for batches of ``batch_size``."""
-    return packed_bins(items, stage_cfg.token_budget) if layout == "packed" and isinstance(stage_cfg, DPOConfig) else None
+    packs = layout == "packed" and isinstance(stage_cfg, (DPOConfig, RMConfig))
+    return packed_bins(items, stage_cfg.token_budget) if packs else None
 
 
 def steps_per_epoch(n_micro: int, per_step: int, drop_last: bool) -> int:
