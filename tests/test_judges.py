@@ -311,7 +311,7 @@ def test_hf_judge_invalid_on_random_model(tmp_path):
 
 
 def test_judges_table_and_config():
-    assert set(JUDGES) == {"openai", "hf", "rule"}
+    assert set(JUDGES) == {"openai", "hf", "rule", "reward_model"}
     assert isinstance(make_judge(WinrateConfig(judge="rule")), RuleJudge)
     assert isinstance(make_judge(WinrateConfig(judge="rule")), Judge)
     with pytest.raises(PreftuneError, match="judge_model"):

@@ -31,7 +31,7 @@ def metrics(run: Path) -> list[dict]:
 def rm_cfg(tmp_path: Path, *extra: str):
     """A tiny full fine-tuned reward model on 32 open-ended hand-written rows (helpful and harmless)."""
     return load_config(None, ["model=tiny", f"output_dir={tmp_path / 'run'}", f"data.source={HAND}",
-                              "data.max_rows=32", "data.test_size=0.25", "data.max_length=96", "lora.enabled=false",
+                              "data.max_rows=32", "data.test_size=0.25", "data.max_length=96", "data.max_prompt_length=48", "lora.enabled=false",
                               "rm.max_steps=6", "rm.batch_size=4", "rm.lr=3e-3", "rm.warmup_ratio=0",
                               "rm.eval_every=2", "rm.eval_batch_size=8", *extra])
 
@@ -177,7 +177,7 @@ def test_the_reward_model_judges_and_reports_its_calibration(trained_rm, tmp_pat
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "c.yaml"
     config.write_text(f"model: tiny\noutput_dir: {tmp_path / 'ev'}\ndata: {{source: {HAND}, max_rows: 32, "
-                      "test_size: 0.25, max_length: 96}\n")
+                      "test_size: 0.25, max_length: 96, max_prompt_length: 48}\n")
     assert main(["eval", "rm", str(config), "--model", str(rm)]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
 
