@@ -202,6 +202,10 @@ def test_scorer_reads_the_training_ids(tmp_path, reward_model, tokenizer) -> Non
     assert loaded[2]  # trained by preftune: scored on its training ids
     got = score_responses(loaded, [r.prompt for r in rows] * 2, CHOSEN + REJECTED, batch_size=2)
     torch.testing.assert_close(torch.tensor(got), want, atol=TOL, rtol=0)
+    (empty,) = score_responses(loaded, [rows[0].prompt], [""])  # saying nothing: prompt + EOS, scored
+    with torch.no_grad():
+        alone = reward_model(input_ids=torch.tensor([items[0].prompt_ids + [tokenizer.eos_token_id]])).logits[0, 0]
+    assert empty == pytest.approx(float(alone), abs=TOL)
 
     other = AutoTokenizer.from_pretrained(folder)
     other.add_tokens(["<extra_token>"])

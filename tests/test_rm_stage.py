@@ -190,3 +190,32 @@ def test_bad_input_is_a_clear_error(tmp_path):
         load_reward_model(str(tmp_path / "causal"), "eval.winrate.judge_model")
     with pytest.raises(ConfigError, match="rm.center_rewards_coefficient"):
         load_config(None, ["rm.center_rewards_coefficient=-1"])
+
+
+@pytest.mark.e2e
+def test_the_pipeline_trains_its_reward_model_first_and_uses_it(tmp_path, monkeypatch):
+    """One config: SFT, then a LoRA reward model from the SFT model (saved merged), best-of-n, an on-policy
+    round scored by that reward model and the win-rate judged by it, none of them naming a path."""
+    from preftune.cli import main
+    from preftune.pipeline import QUICKSTART
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["pipeline", str(QUICKSTART), "model=tiny", f"output_dir={out}", "data.max_rows=16",
+                 "data.max_eval_rows=6", "sft.max_steps=2", "rm.enabled=true", "rm.max_steps=2", "bon.enabled=true",
+                 "bon.prompts=3", "rounds.n=1", "rounds.prompts=3", "rounds.samples=3", "rounds.max_new_tokens=4",
+                 "rounds.temperature=1.5", "rounds.reward=reward_model", "eval.winrate.judge=reward_model",
+                 "eval.winrate.per_category=1", "eval.winrate.max_new_tokens=4", "eval.heldout.enabled=false",
+                 "eval.tasks=[]", "eval.kl=false"]) == 0
+    rm = out / "rm"
+    assert (rm / "final" / "config.json").is_file() and not (rm / "final" / "adapter_config.json").exists()
+    assert AutoModelForSequenceClassification.from_pretrained(rm / "final").config.num_labels == 1
+    assert {"accuracy", "calibration", "rule_agreement"} <= set(json.loads((rm / "eval_rm.json").read_text()))
+    assert json.loads((out / "bon" / "summary.json").read_text())["reward_model"] == str(rm.resolve())
+    rec = json.loads((out / "rounds" / "round-1" / "round.json").read_text())
+    assert rec["reward"] == "reward_model" and rec["scored"] == 9
+    models = json.loads((out / "eval" / "eval.json").read_text())["models"]
+    judged = (tmp_path / "cache" / "eval" / "judgments" / "reward_model.jsonl").read_text().splitlines()
+    assert judged and all(json.loads(x)["judge"] == "reward_model" for x in judged)
+    assert 0 <= models["sft"]["winrate"]["winrate"] <= 1 and models["sft"]["winrate"]["invalid_judgments"] == 0
+    assert set(json.loads((out / "timings.json").read_text())) >= {"sft", "rm", "bon", "rounds", "eval"}

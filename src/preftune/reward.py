@@ -16,8 +16,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 from preftune.attention import decoder_mask
 from preftune.config import DataConfig
 from preftune.data.collate import collate_sft
-from preftune.data.rows import SFTRow
-from preftune.data.tokenize import tokenize_rows_with_positions
+from preftune.data.rows import SFTRow, TokenizedSFT
+from preftune.data.tokenize import encode_prompt, tokenize_rows_with_positions
 from preftune.errors import PreftuneError
 from preftune.model import check_weights, load_tokenizer, resolve_model
 
@@ -212,8 +212,9 @@ def load_reward_model(path: str, where: str, tokenizer: str | None = None, preci
 
 class RewardScorer:
     """Scores ``(prompt, response)`` with a reward model preftune trained, on exactly the ids it trained on
-    (data/tokenize.py's prompt + completion + EOS, the reward read at EOS), in padded batches. A response
-    the tokenizer drops (empty, or too long for ``data.max_length``) scores None."""
+    (data/tokenize.py's prompt + completion + EOS, the reward read at EOS), in padded batches. An empty
+    response is the prompt and EOS alone (a model that says nothing is scored, not excused); one the
+    tokenizer drops otherwise (such as a prompt too long for ``data.max_length``) scores None."""
 
     def __init__(self, model, tokenizer, data: DataConfig | None = None, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -224,6 +225,12 @@ class RewardScorer:
     def score(self, prompts: list, responses: list[str]) -> list[float | None]:
         rows = [SFTRow(p, r) for p, r in zip(prompts, responses)]
         items, _, positions = tokenize_rows_with_positions(rows, self.tokenizer, self.data, "sft", progress=False)
+        kept = set(positions)
+        for i, row in enumerate(rows):
+            if i not in kept and not row.completion.strip():
+                prompt_ids = encode_prompt(row.prompt, self.tokenizer, self.data.max_prompt_length)
+                items.append(TokenizedSFT(prompt_ids, [self.tokenizer.eos_token_id], row.key))
+                positions.append(i)
         out: list[float | None] = [None] * len(rows)
         device = next(self.model.parameters()).device
         for i in range(0, len(items), self.batch_size):

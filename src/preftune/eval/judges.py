@@ -273,8 +273,9 @@ class RewardModelJudge:
     """A reward model as the judge: the response with the higher reward wins, equal rewards tie (counted
     as half by the statistics, as every judge's ties). A reward model from ``preftune rm`` scores the
     ids it trained on; any other one-label classifier scores the chat-templated text (rounds.py's
-    convention). Deterministic, so both orders agree; each text is scored once. A response the
-    tokenizer drops (empty, too long) makes the pair invalid, never a loss."""
+    convention). Deterministic, so both orders agree; each text is scored once. An empty response is
+    scored (prompt and EOS alone); one the reward model cannot read (a prompt beyond ``data.max_length``)
+    makes the pair invalid, never a loss."""
 
     name = "reward_model"
     template = ""
@@ -305,7 +306,7 @@ class RewardModelJudge:
     def judge(self, prompt: Any, a: str, b: str, meta: dict) -> str:
         ra, rb = self.reward(prompt, a), self.reward(prompt, b)
         if ra is None or rb is None:
-            raise InvalidVerdict("the reward model could not score a response (empty, or longer than data.max_length)")
+            raise InvalidVerdict("the reward model could not score a response (its prompt is beyond data.max_length)")
         return "A" if ra > rb else "B" if rb > ra else "tie"
 
 
