@@ -1,6 +1,6 @@
-"""Reward models on the batch contract (data/rows.py): the Bradley-Terry loss and the scalar reward of a
-sequence classifier read at each sequence's last token, in every layout (padded, prefix-shared, packed).
-The step function lives in methods.py, loading in model.py."""
+"""Reward models: the Bradley-Terry loss and the scalar reward of a sequence classifier read at each
+sequence's last token on the batch contract (every layout), and a trained reward model loaded, checked
+and scoring (prompt, response) pairs. The step function lives in methods.py, the training loop in train.py."""
 
 from __future__ import annotations
 
