@@ -51,6 +51,7 @@ from preftune.data.stage import (
     total_steps,
 )
 from preftune.errors import PreftuneError
+from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
 from preftune.model import load_tokenizer, resolve_model
@@ -454,6 +455,8 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
                       for r in runs]}
     if dry_run:
         return state
+    for w in {json.dumps(to_dict(r.cfg.eval.winrate), sort_keys=True): r.cfg.eval.winrate for r in runs}.values():
+        preflight_judge(w)  # an unusable LLM judge stops the sweep before any training
     write_json(SweepDir(root).state, state)
     failed = []
     for i, r in enumerate(runs):
