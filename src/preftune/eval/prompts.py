@@ -111,6 +111,12 @@ HH_CATEGORIES: dict[str, str] = {"helpful": "helpful-base", "harmless": "harmles
 """Win-rate category -> the folder of Anthropic/hh-rlhf it is drawn from (the study: 256 prompts each)."""
 
 
+def draws_hh_categories(winrate, data) -> bool:
+    """Whether ``eval.winrate.categories: hh`` applies to ``data``: an HH source (format ``hh`` or
+    detected), not the embedded data."""
+    return winrate.categories == "hh" and data.format in ("hh", "auto") and not str(data.source).startswith("embedded:")
+
+
 def hh_category_rows(source: str, split: str, per_category: int, seed: int) -> list[PreferenceRow]:
     """``per_category`` rows from each HH category's own ``split`` (``source``: ``Anthropic/hh-rlhf`` or
     a local folder with the same ``helpful-base/`` and ``harmless-base/`` subfolders, both read through

@@ -24,7 +24,7 @@ from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
 from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.kl import token_kl
-from preftune.eval.prompts import hh_category_rows
+from preftune.eval.prompts import draws_hh_categories, hh_category_rows
 from preftune.eval.rewards import evaluate_rewards
 from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
@@ -107,7 +107,7 @@ def judged_rows(ev, data, rows: list[PreferenceRow], seed: int) -> list[Preferen
     w = ev.winrate
     if not w.enabled:
         return []
-    if w.categories == "hh" and data.format in ("hh", "auto") and not str(data.source).startswith("embedded:"):
+    if draws_hh_categories(w, data):
         return hh_category_rows(data.source, data.test_split or "test", w.per_category, seed)
     return winrate_rows(rows, w.per_category)
 
