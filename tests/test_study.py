@@ -149,3 +149,11 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     assert rows["a higher beta forgets less (held-out loss on pre-training text)"].ours.startswith("Δ bits/byte vs base: beta 0.05")
     assert "e_sft_data was not run" in rows["the SFT data matters: Alpaca SFT + HH DPO is best"].reason
     assert Path(states["findings"]).is_file()
+
+
+def test_overrides_reach_every_recipe_and_a_bad_one_is_named(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["study", "--only", "c", "--dry-run", "dpo.batch_size=16"]) == 0
+    assert "160,800 (card)  1257" in capsys.readouterr().out  # ceil(ceil(160,800 / 16) / 8) = 1,257 steps
+    assert main(["study", "--only", "c", "--dry-run", "model=cerebras/btlm-3b-8k-base"]) != 0
+    assert "c_forgetting: model: cerebras/btlm-3b-8k-base (BTLM) is refused" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from preftune.config import Config, ConfigError, DataConfig, load_raw, merge, to_dict
+from preftune.config import Config, ConfigError, DataConfig, apply_overrides, load_raw, merge, to_dict
 from preftune.data.sources import read_records
 from preftune.data.stage import stage_data_config, steps_per_epoch, total_steps
 from preftune.errors import PreftuneError
@@ -96,9 +96,12 @@ def apply_overlay(raw: dict, overlay: dict, name: str) -> dict:
     return out
 
 
-def load_recipe(path: Path, overlay: dict | None = None) -> dict:
+def load_recipe(path: Path, overlay: dict | None = None, overrides: list[str] = ()) -> dict:
+    """A recipe, under the overlay when given, then ``key=value`` overrides on its base (a sweep
+    variant's own keys still win)."""
     raw = load_raw(path)
-    return apply_overlay(raw, overlay, path.stem) if overlay else raw
+    raw = apply_overlay(raw, overlay, path.stem) if overlay else raw
+    return apply_overrides(raw, list(overrides))
 
 
 def load_overlay(folder: Path) -> dict:
@@ -232,7 +235,7 @@ def preflight_judges(planned: dict[str, list[PlannedRun]]) -> None:
 
 
 def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = False, embedded: bool = False,
-              overlay: dict | None = None, echo=print) -> dict:
+              overlay: dict | None = None, overrides: list[str] = (), echo=print) -> dict:
     """Plan every chosen experiment (printing the plan); unless ``dry_run``, check the judges, run each
     experiment's sweep in turn and write the findings report. Returns ``{experiment: sweep state}`` and,
     when run, ``findings`` (the report's path)."""
@@ -243,7 +246,7 @@ def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = F
     left_out = {n: why for n, why in skipped(overlay).items() if n in chosen}
     for name, why in left_out.items():
         echo(f"== {name}: left out ({why})")
-    raws = {name: load_recipe(path, overlay) for name, path in chosen.items() if name not in left_out}
+    raws = {name: load_recipe(path, overlay, overrides) for name, path in chosen.items() if name not in left_out}
     planned: dict[str, list[PlannedRun]] = {}
     problems: list[str] = []
     for name, raw in raws.items():

@@ -93,11 +93,12 @@ def sweep(ns) -> int:
 
 
 def study(ns) -> int:
-    """``preftune study [--embedded] [--only NAME] [--dry-run] [--recipes FOLDER]``."""
+    """``preftune study [key=value ...] [--embedded] [--only NAME] [--dry-run] [--recipes FOLDER]``."""
     from preftune.study import RECIPES, run_study
 
     setup_logging()
-    run_study(Path(ns.recipes) if ns.recipes else RECIPES, only=ns.only, dry_run=ns.dry_run, embedded=ns.embedded)
+    run_study(Path(ns.recipes) if ns.recipes else RECIPES, only=ns.only, dry_run=ns.dry_run, embedded=ns.embedded,
+              overrides=list(ns.overrides))
     return 0
 
 
