@@ -73,7 +73,7 @@ def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str], bool]:
 
     The shipped tasks are included from their own folder, as the lm-eval CLI's ``--include_path`` does."""
     names, include, defaults = [], [str(TASKS_DIR)], False
-    for spec in [t for spec in specs for t in TASK_SETS.get(spec, (spec,))]:
+    for spec in [t for s in specs for t in TASK_SETS.get(s, (s,))]:
         if spec in EMBEDDED_TASKS:
             names.append(EMBEDDED_TASKS[spec][1])
         elif spec.startswith("embedded:"):
