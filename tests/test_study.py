@@ -148,6 +148,9 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     assert rows["fp32 and bf16 DPO are about equal"].ours.startswith("win-rate fp32 - bf16: ")
     assert rows["a higher beta forgets less (held-out loss on pre-training text)"].ours.startswith("Δ bits/byte vs base: beta 0.05")
     assert "e_sft_data was not run" in rows["the SFT data matters: Alpaca SFT + HH DPO is best"].reason
+    peaks = rows["the win-rate peaks with the reward accuracy"]
+    assert peaks.ours.startswith("smollm2-135m: reward-acc peak at step ") and peaks.verdict != NOT_SHOWN or \
+        "CIs overlap" in peaks.reason
     assert Path(states["findings"]).is_file()
 
 

@@ -54,8 +54,12 @@ def _model(run: Run, model: str, dataset: str | None = None) -> dict:
 
 
 def winrate(entry: dict) -> Estimate | None:
+    """The win-rate and its Wilson CI; None when nothing was judged (no valid verdict: a NaN rate)."""
     w = entry.get("winrate") or {}
-    return (w["winrate"], w["ci_low"], w["ci_high"]) if w.get("winrate") is not None and w.get("ci_low") is not None else None
+    rate = w.get("winrate")
+    if not isinstance(rate, (int, float)) or not math.isfinite(rate) or w.get("ci_low") is None:
+        return None
+    return rate, w["ci_low"], w["ci_high"]
 
 
 def task_mean(entry: dict) -> Estimate | None:
