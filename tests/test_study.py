@@ -160,3 +160,17 @@ def test_overrides_reach_every_recipe_and_a_bad_one_is_named(capsys, monkeypatch
     assert "160,800 (card)  1257" in capsys.readouterr().out  # ceil(ceil(160,800 / 16) / 8) = 1,257 steps
     assert main(["study", "--only", "c", "--dry-run", "model=cerebras/btlm-3b-8k-base"]) != 0
     assert "c_forgetting: model: cerebras/btlm-3b-8k-base (BTLM) is refused" in capsys.readouterr().err
+
+
+def test_split_rows_counts_local_data_and_never_downloads(tmp_path):
+    from preftune.config import DataConfig
+    from preftune.study import split_rows, train_rows
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text("".join('{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+                                                        for _ in range(10)))
+    assert split_rows(DataConfig(source=str(tmp_path / "d")), "train") == (10, "counted")
+    assert train_rows(DataConfig(source=str(tmp_path / "d")), 0) == (9, "counted")  # test_size 0.1 carved off
+    assert train_rows(DataConfig(source=str(tmp_path / "d"), max_rows=4), 0) == (4, "counted")
+    assert split_rows(DataConfig(source="someone/unknown-dataset"), "train") == (None, "unknown")
+    assert split_rows(DataConfig(source="Anthropic/hh-rlhf"), "test") == (8_552, "card")

@@ -119,6 +119,8 @@ def split_rows(data: DataConfig, split: str) -> tuple[int | None, str]:
     dataset card's for the study's Hub datasets, unknown (None) otherwise. Nothing is downloaded."""
     if (data.source, split) in CARD_ROWS:
         return CARD_ROWS[(data.source, split)], "card"
+    if not (data.source.startswith("embedded:") or Path(data.source).expanduser().exists()):
+        return None, "unknown"  # another Hub dataset: a plan never downloads
     try:
         return sum(1 for _ in read_records(data.source, split, data.subset, on_bad=lambda e: None)), "counted"
     except PreftuneError:
