@@ -66,21 +66,22 @@ HF_SCHEDULES = ("constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "w
 
 
 @functools.lru_cache(maxsize=16)
-def hf_schedule(schedule: str, total: int, warmup: int, kwargs: tuple = ()) -> Callable[[int], float]:
+def hf_schedule(schedule: str, total: int, warmup: int, kwargs: tuple = (), lr: float = 1.0) -> Callable[[int], float]:
     """transformers' multiplier function for ``schedule`` (``kwargs``: ``lr_scheduler_kwargs`` as sorted
-    items): the LambdaLR's own lambda, so step ``k`` gets exactly the factor a Trainer uses at step ``k``."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    items; ``lr``: the peak, which polynomial's ``lr_end`` and ``min_lr`` are absolute against): the
+    LambdaLR's own lambda, so step ``k`` gets exactly the factor a Trainer uses at step ``k``."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     scheduler = transformers.get_scheduler(schedule, probe, num_warmup_steps=warmup, num_training_steps=total,
                                            scheduler_specific_kwargs=dict(kwargs))
     return scheduler.lr_lambdas[0]
 
 
-def lr_at(step: int, total: int, warmup: int, schedule: str, kwargs: dict | None = None) -> float:
+def lr_at(step: int, total: int, warmup: int, schedule: str, kwargs: dict | None = None, lr: float = 1.0) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up from 0 over
     ``warmup`` steps, then cosine or linear decay to 0 at ``total``, or constant. The HF_SCHEDULES are
-    transformers' functions of the step (with ``kwargs``, such as ``min_lr_rate``)."""
+    transformers' functions of the step (with ``kwargs``, such as ``min_lr_rate``, and the peak ``lr``)."""
     if schedule in HF_SCHEDULES:
-        return hf_schedule(schedule, total, warmup, tuple(sorted((kwargs or {}).items())))(step)
+        return hf_schedule(schedule, total, warmup, tuple(sorted((kwargs or {}).items())), lr)(step)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant" or total <= warmup:
@@ -435,7 +436,7 @@ def train_step(st: Stage) -> dict | None:
     acc, cfg = st.accelerator, st.stage_cfg
     step = st.state["step"]
     for group in st.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule, cfg.schedule_kwargs)
+        group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule, cfg.schedule_kwargs, cfg.lr)
     t0 = time.perf_counter()
     means, finite, tokens, pairs = accumulate(st, *step_micro_batches(st, step))
     if acc.reduce(torch.tensor(float(not finite), device=acc.device), "sum").item() > 0:
