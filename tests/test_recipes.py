@@ -192,6 +192,24 @@ def test_a_mixer_reads_each_source_fraction_and_test_split(tmp_path):
     assert report.dropped == {"mixture_fraction": 4}
 
 
+def test_mixture_and_recipe_settings_are_checked_at_load():
+    from preftune.config import ConfigError
+    from preftune.config.validate import config_from_dict
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": "tiny:0", "model_revision": "v1",
+                          "data": {"mixture": [{"source": "a", "fraction": 1.5}, {"fraction": 0.5, "format": "sharegtp"}]},
+                          "sft": {"data": {"chat_template": "{{ x }}"}},
+                          "dpo": {"schedule": "cosine_with_min_lr"}})
+    problems = "\n".join(e.value.problems)
+    for expected in ("data.mixture[0].fraction: must be in (0, 1], got 1.5", "data.mixture[1].source: required",
+                     "data.mixture[1].format: unknown format 'sharegtp' (did you mean 'sharegpt'?)",
+                     "model_revision: 'v1' pins a Hub model's revision, but model 'tiny:0' is local",
+                     "sft.data.chat_template: one template serves every stage",
+                     "dpo.schedule_kwargs: schedule 'cosine_with_min_lr' needs min_lr or min_lr_rate"):
+        assert expected in problems
+
+
 # ---------------------------------------------------------------- axolotl
 
 
