@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from preftune.config import DataConfig
 from preftune.data.rows import PreferenceRow, SFTRow
-from preftune.errors import PreftuneError
 from preftune.data.tokenize import (
     percentiles,
     render_prompt,
@@ -19,6 +18,7 @@ from preftune.data.tokenize import (
     tokenize_rows,
     tokenize_sft,
 )
+from preftune.errors import PreftuneError
 
 EOS = 2  # <|im_end|>
 BOS = 1  # <|im_start|>

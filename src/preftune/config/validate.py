@@ -13,6 +13,7 @@ from typing import Any
 
 from preftune.config.load import apply_overrides, build, load_raw, to_dict
 from preftune.config.schema import (
+    UNIT_INTERVAL,
     Config,
     ConfigError,
     DataConfig,
@@ -23,7 +24,6 @@ from preftune.config.schema import (
     MixtureSource,
     RoundsConfig,
     WinrateConfig,
-    UNIT_INTERVAL,
     range_rule,
 )
 from preftune.data.formats import FORMATS, PREFERENCE_FORMATS
