@@ -577,8 +577,8 @@ def _lf_entry(name: str, info: dict, folder: Path, kind: str, unmapped: list[str
         if kind == "kto":
             unmapped.append(f"dataset {name!r}: KTO rows in ShareGPT layout; preftune's kto format reads prompt, "
                             "completion and label columns")
-        return entry | {"format": "sharegpt", "columns": {k: v for k, v in columns.items() if k != v},
-                        "roles": roles}
+        renamed = {k: v for k, v in columns.items() if k != v}
+        return entry | {"format": "sharegpt", "roles": roles} | ({"columns": renamed} if renamed else {})
     if cols.get("query"):
         unmapped.append(f"dataset {name!r}: LLaMA-Factory appends the {cols['query']!r} column to the instruction; "
                         "preftune reads the instruction column as the prompt")
