@@ -326,3 +326,17 @@ def test_llamafactory_pref_loss(loss, expect, tmp_path):
 
     conv = convert_llamafactory({"stage": "dpo", "pref_loss": loss, "model_name_or_path": "m"}, None, tmp_path)
     assert (conv.kind, conv.tree["dpo"]["loss"]) == (loss, expect)
+
+
+def test_push_to_pushes_the_finished_model_as_preftune_push_does(tiny_model_dir):
+    """``push_to`` (TRL's ``push_to_hub`` + ``hub_model_id``) sends the run's model to that repo after
+    training; offline, that upload stops with the push command's own message naming the repo."""
+    from preftune.commands.training import _push_after
+    from preftune.config.validate import config_from_dict
+
+    cfg = config_from_dict(convert_trl({"push_to_hub": True, "hub_model_id": "me/zephyr-dpo", "beta": 0.1,
+                                        "rpo_alpha": 0.5}).tree)
+    assert cfg.push_to == "me/zephyr-dpo"
+    with pytest.raises(PreftuneError, match="HF_HUB_OFFLINE=1 is set, so .* cannot be uploaded to 'me/zephyr-dpo'"):
+        _push_after(cfg, tiny_model_dir)
+    _push_after(config_from_dict({}), tiny_model_dir)  # no push_to: nothing is pushed
