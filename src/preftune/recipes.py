@@ -465,6 +465,16 @@ def _axolotl_special(raw: dict, stage: str, conv: Conversion) -> set[str]:
             "train_on_inputs", "wandb_project", "wandb_entity", "wandb_name", "wandb_log_model"}
 
 
+def _axolotl_loss_keys(raw: dict, kind: str) -> dict:
+    """axolotl's loss keys in TRL's names (``rl_beta`` is beta, ORPO's ``orpo_alpha`` its lambda), with
+    TRL's defaults, for ``trl_loss``."""
+    return {"loss_type": {"ipo": "ipo", "simpo": "simpo"}.get(raw.get("rl"), "sigmoid"),
+            "beta": float(raw.get("orpo_alpha", 0.1) if kind == "orpo" else raw.get("rl_beta", 0.1)),
+            "cpo_alpha": float(raw.get("cpo_alpha", 0.0)), "simpo_gamma": float(raw.get("simpo_gamma", 0.5)),
+            "desirable_weight": raw.get("kto_desirable_weight", 1.0),
+            "undesirable_weight": raw.get("kto_undesirable_weight", 1.0)}
+
+
 def convert_axolotl(raw: dict) -> Conversion:
     """An axolotl config -> a Conversion: ``rl`` (dpo, ipo, orpo, kto, simpo; none is SFT) picks the
     loss, its ``datasets`` become ``data.mixture`` entries with the columns each ``type`` names, and
@@ -477,13 +487,7 @@ def convert_axolotl(raw: dict) -> Conversion:
     conv = Conversion({"sft": {"enabled": kind == "sft"}, "dpo": {"enabled": kind != "sft"},
                        "lora": {"enabled": False}}, kind)
     if stage == "dpo":
-        loss_raw = {"loss_type": "ipo" if rl == "ipo" else "sigmoid", "beta": float(raw.get("rl_beta", 0.1)),
-                    "cpo_alpha": float(raw.get("cpo_alpha", 0.0)), "simpo_gamma": float(raw.get("simpo_gamma", 0.5)),
-                    "desirable_weight": raw.get("kto_desirable_weight", 1.0),
-                    "undesirable_weight": raw.get("kto_undesirable_weight", 1.0)} | (
-                       {"beta": float(raw.get("orpo_alpha", 0.1))} if kind == "orpo" else {}) | (
-                       {"loss_type": "simpo"} if kind == "simpo" else {})
-        put(conv.tree, "dpo.loss", trl_loss(loss_raw, kind, conv.unmapped))
+        put(conv.tree, "dpo.loss", trl_loss(_axolotl_loss_keys(raw, kind), kind, conv.unmapped))
         put(conv.tree, "dpo.beta", float(raw.get("rl_beta", 0.1)))
     read = _axolotl_special(raw, stage, conv) | {"rl", "rl_beta", "orpo_alpha", "cpo_alpha", "simpo_gamma",
                                                    "kto_desirable_weight", "kto_undesirable_weight", "datasets"}
