@@ -136,7 +136,8 @@ def test_handbook_orpo_trains_orpo_with_its_lambda_template_and_revision(tmp_pat
     assert (cfg.dpo.schedule, cfg.dpo.optimizer, cfg.dpo.epochs) == ("inverse_sqrt", "adamw_8bit", 3.0)
     assert (cfg.data.source, cfg.data.split, cfg.data.test_split) == ("argilla/distilabel-capybara-dpo-7k-binarized",
                                                                       "train", None)
-    for key in ("warmup_steps", "gradient_checkpointing_kwargs", "max_completion_length"):
+    assert cfg.dpo.warmup_steps == 100
+    for key in ("gradient_checkpointing_kwargs", "max_completion_length"):
         assert f"not mapped: {key}:" in err and f"# not mapped: {key}:" in text
     assert "NOTE" not in err  # --kind given: nothing assumed
 

@@ -374,11 +374,11 @@ def test_each_new_schedule_matches_transformers_step_by_step(schedule, kwargs):
 
 def test_a_run_follows_inverse_sqrt(tmp_path, tiny_model_dir, monkeypatch):
     """The loop sets each step's learning rate from the schedule: metrics.jsonl's lr column is
-    transformers' inverse_sqrt, step by step."""
+    transformers' inverse_sqrt (with 2 warm-up steps, ``dpo.warmup_steps``), step by step."""
     import transformers
 
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
-    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.schedule": "inverse_sqrt", "dpo.warmup_ratio": 0.5,
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.schedule": "inverse_sqrt", "dpo.warmup_steps": 2,
                                                      "dpo.max_steps": 4, "dpo.schedule_kwargs": {"timescale": 1}})
     run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.dpo.lr)

@@ -527,6 +527,9 @@ AXOLOTL_NOT = {
 def _put_converted(conv: Conversion, name: str, value: Any, key: str, data: str | None) -> None:
     """Convert ``value`` with the name table's converter for ``name`` (if any) and put it at ``key``."""
     entry = NAMES.get(name)
+    if name == "warmup_steps" and isinstance(value, (int, float)) and 0 <= value < 1:  # a fraction: the ratio
+        put(conv.tree, key.replace("warmup_steps", "warmup_ratio"), float(value))
+        return
     try:
         new = entry.convert(value) if entry and entry.convert else value
     except Unmappable as e:

@@ -62,6 +62,11 @@ log = logging.getLogger("preftune")
 # ---------------------------------------------------------------- schedule and early stopping
 
 
+def warmup_steps(s: TrainConfig, total: int) -> int:
+    """Warm-up steps of a stage: ``warmup_steps`` when set, else ``warmup_ratio`` of the total."""
+    return s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
+
+
 HF_SCHEDULES = ("constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "polynomial")
 """Schedules computed by transformers' own scheduler functions (``get_scheduler``), as TRL recipes set them."""
 
@@ -328,7 +333,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
         accelerator, policy, lambda ps: build_optimizer(ps, stage_cfg), stage_cfg.batch_size, stage_cfg.max_grad_norm)
     st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
                policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
-               int(stage_cfg.warmup_ratio * total), [collate(c) for c in eval_chunks], eval_keep,
+               warmup_steps(stage_cfg, total), [collate(c) for c in eval_chunks], eval_keep,
                EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
     latest = _resume(st, resume)
     _write_records(st, fresh=latest is None)

@@ -36,10 +36,10 @@ def _steps(v):
     return int(v)
 
 
-def _warmup(v):
-    if not 0 <= float(v) < 1:
-        raise Unmappable(f"{v} steps; preftune warms up by warmup_ratio, a fraction of the steps")
-    return float(v)
+def _warmup_steps(v):
+    if float(v) != int(v):
+        raise Unmappable(f"{v} is neither a step count nor a fraction below 1")
+    return int(v)
 
 
 def _max_steps(v):
@@ -209,7 +209,7 @@ NAMES: dict[str, Name] = {
     "dataset_num_proc": Name("data.num_proc", "TRL", int),
     "chat_template": Name("data.chat_template", "TRL/axolotl", str),
     "chat_template_path": Name("data.chat_template", "TRL", str),
-    "warmup_steps": Name(f"{STAGE}.warmup_ratio", "TRL/axolotl", _warmup, "a fraction of the steps"),
+    "warmup_steps": Name(f"{STAGE}.warmup_steps", "TRL/axolotl", _warmup_steps, "below 1 it is a fraction: dpo.warmup_ratio"),
     # DPOConfig (and older TRL names)
     "beta": Name("dpo.beta", "TRL", float),
     "loss_type": Name("dpo.loss", "TRL", _loss),

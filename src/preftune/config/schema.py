@@ -183,6 +183,8 @@ class TrainConfig:
     paged variants (CUDA only; refused on a CPU)."""
     warmup_ratio: float = setting(0.1, FRACTION)
     """Fraction of the steps spent warming up linearly from 0."""
+    warmup_steps: int | None = setting(None, AT_LEAST_0)
+    """Warm-up length in optimizer steps (TRL's ``warmup_steps``); set, it replaces ``warmup_ratio``."""
     weight_decay: float = setting(0.0, AT_LEAST_0)
     """AdamW weight decay."""
     max_grad_norm: float | None = setting(1.0, POSITIVE)
