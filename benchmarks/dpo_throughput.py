@@ -53,6 +53,7 @@ class Spec:
     threads: int
     lr: float
     data_dir: str
+    precision: str = "fp32"
 
 
 # ----------------------------------------------------------------------------- data
@@ -84,6 +85,7 @@ def preftune_config(spec: Spec, out_dir: Path):
 
     return config_from_dict({
         "model": MODELS[spec.model], "seed": 0, "output_dir": str(out_dir), "threads": spec.threads,
+        "precision": spec.precision,
         "data": {"source": spec.data_dir, "max_length": 2048, "max_prompt_length": 1536},
         "dpo": {"max_steps": spec.steps, "batch_size": spec.batch_size, "eval_batch_size": spec.batch_size,
                 "lr": spec.lr, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0,
