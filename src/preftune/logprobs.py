@@ -5,6 +5,8 @@ the plain full-logits path it must equal, and the segment sums. Losses live in l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -186,6 +188,9 @@ class SequenceLogps(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.on_scored: Callable[[Tensor], None] | None = None
+        """Called (chunked path only) with the detached final hidden states at the scored positions
+        ``[N, H]``, in ``score_index`` order: evaluation reuses them (eval/kl.py's one pass)."""
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -234,6 +239,8 @@ class SequenceLogps(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
+        if self.on_scored is not None:
+            self.on_scored(scored.detach())
         logps = token_logps(scored, head.weight, score_target, self.chunk_size, head.bias)
         out = sequence_logps(logps, score_seq, num_seqs)
         if sum_sq_probs:
