@@ -27,13 +27,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1, help="1: shares stay true on a shared machine (no thread waits on a descheduled peer)")
     a = ap.parse_args()
     from preftune.model import resolve_model
     from preftune.train import setup, train_step
 
     work = Path(tempfile.mkdtemp(prefix="profile-step-"))
     data = write_pairs(work / "data", a.shape, 4)
-    spec = Spec("preftune", a.model, a.shape, a.mode, 4, a.batch_size, a.warmup + 1, a.warmup, 2, 5e-6,
+    spec = Spec("preftune", a.model, a.shape, a.mode, 4, a.batch_size, a.warmup + 1, a.warmup, a.threads, 5e-6,
                 str(data), a.precision)
     cfg = preftune_config(spec, work / "run")
     st = setup(cfg, "dpo", work / "run", resolve_model(cfg.model))

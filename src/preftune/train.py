@@ -232,6 +232,15 @@ def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, 
     return table, strategy
 
 
+def adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel pass over all parameters) when they are plain tensors on one CPU or CUDA
+    device; torch's default on the CPU is a loop of ~8 ops per tensor (24% of a bf16 SmolLM2 step).
+    Sharded (DTensor) parameters keep the default."""
+    fused = bool(params) and all(type(p.data) is torch.Tensor for p in params) and len({p.device for p in params}) == 1 \
+        and params[0].device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def shard(xs: list, rank: int, world: int) -> tuple[list, list[bool]]:
     """Rank ``rank``'s strided share of ``xs``, padded with copies of ``xs[0]`` so that every rank gets
     the same count (and so makes the same collective calls); ``keep`` is False for the padding."""
@@ -276,7 +285,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     eval_chunks, eval_keep = shard(chunks, rank, world) if chunks else ([], [])
 
     policy, optimizer, params = dist.prepare(
-        accelerator, policy, lambda ps: torch.optim.AdamW(ps, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay),
+        accelerator, policy, lambda ps: adamw(ps, stage_cfg.lr, stage_cfg.weight_decay),
         stage_cfg.batch_size, stage_cfg.max_grad_norm)
     st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
                policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
