@@ -23,6 +23,7 @@ the same precision measured in the same worker process (:func:`matmul_peak`).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -231,7 +232,6 @@ def flops_per_pair(spec: Spec) -> dict[str, dict[str, float]]:
 
 def run_trl(spec: Spec, work: Path) -> dict:
     """TRL's DPOTrainer on preftune's token ids (its own tokenization skipped), sequential order."""
-    import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -398,8 +398,10 @@ def main() -> None:
             for mode in a.modes.split(","):
                 for precision in a.precision.split(","):
                     name = f"{model} / {shape} / {mode} / {precision}"
-                    spec_of = lambda side: Spec(side, model, shape, mode, a.pairs, a.batch_size, a.steps,  # noqa: E731
-                                                a.warmup, a.threads, a.lr, str(data_dir), precision)
+                    spec_of = functools.partial(Spec, model=model, shape=shape, mode=mode, pairs=a.pairs,
+                                                batch_size=a.batch_size, steps=a.steps, warmup=a.warmup,
+                                                threads=a.threads, lr=a.lr, data_dir=str(data_dir),
+                                                precision=precision)
                     flops = flops_per_pair(spec_of("preftune"))
                     results = run_sides(name, spec_of, a.sides.split(","), a.repeats, raw)
                     table += report_row(name, results, a.batch_size, flops)
