@@ -303,3 +303,20 @@ def test_smollm2_geometry_chunked_equals_plain(tied):
     grads_plain = torch.autograd.grad(plain[2].sum(), params)
     for a, b in zip(grads_fast, grads_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_mask_is_made_in_autocasts_dtype(tiny):
+    """An fp32 model's prefix-shared mask is built in bf16 inside a bf16 autocast region (so no attention
+    layer casts it again) and in fp32 outside; both allow the same keys."""
+    from preftune.attention import decoder_mask
+    from preftune.data.collate import collate_prefix_shared
+    from preftune.data.rows import TokenizedPair
+
+    batch = collate_prefix_shared([TokenizedPair([1, 5, 9], [40, 41], [50], key="0"),
+                                   TokenizedPair([1, 7], [60], [70, 71, 72], key="1")], 0)
+    args = (tiny, None, batch["position_ids"], batch["blocks"], batch["segments"])
+    plain = decoder_mask(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = decoder_mask(*args)
+    assert (plain.dtype, mixed.dtype) == (torch.float32, torch.bfloat16)
+    assert torch.equal(plain == 0, mixed == 0)

@@ -339,3 +339,24 @@ def test_a_stage_restores_the_thread_count(tmp_path, tiny_model_dir, monkeypatch
     cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 1, "threads": before + 1})
     run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
     assert torch.get_num_threads() == before
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_loop_does():
+    """``train.adamw`` builds torch's fused AdamW for plain CPU parameters (the per-tensor loop was 9% of
+    a bf16 SmolLM2 step), and three steps of it move fp32 parameters as the default loop does (1e-6)."""
+    from preftune.train import adamw
+
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fused = adamw(params, lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    for step in range(3):
+        for ps, opt in ((params, fused), (twins, loop)):
+            loss = (ps[0] @ ps[1]).pow(2).sum() + step * ps[1].sum()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
