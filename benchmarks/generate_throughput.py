@@ -94,8 +94,8 @@ def main() -> None:
     results = {precision: run_precision(args, precision, prompts) for precision in args.precision.split(",")}
     print("\n| precision | preftune tok/s | plain loop tok/s | ratio | identical (greedy) |\n|---|---|---|---|---|")
     for precision, r in results.items():
-        print(f"| {precision} | {r['median']['preftune']:.1f} | {r['median']['plain']:.1f} | {r['ratio']:.2f}x "
-              f"| {r['identical']:.0%} |")
+        same = f"{r['identical']:.0%}" if args.temperature == 0 else "sampled"
+        print(f"| {precision} | {r['median']['preftune']:.1f} | {r['median']['plain']:.1f} | {r['ratio']:.2f}x | {same} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
