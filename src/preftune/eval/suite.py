@@ -24,6 +24,7 @@ from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
 from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.kl import rewards_and_kl, token_kl
+from preftune.eval.prompts import draws_hh_categories, hh_category_rows
 from preftune.eval.rewards import evaluate_rewards
 from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
@@ -112,6 +113,18 @@ def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[Preferenc
     return out
 
 
+def judged_rows(ev, data, rows: list[PreferenceRow], seed: int) -> list[PreferenceRow]:
+    """The win-rate prompts: ``per_category`` held-out rows of each category, or with
+    ``eval.winrate.categories: hh`` the study's draw from HH's helpful and harmless test splits (for a
+    source in the ``hh`` format; other sources keep their held-out rows)."""
+    w = ev.winrate
+    if not w.enabled:
+        return []
+    if draws_hh_categories(w, data):
+        return hh_category_rows(data.source, data.test_split or "test", w.per_category, seed)
+    return winrate_rows(rows, w.per_category)
+
+
 # ---------------------------------------------------------------- one evaluation each
 
 
@@ -169,9 +182,12 @@ def winrate_entry(run, vs: str) -> dict:
 def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
     """Held-out loss with per-chunk values (cached by model files, corpus and chunking)."""
     h = cfg.eval.heldout
+    corpus = (h.corpus, h.subset, h.split, h.text_column, h.max_documents)
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
            "max_chunks": h.max_chunks, "precision": cfg.precision}
-    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(h.corpus), h.chunk_length,
+    if heldout_lm.looks_like_dataset(h.corpus):
+        key["dataset"] = corpus[1:]
+    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(*corpus), h.chunk_length,
                                                       h.max_chunks, cfg.eval.batch_size), about=_folder(name))
 
 
@@ -251,7 +267,7 @@ def dataset_inputs(cfg: Config) -> list[DatasetInputs]:
         if not rows:
             raise PreftuneError(f"{where}: no held-out rows in {ds.source}; set eval.datasets[{i}].test_split, "
                                 "test_size or test_source")
-        wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+        wr_rows = judged_rows(ev, ds, rows, cfg.seed)
         out.append((ds.name, dataclasses.replace(cfg, data=ds), rows, wr_rows))
     return out
 
@@ -321,7 +337,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     ev = cfg.eval
     need_rows = ev.rewards or ev.winrate.enabled or ev.kl
     rows = heldout_rows(cfg) if need_rows else []
-    wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+    wr_rows = judged_rows(ev, cfg.data, rows, cfg.seed)
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
     do_tasks = bool(ev.tasks) and _has_lm_eval(results)
     sets = dataset_inputs(cfg)
