@@ -23,7 +23,7 @@ from preftune.eval import generate as generation
 from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
 from preftune.eval.judges import judge_pairs, make_judge
-from preftune.eval.kl import token_kl
+from preftune.eval.kl import rewards_and_kl, token_kl
 from preftune.eval.prompts import draws_hh_categories, hh_category_rows
 from preftune.eval.rewards import evaluate_rewards
 from preftune.eval.stats import paired_bootstrap, wilson_interval
@@ -57,18 +57,31 @@ def model_fingerprint(name: str) -> dict:
     return {"content": content_digest(resolve_model(name))}
 
 
-def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str | None = None):
-    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written
-    atomically); ``about`` (the model's folder) is stored beside the key for people, not matched."""
+def _cache_path(kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    path = cache_dir() / kind / f"{digest}.json"
+    return cache_dir() / kind / f"{digest}.json"
+
+
+def _cached_value(kind: str, key: dict):
+    """The value stored for ``key``, or None (absent, or a torn file)."""
+    path = _cache_path(kind, key)
     if path.is_file():
         try:
             return json.loads(path.read_text())["value"]
         except (ValueError, KeyError):
-            pass  # a torn file: recompute
+            pass
+    return None
+
+
+def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str | None = None):
+    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written
+    atomically; a torn file is recomputed); ``about`` (the model's folder) is stored beside the key for
+    people, not matched."""
+    value = _cached_value(kind, key)
+    if value is not None:
+        return value
     value = compute()
-    write_json(path, {"key": key, "about": about, "value": value})
+    write_json(_cache_path(kind, key), {"key": key, "about": about, "value": value})
     return value
 
 
@@ -198,23 +211,38 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
     return evaluate_rewards(model, tok, ref_model, rows, cfg)
 
 
+def _kl_key(cfg: Config, name: str, reference: str, rows: list[PreferenceRow]) -> dict:
+    return {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
+            "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
+            "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+
+
+def _reference_of(cfg: Config, name: str, reference: str):
+    """``"adapter"`` for a LoRA model whose base is the reference (itself with adapters off), else the
+    reference model loaded for inference."""
+    path = resolve_model(name)
+    if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
+        return "adapter"
+    return load_for_inference(reference, cfg.precision, **trust_options(cfg))[0]
+
+
 def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> dict:
     """Per-token KL from ``reference`` on the held-out chosen completions (cached by both models'
     files and the rows); a LoRA model whose base is the reference uses itself with adapters off."""
-    key = {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
-           "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
-           "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+    return cached("kl", _kl_key(cfg, name, reference, rows), lambda: token_kl(
+        model, _reference_of(cfg, name, reference), tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
+        max(1, cfg.eval.batch_size // 2)), about=_folder(name))
 
-    def compute() -> dict:
-        path = resolve_model(name)
-        if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
-            ref = "adapter"
-        else:
-            ref, _ = load_for_inference(reference, cfg.precision, **trust_options(cfg))
-        return token_kl(model, ref, tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
-                        max(1, cfg.eval.batch_size // 2))
 
-    return cached("kl", key, compute, about=_folder(name))
+def rewards_kl_entries(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> tuple[dict, dict]:
+    """``(rewards, kl)`` as :func:`rewards_entry` and :func:`kl_entry` give them, from one pass of the
+    model and its reference over the held-out pairs (eval/kl.py's ``rewards_and_kl``) when the KL is not
+    cached yet and the loss has a reference and chunked log-probs; else the two entries."""
+    one_pass = METHODS["dpo"].needs_reference(cfg.dpo) and cfg.dpo.chunked_logps
+    if not one_pass or _cached_value("kl", _kl_key(cfg, name, reference, rows)) is not None:
+        return rewards_entry(cfg, name, model, tok, reference, rows), kl_entry(cfg, name, model, tok, reference, rows)
+    rewards, kl = rewards_and_kl(model, tok, _reference_of(cfg, name, reference), rows, cfg)
+    return rewards, cached("kl", _kl_key(cfg, name, reference, rows), lambda: kl, about=_folder(name))
 
 
 # ---------------------------------------------------------------- extra evaluation datasets
@@ -320,9 +348,11 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
         model, tok = load_for_inference(str(path), cfg.precision, **trust_options(cfg))
         entry: dict = {"path": str(path)}
         full = name not in brief
-        if full and ev.rewards and reference_for.get(name):
+        if full and ev.rewards and ev.kl and reference_for.get(name) and rows:
+            entry["rewards"], entry["kl"] = rewards_kl_entries(cfg, str(path), model, tok, reference_for[name], rows)
+        elif full and ev.rewards and reference_for.get(name):
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
-        if ev.kl and reference_for.get(name) and rows:
+        elif ev.kl and reference_for.get(name) and rows:
             entry["kl"] = kl_entry(cfg, str(path), model, tok, reference_for[name], rows)
         if ev.winrate.enabled:
             responses = generations(cfg, str(path), model, tok, wr_rows)
