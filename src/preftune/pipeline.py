@@ -16,10 +16,11 @@ from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
 from preftune.data.sources import load_rows
 from preftune.eval.curve import evaluate_curve
+from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.reward_model import evaluate_reward_model
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
-from preftune.model import is_adapter, merge_adapter, resolve_model
+from preftune.model import is_adapter, merge_adapter, model_folder, pinned_model
 from preftune.paths import STAGES, RunDir
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
@@ -35,7 +36,7 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
     """SFT (when enabled), then DPO from the SFT model; a finished stage is skipped on ``resume``.
     Returns the model DPO started from (its reference) and the timings."""
     timings: dict[str, float] = {}
-    base = resolve_model(cfg.model)
+    base = model_folder(cfg)
     dpo_base = base
     if cfg.sft.enabled:
         t = time.time()
@@ -101,6 +102,7 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     check_writable(run.root)
     clean_stale(run.root)
     run.config.write_text(to_yaml(cfg))
+    preflight_judge(cfg.eval.winrate)  # an unusable LLM judge stops the run before any training
     dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
     cfg = with_reward_model(cfg, run)
 
@@ -112,8 +114,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
         timings["rounds"] = round(time.time() - t, 1)
 
     t = time.time()
-    models = {"base": cfg.model} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
-    reference_for = {"dpo": dpo_base, "sft": resolve_model(cfg.model)}
+    models = {"base": pinned_model(cfg)} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
+    reference_for = {"dpo": dpo_base, "sft": model_folder(cfg)}
     for rec in records:  # every round is measured against the SFT model, like the offline stage
         name = f"round-{rec['round']}"
         models[name] = str(Path(rec["final_model"]).parent)
