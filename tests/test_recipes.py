@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from preftune.cli import main
-from preftune.config.validate import load_config
+from preftune.config.validate import config_from_dict, load_config
 from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
 from preftune.recipes import TRL_KIND, convert_trl, trl_defaults
@@ -86,7 +86,7 @@ def test_trl_defaults_are_trl_1_16s():
     from trl.experimental.orpo import ORPOConfig
 
     classes = {"dpo": trl.DPOConfig, "orpo": ORPOConfig, "cpo": CPOConfig, "simpo": CPOConfig, "kto": trl.KTOConfig,
-               "sft": trl.SFTConfig}
+               "sft": trl.SFTConfig, "rm": trl.RewardConfig}
     set_by_simpo = {"loss_type", "cpo_alpha"}  # SimPO is CPOConfig with loss_type simpo and no NLL term
     for kind, cls in classes.items():
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -167,11 +167,18 @@ def test_an_undeterminable_trainer_is_said_on_stderr_and_in_the_header(tmp_path,
     assert text.splitlines()[1].startswith("# NOTE: no key settles the trainer")
 
 
-def test_keys_of_two_trainers_and_reward_recipes_are_refused():
+def test_keys_of_two_trainers_are_refused():
     with pytest.raises(PreftuneError, match="several TRL trainers.*--kind"):
         convert_trl({"rpo_alpha": 1.0, "desirable_weight": 1.0})
-    with pytest.raises(PreftuneError, match="reward model.*rounds.reward_model"):
-        convert_trl({"center_rewards_coefficient": 0.01})
+
+
+def test_a_reward_recipe_trains_a_reward_model():
+    """RewardConfig's key settles the kind; the recipe becomes the ``rm`` stage with its centring and lr."""
+    conv = convert_trl({"center_rewards_coefficient": 0.01, "learning_rate": 5e-5, "output_dir": "rm-out"})
+    cfg = config_from_dict(conv.tree)
+    assert conv.kind == "rm" and cfg.rm.enabled and not cfg.dpo.enabled and not cfg.sft.enabled
+    assert (cfg.rm.center_rewards_coefficient, cfg.rm.lr, cfg.data.max_length) == (0.01, 5e-5, 1024)
+    assert convert_trl({}, kind="rm").tree["rm"]["lr"] == 1e-4  # TRL's RewardConfig default
 
 
 def test_a_mixer_reads_each_source_fraction_and_test_split(tmp_path):

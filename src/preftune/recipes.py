@@ -35,6 +35,7 @@ TRL_KIND = {
     "simpo": {"learning_rate": 1e-6, "beta": 0.1, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": 0.5},
     "kto": {"learning_rate": 1e-6, "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
     "sft": {"learning_rate": 2e-5},
+    "rm": {"learning_rate": 1e-4},
 }
 """Each trainer config's own defaults in TRL 1.16 (``simpo``: CPOConfig as SimPO sets it, no NLL term)."""
 
@@ -203,7 +204,7 @@ _CPO_KEYS = frozenset({"beta", "loss_type", "cpo_alpha", "simpo_gamma", "gamma_b
                        "label_smoothing"})
 LOSS_KEYS = {"dpo": frozenset({"loss_type", "loss_weights", "rpo_alpha"}), "orpo": frozenset({"beta"}),
              "kto": frozenset({"beta", "loss_type", "desirable_weight", "undesirable_weight"}),
-             "cpo": _CPO_KEYS, "simpo": _CPO_KEYS, "sft": frozenset()}
+             "cpo": _CPO_KEYS, "simpo": _CPO_KEYS, "sft": frozenset(), "rm": frozenset({"center_rewards_coefficient"})}
 """Keys each kind's loss reads (``trl_loss``), not through the name table."""
 
 
@@ -309,13 +310,13 @@ def convert_trl(raw: dict, kind: str | None = None) -> Conversion:
         notes += [why] if why else []
     if kind not in KINDS:
         raise PreftuneError(f"config from-trl: --kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "rm":
-        raise PreftuneError("config from-trl: this is a RewardConfig recipe (a reward model); preftune trains "
-                            "policies, not reward models. Train the reward model elsewhere and give it to on-policy "
-                            "rounds as rounds.reward_model")
     raw = trl_defaults(kind) | raw
-    stage = "sft" if kind == "sft" else "dpo"
-    conv = Conversion({"sft": {"enabled": kind == "sft"}, "dpo": {"enabled": kind != "sft"}}, kind, notes=notes)
+    stage = {"sft": "sft", "rm": "rm"}.get(kind, "dpo")
+    conv = Conversion({"sft": {"enabled": kind == "sft"}, "dpo": {"enabled": stage == "dpo"}}, kind, notes=notes)
+    if kind == "rm":  # RewardTrainer: a Bradley-Terry reward model (``preftune rm``)
+        put(conv.tree, "rm.enabled", True)
+        if raw.get("center_rewards_coefficient") is not None:
+            put(conv.tree, "rm.center_rewards_coefficient", float(raw["center_rewards_coefficient"]))
     if not raw.get("use_peft"):
         put(conv.tree, "lora.enabled", False)
     elif "lora_target_modules" not in raw:
