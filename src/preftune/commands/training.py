@@ -27,6 +27,7 @@ def losses_show(ns) -> int:
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     from preftune.card import update_card
     from preftune.model import resolve_model
+    from preftune.paths import StageDir
     from preftune.train import run_stage
 
     setup_logging()
@@ -36,7 +37,7 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
                         allow_changes=getattr(ns, "allow_changes", False))
     if int(os.environ.get("RANK", "0")) == 0:
         update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
-        print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
+        print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {StageDir(out).final}")
     return 0
 
 
