@@ -12,13 +12,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from preftune.attention import choose_layout
 from preftune.config import DPOConfig, SFTConfig
+from preftune.data import collate as collation
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
 from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
 
 Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
+Collate = Callable[[list], dict]
 
 
 def pairs_of(batch: dict) -> int:
@@ -31,18 +34,60 @@ def scored_tokens_of(batch: dict) -> int:
     return int(batch["score_index"].numel())
 
 
+def preference_layout(cfg, model) -> str:
+    """The configured layout (``cfg.layout``, ``auto`` resolved for ``model``; attention.py)."""
+    return choose_layout(cfg.layout, model)
+
+
+def preference_collate(cfg, layout: str, pad_id: int) -> Collate:
+    """Pairs in ``layout``, or unpaired (KTO) rows in the same pair layouts plus their labels. Shared
+    layouts carry ``blocks``/``segments``, from which the model side builds its mask (attention.py)."""
+    if cfg.unpaired():
+        return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
+    return lambda items: collation.LAYOUTS[layout](items, pad_id)
+
+
+def no_reference_sync(cfg, step: int) -> float | None:
+    return None
+
+
+def no_loss_fields(cfg) -> dict:
+    """``run.json`` of a method without a loss of the table (SFT): no ``loss``, no ``beta``."""
+    return {"loss": None, "beta": None}
+
+
+def tr_dpo_sync(cfg: DPOConfig, step: int) -> float | None:
+    """TR-DPO (``dpo.sync_ref_model``): the mixing weight alpha every ``ref_model_sync_steps`` steps."""
+    return cfg.ref_model_mixup_alpha if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0 else None
+
+
 @dataclass(frozen=True)
 class Method:
-    """A training method: ``step(policy, batch, cfg, reference_logps) -> (loss, metrics)`` and whether
-    it needs reference log-probs for ``cfg``. Metrics are batch means (0-d tensors) over the batch's
-    ``units`` (pairs, or scored tokens for SFT): the loop weights each micro-batch's loss and metrics
-    by its units over the whole optimizer step and all ranks. ``data`` is the row kind it trains on
-    (``preference`` or ``sft``); preference methods choose a batch layout, SFT is always padded."""
+    """A training method: everything the loop (train.py) asks of one, so the loop never asks which
+    method or config it runs. Metrics are batch means (0-d tensors) over the batch's ``units`` (pairs,
+    or scored tokens for SFT): the loop weights each micro-batch's loss and metrics by its units over
+    the whole optimizer step and all ranks. ``cfg`` is the stage's config section (``cfg.sft``, ``cfg.dpo``)."""
 
     step: StepFn
+    """``step(policy, batch, cfg, reference_logps) -> (loss, metrics)``: one micro-batch."""
     needs_reference: Callable[[Any], bool]
+    """``needs_reference(cfg)``: whether ``step`` needs reference log-probs (reference.py builds them)."""
+    run_fields: Callable[[Any], dict] = no_loss_fields
+    """``run_fields(cfg)``: the method's fields of ``run.json`` (``loss``, ``beta``, and ``method``
+    when it is not the stage's name)."""
     units: Callable[[dict], int] = pairs_of
+    """``units(batch)``: what the batch's loss is a mean over."""
     data: str = "preference"
+    """The row kind it trains on (``preference`` or ``sft``)."""
+    layout: Callable[[Any, Any], str] = preference_layout
+    """``layout(cfg, model)``: the batch layout (data/collate.py's ``LAYOUTS``)."""
+    collate: Callable[[Any, str, int], Collate] = preference_collate
+    """``collate(cfg, layout, pad_id)``: the stage's collate function, items -> one batch."""
+    reference_sync: Callable[[Any, int], float | None] = no_reference_sync
+    """``reference_sync(cfg, step)``: after optimizer step ``step`` (1-based), the weight with which
+    the policy is mixed into the reference (TR-DPO), or None for no sync."""
+    curves: bool = True
+    """Whether the loop saves ``snapshots/step-N`` for curves over training (``eval.curve_every``)."""
 
 
 def sequence_logps_of(
@@ -165,6 +210,11 @@ def dpo_needs_reference(cfg: DPOConfig) -> bool:
     return cfg.needs_reference()
 
 
+def dpo_run_fields(cfg: DPOConfig) -> dict:
+    """A preference stage is named by its loss in ``run.json`` (``method``, ``loss``) with its beta."""
+    return {"method": cfg.loss_name, "loss": cfg.loss_name, "beta": cfg.loss_beta}
+
+
 def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
     """The policy's per-sequence log-probs of a batch (LD-DPO sums under ``cfg.ld_alpha``) and WPO's
     per-pair weights ``[B]`` under ``cfg.wpo``: ``w = exp(mean_t (log p_t - log sum_v p_v^2))`` of the
@@ -237,8 +287,15 @@ def dpo_step(
     return loss, metrics
 
 
+def sft_collate(cfg: SFTConfig, layout: str, pad_id: int) -> Collate:
+    """SFT rows, padded; the prompt masked unless ``sft.completion_only`` is false."""
+    return lambda items: collation.collate_sft(items, pad_id, completion_only=cfg.completion_only)
+
+
 METHODS: dict[str, Method] = {
-    "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft"),
-    "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
+    "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft",
+                  layout=lambda cfg, model: "padded", collate=sft_collate, curves=False),
+    "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference, run_fields=dpo_run_fields,
+                  reference_sync=tr_dpo_sync),
 }
 """Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""

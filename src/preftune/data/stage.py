@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from preftune.config import Config, DataConfig, DPOConfig, TrainConfig
+from preftune.config import Config, DataConfig, TrainConfig
 from preftune.data.collate import pack_into_batches
 from preftune.data.formats import sft_rows_from_pairs
 from preftune.data.prepare import tokenize_splits
@@ -77,8 +77,9 @@ def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed
 
 
 def stage_bins(items: list, stage_cfg: TrainConfig, layout: str) -> list[list[int]] | None:
-    """The packed layout's bins (fixed for the whole stage), or None for batches of ``batch_size``."""
-    return packed_bins(items, stage_cfg.token_budget) if layout == "packed" and isinstance(stage_cfg, DPOConfig) else None
+    """The packed layout's bins (fixed for the whole stage), or None for batches of ``batch_size``
+    (only preference methods pack: the method chooses the layout, methods.py)."""
+    return packed_bins(items, stage_cfg.token_budget) if layout == "packed" else None
 
 
 def steps_per_epoch(n_micro: int, per_step: int, drop_last: bool) -> int:
