@@ -141,17 +141,10 @@ def test_every_module_architecture_md_names_exists():
     assert not unnamed, f"ARCHITECTURE.md does not say where these modules belong: {unnamed}"
 
 
-AWAITING_CONFIG_SPLIT = {"preftune.config -> preftune.data.formats (foundations imports data)",
-                         "preftune.config -> preftune.data.mapping (foundations imports data)",
-                         "preftune.config -> preftune.losses (foundations imports model side)"}
-"""The config module's upward imports, which its split into config/ (issue 27, item 1) removes."""
-
-
 def test_every_import_goes_down_the_layers():
     layers, modules = layer_of(), _modules()
     assert set(modules) <= set(layers), sorted(set(modules) - set(layers))
-    upward = [u for m, p in sorted(modules.items()) for u in upward_imports(m, p.read_text(), layers)
-              if u not in AWAITING_CONFIG_SPLIT]
+    upward = [u for m, p in sorted(modules.items()) for u in upward_imports(m, p.read_text(), layers)]
     assert not upward, "imports that go up ARCHITECTURE.md's layer table:\n" + "\n".join(upward)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from preftune import loss_terms
 from preftune.attention import choose_layout
 from preftune.config import DPOConfig, SFTConfig
 from preftune.data import collate as collation
@@ -42,7 +43,7 @@ def preference_layout(cfg, model) -> str:
 def preference_collate(cfg, layout: str, pad_id: int) -> Collate:
     """Pairs in ``layout``, or unpaired (KTO) rows in the same pair layouts plus their labels. Shared
     layouts carry ``blocks``/``segments``, from which the model side builds its mask (attention.py)."""
-    if cfg.unpaired():
+    if loss_terms.unpaired(cfg):
         return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
     return lambda items: collation.LAYOUTS[layout](items, pad_id)
 
@@ -79,6 +80,8 @@ class Method:
     """``units(batch)``: what the batch's loss is a mean over."""
     data: str = "preference"
     """The row kind it trains on (``preference`` or ``sft``)."""
+    unpaired: Callable[[Any], bool] = lambda cfg: False
+    """``unpaired(cfg)``: whether it reads its preference data as unpaired rows (KTO's; data/unpaired.py)."""
     layout: Callable[[Any, Any], str] = preference_layout
     """``layout(cfg, model)``: the batch layout (data/collate.py's ``LAYOUTS``)."""
     collate: Callable[[Any, str, int], Collate] = preference_collate
@@ -207,12 +210,13 @@ def unpaired_metrics(
 
 
 def dpo_needs_reference(cfg: DPOConfig) -> bool:
-    return cfg.needs_reference()
+    return loss_terms.needs_reference(cfg)
 
 
 def dpo_run_fields(cfg: DPOConfig) -> dict:
     """A preference stage is named by its loss in ``run.json`` (``method``, ``loss``) with its beta."""
-    return {"method": cfg.loss_name, "loss": cfg.loss_name, "beta": cfg.loss_beta}
+    name = loss_terms.loss_name(cfg)
+    return {"method": name, "loss": name, "beta": loss_terms.loss_beta(cfg)}
 
 
 def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
@@ -257,7 +261,7 @@ def dpo_step(
     mean(losses_k)`` over the ``dpo.loss`` terms (TRL's ``loss_type`` list with ``loss_weights``),
     each pair's loss times its WPO weight under ``dpo.wpo``. ``rewards/*`` come from the first term
     that is not ``sft``; ``loss/<name>`` is logged per term when there are several, ``nll_loss`` for ``sft``."""
-    terms = cfg.terms()
+    terms = loss_terms.terms(cfg)
     specs = [LOSSES[t.name] for t in terms]
     pol, weights = policy_logps(policy, batch, cfg)
     ref = None
@@ -296,6 +300,6 @@ METHODS: dict[str, Method] = {
     "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft",
                   layout=lambda cfg, model: "padded", collate=sft_collate, curves=False),
     "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference, run_fields=dpo_run_fields,
-                  reference_sync=tr_dpo_sync),
+                  unpaired=loss_terms.unpaired, reference_sync=tr_dpo_sync),
 }
 """Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``."""

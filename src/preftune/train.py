@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import preftune
 from preftune import checkpoint as ckpt
 from preftune import distributed as dist
+from preftune import loss_terms
 from preftune import reference as refs
 from preftune.config import Config, TrainConfig, to_yaml
 from preftune.data.stage import (
@@ -224,7 +225,7 @@ def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, 
     if not method.needs_reference(stage_cfg):
         return refs.NoReference(), "none"
     lora = cfg.lora.enabled or is_adapter(model_path)
-    strategy = refs.resolve_strategy(stage_cfg.reference, True, lora, stage_cfg.loss_name)
+    strategy = refs.resolve_strategy(stage_cfg.reference, True, lora, loss_terms.loss_name(stage_cfg))
     disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
     if strategy == "adapter":
         return refs.ModelReference(policy, "adapter", disable), strategy
@@ -264,7 +265,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    data = load_stage_data(cfg, stage, tokenizer)
+    data = load_stage_data(cfg, stage, tokenizer, unpaired=method.unpaired(stage_cfg))
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
     with dist.whole_weights(accelerator):
