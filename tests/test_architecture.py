@@ -228,3 +228,19 @@ def test_importing_the_report_leaves_matplotlib_alone():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "svg"
+
+
+def test_the_loop_asks_the_method_not_the_config_type():
+    """train.py and data/stage.py check no config class with isinstance and read no method setting by
+    name with getattr: what differs between methods is on ``Method`` (methods.py)."""
+    schema = ast.parse((PKG / "config" / "schema.py").read_text())
+    config_classes = {n.name for n in schema.body if isinstance(n, ast.ClassDef)}
+    assert {"DPOConfig", "SFTConfig", "TrainConfig"} <= config_classes
+    found = []
+    for rel in ("train.py", "data/stage.py"):
+        for node in ast.walk(ast.parse((PKG / rel).read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("isinstance", "getattr") and len(node.args) > 1:
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & config_classes
+                if named or ast.unparse(node.args[1]) in ("'sync_ref_model'", "'completion_only'"):
+                    found.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found
