@@ -18,7 +18,7 @@ from preftune.config import DPOConfig, SFTConfig
 from preftune.data import collate as collation
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
-from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
+from preftune.losses import LOSSES, PairLogps, kto_reference_point, sft_nll
 
 Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
@@ -142,7 +142,7 @@ def reference_logps_of(policy: SequenceLogps, batch: dict, chunked: bool = True)
     with torch.no_grad():
         sums, counts, _ = sequence_logps_of(policy, batch, chunked, seq, n)
     plain, tail, counts = _split_sums(sums.detach(), counts, batch["num_seqs"])
-    ref = SeqLogps.from_sequences(plain, counts, batch["num_pairs"])
+    ref = PairLogps.from_sequences(plain, counts, batch["num_pairs"])
     b = batch["num_pairs"]
     return {
         "chosen": ref.chosen,
@@ -172,7 +172,7 @@ def sft_step(
 
 
 def preference_metrics(
-    loss: Tensor, policy: SeqLogps, chosen_rewards: Tensor, rejected_rewards: Tensor
+    loss: Tensor, policy: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor
 ) -> dict[str, Tensor]:
     """TRL's metric names, batch means. ``logps/*`` are summed completion log-probs (TRL's DPO
     convention for every loss); ``logps/*_mean`` the per-token means beside them."""
@@ -190,7 +190,7 @@ def preference_metrics(
 
 
 def unpaired_metrics(
-    loss: Tensor, policy: SeqLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, kl: Tensor
+    loss: Tensor, policy: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, kl: Tensor
 ) -> dict[str, Tensor]:
     """TRL KTO's metrics: ``rewards/chosen`` and ``logps/chosen`` over the desirable rows,
     ``*/rejected`` over the undesirable ones (NaN when the batch has none), ``rewards/margins`` the
@@ -219,7 +219,7 @@ def dpo_run_fields(cfg: DPOConfig) -> dict:
     return {"method": name, "loss": name, "beta": loss_terms.loss_beta(cfg)}
 
 
-def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
+def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[PairLogps, Tensor | None]:
     """The policy's per-sequence log-probs of a batch (LD-DPO sums under ``cfg.ld_alpha``) and WPO's
     per-pair weights ``[B]`` under ``cfg.wpo``: ``w = exp(mean_t (log p_t - log sum_v p_v^2))`` of the
     chosen times that of the rejected completion, without gradient (Zhou et al. 2024, eq. 2; as TRL 1.16)."""
@@ -227,7 +227,7 @@ def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[Se
     out = sequence_logps_of(policy, batch, cfg.chunked_logps, seq, n, sum_sq_probs=cfg.wpo)
     plain, tail, counts = _split_sums(out[0], out[1], batch["num_seqs"])
     labels = batch.get("labels")
-    pol = SeqLogps.from_sequences(plain, counts, batch["num_pairs"], labels)
+    pol = PairLogps.from_sequences(plain, counts, batch["num_pairs"], labels)
     if cfg.ld_alpha is not None:
         b = batch["num_pairs"]
         ld = plain - (1 - cfg.ld_alpha) * tail
@@ -240,9 +240,9 @@ def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[Se
     return pol, weights
 
 
-def reference_seqlogps(reference_logps: dict[str, Tensor], policy: SeqLogps, cfg: DPOConfig) -> SeqLogps:
-    """The reference's SeqLogps for this batch, with LD-DPO's sums under ``cfg.ld_alpha``."""
-    ref = SeqLogps.from_reference(reference_logps, policy)
+def reference_pair_logps(reference_logps: dict[str, Tensor], policy: PairLogps, cfg: DPOConfig) -> PairLogps:
+    """The reference's PairLogps for this batch, with LD-DPO's sums under ``cfg.ld_alpha``."""
+    ref = PairLogps.from_reference(reference_logps, policy)
     if cfg.ld_alpha is None:
         return ref
     if "chosen_tail" not in reference_logps:
@@ -266,7 +266,7 @@ def dpo_step(
     pol, weights = policy_logps(policy, batch, cfg)
     ref = None
     if any(s.needs_reference for s in specs) and reference_logps:
-        ref = reference_seqlogps(reference_logps, pol, cfg)
+        ref = reference_pair_logps(reference_logps, pol, cfg)
     loss = torch.zeros((), dtype=pol.chosen.dtype, device=pol.chosen.device)
     metrics: Metrics = {}
     rewards = None

@@ -246,8 +246,8 @@ class DPOConfig(TrainConfig):
 class WinrateConfig:
     enabled: bool = True
     """Judge generations against the dataset's chosen responses."""
-    judge: Literal["rule", "openai", "hf"] = "rule"
-    """Judge backend."""
+    judge: str = "rule"
+    """Judge backend: a name in eval/judges.py's ``JUDGES`` (rule, openai, hf)."""
     judge_model: str | None = None
     """Model name for the openai judge, or path for the hf judge."""
     base_url: str | None = None

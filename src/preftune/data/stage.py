@@ -13,6 +13,7 @@ from preftune.data.formats import sft_rows_from_pairs
 from preftune.data.prepare import tokenize_splits
 from preftune.data.rows import fingerprint
 from preftune.data.sources import load_rows
+from preftune.data.tokenize import RowKind
 from preftune.data.unpaired import load_unpaired, tokenize_unpaired
 from preftune.errors import PreftuneError
 
@@ -42,7 +43,7 @@ def load_stage_data(cfg: Config, stage: str, tokenizer, unpaired: bool = False) 
         report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
         why = tok_train.to_dict()
     else:
-        kind = "sft" if stage == "sft" else "preference"
+        kind = RowKind.SFT if stage == "sft" else RowKind.PREFERENCE
         train_rows, test_rows, read = load_rows(data_cfg, "sft" if data_cfg is not cfg.data else "preference", cfg.seed)
         if stage == "sft" and data_cfg is cfg.data:
             train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)

@@ -266,9 +266,6 @@ class RuleJudge:
         return RULE_VERDICTS[correct]
 
 
-JUDGES: dict[str, type] = {"openai": OpenAIJudge, "hf": HFJudge, "rule": RuleJudge}
-
-
 def _need(value: str | None, key: str, judge: str) -> str:
     if not value:
         raise PreftuneError(f"eval.winrate.{key} must be set for the {judge!r} judge")
@@ -279,21 +276,22 @@ def _template(w) -> str:
     return w.judge_template or w.prompt
 
 
-# judge name -> builder from WinrateConfig
-BUILDERS: dict[str, Callable[[Any], Judge]] = {
+JUDGES: dict[str, Callable[[Any], Judge]] = {
+    "rule": lambda w: RuleJudge(),
     "openai": lambda w: OpenAIJudge(model=_need(w.judge_model, "judge_model", "openai"),
                                     base_url=w.base_url or DEFAULT_BASE_URL, api_key_env=w.api_key_env,
                                     template=_template(w)),
     "hf": lambda w: HFJudge(model=_need(w.judge_model, "judge_model", "hf"), template=_template(w)),
-    "rule": lambda w: RuleJudge(),
 }
+"""``eval.winrate.judge`` name -> the judge built from a WinrateConfig: THE judge registry (the config
+checks its ``judge`` against it)."""
 
 
 def make_judge(w) -> Judge:
     """The judge a ``WinrateConfig`` asks for."""
-    if w.judge not in BUILDERS:
-        raise PreftuneError(f"unknown judge {w.judge!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[w.judge](w)
+    if w.judge not in JUDGES:
+        raise PreftuneError(f"unknown judge {w.judge!r}; choose one of {sorted(JUDGES)}")
+    return JUDGES[w.judge](w)
 
 
 # ---------------------------------------------------------------- the cache and the rate limit

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from preftune.attention import choose_layout
 from preftune.config import Config
 from preftune.data.collate import LAYOUTS
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 from preftune.logprobs import SequenceLogps
 from preftune.methods import METHODS
 from preftune.reference import ModelReference
@@ -83,7 +83,7 @@ def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> di
 
     ``reference_model``: a model, ``"adapter"`` (``model`` with its adapters disabled), or None for
     reference-free losses."""
-    items, _ = tokenize_rows(rows, tokenizer, cfg.data, "preference")
+    items = tokenize(rows, tokenizer, cfg.data, RowKind.PREFERENCE).items
     layout = choose_layout(cfg.dpo.layout, model)
     policy = SequenceLogps(model)
     if reference_model is None:
