@@ -250,3 +250,40 @@ def test_tokenize_says_where_each_row_went_and_takes_only_a_row_kind(tokenizer):
     assert [t.key for t in done.items] == [rows[0].key, rows[2].key] and done.report.kept == 2
     with pytest.raises(PreftuneError, match="RowKind"):
         tokenize(rows, tokenizer, Limits(64, 32), "preference")
+
+
+# ---------------------------------------------------------------- data.chat_template
+
+BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_chat_template_setting_renders_rows_by_the_given_template(tmp_path, as_file):
+    """``data.chat_template`` (text or a file) replaces the model's template: a row's prompt ids are the
+    given template's text, not ChatML; generation's prompt ids are the same; a saved folder keeps it."""
+    from preftune import embedded
+    from preftune.eval.generate import prompt_ids
+    from preftune.model import load_tokenizer
+
+    setting = BRACKETS
+    if as_file:
+        (tmp_path / "template.jinja").write_text(BRACKETS)
+        setting = str(tmp_path / "template.jinja")
+    tok = load_tokenizer(str(embedded.tokenizer_dir()), chat_template=setting)
+    row = PreferenceRow([{"role": "user", "content": "What is 2+2?"}], "4", "5")
+    pair = one(row, tok, 128, 64)
+    expected = tok.encode("[user] What is 2+2?\n[assistant] ", add_special_tokens=False)
+    assert pair.prompt_ids == expected
+    model_own = load_tokenizer(str(embedded.tokenizer_dir()))
+    assert one(row, model_own, 128, 64).prompt_ids != expected  # ChatML without the setting
+    assert prompt_ids(row.prompt, tok, 64) == pair.prompt_ids  # generation renders as training did
+    tok.save_pretrained(tmp_path / "saved")
+    assert one(row, load_tokenizer(str(tmp_path / "saved")), 128, 64).prompt_ids == expected
+
+
+def test_chat_template_that_is_neither_text_nor_a_file_is_a_clear_error(tmp_path):
+    from preftune.data.tokenize import chat_template_text
+
+    with pytest.raises(PreftuneError, match="data.chat_template: .*neither a Jinja template"):
+        chat_template_text(str(tmp_path / "missing.jinja"))

@@ -14,7 +14,7 @@ from preftune.config import Config, to_yaml
 from preftune.eval.curve import evaluate_curve
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
-from preftune.model import is_adapter, merge_adapter, resolve_model
+from preftune.model import is_adapter, merge_adapter, model_folder, pinned_model
 from preftune.paths import STAGES, RunDir
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
@@ -29,7 +29,7 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
     """SFT (when enabled), then DPO from the SFT model; a finished stage is skipped on ``resume``.
     Returns the model DPO started from (its reference) and the timings."""
     timings: dict[str, float] = {}
-    base = resolve_model(cfg.model)
+    base = model_folder(cfg)
     dpo_base = base
     if cfg.sft.enabled:
         t = time.time()
@@ -71,8 +71,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
         timings["rounds"] = round(time.time() - t, 1)
 
     t = time.time()
-    models = {"base": cfg.model} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
-    reference_for = {"dpo": dpo_base, "sft": resolve_model(cfg.model)}
+    models = {"base": pinned_model(cfg)} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
+    reference_for = {"dpo": dpo_base, "sft": model_folder(cfg)}
     for rec in records:  # every round is measured against the SFT model, like the offline stage
         name = f"round-{rec['round']}"
         models[name] = str(Path(rec["final_model"]).parent)
