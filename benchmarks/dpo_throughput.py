@@ -11,13 +11,22 @@ is reported apart: seconds per pair precomputed, and per training step (``batch_
         --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # docs/speed.md's table
 
 Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
-both. TRL runs without gradient checkpointing and without bf16 autocast (both on by default in its
-DPOConfig) so both sides do the same fp32 work.
+both. TRL runs without gradient checkpointing (on by default in its DPOConfig). ``--precision`` runs
+both sides in each precision: ``fp32``; ``bf16-mixed`` (fp32 weights under bf16 autocast: TRL's
+``bf16=True``, its default); ``bf16`` (bf16 weights, and TRL's ``bf16=True`` on them).
+
+Both sides use torch's fused AdamW (preftune's ``optimizer: adamw_fused``, TRL's ``adamw_torch_fused``):
+the default per-tensor loop is about 9% of a bf16 step on the CPU.
+
+Each row also gives the matmul FLOPs that side computes per pair (:func:`flops_per_pair`: prompt
+forwards, LM-head positions, reference passes) and its achieved GFLOP/s against the ``torch.mm`` peak of
+the same precision measured in the same worker process (:func:`matmul_peak`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -53,6 +62,7 @@ class Spec:
     threads: int
     lr: float
     data_dir: str
+    precision: str = "fp32"
 
 
 # ----------------------------------------------------------------------------- data
@@ -84,10 +94,12 @@ def preftune_config(spec: Spec, out_dir: Path):
 
     return config_from_dict({
         "model": MODELS[spec.model], "seed": 0, "output_dir": str(out_dir), "threads": spec.threads,
+        "precision": spec.precision,
         "data": {"source": spec.data_dir, "max_length": 2048, "max_prompt_length": 1536},
         "dpo": {"max_steps": spec.steps, "batch_size": spec.batch_size, "eval_batch_size": spec.batch_size,
                 "lr": spec.lr, "warmup_ratio": 0.0, "schedule": "constant", "weight_decay": 0.0,
-                "max_grad_norm": 1.0, "beta": 0.1, "loss": "sigmoid", "log_every": 1},
+                "max_grad_norm": 1.0, "beta": 0.1, "loss": "sigmoid", "log_every": 1,
+                "optimizer": "adamw_fused"},
         "lora": {"enabled": spec.mode == "lora", "r": 16, "alpha": 32},
     })
 
@@ -97,10 +109,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an ``n x n`` ``torch.mm`` in the precision's matmul dtype (bf16 for bf16 and
+    bf16-mixed) on ``threads`` threads: the peak the achieved rate is held against."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def summarize(step_times: list[float], step_tokens: list[int], losses: list[float], spec: Spec) -> dict:
     timed = slice(spec.warmup, None)
     seconds = sum(step_times[timed])
-    return {"tokens_per_s": sum(step_tokens[timed]) / seconds, "step_s": statistics.median(step_times[timed]),
+    return {"tokens_per_s": sum(step_tokens[timed]) / seconds,
+            "pairs_per_s": spec.batch_size * len(step_times[timed]) / seconds, "step_s": statistics.median(step_times[timed]),
             "final_loss": losses[-1], "losses": losses, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -111,6 +141,7 @@ def run_preftune(spec: Spec, work: Path) -> dict:
     from preftune.train import run_stage
 
     cfg = preftune_config(spec, work / "run")
+    peak = matmul_peak(spec.precision, spec.threads)
     precompute_s = []
     plain_precompute = refs.precompute
 
@@ -129,7 +160,7 @@ def run_preftune(spec: Spec, work: Path) -> dict:
     seen = [0] + [r["tokens_seen"] for r in records]
     out = summarize([r["step_time"] for r in records], [b - a for a, b in zip(seen, seen[1:])],
                     [r["loss"] for r in records], spec)
-    return out | {"precompute_s": sum(precompute_s), "precompute_pairs": sum(precompute_pairs)}
+    return out | {"precompute_s": sum(precompute_s), "precompute_pairs": sum(precompute_pairs), "mm_peak_gflops": peak}
 
 
 def trl_dataset(spec: Spec):
@@ -150,20 +181,69 @@ def trl_dataset(spec: Spec):
                   for r in rows[s : s + spec.batch_size]) for s in range(0, len(rows), spec.batch_size)]
     data = Dataset.from_dict({"prompt_ids": [r.prompt_ids for r in rows], "chosen_ids": [r.chosen_ids for r in rows],
                               "rejected_ids": [r.rejected_ids for r in rows]})
-    return cfg, tokenizer, data, tokens
+    return cfg, tokenizer, data, tokens, rows
+
+
+def flops_per_pair(spec: Spec) -> dict[str, dict[str, float]]:
+    """Matmul FLOPs per pair of each side, over the timed steps' batches, counted from the model's
+    shapes (one multiply-add = 2 FLOPs; norms, activations and the optimizer left out):
+
+    - decoder: the linear layers at every position each side runs (padding included), plus attention's
+      ``QK^T`` and ``AV`` over the dense ``T x T`` of each row; training = forward x3 (full: input and
+      weight gradients) or x2 (LoRA: input gradients only, adapters neglected);
+    - LM head ``2 H V`` per position where logits are made: preftune at the scored completion tokens
+      only, x4 for full (forward, recomputed in backward, grad of hidden, grad of weight) and x3 for LoRA;
+      TRL at every position of its rows, x3 / x2;
+    - preftune: one row per pair ``[prompt | chosen | rejected]`` (prefix-shared); TRL: two rows per pair
+      (prompt + chosen, prompt + rejected) padded to the batch's longest;
+    - reference: one forward pass of the same rows, inside the step for ``trl``, precomputed once
+      (amortized over a one-epoch run) for ``preftune`` and ``trl_precompute``.
+
+    Returns ``{side: {"step": FLOPs in the step per pair, "reference": FLOPs of its reference pass per pair}}``."""
+    from transformers import AutoConfig
+
+    from preftune.model import resolve_model
+
+    *_, rows = trl_dataset(spec)
+    c = AutoConfig.from_pretrained(resolve_model(MODELS[spec.model]))
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    linear = layers * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * c.intermediate_size)
+    train_x, head_x = (3, 4) if spec.mode == "full" else (2, 3)
+
+    def forward(row_lengths: list[int], head_positions: int) -> tuple[float, float]:
+        decoder = sum(2 * linear * t + 4 * layers * heads * head_dim * t * t for t in row_lengths)
+        return decoder, 2 * h * vocab * head_positions
+
+    totals = {side: {"step": 0.0, "reference": 0.0} for side in SIDES}
+    for s in range(0, len(rows), spec.batch_size):
+        batch = rows[s : s + spec.batch_size]
+        shared = max(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in batch)
+        scored = sum(len(r.chosen_ids) + len(r.rejected_ids) for r in batch)
+        dec, head = forward([shared] * len(batch), scored)
+        totals["preftune"]["step"] += train_x * dec + head_x * head
+        totals["preftune"]["reference"] += dec + head
+        width = max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in batch)
+        dec, head = forward([width] * 2 * len(batch), 2 * len(batch) * width)
+        for side in ("trl", "trl_precompute"):
+            totals[side]["step"] += train_x * (dec + head)
+            totals[side]["reference"] += dec + head
+    totals["trl"]["step"] += totals["trl"]["reference"]  # its reference runs inside every step
+    return {side: {k: v / len(rows) for k, v in t.items()} for side, t in totals.items()}
 
 
 def run_trl(spec: Spec, work: Path) -> dict:
     """TRL's DPOTrainer on preftune's token ids (its own tokenization skipped), sequential order."""
-    import torch
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from preftune.model import load_model, resolve_model
     from preftune.train import seed_everything
 
-    torch.set_num_threads(spec.threads)
-    cfg, tokenizer, data, tokens = trl_dataset(spec)
+    peak = matmul_peak(spec.precision, spec.threads)
+    cfg, tokenizer, data, tokens, _ = trl_dataset(spec)
     seed_everything(cfg.seed)
     model = load_model(cfg, resolve_model(cfg.model), trainable=True)  # same weights, same LoRA init
     losses: list[float] = []
@@ -188,10 +268,10 @@ def run_trl(spec: Spec, work: Path) -> dict:
     args = DPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=spec.batch_size, gradient_accumulation_steps=1,
         learning_rate=spec.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", max_steps=spec.steps, logging_steps=1, save_strategy="no", report_to="none",
+        optim="adamw_torch_fused", max_steps=spec.steps, logging_steps=1, save_strategy="no", report_to="none",
         beta=0.1, loss_type=["sigmoid"], max_length=None, train_sampling_strategy="sequential", use_cpu=True,
         gradient_checkpointing=False, precompute_ref_log_probs=spec.side == "trl_precompute", seed=cfg.seed,
-        bf16=False, fp16=False,  # TRL turns bf16 autocast on by default (bf16=None -> True): keep both sides fp32
+        bf16=spec.precision != "fp32", fp16=False,  # TRL's bf16=True is autocast: preftune's bf16-mixed
         dataloader_pin_memory=False, disable_tqdm=True,
     )
     t0 = time.perf_counter()
@@ -200,7 +280,8 @@ def run_trl(spec: Spec, work: Path) -> dict:
     precompute_s = time.perf_counter() - t0 if spec.side == "trl_precompute" else 0.0
     trainer.train()
     return summarize(step_times, tokens, losses, spec) | {
-        "precompute_s": precompute_s, "precompute_pairs": len(data) if spec.side == "trl_precompute" else 0}
+        "precompute_s": precompute_s, "precompute_pairs": len(data) if spec.side == "trl_precompute" else 0,
+        "mm_peak_gflops": peak}
 
 
 WORKERS = {"preftune": run_preftune, "trl": run_trl, "trl_precompute": run_trl}
@@ -245,28 +326,50 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def report_row(name: str, results: dict[str, list[dict]], batch_size: int) -> list[str]:
-    """Markdown rows: one per side with medians, and the preftune / TRL ratios.
+def report_row(name: str, results: dict[str, list[dict]], batch_size: int, flops: dict) -> list[str]:
+    """Markdown rows: one per side with medians, and the preftune / TRL ratios taken pair by pair
+    (repeat i of preftune against repeat i of TRL), their median.
 
     The precompute pass covers different pairs on each side (preftune: the train and test splits; TRL:
     the pairs of the timed steps it is given), so it is compared per pair, and amortized per step as
-    ``batch_size`` pairs."""
+    ``batch_size`` pairs. GFLOP/s is the step's FLOPs per pair x pairs/s, against the matmul peak."""
     lines = []
-    keys = ("tokens_per_s", "peak_rss_mb", "final_loss", "precompute_s", "precompute_pairs")
+    keys = ("tokens_per_s", "pairs_per_s", "peak_rss_mb", "final_loss", "precompute_s", "precompute_pairs",
+            "mm_peak_gflops", "cpu_per_wall")
     base = {side: {k: median_of(runs, k) for k in keys} for side, runs in results.items()}
     for side, m in base.items():
         per_pair = m["precompute_s"] / m["precompute_pairs"] if m["precompute_pairs"] else 0.0
-        lines.append(f"| {name} | {side} | {m['tokens_per_s']:.0f} | {m['peak_rss_mb']:.0f} | {m['final_loss']:.6f} "
-                     f"| {m['precompute_s']:.1f} s / {m['precompute_pairs']:.0f} pairs = {per_pair:.2f} s/pair "
-                     f"({per_pair * batch_size:.2f} s/step) |")
-    ours = base.get("preftune")
+        f = flops[side]
+        achieved = f["step"] * m["pairs_per_s"] / 1e9
+        lines.append(f"| {name} | {side} | {m['tokens_per_s']:.0f} | {m['pairs_per_s']:.3f} | {m['peak_rss_mb']:.0f} "
+                     f"| {m['final_loss']:.6f} | {per_pair:.2f} s/pair ({per_pair * batch_size:.2f} s/step) "
+                     f"| {f['step'] / 1e9:.0f} + {f['reference'] / 1e9:.0f} "
+                     f"| {achieved:.0f} ({achieved / m['mm_peak_gflops']:.0%} of {m['mm_peak_gflops']:.0f}) "
+                     f"| {m['cpu_per_wall']:.2f} |")
+    ours = results.get("preftune")
     for side in ("trl", "trl_precompute"):
-        if ours and side in base:
+        if ours and side in results:
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, results[side])]
             t = base[side]
-            lines.append(f"| {name} | preftune / {side} | **{ours['tokens_per_s'] / t['tokens_per_s']:.2f}x** "
-                         f"| {ours['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
-                         f"| Δ {abs(ours['final_loss'] - t['final_loss']):.1e} | |")
+            lines.append(f"| {name} | preftune / {side} | **{statistics.median(ratios):.2f}x** "
+                         f"({', '.join(f'{r:.2f}' for r in ratios)}) | | {base['preftune']['peak_rss_mb'] / t['peak_rss_mb']:.2f}x "
+                         f"| Δ {abs(base['preftune']['final_loss'] - t['final_loss']):.1e} | | | | |")
     return lines
+
+
+def run_sides(name: str, spec_of, sides: list[str], repeats: int, raw: list) -> dict[str, list[dict]]:
+    """Every side ``repeats`` times, alternating (and flipping the order every other repeat)."""
+    results: dict[str, list[dict]] = {}
+    for rep in range(repeats):
+        for side in sides if rep % 2 == 0 else sides[::-1]:
+            spec = spec_of(side)
+            r = measure(spec)
+            results.setdefault(side, []).append(r)
+            raw.append(asdict(spec) | r)
+            quiet = "" if r["cpu_per_wall"] >= 1.6 else "  [DISTURBED: cpu/wall < 1.6, repeat it]"
+            print(f"{name} rep {rep} {side}: {r['tokens_per_s']:.0f} tok/s, {r['peak_rss_mb']:.0f} MiB, "
+                  f"loss {r['final_loss']:.6f}, cpu/wall {r['cpu_per_wall']:.2f}{quiet}", flush=True)
+    return results
 
 
 def main() -> None:
@@ -274,6 +377,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny", help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--shapes", default="long_prompt", help="comma list of: " + ", ".join(SHAPES))
     ap.add_argument("--modes", default="full", help="comma list of: full, lora")
+    ap.add_argument("--precision", default="fp32", help="comma list of: fp32, bf16-mixed, bf16")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma list of: " + ", ".join(SIDES))
     ap.add_argument("--pairs", type=int, default=32, help="training pairs written (one epoch = pairs / batch)")
     ap.add_argument("--batch-size", type=int, default=4)
@@ -288,28 +392,23 @@ def main() -> None:
     if a.worker:
         return worker_main(a.worker)
 
-    raw, table = [], ["| model / shape / mode | side | tokens/s | peak RSS MiB | final loss | reference precompute s |",
-                      "|---|---|---|---|---|---|"]
+    raw, table = [], ["| model / shape / mode / precision | side | tokens/s | pairs/s | peak RSS MiB | final loss "
+                      "| reference precompute | GFLOP per pair (step + reference) | GFLOP/s (of mm peak) | cpu/wall |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
     data_root = Path(tempfile.mkdtemp(prefix="dpo-bench-data-"))
     for model in a.models.split(","):
         for shape in a.shapes.split(","):
             data_dir = write_pairs(data_root / shape, shape, a.pairs)
             for mode in a.modes.split(","):
-                name = f"{model} / {shape} / {mode}"
-                results: dict[str, list[dict]] = {}
-                for rep in range(a.repeats):
-                    sides = a.sides.split(",")
-                    for side in sides if rep % 2 == 0 else sides[::-1]:  # alternate, and flip the order
-                        spec = Spec(side, model, shape, mode, a.pairs, a.batch_size, a.steps, a.warmup, a.threads,
-                                    a.lr, str(data_dir))
-                        r = measure(spec)
-                        results.setdefault(side, []).append(r)
-                        raw.append(asdict(spec) | r)
-                        quiet = "" if r["cpu_per_wall"] >= 1.6 else "  [DISTURBED: cpu/wall < 1.6, repeat it]"
-                        print(f"{name} rep {rep} {side}: {r['tokens_per_s']:.0f} tok/s, "
-                              f"{r['peak_rss_mb']:.0f} MiB, loss {r['final_loss']:.6f}, "
-                              f"cpu/wall {r['cpu_per_wall']:.2f}{quiet}", flush=True)
-                table += report_row(name, results, a.batch_size)
+                for precision in a.precision.split(","):
+                    name = f"{model} / {shape} / {mode} / {precision}"
+                    spec_of = functools.partial(Spec, model=model, shape=shape, mode=mode, pairs=a.pairs,
+                                                batch_size=a.batch_size, steps=a.steps, warmup=a.warmup,
+                                                threads=a.threads, lr=a.lr, data_dir=str(data_dir),
+                                                precision=precision)
+                    flops = flops_per_pair(spec_of("preftune"))
+                    results = run_sides(name, spec_of, a.sides.split(","), a.repeats, raw)
+                    table += report_row(name, results, a.batch_size, flops)
     print("\n" + "\n".join(table))
     if a.json:
         Path(a.json).write_text(json.dumps(raw, indent=1))

@@ -7,8 +7,11 @@ training sees them) and the same settings (greedy, or sampling with ``--temperat
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py                    # embedded SmolLM2
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --samples 4 --temperature 1  # a round's sampling
     HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --model tiny --prompts 16
+    HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --precision fp32,bf16 --prompts 8 --samples 8 \
+        --temperature 0.8 --max-new-tokens 32 --batch-size 128            # the demo round's shape, both precisions
 
-The sides alternate (preftune, plain, preftune, ...) and each repeat prints new tokens per second
+``--precision`` loads the model in each of fp32 and bf16 (weights and compute) in turn. The sides
+alternate (preftune, plain, preftune, ...) and each repeat prints new tokens per second
 (generated ids up to the first stop token, so both sides count alike), with CPU-seconds / wall-seconds
 to flag a disturbed run (about 1.95 is an undisturbed 2-thread run; below 1.6, repeat it). Medians
 and the ratio of the medians close the output; ``--json`` writes them too.
@@ -76,22 +79,36 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="comma list of: fp32, bf16")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from preftune.config import DataConfig
     from preftune.data.sources import load_rows
-    from preftune.model import load_for_inference
 
     _, test, _ = load_rows(DataConfig(), "preference", 0)
     prompts = [r.prompt for r in test[: args.prompts] for _ in range(args.samples)]
-    model, tok = load_for_inference(args.model)
+    print(f"model {args.model}, {args.prompts} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, "
+          f"temperature {args.temperature}, batch {args.batch_size}, {args.threads} threads")
+    results = {precision: run_precision(args, precision, prompts) for precision in args.precision.split(",")}
+    print("\n| precision | preftune tok/s | plain loop tok/s | ratio | identical (greedy) |\n|---|---|---|---|---|")
+    for precision, r in results.items():
+        same = f"{r['identical']:.0%}" if args.temperature == 0 else "sampled"
+        print(f"| {precision} | {r['median']['preftune']:.1f} | {r['median']['plain']:.1f} | {r['ratio']:.2f}x | {same} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def run_precision(args, precision: str, prompts: list) -> dict:
+    """Both sides ``args.repeats`` times, alternating, with the model loaded in ``precision``."""
+    from preftune.model import load_for_inference
+
+    model, tok = load_for_inference(args.model, precision)
     sides = {"preftune": preftune_side, "plain": plain_side}
     rates: dict[str, list[float]] = {s: [] for s in sides}
     texts: dict[str, list[str]] = {}
-    print(f"model {args.model}, {args.prompts} prompts x {args.samples} samples, max_new_tokens {args.max_new_tokens}, "
-          f"temperature {args.temperature}, batch {args.batch_size}, {args.threads} threads")
     for rep in range(args.repeats):
         for name, fn in sides.items():
             out, wall, util = timed(fn, model, tok, prompts, args)
@@ -99,18 +116,16 @@ def main() -> None:
             rates[name].append(n / wall)
             texts[name] = out
             flag = "" if util >= 1.6 or args.threads < 2 else "  (disturbed: cpu/wall below 1.6)"
-            print(f"repeat {rep}  {name:9s} {n:6d} new tokens in {wall:7.2f} s = {n / wall:8.1f} tok/s  "
-                  f"cpu/wall {util:.2f}{flag}")
+            print(f"{precision} repeat {rep}  {name:9s} {n:6d} new tokens in {wall:7.2f} s = {n / wall:8.1f} tok/s  "
+                  f"cpu/wall {util:.2f}{flag}", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     same = sum(a == b for a, b in zip(texts["preftune"], texts["plain"])) / len(prompts)
     ratio = med["preftune"] / med["plain"] if med["plain"] else float("nan")
     agree = (f"identical responses {same:.0%} (greedy: batching with left padding may flip a near-tie token)"
              if args.temperature == 0 else "sampled, so the responses differ")
-    print(f"\nmedian new tokens/s: preftune {med['preftune']:.1f}, plain loop {med['plain']:.1f}, "
+    print(f"{precision}: median new tokens/s: preftune {med['preftune']:.1f}, plain loop {med['plain']:.1f}, "
           f"ratio {ratio:.2f}x; {agree}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "tokens_per_s": rates, "median": med, "identical": same}, f, indent=1)
+    return {"tokens_per_s": rates, "median": med, "ratio": ratio, "identical": same}
 
 
 if __name__ == "__main__":

@@ -237,6 +237,17 @@ def test_model_names_that_cannot_work(tmp_path):
     assert config_from_dict({"model": "tiny:3"}).model == "tiny:3"
 
 
+def test_btlm_is_refused_with_the_reason(tmp_path):
+    """BTLM's logit scaling lives in its own forward, which the chunked log-probs skip: refused, by Hub
+    name or by a local folder's model_type, rather than trained silently wrong."""
+    for model in ("cerebras/btlm-3b-8k-base", "cerebras/BTLM-3B-8k-chat"):
+        with pytest.raises(ConfigError, match=r"\(BTLM\) is refused: .*muP scale.*silently wrong"):
+            config_from_dict({"model": model})
+    (tmp_path / "config.json").write_text('{"model_type": "btlm"}')
+    with pytest.raises(ConfigError, match="BTLM"):
+        config_from_dict({"model": str(tmp_path)})
+
+
 def test_cli_overrides_and_sweeps_deep_merge_the_same_way(tmp_path):
     """``lora={r: 8}`` over ``lora: {enabled: false, r: 4}`` changes the rank and keeps LoRA off, on
     the command line and in a sweep alike (a section override used to replace the whole section)."""

@@ -148,3 +148,55 @@ def test_in_training_eval_shows_a_progress_bar(capsys):
     assert out["loss"] == pytest.approx((1 + 3 + 2 * 2) / 4) and out["n"] == 4
     err = capsys.readouterr().err
     assert "held-out eval:   0%|          | 0/3" in err
+
+
+# ---------------------------------------------------------------- corpora through `datasets`
+
+
+def _slimpajama_like(folder):
+    """A local dataset folder laid out like SlimPajama: ``validation/`` and ``train/`` JSONL with a
+    ``text`` column and a metadata column."""
+    for split, n in (("validation", 5), ("train", 3)):
+        (folder / split).mkdir(parents=True)
+        with open(folder / split / "chunk1.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": "" if i == 1 else f"{split} document {i}.", "meta": {"set": "x"}}) + "\n")
+    return folder
+
+
+def test_dataset_corpus_streams_a_split_with_a_budget_and_is_cached(tmp_path, monkeypatch):
+    """The code that reads SlimPajama's validation set from the Hub, on a local dataset folder: the
+    split's first ``max_documents`` non-empty texts, in order; a second read comes from the cache."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    folder = _slimpajama_like(tmp_path / "slimpajama")
+    texts = load_corpus(str(folder), split="validation", max_documents=3)
+    assert texts == ["validation document 0.", "validation document 2.", "validation document 3."]
+    cached = list((tmp_path / "cache" / "corpora").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["texts"] == texts
+    (folder / "validation" / "chunk1.jsonl").unlink()  # the cache answers without the source
+    assert load_corpus(str(folder), split="validation", max_documents=3) == texts
+    assert load_corpus(str(folder), split="train", max_documents=10) == ["train document 0.", "train document 2."]
+
+
+def test_dataset_corpus_errors_name_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    folder = _slimpajama_like(tmp_path / "sp")
+    with pytest.raises(PreftuneError, match="no column 'content'.*set eval.heldout.text_column"):
+        load_corpus(str(folder), split="validation", text_column="content")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PreftuneError, match=r"eval.heldout.corpus=nobody/none .*could not be read"):
+        load_corpus("nobody/none")
+
+
+def test_suite_scores_a_dataset_corpus(tmp_path, monkeypatch, tiny_model_dir):
+    """``eval.heldout.corpus`` naming a dataset folder goes through the suite (and its cache key)."""
+    from preftune.config.validate import config_from_dict
+    from preftune.eval.suite import evaluate_models
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    folder = _slimpajama_like(tmp_path / "sp")
+    cfg = config_from_dict({"model": str(tiny_model_dir), "eval": {
+        "rewards": False, "kl": False, "tasks": [], "winrate": {"enabled": False},
+        "heldout": {"corpus": str(folder), "chunk_length": 8, "max_chunks": 2, "max_documents": 4}}})
+    res = evaluate_models(cfg, {"base": str(tiny_model_dir)}, tmp_path / "eval")
+    assert res["models"]["base"]["heldout"]["n_chunks"] == 2

@@ -368,3 +368,88 @@ def test_rule_judge_pairs_on_synthetic_meta(tmp_path):
     assert run.calls == 10 and run.invalid_judgments == 2
     again = judge_pairs(RuleJudge(), items, cache)
     assert (again.calls, again.cache_hits, again.requests) == (0, 10, 0) and again.results == run.results
+
+
+# ---------------------------------------------------------------- the preflight (before any training)
+
+
+def test_preflight_names_the_setting_that_stops_the_judge(tmp_path, monkeypatch):
+    from preftune.eval.judges import JudgeUnavailable, preflight
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    preflight(WinrateConfig(judge="rule"))  # nothing to reach
+    with pytest.raises(JudgeUnavailable, match="eval.winrate.judge_model is not set"):
+        preflight(WinrateConfig(judge="openai"))
+    with pytest.raises(JudgeUnavailable, match=r"eval.winrate.api_key_env: \$OPENAI_API_KEY is not set"):
+        preflight(WinrateConfig(judge="openai", judge_model="gpt-4"))
+    with FaultServer({}) as server:
+        url = server.url
+    with pytest.raises(JudgeUnavailable, match="eval.winrate.base_url: the judge 'm' at .* cannot judge"):
+        preflight(WinrateConfig(judge="openai", judge_model="m", base_url=url))
+    with FaultServer({}) as server:
+        preflight(WinrateConfig(judge="openai", judge_model="m", base_url=server.url))
+        assert server.served["ok"] == 1
+
+
+def test_pipeline_with_an_unreachable_judge_stops_before_training(tmp_path, tiny_model_dir):
+    from preftune.config.validate import config_from_dict
+    from preftune.eval.judges import JudgeUnavailable
+    from preftune.pipeline import run_pipeline
+
+    with FaultServer({}) as server:
+        url = server.url
+    cfg = config_from_dict({"model": str(tiny_model_dir), "output_dir": str(tmp_path / "run"),
+                            "eval": {"winrate": {"judge": "openai", "judge_model": "m", "base_url": url}}})
+    with pytest.raises(JudgeUnavailable, match="eval.winrate.base_url"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "sft").exists() and not (tmp_path / "run" / "dpo").exists()
+
+
+# ---------------------------------------------------------------- the study's judged prompts
+
+
+def _hh_folder(root, n=6):
+    """A local copy of Anthropic/hh-rlhf's layout: one folder per subset, train and test JSONL."""
+    for sub in ("helpful-base", "harmless-base", "red-team-attempts"):
+        (root / sub).mkdir(parents=True)
+        for split in ("train", "test"):
+            with open(root / sub / f"{split}.jsonl", "w") as f:
+                for i in range(n):
+                    prompt = f"\n\nHuman: {sub} {split} question {i}?\n\nAssistant:"
+                    chosen = "not a transcript" if i == 0 else prompt + " Yes."
+                    f.write(json.dumps({"chosen": chosen, "rejected": prompt + f" No ({i}).", "id": i}) + "\n")
+    return root
+
+
+def test_hh_categories_are_drawn_from_helpful_and_harmless_test_splits(tmp_path):
+    """Per category: ``per_category`` rows of that subset's test split, a seeded draw (another seed,
+    another draw), in split order; a record the hh format refuses (row 0: no Assistant turn) is passed over."""
+    from preftune.eval.prompts import hh_category_rows
+
+    folder = _hh_folder(tmp_path / "hh")
+    rows = hh_category_rows(str(folder), "test", 3, seed=0)
+    assert [r.meta["category"] for r in rows] == ["helpful"] * 3 + ["harmless"] * 3
+    texts = [r.prompt[0]["content"] for r in rows]
+    assert all(t.startswith("helpful-base test") for t in texts[:3]) and all("harmless-base test" in t for t in texts[3:])
+    nums = [r.meta["id"] for r in rows[:3]]
+    assert 0 not in nums and nums == sorted(nums)
+    assert hh_category_rows(str(folder), "test", 3, seed=0) == rows
+    assert [r.prompt for r in hh_category_rows(str(folder), "test", 3, seed=1)] != [r.prompt for r in rows]
+    assert len(hh_category_rows(str(folder), "test", 50, seed=0)) == 10  # 5 usable rows in each
+
+
+def test_suite_judges_hh_by_category(tmp_path, monkeypatch, tiny_model_dir):
+    """``eval.winrate.categories: hh`` on HH data: the win-rate is reported per helpful / harmless."""
+    from preftune.config.validate import config_from_dict
+    from preftune.eval.suite import evaluate_models
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    folder = _hh_folder(tmp_path / "hh")
+    cfg = config_from_dict({"model": str(tiny_model_dir), "data": {"source": str(folder), "format": "hh", "on_error": "skip"},
+                            "eval": {"rewards": False, "kl": False, "tasks": [], "heldout": {"enabled": False},
+                                     "winrate": {"categories": "hh", "per_category": 2, "max_new_tokens": 2}}})
+    with FaultServer({}) as server:
+        cfg.eval.winrate.judge, cfg.eval.winrate.judge_model, cfg.eval.winrate.base_url = "openai", "m", server.url
+        res = evaluate_models(cfg, {"base": str(tiny_model_dir)}, tmp_path / "eval")
+    by_cat = res["models"]["base"]["winrate"]["by_category"]
+    assert sorted(by_cat) == ["harmless", "helpful"] and all(c["n"] == 2 for c in by_cat.values())

@@ -149,7 +149,7 @@ def test_chunked_function_passes_gradcheck():
     w = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 11, (7,))
-    assert torch.autograd.gradcheck(lambda h, w, b: _ChunkedTokenLogps.apply(h, w, b, t, 3), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: _ChunkedTokenLogps.apply(h, w, b, t, 3, torch.float64), (h, w, b))
 
 
 def test_bf16_inputs_give_fp32_logps():
@@ -159,6 +159,28 @@ def test_bf16_inputs_give_fp32_logps():
     out = token_logps(h, w, t, chunk_size=4)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, token_logps_from_logits(h @ w.t(), t), atol=1e-5, rtol=0)
+
+
+def test_chunked_head_follows_bf16_autocast():
+    """fp32 hidden and weight inside ``torch.autocast("cpu", bfloat16)``: the head's matmuls run in bf16
+    as autocast would run ``hidden @ weight.T`` (values equal the plain path on bf16 logits within 1e-5,
+    and differ from the fp32 path, so an fp32 head would fail), and the gradients equal the plain path's
+    under the same autocast within bf16's rounding (2e-2 relative), returned in fp32."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 64, requires_grad=True)
+    weight = (0.5 * torch.randn(300, 64)).requires_grad_()
+    targets = torch.randint(0, 300, (37,))
+    seq = torch.arange(37) % 4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = token_logps(hidden, weight, targets, chunk_size=8)
+        plain = token_logps_from_logits(hidden @ weight.t(), targets)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=0)
+    assert (chunked - token_logps_from_logits(hidden @ weight.t(), targets)).abs().max() > 1e-3
+    grads = [torch.autograd.grad(sequence_logps(x, seq, 4)[2].sum(), (hidden, weight)) for x in (chunked, plain)]
+    for a, b in zip(*grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=0)
 
 
 def test_sequence_logps_segment_sums():
@@ -281,3 +303,20 @@ def test_smollm2_geometry_chunked_equals_plain(tied):
     grads_plain = torch.autograd.grad(plain[2].sum(), params)
     for a, b in zip(grads_fast, grads_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_mask_is_made_in_autocasts_dtype(tiny):
+    """An fp32 model's prefix-shared mask is built in bf16 inside a bf16 autocast region (so no attention
+    layer casts it again) and in fp32 outside; both allow the same keys."""
+    from preftune.attention import decoder_mask
+    from preftune.data.collate import collate_prefix_shared
+    from preftune.data.rows import TokenizedPair
+
+    batch = collate_prefix_shared([TokenizedPair([1, 5, 9], [40, 41], [50], key="0"),
+                                   TokenizedPair([1, 7], [60], [70, 71, 72], key="1")], 0)
+    args = (tiny, None, batch["position_ids"], batch["blocks"], batch["segments"])
+    plain = decoder_mask(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = decoder_mask(*args)
+    assert (plain.dtype, mixed.dtype) == (torch.float32, torch.bfloat16)
+    assert torch.equal(plain == 0, mixed == 0)

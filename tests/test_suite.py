@@ -139,3 +139,48 @@ def test_checked_accuracy_counts_only_checkable_rows():
     assert entry["correct"] == 2 and entry["n"] == 3
     assert entry["accuracy"] == pytest.approx(2 / 3)
     assert entry["ci_low"] == pytest.approx(0.2077, abs=1e-3) and entry["ci_high"] == pytest.approx(0.9385, abs=1e-3)
+
+
+@pytest.mark.parametrize("reference_kind", ["copy", "adapter"])
+def test_rewards_and_kl_in_one_pass_equal_the_two_passes(tokenizer, reference_kind):
+    """eval/kl.py's ``rewards_and_kl`` against ``evaluate_rewards`` and ``token_kl`` run apart, on 5 rows in
+    batches of 2 (the last one short) that fit untruncated: the same reward figures (1e-6) and KL (1e-5,
+    token and row means, token and row counts), with the reference a second model or the policy's own base
+    under LoRA adapters switched off; each model's decoder runs once per batch, not twice."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.data.rows import PreferenceRow
+    from preftune.eval.kl import rewards_and_kl, token_kl
+    from preftune.eval.rewards import evaluate_rewards
+
+    rows = [PreferenceRow(f"Question {i}: what is {i} + {i}?", f"It is {2 * i}, of course.", f"{i}?") for i in range(4)]
+    rows.append(PreferenceRow([{"role": "user", "content": "Name a colour."}], "Blue, like the sky.", "Dog."))
+    cfg = config_from_dict({"data": {"source": "embedded:prefs", "max_length": 64, "max_prompt_length": 32},
+                            "eval": {"batch_size": 2}})
+    policy, _ = tiny_llama(seed=1)
+    if reference_kind == "copy":
+        reference, _ = tiny_llama(seed=2)
+        reference.eval()
+    else:
+        torch.manual_seed(0)
+        policy = get_peft_model(policy, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)  # fresh LoRA B is zero: make the adapter matter
+        reference = "adapter"
+    policy.eval()
+    calls = []
+    decoder = (policy.get_base_model() if reference == "adapter" else policy).get_decoder()
+    handle = decoder.register_forward_hook(lambda *_: calls.append(1))
+    rewards, kl = rewards_and_kl(policy, tokenizer, reference, rows, cfg)
+    handle.remove()
+    assert len(calls) == (6 if reference == "adapter" else 3)  # 3 batches: policy (and adapter-off reference)
+    apart = evaluate_rewards(policy, tokenizer, reference, rows, cfg)
+    assert rewards.keys() == apart.keys()
+    for k in rewards:
+        assert rewards[k] == pytest.approx(apart[k], abs=1e-6), k
+    expected = token_kl(policy, reference, tokenizer, rows, 64, 32, batch_size=3)
+    assert (kl["tokens"], kl["rows"]) == (expected["tokens"], expected["rows"]) == (kl["tokens"], 5)
+    assert kl["kl"] == pytest.approx(expected["kl"], abs=1e-5) and kl["kl"] > 1e-3
+    assert kl["kl_row_mean"] == pytest.approx(expected["kl_row_mean"], abs=1e-5)

@@ -106,12 +106,33 @@ def test_block_problems(sweep, message):
 # ---------------------------------------------------------------- SFT sharing
 
 
-def test_sft_key_ignores_dpo_and_eval_but_not_sft_inputs():
+def test_sft_key_ignores_dpo_side_keys_but_not_sft_inputs():
+    """Precision and LoRA are DPO-side, like beta and the loss: the study's three variants (fp32 full,
+    bf16 full, bf16 LoRA) start DPO from one SFT model."""
     runs = dict(expand(_raw({"dpo.beta": [0.1, 0.5], "dpo.loss": ["sigmoid", "ipo"], "eval.tasks": [[], ["x"]]})))
     assert len({sft_key(c) for c in runs.values()}) == 1
-    for axis in ({"sft.lr": [1e-4, 2e-4]}, {"lora": [True, False]}, {"data.max_length": [384, 512]},
-                 {"seed": [0, 1]}, {"precision": ["fp32", "bf16"]}):
+    for axis in ({"lora": [True, False]}, {"precision": ["fp32", "bf16"]}, {"lora.r": [8, 16]}):
+        assert len({sft_key(c) for _, c in expand(_raw(axis))}) == 1, axis
+    for axis in ({"sft.lr": [1e-4, 2e-4]}, {"data.max_length": [384, 512]}, {"seed": [0, 1]}):
         assert len({sft_key(c) for _, c in expand(_raw(axis))}) == 2, axis
+
+
+def test_plan_says_which_run_trains_the_shared_sft_and_which_sft_differs(tmp_path, monkeypatch):
+    from preftune.sweep import run_sweep
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    raw = _e2e_raw(tmp_path)
+    raw["sweep"] = {"variants": [{"name": "fp32-full", "precision": "fp32", "lora": False},
+                                 {"name": "bf16-lora", "precision": "bf16", "lora": True},
+                                 {"name": "other-sft", "sft.lr": 3e-4}]}
+    printed: list[str] = []
+    state = run_sweep(raw, dry_run=True, echo=printed.append)
+    est = {r["name"]: r["estimate"] for r in state["runs"]}
+    assert est["fp32-full"]["sft_trains_for"] == "bf16-lora (fp32, lora off)"
+    assert est["bf16-lora"]["sft_shared_with"] == "fp32-full" and est["bf16-lora"]["sft"] == 0
+    assert est["other-sft"]["sft_differs"] == "own SFT: differs from fp32-full's in sft.lr"
+    assert "own SFT: differs from fp32-full's in sft.lr" in printed[0]
+    assert "sft trained here for bf16-lora (fp32, lora off)" in printed[0]
 
 
 def test_sft_key_ignores_preference_data_when_sft_has_its_own():
@@ -239,6 +260,36 @@ def test_sweep_2x2_pays_reference_and_base_eval_once_resumes_and_reports(tmp_pat
         assert f"| {fmt(ev['rewards']['rewards/accuracies'])} |" in row
         assert any(line.startswith(f"| {n} | dpo |") for line in sections["Evaluation"].splitlines())
         assert f"{n}/dpo" in sections["Held-out loss by beta"]
+
+
+@pytest.mark.e2e
+def test_variants_over_precision_and_lora_train_sft_once(tmp_path, monkeypatch):
+    """fp32 full, bf16 full and bf16 LoRA: one SFT stage, trained once (in fp32, full, by the first
+    run), linked by the other two, whose DPO stages start from its final model."""
+    import preftune.train
+    from preftune.sweep import run_sweep
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    stages = []
+    real = preftune.train.run_stage
+    monkeypatch.setattr("preftune.pipeline.run_stage", lambda cfg, stage, *a, **kw: (
+        stages.append((stage, cfg.precision, cfg.lora.enabled)), real(cfg, stage, *a, **kw))[1])
+    raw = _e2e_raw(tmp_path)
+    raw["eval"] = {"winrate": {"enabled": False}, "heldout": {"enabled": False}, "tasks": [], "kl": False}
+    raw["sweep"] = {"variants": [{"name": "fp32-full", "precision": "fp32", "lora": False},
+                                 {"name": "bf16-full", "precision": "bf16", "lora": False},
+                                 {"name": "bf16-lora", "precision": "bf16", "lora": True}]}
+    state = run_sweep(raw, echo=lambda *_: None)
+    assert [s for s in stages if s[0] == "sft"] == [("sft", "fp32", False)]
+    assert [s for s in stages if s[0] == "dpo"] == [("dpo", "fp32", False), ("dpo", "bf16", False),
+                                                    ("dpo", "bf16", True)]
+    assert [r["result"]["sft_trained_here"] for r in state["runs"]] == [True, False, False]
+    root = tmp_path / "sweep" / "runs"
+    shared = {(root / n / "sft").resolve() for n in ("fp32-full", "bf16-full", "bf16-lora")}
+    assert len(shared) == 1
+    for n in ("bf16-full", "bf16-lora"):
+        run = json.loads((root / n / "dpo" / "run.json").read_text())
+        assert Path(run["base_model"]).resolve() == (next(iter(shared)) / "final").resolve()
 
 
 # ---------------------------------------------------------------- dry run

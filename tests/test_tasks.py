@@ -92,3 +92,11 @@ def test_shipped_task_runs_from_the_lm_eval_cli_in_another_folder(tiny_model_dir
     (results,) = out.rglob("results_*.json")
     row = json.loads(results.read_text())["results"]["preftune_mc"]
     assert 0 <= row["acc,none"] <= 1 and row["acc,none"] * 6 == round(row["acc,none"] * 6)
+
+
+def test_the_study_task_set_expands_in_place():
+    from preftune.eval.tasks import STUDY_TASKS, resolve_tasks
+
+    names, _, needs_lm_eval_tasks = resolve_tasks(["embedded:mc", "study:downstream"])
+    assert names == ["preftune_mc", *STUDY_TASKS] and needs_lm_eval_tasks
+    assert "arc_challenge" in STUDY_TASKS and len(STUDY_TASKS) == 8

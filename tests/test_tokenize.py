@@ -54,9 +54,13 @@ def test_render_prompt_uses_chat_template_with_generation_prompt(tokenizer):
     assert render_prompt("Hi", tokenizer).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_render_prompt_plain_text_without_template(plain_tokenizer):
+def test_render_prompt_hh_transcript_without_template(plain_tokenizer):
+    """Without a chat template, messages render as HH's transcript (a leading system message is its bare
+    text first, a later one a ``System:`` turn); a plain string prompt stays as it is."""
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
-    assert render_prompt(msgs, plain_tokenizer) == "User: Hi\n\nAssistant: Hello\n\nUser: 2+2?\n\nAssistant:"
+    assert render_prompt(msgs, plain_tokenizer) == "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: 2+2?\n\nAssistant:"
+    system = [{"role": "system", "content": "Be brief."}, msgs[0], {"role": "system", "content": "Be kind."}]
+    assert render_prompt(system, plain_tokenizer) == "Be brief.\n\nHuman: Hi\n\nSystem: Be kind.\n\nAssistant:"
     assert render_prompt("Q: 2+2?\nA:", plain_tokenizer) == "Q: 2+2?\nA:"
 
 
@@ -287,3 +291,80 @@ def test_chat_template_that_is_neither_text_nor_a_file_is_a_clear_error(tmp_path
 
     with pytest.raises(PreftuneError, match="data.chat_template: .*neither a Jinja template"):
         chat_template_text(str(tmp_path / "missing.jinja"))
+
+
+# ---------------------------------------------------------------- base models: HH's own transcript
+
+HH_RECORDS = [
+    {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: It is 6.",
+     "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: It is 7."},
+    {"chosen": "Answer briefly.\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+     "rejected": "Answer briefly.\n\nHuman: Capital of France?\n\nAssistant: London."},
+]
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory):
+    """A saved tiny random Llama whose tokenizer has no chat template, as a base model (Pythia) has none."""
+    from preftune.embedded import tiny_llama
+
+    path = tmp_path_factory.mktemp("base")
+    model, tok = tiny_llama()
+    tok.chat_template = None
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rec", HH_RECORDS, ids=["multi-turn", "system-text"])
+def test_base_model_renders_hh_rows_in_hh_form_for_training_and_generation(base_model_dir, rec):
+    """An HH row (parsed into turns by the hh format) renders back to HH's own text on a model without a
+    chat template: the prompt is ``chosen`` up to its last ``\\n\\nAssistant:``, the reply follows after
+    a space, so prompt + completion ids decode to the record's ``chosen`` (plus EOS). SFT labels score the
+    reply only; generation's prompt ids are training's, token for token."""
+    from preftune.data.collate import collate_sft
+    from preftune.data.formats import hh
+    from preftune.eval.generate import prompt_ids
+    from preftune.model import load_tokenizer
+
+    tok = load_tokenizer(str(base_model_dir))
+    assert not tok.chat_template
+    row = hh(rec)
+    hh_prompt = rec["chosen"][: rec["chosen"].rfind("\n\nAssistant:")] + "\n\nAssistant:"
+    assert render_prompt(row.prompt, tok) == hh_prompt and "User:" not in hh_prompt
+    data = DataConfig(max_length=128, max_prompt_length=96)
+    (pair,) = tokenize([row], tok, data, RowKind.PREFERENCE).items
+    assert pair.prompt_ids == tok.encode(hh_prompt, add_special_tokens=False)
+    assert tok.decode(pair.prompt_ids + pair.chosen_ids) == rec["chosen"] + tok.eos_token
+    assert tok.decode(pair.prompt_ids + pair.rejected_ids) == rec["rejected"] + tok.eos_token
+    (sft,) = tokenize([SFTRow(row.prompt, row.chosen)], tok, data, RowKind.SFT).items
+    batch = collate_sft([sft], tok.pad_token_id)
+    scored = batch["score_target"].tolist()
+    assert sft.prompt_ids == pair.prompt_ids and scored == sft.completion_ids == pair.chosen_ids
+    assert tok.decode(scored) == rec["chosen"][len(hh_prompt):] + tok.eos_token  # the prompt is masked
+    assert prompt_ids(row.prompt, tok, data.max_prompt_length) == pair.prompt_ids
+
+
+def test_chat_template_setting_wins_over_the_hh_default(base_model_dir):
+    """``data.chat_template`` on a model without a template renders by the given template, not HH's
+    form (over a model's own template: ``test_chat_template_setting_renders_rows_by_the_given_template``)."""
+    from preftune.data.formats import hh
+    from preftune.model import load_tokenizer
+
+    row = hh(HH_RECORDS[0])
+    tok = load_tokenizer(str(base_model_dir), chat_template=BRACKETS)
+    expected = "[user] What is 2+2?\n[assistant] 4.\n[user] And 3+3?\n[assistant] "
+    assert render_prompt(row.prompt, tok) == expected
+    assert one(row, tok, 128, 96).prompt_ids == tok.encode(expected, add_special_tokens=False)
+
+
+def test_cache_keys_name_the_rendering(tokenizer, plain_tokenizer):
+    """The tokenized-row and reference caches key on :func:`template_digest`: a templated model's digest
+    is its template's hash (as before, so its caches stay valid); a model without one is keyed by the HH
+    form, so ids cached under the earlier ``User:`` rendering (keyed by the empty template) are not reused."""
+    import hashlib
+
+    from preftune.data.tokenize import template_digest
+
+    assert template_digest(tokenizer) == hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+    assert template_digest(plain_tokenizer) != hashlib.sha256(b"").hexdigest()

@@ -245,6 +245,44 @@ def test_dpo_losses_match_trl(models, dataset, case):
     assert abs(expected["rewards/margins"]) > 1e-3  # a real, non-trivial comparison
 
 
+BF16_TOL = {"loss": 5e-5, "rewards/": 5e-5, "logps/": 5e-5}
+"""bf16 tolerances, absolute. Both sides run the same bf16 matmuls and take the log-softmax in fp32; on
+the tiny model they agree to about 1e-5 (what is left is the order of the fp32 sums: TRL's full logits
+against preftune's chunked head at the scored positions). bf16 itself moves the log-prob sums away from
+fp32's by 3e-4 (bf16 weights) to 1e-3 (autocast) here (checked: more than 2.5e-4, five times the bound),
+so a side left in fp32 fails it."""
+
+
+def _bf16_models(models, precision: str):
+    """bf16 copies of policy and reference for ``bf16``; the fp32 models (under autocast) otherwise."""
+    policy, reference, tok = models
+    if precision == "bf16":
+        return copy.deepcopy(policy).to(torch.bfloat16), copy.deepcopy(reference).to(torch.bfloat16), tok
+    return models
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+@pytest.mark.parametrize("case", ["sigmoid", "ipo", "rpo"])
+def test_dpo_matches_trl_in_bf16(models, dataset, case, precision):
+    """The same comparison in bf16, within :data:`BF16_TOL`: ``bf16-mixed`` runs both sides on the fp32
+    models inside ``torch.autocast("cpu", bfloat16)`` (what TRL's ``bf16=True`` and preftune's
+    ``bf16-mixed`` train under), ``bf16`` on bf16 copies of the weights; preftune's chunked head (its
+    matmuls in bf16) and plain path, padded and prefix-shared."""
+    trl_kwargs, our_kwargs = DPO_CASES[case]
+    fp32, _ = trl_dpo(models, dataset, **trl_kwargs)
+    models = _bf16_models(models, precision)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
+        layouts = {"padded": padded, "collate:prefix_shared": collate_layouts()["collate:collate_prefix_shared"]}
+        for name, layout in layouts.items():
+            for chunked in (True, False):
+                got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
+                for key in DPO_KEYS:
+                    tol = next(t for prefix, t in BF16_TOL.items() if key.startswith(prefix))
+                    assert got[key] == pytest.approx(expected[key], abs=tol), (name, chunked, key)
+    assert max(abs(expected[k] - fp32[k]) for k in ("logps/chosen", "logps/rejected")) > 2.5e-4  # really bf16
+
+
 @pytest.mark.parametrize("case", list(MORE_CASES))
 def test_every_trl_loss_type_and_option_matches(models, dataset, case):
     """Every other TRL 1.16 loss type, both combination forms (a list with weights; names with

@@ -200,13 +200,24 @@ def _layer_windows(config: Any) -> dict[str, int | None] | None:
     return {t: window if t == "sliding_attention" else None for t in set(config.layer_types or ["full_attention"])}
 
 
+def mask_dtype(lm: Any) -> torch.dtype:
+    """The dtype attention computes in: the model's, or autocast's (bf16) for an fp32 model inside an
+    autocast region. An additive mask made in it once is not cast again in every layer (30 casts of a
+    ``[B, 1, T, T]`` mask per forward on SmolLM2, and as many in backward)."""
+    weight = lm.get_input_embeddings().weight
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 def decoder_mask(lm: Any, attention_mask: Tensor | None, position_ids: Tensor | None,
                  blocks: Tensor | None, segments: Tensor | None) -> Tensor | BlockMask | dict | None:
     """The mask handed to the decoder of ``lm`` (a transformers ``*ForCausalLM``).
 
     For a shared-layout batch (``blocks`` given) it is built here from ``blocks``, ``segments`` and
     ``position_ids`` on their device, whatever ``attention_mask`` holds: a ``BlockMask`` under
-    flex_attention, else the dense additive mask in the model's dtype; windowed on sliding-window
+    flex_attention, else the dense additive mask in :func:`mask_dtype`; windowed on sliding-window
     layers; a dict ``{layer type: mask}`` for decoders that take one (:data:`TESTED_ARCHITECTURES`).
     Any other mask goes through :func:`_prepare_mask`."""
     if blocks is None:
@@ -217,7 +228,7 @@ def decoder_mask(lm: Any, attention_mask: Tensor | None, position_ids: Tensor | 
     def build(window: int | None) -> Tensor | BlockMask:
         if flex:
             return shared_block_mask(blocks, segments, position_ids, window)
-        return shared_mask(blocks, segments, position_ids, window).to(lm.get_input_embeddings().weight.dtype)
+        return shared_mask(blocks, segments, position_ids, window).to(mask_dtype(lm))
 
     windows = _layer_windows(config)
     if windows is None:
@@ -226,12 +237,12 @@ def decoder_mask(lm: Any, attention_mask: Tensor | None, position_ids: Tensor | 
 
 
 def _prepare_mask(attention_mask: Tensor | None, lm: Any) -> Tensor | None:
-    """A 4D mask is made additive in the model's dtype, and a fully masked query row (padding) gets its
+    """A 4D mask is made additive in :func:`mask_dtype`, and a fully masked query row (padding) gets its
     diagonal opened. Without that, eager attention turns such a row into NaN, and the NaN reaches real
     tokens in the next layer through ``0 * NaN`` in ``probs @ V`` (the row itself is never scored)."""
     if attention_mask is None or attention_mask.dim() != 4:
         return attention_mask
-    dtype = lm.get_input_embeddings().weight.dtype
+    dtype = mask_dtype(lm)
     if attention_mask.dtype == torch.bool:
         attention_mask = torch.zeros(
             attention_mask.shape, dtype=dtype, device=attention_mask.device

@@ -5,6 +5,8 @@ the plain full-logits path it must equal, and the segment sums. Losses live in l
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -28,65 +30,79 @@ class _ChunkedTokenLogps(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T + bias)[n, targets[n]]`` over row chunks.
 
     Forward keeps only the per-row log-sum-exp ``[N]``; backward recomputes each chunk's logits and
-    uses ``d logp_n / d z_nv = 1[v = t_n] - softmax(z_n)_v``. Matmuls run in the hidden states' dtype
-    (bf16 stays bf16 on the tensor cores); log-softmax and the gradient of the logits in fp32 (or
-    float64 for float64 inputs); ``grad_weight``/``grad_bias`` accumulate in that precision."""
+    uses ``d logp_n / d z_nv = 1[v = t_n] - softmax(z_n)_v``. The three matmuls of a chunk (logits,
+    ``grad_hidden``, ``grad_weight``) run in ``mm_dtype`` (bf16 under bf16 autocast or for bf16
+    weights: the CPU's AMX and the GPU's tensor cores); log-softmax and the gradient of the logits in
+    fp32 (float64 for float64 inputs); ``grad_weight``/``grad_bias`` are summed over chunks in that
+    precision and returned in the weight's dtype, ``grad_hidden`` in the hidden states' dtype."""
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int
+        ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int,
+        mm_dtype: torch.dtype,
     ) -> Tensor:
         acc = _fp32_at_least(hidden.dtype)
-        w = weight.to(hidden.dtype)
-        b = bias.to(hidden.dtype) if bias is not None else None
+        h_mm, w, b = hidden.to(mm_dtype), weight.to(mm_dtype), bias.to(mm_dtype) if bias is not None else None
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk_size):
                 e = s + chunk_size
-                logits = _logits(hidden[s:e], w, b).to(acc)
+                logits = _logits(h_mm[s:e], w, b).to(acc)
                 lse[s:e] = torch.logsumexp(logits, dim=-1)
                 out[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(h_mm, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.hidden_dtype = chunk_size, hidden.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        acc = lse.dtype
-        w = weight.to(hidden.dtype)
-        b = bias.to(hidden.dtype) if bias is not None else None
+        h_mm, weight, bias, targets, lse = ctx.saved_tensors
+        acc, mm = lse.dtype, h_mm.dtype
+        w = weight.to(mm)
+        b = bias.to(mm) if bias is not None else None
         need_h, need_w, need_b = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             bias is not None and ctx.needs_input_grad[2],
         )
-        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_hidden = torch.empty(h_mm.shape, dtype=ctx.hidden_dtype, device=h_mm.device) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, hidden.shape[0], ctx.chunk_size):
+        with torch.autocast(h_mm.device.type, enabled=False):
+            for s in range(0, h_mm.shape[0], ctx.chunk_size):
                 e = s + ctx.chunk_size
-                h = hidden[s:e]
+                h = h_mm[s:e]
                 g = grad_out[s:e, None].to(acc)
                 dlogits = (
                     _logits(h, w, b).to(acc).sub_(lse[s:e, None]).exp_().mul_(-g)
                 )  # -g * softmax, [c, V]
                 dlogits.scatter_add_(1, targets[s:e, None], g)  # g * (onehot - softmax)
-                if need_h:
-                    grad_hidden[s:e] = dlogits.to(hidden.dtype) @ w
-                if need_w:
-                    grad_weight.addmm_(dlogits.t(), h.to(acc))
                 if need_b:
                     grad_bias += dlogits.sum(0)
+                dlogits = dlogits.to(mm)
+                if need_h:
+                    grad_hidden[s:e] = dlogits @ w
+                if need_w:
+                    grad_weight += dlogits.t() @ h
         return (
             grad_hidden,
             grad_weight.to(weight.dtype) if need_w else None,
             grad_bias.to(bias.dtype) if need_b else None,
             None,
             None,
+            None,
         )
+
+
+def matmul_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the LM head's matmuls run in: autocast's (bf16) for fp32 hidden states inside an
+    autocast region, else the hidden states' own. The chunked head turns autocast off inside, so it
+    decides here what autocast would have done for ``hidden @ weight.T``."""
+    device = hidden.device.type
+    if hidden.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -101,7 +117,8 @@ def token_logps(
     hidden ``[N, H]`` (the final hidden states at the scored positions), weight ``[V, H]`` (tied or
     untied LM head), bias ``[V]`` or None, targets ``[N]`` long -> ``[N]`` fp32 (float64 for float64
     input). Peak extra memory is one chunk of ``chunk_size x V`` fp32 logits in forward and backward;
-    the default chunk holds ``CHUNK_ELEMENTS`` logits. Differentiable in ``hidden``, ``weight``, ``bias``."""
+    the default chunk holds ``CHUNK_ELEMENTS`` logits. Differentiable in ``hidden``, ``weight``, ``bias``.
+    The matmuls follow autocast (:func:`matmul_dtype`)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise PreftuneError(
             f"token_logps: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match"
@@ -109,7 +126,7 @@ def token_logps(
     if targets.shape != hidden.shape[:1]:
         raise PreftuneError(f"token_logps: {targets.shape[0]} targets for {hidden.shape[0]} hidden rows")
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk_size, matmul_dtype(hidden))
 
 
 def token_logps_from_logits(logits: Tensor, targets: Tensor) -> Tensor:
@@ -171,6 +188,9 @@ class SequenceLogps(nn.Module):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.on_scored: Callable[[Tensor], None] | None = None
+        """Called (chunked path only) with the detached final hidden states at the scored positions
+        ``[N, H]``, in ``score_index`` order: evaluation reuses them (eval/kl.py's one pass)."""
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -219,6 +239,8 @@ class SequenceLogps(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, score_index)
+        if self.on_scored is not None:
+            self.on_scored(scored.detach())
         logps = token_logps(scored, head.weight, score_target, self.chunk_size, head.bias)
         out = sequence_logps(logps, score_seq, num_seqs)
         if sum_sq_probs:

@@ -7,6 +7,7 @@ Every module that reads or writes a run folder asks here; nothing here reads or 
                   sft/merged/  eval/eval.json  eval/curve.json  report/  rounds/round-K/
     round         samples.jsonl  pairs.jsonl  heldout.jsonl  start/  dpo/ (a stage run)  round.json
     sweep         sweep.json  runs/<name>/ (pipeline runs)  shared/sft/<key>/  report/
+    study         its experiments' sweeps  report/ (the findings)
 """
 
 from __future__ import annotations
@@ -140,3 +141,10 @@ class SweepDir(Folder):
 
     def shared_sft(self, key: str) -> StageDir:
         return StageDir(self.root / "shared" / "sft" / key)
+
+
+@dataclass(frozen=True)
+class StudyDir(Folder):
+    """The study's folder (study.py): its experiments' sweeps and the findings report."""
+
+    report_dir = property(lambda self: self.root / "report")

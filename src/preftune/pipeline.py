@@ -12,6 +12,7 @@ from preftune.card import update_card
 from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
 from preftune.eval.curve import evaluate_curve
+from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
 from preftune.model import is_adapter, merge_adapter, model_folder, pinned_model
@@ -61,6 +62,7 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     check_writable(run.root)
     clean_stale(run.root)
     run.config.write_text(to_yaml(cfg))
+    preflight_judge(cfg.eval.winrate)  # an unusable LLM judge stops the run before any training
     dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
 
     records = []

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from preftune.data.tokenize import template_digest
 from preftune.env import cache_root
 from preftune.errors import PreftuneError
 from preftune.files import disk_errors, remove_stale
@@ -72,7 +73,7 @@ def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint:
     blob = {
         "model": content_digest(resolve_model(model_path)),
         "tokenizer": [tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id],
-        "template": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        "template": template_digest(tokenizer),
         "truncation": [data_cfg.max_length, data_cfg.max_prompt_length],
         "precision": precision,
         "data": fingerprint,

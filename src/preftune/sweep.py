@@ -5,6 +5,8 @@ one after another, then one report over them all. Training, evaluation and the r
 Costs paid once across the runs:
   - SFT: runs whose SFT-relevant config is identical share one SFT stage, trained once in
     ``SWEEP/shared/sft/<hash>/`` and linked as each run's ``sft/`` (``sweep.share_sft: false`` opts out).
+    ``precision`` and ``lora`` are DPO-side (the study ran fp32, bf16 and LoRA DPO from one SFT model):
+    the shared stage trains with the settings of the first run that needs it, and the plan says so.
   - Reference log-probs: reference.py caches them by model, tokenizer, template, truncation, precision
     and data (not beta or loss); sharing the SFT model is what lets runs hit the same entry.
   - The base model's evaluation: eval/suite.py caches generations, held-out loss and task scores by
@@ -49,6 +51,7 @@ from preftune.data.stage import (
     total_steps,
 )
 from preftune.errors import PreftuneError
+from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
 from preftune.model import load_tokenizer, resolve_model
@@ -69,8 +72,9 @@ DEFAULT_TOKENS_PER_SECOND = 50.0
 """Whole-run throughput (trained tokens / wall time of SFT + DPO + evaluation) used for time estimates
 until a run of the sweep has finished: roughly the embedded SmolLM2-135M LoRA pipeline on 2 CPU cores."""
 
-SFT_IRRELEVANT = ("dpo", "eval", "report_to", "output_dir", "sweep", "threads")
-"""Config sections that cannot change the SFT stage's model (``data`` too when ``sft.data`` is set)."""
+SFT_IRRELEVANT = ("dpo", "eval", "report_to", "output_dir", "sweep", "threads", "precision", "lora")
+"""Config sections that do not decide which SFT stage a run shares (``data`` too when ``sft.data`` is
+set). ``precision`` and ``lora`` are the DPO stage's: variants over them start DPO from one SFT model."""
 
 NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -221,17 +225,28 @@ def expand(cfg_raw: dict) -> list[tuple[str, Config]]:
     return [(r.name, r.cfg) for r in plan(cfg_raw)]
 
 
-def sft_key(cfg: Config) -> str | None:
-    """A hash of everything the SFT stage's model depends on; None when SFT is disabled.
-
-    Runs with the same key would train the same SFT model (same data order, seed and settings), so
-    the sweep trains it once."""
-    if not cfg.sft.enabled:
-        return None
+def sft_settings(cfg: Config) -> dict:
+    """The flattened settings that decide a run's SFT stage (all but ``SFT_IRRELEVANT``)."""
     d = to_dict(cfg)
     for k in SFT_IRRELEVANT + (("data",) if cfg.sft.data is not None else ()):
         d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _flatten_axes(d)
+
+
+def sft_key(cfg: Config) -> str | None:
+    """A hash of the settings that decide the SFT stage; None when SFT is disabled.
+
+    Runs with the same key train the same SFT data in the same order with the same settings, so the
+    sweep trains it once (with the first such run's precision and LoRA, which are DPO-side)."""
+    if not cfg.sft.enabled:
+        return None
+    return hashlib.sha256(json.dumps(sft_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sft_difference(cfg: Config, other: Config) -> list[str]:
+    """The SFT-deciding keys whose values differ between two runs (for the plan)."""
+    a, b = sft_settings(cfg), sft_settings(other)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 # ---------------------------------------------------------------- estimates
@@ -271,6 +286,22 @@ def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
     return int(epoch_tokens * total_steps(s, per_epoch) / per_epoch)
 
 
+def sft_note(r: PlannedRun, runs: list[PlannedRun], first_with: dict[str, str], share_sft: bool) -> dict:
+    """What the plan says of a run's SFT stage: shared with an earlier run, trained here for later
+    runs (with which precision and LoRA), or its own, naming the keys in which it differs."""
+    by_name = {x.name: x for x in runs}
+    if share_sft and r.sft_key in first_with:
+        return {"sft_shared_with": first_with[r.sft_key]}
+    note = {}
+    sharers = [x.name for x in runs if x.sft_key == r.sft_key and x is not r] if share_sft else []
+    if sharers:
+        note["sft_trains_for"] = f"{', '.join(sharers)} ({r.cfg.precision}, lora {'on' if r.cfg.lora.enabled else 'off'})"
+    if first_with:
+        first = by_name[next(iter(first_with.values()))]
+        note["sft_differs"] = f"own SFT: differs from {first.name}'s in {', '.join(sft_difference(r.cfg, first.cfg))}"
+    return note
+
+
 def estimate(runs: list[PlannedRun], share_sft: bool) -> None:
     """Fill each run's ``estimate``: tokens per stage (a shared SFT counts for its first run only)."""
     memo: dict = {}
@@ -285,8 +316,7 @@ def estimate(runs: list[PlannedRun], share_sft: bool) -> None:
         if r.cfg.sft.enabled:
             shared = share_sft and r.sft_key in first_with
             est["sft"] = 0 if shared else stage_tokens(r.cfg, "sft", tok, memo)
-            if shared:
-                est["sft_shared_with"] = first_with[r.sft_key]
+            est.update(sft_note(r, runs, first_with, share_sft))
             first_with.setdefault(r.sft_key, r.name)
         if r.cfg.dpo.enabled:
             est["dpo"] = stage_tokens(r.cfg, "dpo", tok, memo)
@@ -386,7 +416,7 @@ def format_plan(runs: list[PlannedRun], throughput: dict, root: Path) -> str:
         secs = tokens / throughput["value"]
         if not done:
             total_tokens, total_s = total_tokens + tokens, total_s + secs
-        note = f"sft shared with {r.estimate['sft_shared_with']}" if "sft_shared_with" in r.estimate else ""
+        note = plan_note(r.estimate)
         over = ", ".join(f"{k}={v}" for k, v in r.overrides.items())
         rows.append((r.name, over, "done" if done else "to run", f"{tokens:,}", _duration(secs), note))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -394,6 +424,16 @@ def format_plan(runs: list[PlannedRun], throughput: dict, root: Path) -> str:
     lines.append(f"\n{len(runs)} run(s) in {root}; to run: {total_tokens:,.0f} tokens, about {_duration(total_s)} "
                  f"at {throughput['value']:,.0f} tokens/s ({throughput['source']}; includes evaluation)")
     return "\n".join(lines)
+
+
+def plan_note(est: dict) -> str:
+    """The SFT sharing of one planned run, as the plan prints it."""
+    if "sft_shared_with" in est:
+        return f"sft shared with {est['sft_shared_with']}"
+    parts = [est["sft_differs"]] if "sft_differs" in est else []
+    if "sft_trains_for" in est:
+        parts.append(f"sft trained here for {est['sft_trains_for']}")
+    return "; ".join(parts)
 
 
 def _duration(s: float) -> str:
@@ -416,6 +456,8 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
                       for r in runs]}
     if dry_run:
         return state
+    for w in {json.dumps(to_dict(r.cfg.eval.winrate), sort_keys=True): r.cfg.eval.winrate for r in runs}.values():
+        preflight_judge(w)  # an unusable LLM judge stops the sweep before any training
     write_json(SweepDir(root).state, state)
     failed = []
     for i, r in enumerate(runs):

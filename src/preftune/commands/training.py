@@ -1,4 +1,4 @@
-"""Training commands: config show, losses, sft, dpo, orpo, merge, pipeline, quickstart, iterate, sweep."""
+"""Training commands: config show, losses, sft, dpo, orpo, merge, pipeline, quickstart, iterate, sweep, study."""
 
 from __future__ import annotations
 
@@ -101,6 +101,16 @@ def sweep(ns) -> int:
     setup_logging()
     raw = apply_overrides(load_raw(ns.config), list(ns.overrides))
     run_sweep(raw, dry_run=ns.dry_run, source=str(ns.config))
+    return 0
+
+
+def study(ns) -> int:
+    """``preftune study [key=value ...] [--embedded] [--only NAME] [--dry-run] [--recipes FOLDER]``."""
+    from preftune.study import RECIPES, run_study
+
+    setup_logging()
+    run_study(Path(ns.recipes) if ns.recipes else RECIPES, only=ns.only, dry_run=ns.dry_run, embedded=ns.embedded,
+              overrides=list(ns.overrides))
     return 0
 
 

@@ -301,6 +301,10 @@ class WinrateConfig:
     ``{response_b}``, or a path to a file holding it; the judge must end with ``Preferred: A|B|tie``."""
     per_category: int = setting(256, AT_LEAST_1)
     """Prompts per category, as in the study."""
+    categories: Literal["rows", "hh"] = "rows"
+    """Where the win-rate prompts and their categories come from: ``rows`` (the held-out rows, by each
+    row's category, else one category ``all``) or ``hh`` (the study's draw: ``per_category`` prompts
+    from each of HH's ``helpful-base`` and ``harmless-base`` test splits of ``data.source``, seeded)."""
     max_new_tokens: int = setting(128, AT_LEAST_1)
     """Generation length cap."""
     temperature: float = setting(0.0, AT_LEAST_0)
@@ -320,7 +324,16 @@ class HeldoutConfig:
     enabled: bool = True
     """Measure held-out LM loss (forgetting)."""
     corpus: str = "embedded:lee"
-    """Plain-text corpus: ``embedded:lee`` or a local .txt/.jsonl file."""
+    """Plain-text corpus: ``embedded:lee``, a local .txt/.jsonl file, or a dataset read through
+    ``datasets`` (streamed): a Hub name (online, e.g. ``cerebras/SlimPajama-627B``) or a local dataset folder."""
+    subset: str | None = None
+    """Dataset configuration name of a ``datasets`` corpus."""
+    split: str = "validation"
+    """Split of a ``datasets`` corpus."""
+    text_column: str = "text"
+    """Column holding the text of a ``datasets`` corpus."""
+    max_documents: int = setting(2000, AT_LEAST_1)
+    """Documents read from a ``datasets`` corpus (the first ones of the split, in order; cached)."""
     chunk_length: int = setting(256, AT_LEAST_1)
     """Tokens per scored chunk."""
     max_chunks: int | None = setting(64, AT_LEAST_1)

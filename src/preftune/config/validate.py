@@ -175,7 +175,20 @@ def _model_problems(model: Any) -> list[str]:
         return [f"model: {model!r} is not a tiny model; the seed after 'tiny:' is a number (tiny:0, tiny:1)"]
     if Path(model).expanduser().is_file():
         return [f"model: {model} is a file; pass the folder that holds the model's config.json"]
+    if _is_btlm(model):
+        return [f"model: {model} (BTLM) is refused: its own code (trust_remote_code) multiplies the output logits "
+                "by a muP scale inside its forward, which the chunked log-prob path (hidden states x lm_head) "
+                "skips, and its ALiBi attention is unchecked against the prefix-shared layouts, so log-probs "
+                "would be silently wrong; the study's recipes (configs/study/) use EleutherAI/pythia-2.8b"]
     return []
+
+
+def _is_btlm(model: str) -> bool:
+    """A BTLM model: by Hub name, or a local folder whose config.json says ``model_type: btlm``."""
+    if "btlm" in model.lower().rsplit("/", 1)[-1]:
+        return True
+    config = Path(model).expanduser() / "config.json"
+    return config.is_file() and '"btlm"' in config.read_text(encoding="utf-8", errors="replace")
 
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9._-]+")

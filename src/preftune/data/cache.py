@@ -19,7 +19,7 @@ import numpy as np
 
 from preftune import embedded
 from preftune.data.rows import TokenizedPair, TokenizedSFT
-from preftune.data.tokenize import RowKind, TokenizeReport, tokenize
+from preftune.data.tokenize import RowKind, TokenizeReport, template_digest, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def cache_key(row_fingerprint: str, tokenizer, data, kind: RowKind) -> str:
     """Everything the tokenized rows depend on."""
     blob = {
         "version": VERSION, "kind": kind, "rows": row_fingerprint, "tokenizer": tokenizer_digest(tokenizer),
-        "template": hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest(),
+        "template": template_digest(tokenizer),
         "truncation": [data.max_length, data.max_prompt_length],
         "mapping": [dict(data.columns or {}), dict(data.roles or {})],
     }

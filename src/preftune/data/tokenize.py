@@ -1,6 +1,7 @@
-"""THE one function that turns rows into token ids, ``tokenize``: prompt rendering (chat template or
-plain text), BOS/EOS, truncation, per-row invariant checks, and the counted drops and cuts (the prompt
-alone, as generation sees it, is ``encode_prompt``). Rows are encoded in batches (the fast tokenizer's batch call, over worker processes); padding and batch
+"""THE one function that turns rows into token ids, ``tokenize``: prompt rendering (chat template, or HH's
+``\n\nHuman: … \n\nAssistant:`` transcript for models without one), BOS/EOS, truncation, per-row invariant
+checks, and the counted drops and cuts (the prompt alone, as generation sees it, is ``encode_prompt``). Rows are
+encoded in batches (the fast tokenizer's batch call, over worker processes); padding and batch
 collation are collate.py's, file reading is sources.py's, the on-disk cache is cache.py's.
 
 Truncation policy (the same for preference pairs and SFT rows):
@@ -30,6 +31,7 @@ Lengths are reported before and after truncation.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing as mp
 import os
 import re
@@ -42,11 +44,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from preftune.data.formats import HH_ASSISTANT
 from preftune.data.rows import Prompt, TokenizedPair, TokenizedSFT
 from preftune.errors import DataError, PreftuneError
 
-PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-"""Role names for plain-text rendering when the tokenizer has no chat template."""
+HH_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+"""Turn names for models without a chat template: Anthropic HH's transcript form, which base models
+such as Pythia were trained on in the study (a role not named here is capitalised)."""
+
+PLAIN_FORM = "preftune:hh-transcript"
+"""The name of that rendering, standing in for a chat template in cache keys (:func:`template_digest`)."""
 
 PERCENTILES = (50, 90, 99)
 
@@ -96,24 +103,35 @@ def use_chat_template(tokenizer, setting: str | None) -> None:
         tokenizer.chat_template = chat_template_text(setting)
 
 
-
 def _check_messages(messages: list, where: str = "prompt") -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataError(f"message {i} must be a mapping with string 'role' and 'content', got {m!r}", field=where)
 
 
-def _plain_text(messages: list[dict[str, str]]) -> str:
-    turns = [f"{PLAIN_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages]
-    return "\n\n".join(turns + ["Assistant:"])
+def template_digest(tokenizer) -> str:
+    """What decides how prompts render, hashed for cache keys: the chat template, or :data:`PLAIN_FORM`."""
+    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or PLAIN_FORM).encode()).hexdigest()
+
+
+def hh_transcript(messages: list[dict[str, str]]) -> str:
+    """Messages as an HH transcript that ends in the assistant's cue, e.g.
+    ``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"``. A leading system message
+    is its bare text, first (HH's parser reads text before the first turn as the system message), so
+    an HH row's prompt renders back to the text it was parsed from; a later one is a ``System:`` turn."""
+    lead = 1 if messages and messages[0]["role"] == "system" else 0
+    head = messages[0]["content"] if lead else ""
+    turns = "".join(f"\n\n{HH_ROLES.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages[lead:])
+    return head + turns + HH_ASSISTANT
 
 
 def render_prompt(prompt: Prompt, tokenizer) -> str:
     """The prompt text exactly as the model sees it at generation time.
 
-    With a chat template: the template with ``add_generation_prompt=True`` (a plain string prompt
-    becomes one user message). Without: a string stays as is; a message list becomes
-    ``"User: ...\\n\\nAssistant: ...\\n\\nAssistant:"`` turns."""
+    With a chat template (the model's, or ``data.chat_template``, which replaces it: see
+    :func:`use_chat_template`): the template with ``add_generation_prompt=True`` (a plain string prompt
+    becomes one user message). Without: a string stays as is; a message list becomes HH's transcript
+    (:func:`hh_transcript`). Training and generation (``eval/generate.py``) both render through here."""
     if isinstance(prompt, list):
         _check_messages(prompt)
     elif not isinstance(prompt, str):
@@ -121,11 +139,11 @@ def render_prompt(prompt: Prompt, tokenizer) -> str:
     if getattr(tokenizer, "chat_template", None):
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return _plain_text(prompt) if isinstance(prompt, list) else prompt
+    return hh_transcript(prompt) if isinstance(prompt, list) else prompt
 
 
 def _completion_text(prompt: Prompt, completion: str, tokenizer) -> str:
-    """Plain-text turns end in ``Assistant:``; the reply follows after a space, as in HH transcripts."""
+    """HH transcripts end in ``Assistant:``; the reply follows after a space, as in HH's own rows."""
     plain_turns = isinstance(prompt, list) and not getattr(tokenizer, "chat_template", None)
     return " " + completion if plain_turns and not completion[:1].isspace() else completion
 

@@ -19,16 +19,20 @@ What is scored, exactly:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
 from preftune.embedded import heldout_corpus_path
+from preftune.env import cache_root, offline
 from preftune.errors import DataError, PreftuneError
 from preftune.eval.stats import bootstrap_mean_ci
+from preftune.files import write_json
 
 LN2 = math.log(2.0)
 
@@ -65,14 +69,61 @@ def _read_lines(path: Path) -> list[str]:
 READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".cor": _read_lines}
 
 
-def load_corpus(spec: str) -> list[str]:
+def looks_like_dataset(spec: str) -> bool:
+    """A local dataset folder, or a Hub name (``owner/name``, no file extension)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return True
+    return not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
+
+
+def dataset_documents(name: str, subset: str | None = None, split: str = "validation", text_column: str = "text",
+                      max_documents: int = 2000) -> list[str]:
+    """The first ``max_documents`` texts of a dataset's split, streamed through ``datasets`` (a Hub name
+    or a local dataset folder: the same code), cached as JSON under the preftune cache so a corpus is
+    read once. Empty texts are skipped."""
+    key = json.dumps([str(Path(name).expanduser().resolve()) if Path(name).expanduser().is_dir() else name,
+                      subset, split, text_column, max_documents])
+    path = cache_root() / "corpora" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))["texts"]
+    where = f"eval.heldout.corpus={name} (split {split!r})"
+    try:
+        stream = datasets.load_dataset(name, subset, split=split, streaming=True)
+        texts = []
+        for i, rec in enumerate(stream, 1):
+            if text_column not in rec:
+                raise PreftuneError(f"{where}: row {i} has no column {text_column!r} (columns: "
+                                    f"{', '.join(rec)}); set eval.heldout.text_column")
+            if isinstance(rec[text_column], str) and rec[text_column].strip():
+                texts.append(rec[text_column])
+            if len(texts) >= max_documents:
+                break
+    except PreftuneError:
+        raise
+    except Exception as e:  # offline, not found, no such split: one actionable message
+        why = "the Hub cannot be reached (HF_HUB_OFFLINE=1)" if offline() else f"{type(e).__name__}: {e}"
+        raise PreftuneError(f"{where}: could not be read through `datasets` ({why}); use a local dataset folder, "
+                            "a .txt/.jsonl file or embedded:lee") from None
+    if not texts:
+        raise PreftuneError(f"{where}: no non-empty {text_column!r} text in the split")
+    write_json(path, {"corpus": name, "subset": subset, "split": split, "texts": texts})
+    return texts
+
+
+def load_corpus(spec: str, subset: str | None = None, split: str = "validation", text_column: str = "text",
+                max_documents: int = 2000) -> list[str]:
     """``embedded:lee`` (gensim's Lee background corpus, one document per line), a local ``.txt``
-    (documents separated by blank lines) or a ``.jsonl`` with a ``text`` field -> list of documents."""
+    (documents separated by blank lines), a ``.jsonl`` with a ``text`` field, or a dataset (a Hub name or
+    a local dataset folder, :func:`dataset_documents`) -> list of documents."""
     if spec == "embedded:lee":
         return _read_lines(heldout_corpus_path())
+    if looks_like_dataset(spec):
+        return dataset_documents(spec, subset, split, text_column, max_documents)
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise PreftuneError(f"held-out corpus not found: {spec} (use embedded:lee, a .txt or a .jsonl file)")
+        raise PreftuneError(f"held-out corpus not found: {spec} (use embedded:lee, a .txt or .jsonl file, a local "
+                            "dataset folder or a Hub dataset name)")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise PreftuneError(f"held-out corpus {spec}: unsupported extension; use .txt (blank-line separated) or .jsonl")

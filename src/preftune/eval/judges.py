@@ -287,6 +287,31 @@ JUDGES: dict[str, Callable[[Any], Judge]] = {
 checks its ``judge`` against it)."""
 
 
+def preflight(w) -> None:
+    """Stop before any training when the configured LLM judge cannot judge: the ``openai`` judge's
+    model is unset, its API key is missing for the default (OpenAI) endpoint, or one short request does
+    not come back with a verdict. Raises JudgeUnavailable naming the setting to fix; other judges pass."""
+    if not w.enabled or w.judge != "openai":
+        return
+    if not w.judge_model:
+        raise JudgeUnavailable("eval.winrate.judge_model is not set: the openai judge needs the judge's model name "
+                               "(e.g. gpt-4, or the name a local OpenAI-compatible server serves)")
+    if not w.base_url and not os.environ.get(w.api_key_env):
+        raise JudgeUnavailable(f"eval.winrate.api_key_env: ${w.api_key_env} is not set, and eval.winrate.base_url is "
+                               f"unset (the default is {DEFAULT_BASE_URL}); export the key, or point "
+                               "eval.winrate.base_url at an OpenAI-compatible server (vLLM, `preftune serve`)")
+    judge = OpenAIJudge(model=w.judge_model, base_url=w.base_url or DEFAULT_BASE_URL, api_key_env=w.api_key_env,
+                        template=_template(w), timeout=20.0, max_retries=1, invalid_retries=0, backoff_base=0.5)
+    try:
+        judge.judge("Say hello.", "Hello!", "", {})
+    except (JudgeUnavailable, InvalidVerdict, PreftuneError) as e:
+        raise JudgeUnavailable(f"eval.winrate.base_url: the judge {w.judge_model!r} at {judge.url} cannot judge ({e}); "
+                               "start the server or fix eval.winrate.base_url / judge_model / api_key_env "
+                               "before training") from None
+    finally:
+        judge.close()
+
+
 def make_judge(w) -> Judge:
     """The judge a ``WinrateConfig`` asks for."""
     if w.judge not in JUDGES:

@@ -1,15 +1,21 @@
 """Drift from the reference: the per-token KL divergence KL(pi || pi_ref) of a model from its reference
 on held-out completions (teacher-forced on the dataset's chosen responses), over the full vocabulary
 at every completion position, averaged over tokens. The DPO paper's reward-KL frontier plots reward
-against it."""
+against it. The suite takes it in the same pass as reward accuracy (:func:`rewards_and_kl`)."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from preftune.config import Config
 from preftune.data.rows import PreferenceRow, SFTRow
 from preftune.data.tokenize import Limits, RowKind, tokenize
+from preftune.errors import PreftuneError
 from preftune.eval.generate import forward_names, left_pad
+from preftune.eval.rewards import evaluate_batches, reward_figures, reward_inputs
+from preftune.logprobs import default_chunk_size
+from preftune.methods import METHODS
 
 
 def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int):
@@ -62,3 +68,56 @@ def token_kl(model, reference, tokenizer, rows: list[PreferenceRow], max_length:
     return {"kl": total / tokens if tokens else None,
             "kl_row_mean": sum(row_means) / len(row_means) if row_means else None,
             "tokens": tokens, "rows": len(row_means)}
+
+
+def _kl_from_hidden(hp: Tensor, head_p, hq: Tensor, head_q) -> Tensor:
+    """Per-position ``KL(p || q)`` over the vocabulary ``[N]`` fp32 from each model's final hidden
+    states ``[N, H]`` and its LM head, in row chunks of about ``CHUNK_ELEMENTS`` logits."""
+    step = default_chunk_size(head_p.weight.shape[0])
+    out = [hp.new_zeros(0, dtype=torch.float32)]
+    for s in range(0, hp.shape[0], step):
+        logp = torch.log_softmax(head_p(hp[s : s + step]).float(), -1)
+        logq = torch.log_softmax(head_q(hq[s : s + step]).float(), -1)
+        out.append((logp.exp() * (logp - logq)).sum(-1))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def rewards_and_kl(model, tokenizer, reference_model, rows: list[PreferenceRow], cfg: Config) -> tuple[dict, dict]:
+    """Reward accuracy (as ``evaluate_rewards``) and the per-token KL(model || reference) on the chosen
+    completions (as :func:`token_kl`) from ONE pass of the model and of its reference over the rows'
+    pair batches: each forward hands over its final hidden states at the scored positions, and the
+    KL is taken over the full vocabulary at the chosen ones. ``reference_model`` is a model or
+    ``"adapter"``; the chunked log-prob path (``dpo.chunked_logps``) is needed, and a loss with a
+    reference. Rows whose pair does not tokenize are left out of both (token_kl keeps a row whose
+    chosen alone fits)."""
+    policy, reference, batches = reward_inputs(model, tokenizer, reference_model, rows, cfg)
+    if reference is None or not cfg.dpo.chunked_logps:
+        raise PreftuneError("rewards_and_kl needs a loss with a reference and dpo.chunked_logps=true")
+    seen: list[Tensor] = []
+    heads = (policy.causal_lm.get_output_embeddings(), reference.module.causal_lm.get_output_embeddings())
+    sums = {"total": 0.0, "tokens": 0, "row_means": []}
+
+    def after(batch: dict) -> None:
+        if len(seen) != 2:
+            raise PreftuneError(f"rewards_and_kl: expected one reference and one policy pass per batch, saw {len(seen)}")
+        ref_hidden, hidden = seen  # evaluate_batches runs the reference first
+        seen.clear()
+        chosen = batch["score_seq"] < batch["num_pairs"]
+        per_token = _kl_from_hidden(hidden[chosen], heads[0], ref_hidden[chosen], heads[1])
+        seq = batch["score_seq"][chosen]
+        row_sums = per_token.new_zeros(batch["num_pairs"]).index_add(0, seq, per_token)
+        counts = torch.bincount(seq, minlength=batch["num_pairs"])
+        sums["total"] += float(per_token.sum())
+        sums["tokens"] += per_token.numel()
+        sums["row_means"] += [float(s / c) for s, c in zip(row_sums, counts) if c > 0]
+
+    policy.on_scored = reference.module.on_scored = seen.append
+    try:
+        out = evaluate_batches(policy, batches, METHODS["dpo"], cfg.dpo, reference, after_batch=after)
+    finally:
+        policy.on_scored = reference.module.on_scored = None
+    means = sums["row_means"]
+    kl = {"kl": sums["total"] / sums["tokens"] if sums["tokens"] else None,
+          "kl_row_mean": sum(means) / len(means) if means else None, "tokens": sums["tokens"], "rows": len(means)}
+    return reward_figures(out), kl

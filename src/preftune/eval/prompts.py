@@ -1,12 +1,19 @@
 """Judge prompt templates (dialogue and summarization, after the DPO paper's GPT-4 setup, in our own
-words), rendering with the ``{prompt}``, ``{response_a}``, ``{response_b}`` placeholders, and parsing
-the judge's final ``Preferred: A|B|tie`` line."""
+words), rendering with the ``{prompt}``, ``{response_a}``, ``{response_b}`` placeholders, parsing
+the judge's final ``Preferred: A|B|tie`` line, and the study's judged prompts: HH's helpful and harmless
+categories, drawn from their own test splits."""
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
+import datasets
+
+from preftune.data.formats import RowError, RowFiltered, hh
+from preftune.data.rows import PreferenceRow
+from preftune.env import offline
 from preftune.errors import PreftuneError
 
 PLACEHOLDERS = ("prompt", "response_a", "response_b")
@@ -98,3 +105,43 @@ def parse_verdict(text: str) -> str | None:
         return _BARE[found[-1].lower()]
     bare = (text or "").strip().strip("*\"'`.").lower()
     return _BARE.get(bare)
+
+
+HH_CATEGORIES: dict[str, str] = {"helpful": "helpful-base", "harmless": "harmless-base"}
+"""Win-rate category -> the folder of Anthropic/hh-rlhf it is drawn from (the study: 256 prompts each)."""
+
+
+def draws_hh_categories(winrate, data) -> bool:
+    """Whether ``eval.winrate.categories: hh`` applies to ``data``: an HH source (format ``hh`` or
+    detected), not the embedded data."""
+    return winrate.categories == "hh" and data.format in ("hh", "auto") and not str(data.source).startswith("embedded:")
+
+
+def hh_category_rows(source: str, split: str, per_category: int, seed: int) -> list[PreferenceRow]:
+    """``per_category`` rows from each HH category's own ``split`` (``source``: ``Anthropic/hh-rlhf`` or
+    a local folder with the same ``helpful-base/`` and ``harmless-base/`` subfolders, both read through
+    ``datasets``), drawn by a seeded shuffle, kept in the split's order, with ``meta.category`` set.
+    Records the ``hh`` format rejects (chosen == rejected, an empty reply) are passed over."""
+    rows: list[PreferenceRow] = []
+    for category, folder in HH_CATEGORIES.items():
+        where = f"eval.winrate.categories=hh: {source} ({folder}, split {split!r})"
+        try:
+            records = datasets.load_dataset(source, data_dir=folder, split=split)
+        except Exception as e:  # offline, not found, no such folder or split: one actionable message
+            why = "the Hub cannot be reached (HF_HUB_OFFLINE=1)" if offline() else f"{type(e).__name__}: {e}"
+            raise PreftuneError(f"{where}: could not be read ({why}); data.source must be Anthropic/hh-rlhf or a "
+                                f"local folder holding {' and '.join(HH_CATEGORIES.values())}/") from None
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        picked: list[tuple[int, PreferenceRow]] = []
+        for i in order:
+            if len(picked) == per_category:
+                break
+            try:
+                picked.append((i, hh({**records[i], "category": category})))
+            except (RowError, RowFiltered):
+                continue
+        if not picked:
+            raise PreftuneError(f"{where}: no usable HH rows")
+        rows.extend(row for _, row in sorted(picked, key=lambda p: p[0]))
+    return rows

@@ -59,10 +59,11 @@ class WeightedMeans:
 
 @torch.no_grad()
 def evaluate_batches(policy, batches: list[dict], method, stage_cfg, reference, keep: list[bool] | None = None,
-                     reduce_sum=None, progress: bool = False) -> dict:
+                     reduce_sum=None, progress: bool = False, after_batch: Callable[[dict], None] | None = None) -> dict:
     """Metrics of ``method`` over ``batches`` (no gradients), weighted by ``method.units``; a batch
     with ``keep[i]`` False runs (so every rank makes the same forward calls) but weighs nothing.
-    ``reduce_sum`` all-reduces the sums across ranks; ``progress`` shows a bar."""
+    ``reduce_sum`` all-reduces the sums across ranks; ``progress`` shows a bar; ``after_batch(batch)``
+    runs after each batch's reference and policy passes."""
     acc = WeightedMeans()
     was_training = policy.training
     policy.eval()
@@ -73,16 +74,16 @@ def evaluate_batches(policy, batches: list[dict], method, stage_cfg, reference, 
         real = keep is None or keep[i]
         metrics = {k: float(v) for k, v in metrics.items()} | {"loss": float(loss)}
         acc.add(metrics, method.units(batch) if real else 0, batch["num_pairs"] if real else 0)
+        if after_batch is not None:
+            after_batch(batch)
     policy.train(was_training)
     return acc.reduced(reduce_sum).means()
 
 
-def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> dict:
-    """``rewards/accuracies`` and margins of ``model`` against ``reference_model`` on preference rows,
-    through the training core's own step function (used by ``preftune eval rewards``).
-
-    ``reference_model``: a model, ``"adapter"`` (``model`` with its adapters disabled), or None for
-    reference-free losses."""
+def reward_inputs(model, tokenizer, reference_model, rows, cfg: Config):
+    """``(policy, reference, batches)`` for :func:`evaluate_rewards`: the model as a ``SequenceLogps``,
+    its reference strategy (None, ``adapter`` or a frozen copy) and the rows' pair batches in the
+    layout training would use, ``eval.batch_size`` pairs each."""
     items = tokenize(rows, tokenizer, cfg.data, RowKind.PREFERENCE).items
     layout = choose_layout(cfg.dpo.layout, model)
     policy = SequenceLogps(model)
@@ -94,7 +95,21 @@ def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> di
         reference = ModelReference(SequenceLogps(reference_model), "copy")
     bs = cfg.eval.batch_size
     batches = [LAYOUTS[layout](items[i : i + bs], tokenizer.pad_token_id) for i in range(0, len(items), bs)]
-    out = evaluate_batches(policy, batches, METHODS["dpo"], cfg.dpo, reference)
+    return policy, reference, batches
+
+
+def reward_figures(out: dict) -> dict:
+    """The ``rewards/*`` figures, ``loss``, ``n`` and the accuracy's ``se`` of an evaluation's metrics."""
     return {k: out[k] for k in out if k.startswith("rewards/") or k in ("loss", "n")} | {
         "se": out.get("rewards/accuracies_se", float("nan"))
     }
+
+
+def evaluate_rewards(model, tokenizer, reference_model, rows, cfg: Config) -> dict:
+    """``rewards/accuracies`` and margins of ``model`` against ``reference_model`` on preference rows,
+    through the training core's own step function (used by ``preftune eval rewards``).
+
+    ``reference_model``: a model, ``"adapter"`` (``model`` with its adapters disabled), or None for
+    reference-free losses."""
+    policy, reference, batches = reward_inputs(model, tokenizer, reference_model, rows, cfg)
+    return reward_figures(evaluate_batches(policy, batches, METHODS["dpo"], cfg.dpo, reference))

@@ -23,7 +23,8 @@ from preftune.eval import generate as generation
 from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
 from preftune.eval.judges import judge_pairs, make_judge
-from preftune.eval.kl import token_kl
+from preftune.eval.kl import rewards_and_kl, token_kl
+from preftune.eval.prompts import draws_hh_categories, hh_category_rows
 from preftune.eval.rewards import evaluate_rewards
 from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
@@ -56,18 +57,31 @@ def model_fingerprint(name: str) -> dict:
     return {"content": content_digest(resolve_model(name))}
 
 
-def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str | None = None):
-    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written
-    atomically); ``about`` (the model's folder) is stored beside the key for people, not matched."""
+def _cache_path(kind: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    path = cache_dir() / kind / f"{digest}.json"
+    return cache_dir() / kind / f"{digest}.json"
+
+
+def _cached_value(kind: str, key: dict):
+    """The value stored for ``key``, or None (absent, or a torn file)."""
+    path = _cache_path(kind, key)
     if path.is_file():
         try:
             return json.loads(path.read_text())["value"]
         except (ValueError, KeyError):
-            pass  # a torn file: recompute
+            pass
+    return None
+
+
+def cached(kind: str, key: dict, compute: Callable[[], dict | list], about: str | None = None):
+    """``compute()``, memoised as JSON under ``cache_dir()/kind/<sha256 of key>.json`` (written
+    atomically; a torn file is recomputed); ``about`` (the model's folder) is stored beside the key for
+    people, not matched."""
+    value = _cached_value(kind, key)
+    if value is not None:
+        return value
     value = compute()
-    write_json(path, {"key": key, "about": about, "value": value})
+    write_json(_cache_path(kind, key), {"key": key, "about": about, "value": value})
     return value
 
 
@@ -97,6 +111,18 @@ def winrate_rows(rows: list[PreferenceRow], per_category: int) -> list[Preferenc
             taken[c] = taken.get(c, 0) + 1
             out.append(r)
     return out
+
+
+def judged_rows(ev, data, rows: list[PreferenceRow], seed: int) -> list[PreferenceRow]:
+    """The win-rate prompts: ``per_category`` held-out rows of each category, or with
+    ``eval.winrate.categories: hh`` the study's draw from HH's helpful and harmless test splits (for a
+    source in the ``hh`` format; other sources keep their held-out rows)."""
+    w = ev.winrate
+    if not w.enabled:
+        return []
+    if draws_hh_categories(w, data):
+        return hh_category_rows(data.source, data.test_split or "test", w.per_category, seed)
+    return winrate_rows(rows, w.per_category)
 
 
 # ---------------------------------------------------------------- one evaluation each
@@ -156,9 +182,12 @@ def winrate_entry(run, vs: str) -> dict:
 def heldout_entry(cfg: Config, name: str, model, tok) -> dict:
     """Held-out loss with per-chunk values (cached by model files, corpus and chunking)."""
     h = cfg.eval.heldout
+    corpus = (h.corpus, h.subset, h.split, h.text_column, h.max_documents)
     key = {"model": model_fingerprint(name), "corpus": h.corpus, "chunk_length": h.chunk_length,
            "max_chunks": h.max_chunks, "precision": cfg.precision}
-    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(h.corpus), h.chunk_length,
+    if heldout_lm.looks_like_dataset(h.corpus):
+        key["dataset"] = corpus[1:]
+    return cached("heldout", key, lambda: heldout_lm.heldout_loss(model, tok, heldout_lm.load_corpus(*corpus), h.chunk_length,
                                                       h.max_chunks, cfg.eval.batch_size), about=_folder(name))
 
 
@@ -182,23 +211,38 @@ def rewards_entry(cfg: Config, name: str, model, tok, reference: str | None, row
     return evaluate_rewards(model, tok, ref_model, rows, cfg)
 
 
+def _kl_key(cfg: Config, name: str, reference: str, rows: list[PreferenceRow]) -> dict:
+    return {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
+            "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
+            "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+
+
+def _reference_of(cfg: Config, name: str, reference: str):
+    """``"adapter"`` for a LoRA model whose base is the reference (itself with adapters off), else the
+    reference model loaded for inference."""
+    path = resolve_model(name)
+    if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
+        return "adapter"
+    return load_for_inference(reference, cfg.precision, **trust_options(cfg))[0]
+
+
 def kl_entry(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> dict:
     """Per-token KL from ``reference`` on the held-out chosen completions (cached by both models'
     files and the rows); a LoRA model whose base is the reference uses itself with adapters off."""
-    key = {"model": model_fingerprint(name), "reference": model_fingerprint(reference),
-           "rows": [r.key for r in rows], "max_length": cfg.data.max_length,
-           "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
+    return cached("kl", _kl_key(cfg, name, reference, rows), lambda: token_kl(
+        model, _reference_of(cfg, name, reference), tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
+        max(1, cfg.eval.batch_size // 2)), about=_folder(name))
 
-    def compute() -> dict:
-        path = resolve_model(name)
-        if is_adapter(path) and Path(adapter_base(path)).resolve() == Path(resolve_model(reference)).resolve():
-            ref = "adapter"
-        else:
-            ref, _ = load_for_inference(reference, cfg.precision, **trust_options(cfg))
-        return token_kl(model, ref, tok, rows, cfg.data.max_length, cfg.data.max_prompt_length,
-                        max(1, cfg.eval.batch_size // 2))
 
-    return cached("kl", key, compute, about=_folder(name))
+def rewards_kl_entries(cfg: Config, name: str, model, tok, reference: str, rows: list[PreferenceRow]) -> tuple[dict, dict]:
+    """``(rewards, kl)`` as :func:`rewards_entry` and :func:`kl_entry` give them, from one pass of the
+    model and its reference over the held-out pairs (eval/kl.py's ``rewards_and_kl``) when the KL is not
+    cached yet and the loss has a reference and chunked log-probs; else the two entries."""
+    one_pass = METHODS["dpo"].needs_reference(cfg.dpo) and cfg.dpo.chunked_logps
+    if not one_pass or _cached_value("kl", _kl_key(cfg, name, reference, rows)) is not None:
+        return rewards_entry(cfg, name, model, tok, reference, rows), kl_entry(cfg, name, model, tok, reference, rows)
+    rewards, kl = rewards_and_kl(model, tok, _reference_of(cfg, name, reference), rows, cfg)
+    return rewards, cached("kl", _kl_key(cfg, name, reference, rows), lambda: kl, about=_folder(name))
 
 
 # ---------------------------------------------------------------- extra evaluation datasets
@@ -223,7 +267,7 @@ def dataset_inputs(cfg: Config) -> list[DatasetInputs]:
         if not rows:
             raise PreftuneError(f"{where}: no held-out rows in {ds.source}; set eval.datasets[{i}].test_split, "
                                 "test_size or test_source")
-        wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+        wr_rows = judged_rows(ev, ds, rows, cfg.seed)
         out.append((ds.name, dataclasses.replace(cfg, data=ds), rows, wr_rows))
     return out
 
@@ -293,7 +337,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     ev = cfg.eval
     need_rows = ev.rewards or ev.winrate.enabled or ev.kl
     rows = heldout_rows(cfg) if need_rows else []
-    wr_rows = winrate_rows(rows, ev.winrate.per_category) if ev.winrate.enabled else []
+    wr_rows = judged_rows(ev, cfg.data, rows, cfg.seed)
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
     do_tasks = bool(ev.tasks) and _has_lm_eval(results)
     sets = dataset_inputs(cfg)
@@ -304,9 +348,11 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
         model, tok = load_for_inference(str(path), cfg.precision, **trust_options(cfg))
         entry: dict = {"path": str(path)}
         full = name not in brief
-        if full and ev.rewards and reference_for.get(name):
+        if full and ev.rewards and ev.kl and reference_for.get(name) and rows:
+            entry["rewards"], entry["kl"] = rewards_kl_entries(cfg, str(path), model, tok, reference_for[name], rows)
+        elif full and ev.rewards and reference_for.get(name):
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
-        if ev.kl and reference_for.get(name) and rows:
+        elif ev.kl and reference_for.get(name) and rows:
             entry["kl"] = kl_entry(cfg, str(path), model, tok, reference_for[name], rows)
         if ev.winrate.enabled:
             responses = generations(cfg, str(path), model, tok, wr_rows)

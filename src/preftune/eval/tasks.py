@@ -20,6 +20,13 @@ EMBEDDED_TASKS: dict[str, tuple[str, str]] = {
 
 METRICS = ("acc", "acc_norm")
 
+STUDY_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "siqa", "winogrande")
+"""The study's downstream tasks (lm-eval names), its "BTLM evaluation harness": the blog names ARC-c
+and refers to BTLM-3B-8K's common-sense reasoning and reading suite (Dey et al. 2023), these eight."""
+
+TASK_SETS: dict[str, tuple[str, ...]] = {"study:downstream": STUDY_TASKS}
+"""A config name standing for several tasks (``eval.tasks: [study:downstream]``)."""
+
 
 def mean_accuracy(tasks: dict) -> float | None:
     """Mean ``acc`` over the tasks of one model's ``tasks`` entry (None when no task has one)."""
@@ -66,7 +73,7 @@ def resolve_tasks(specs: list[str]) -> tuple[list[str], list[str], bool]:
 
     The shipped tasks are included from their own folder, as the lm-eval CLI's ``--include_path`` does."""
     names, include, defaults = [], [str(TASKS_DIR)], False
-    for spec in specs:
+    for spec in [t for s in specs for t in TASK_SETS.get(s, (s,))]:
         if spec in EMBEDDED_TASKS:
             names.append(EMBEDDED_TASKS[spec][1])
         elif spec.startswith("embedded:"):

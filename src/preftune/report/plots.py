@@ -146,8 +146,9 @@ def winrate_plot(runs: list[Run], path: Path) -> Path | None:
     fig, ax = _subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
     x = range(len(rows))
     rates = [w["winrate"] for _, w in rows]
-    low = [w["winrate"] - w.get("ci_low", w["winrate"]) for _, w in rows]
-    high = [w.get("ci_high", w["winrate"]) - w["winrate"] for _, w in rows]
+    # clamped at 0: at 0 or n wins of n a Wilson bound equals the rate only up to rounding
+    low = [max(0.0, w["winrate"] - w.get("ci_low", w["winrate"])) for _, w in rows]
+    high = [max(0.0, w.get("ci_high", w["winrate"]) - w["winrate"]) for _, w in rows]
     ax.bar(x, rates, yerr=[low, high], capsize=4, color="tab:blue", alpha=0.8)
     for i, r in zip(x, rates):
         ax.text(i, r + 0.02, f"{r:.2f}", ha="center", fontsize=8)
