@@ -83,12 +83,13 @@ def run_trl(rows, tokenizer, max_length: int, num_proc: int | None) -> Window:
 
 def run_preftune(rows, tokenizer, data, cache_dir: str, cold: bool) -> Window:
     from preftune.data import cache
+    from preftune.data.tokenize import RowKind
 
     if cold:
         shutil.rmtree(cache_dir, ignore_errors=True)
     cache._DIGESTS.clear()  # a fresh run hashes the tokenizer again
     with Window() as w:
-        items, report = cache.tokenize_rows_cached(rows, tokenizer, data, "preference", progress=False)
+        items, report = cache.tokenize_rows_cached(rows, tokenizer, data, RowKind.PREFERENCE, progress=False)
     assert report.kept == len(items) == len(rows), report.to_dict()
     return w
 

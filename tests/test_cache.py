@@ -11,7 +11,7 @@ import pytest
 from preftune.config import DataConfig
 from preftune.data.cache import cache_key, rows_digest, tokenize_rows_cached
 from preftune.data.rows import PreferenceRow, SFTRow
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 
 ROWS = [PreferenceRow([{"role": "user", "content": f"Question {i}? " * (i % 5 + 1)}], f"Answer {i}. " * (i % 7 + 1),
                       "I do not know.", {"i": i}) for i in range(40)] + [PreferenceRow("Q", "same", "same")]
@@ -37,21 +37,21 @@ def test_warm_call_loads_what_the_cold_call_computed(tmp_path, tokenizer, caplog
     assert warm_report.to_dict() == cold_report.to_dict()
     assert warm_report.raw_lengths == cold_report.raw_lengths and warm_report.lengths == cold_report.lengths
     assert cold_report.dropped == {"chosen_equals_rejected": 1} and cold_report.truncated["completion"] > 0
-    plain, _ = tokenize_rows(ROWS, tokenizer, data)
+    plain = tokenize(ROWS, tokenizer, data, RowKind.PREFERENCE).items
     assert plain == cold
 
 
 def test_sft_rows_cache_too(tokenizer, caplog):
     rows = [SFTRow(f"Say {i}", f"{i}!") for i in range(5)]
     data = DataConfig(max_length=32, max_prompt_length=16)
-    cold, _ = tokenize_rows_cached(rows, tokenizer, data, "sft")
+    cold, _ = tokenize_rows_cached(rows, tokenizer, data, RowKind.SFT)
     with caplog.at_level(logging.INFO, logger="preftune"):
-        warm, _ = tokenize_rows_cached(rows, tokenizer, data, "sft")
+        warm, _ = tokenize_rows_cached(rows, tokenizer, data, RowKind.SFT)
     assert hit(caplog) and warm == cold
 
 
 def key(tokenizer, data: DataConfig, rows=ROWS) -> str:
-    return cache_key(rows_digest(rows, "preference"), tokenizer, data, "preference")
+    return cache_key(rows_digest(rows, RowKind.PREFERENCE), tokenizer, data, RowKind.PREFERENCE)
 
 
 def test_a_changed_tokenizer_template_limit_mapping_or_row_misses(tokenizer):

@@ -44,6 +44,16 @@ def test_every_problem_is_reported_at_once_with_did_you_mean(tmp_path):
     assert str(p) in msg
 
 
+def test_judge_choices_come_from_the_judge_registry(monkeypatch):
+    from preftune.eval import judges
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.winrate.judge=rul"])
+    assert "eval.winrate.judge: 'rul' is not one of 'rule' | 'openai' | 'hf' | 'reward_model' (did you mean 'rule'?)" in str(e.value)
+    monkeypatch.setitem(judges.JUDGES, "panel", lambda w: judges.RuleJudge())
+    assert load_config(None, ["eval.winrate.judge=panel"]).eval.winrate.judge == "panel"
+
+
 def test_cross_field_checks():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"dpo": {"loss": "simpo", "reference": "copy", "beta": -1},

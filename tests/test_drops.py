@@ -15,6 +15,7 @@ from preftune.data import drops
 from preftune.data.formats import RowError
 from preftune.data.prepare import tokenize_splits
 from preftune.data.sources import load_rows
+from preftune.data.tokenize import RowKind
 from preftune.errors import DataError
 
 
@@ -49,7 +50,7 @@ def test_real_hh_shaped_file_runs_under_the_default_config(tmp_path, tokenizer):
     train_rows, test_rows, read = load_rows(data, "preference", seed=0)
     assert read.dropped == {"empty_completion": 2, "prompt_mismatch": 1}
     assert read.rows_read == 124 == read.rows_kept + 3
-    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, data, "preference")
+    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, data, RowKind.PREFERENCE)
     account = report["drops"]
     assert account["dropped"] == {"chosen_equals_rejected": 1, "empty_completion": 2, "prompt_mismatch": 1}
     assert account["rows_read"] == 124 == account["rows_kept"] + sum(account["dropped"].values())
@@ -61,11 +62,11 @@ def test_max_drop_fraction_stops_with_reasons_and_counts(tmp_path, tokenizer):
     f = real_hh_shaped(tmp_path / "hh.jsonl", n_good=60)
     rows = load_rows(DataConfig(source=str(f)), "preference", seed=0)
     with pytest.raises(DataError) as e:  # 4 of 64 is over the 5% default: stop, naming every reason
-        tokenize_splits(*rows, tokenizer, DataConfig(source=str(f)), "preference")
+        tokenize_splits(*rows, tokenizer, DataConfig(source=str(f)), RowKind.PREFERENCE)
     text = str(e.value)
     assert "4 of 64 rows (6.2%)" in text and "data.max_drop_fraction=0.05" in text
     assert "empty_completion=2" in text and "prompt_mismatch=1" in text and "chosen_equals_rejected=1" in text
-    tokenize_splits(*rows, tokenizer, DataConfig(source=str(f), max_drop_fraction=0.1), "preference")
+    tokenize_splits(*rows, tokenizer, DataConfig(source=str(f), max_drop_fraction=0.1), RowKind.PREFERENCE)
 
 
 def test_structural_errors_still_stop_and_skip_counts_them(tmp_path):
@@ -143,5 +144,5 @@ def test_shipped_configs_read_the_hub_layouts(tmp_path, tokenizer, config, recor
     train_rows, test_rows, read = load_rows(cfg.data, "preference", seed=0)
     assert read.rows_read == 82 and read.format == cfg.data.format
     assert read.dropped == ({"score_ratio": 2} if "shp" in config else {"empty_completion": 2})
-    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, cfg.data, "preference")
+    train, test, report = tokenize_splits(train_rows, test_rows, read, tokenizer, cfg.data, RowKind.PREFERENCE)
     assert len(train) == len(test) == 40 and report["drops"]["rows_kept"] == 80

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_mask, flex_atten
 from preftune.attention import shared_block_mask, shared_mask
 from preftune.data.collate import collate_packed, collate_padded, collate_prefix_shared, to_device
 from preftune.data.rows import PreferenceRow, TokenizedPair
-from preftune.data.tokenize import tokenize_pair
+from preftune.data.tokenize import Limits, RowKind, tokenize
 from preftune.embedded import tiny_llama
 from preftune.logprobs import SequenceLogps
 from preftune.methods import sequence_logps_of
@@ -39,7 +39,9 @@ def items(tokenizer) -> list[TokenizedPair]:
         PreferenceRow("What is 2 plus 3?", "2 + 3 = 5.", "2 + 3 = 6, I think."),
         PreferenceRow("Count.", "1 2 3", " ".join(str(i) for i in range(40))),
     ]
-    out = [tokenize_pair(r, tokenizer, max_length=64, max_prompt_length=56) for r in rows]
+    done = tokenize(rows, tokenizer, Limits(max_length=64, max_prompt_length=56), RowKind.PREFERENCE)
+    assert done.drops == [None] * len(rows), done.drops
+    out = done.items
     assert all(isinstance(t, TokenizedPair) for t in out), out
     assert [t.truncated for t in out] == [False, False, True]
     return out

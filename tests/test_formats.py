@@ -7,6 +7,7 @@ import functools
 import pytest
 
 from preftune.data.formats import (
+    FIELDS,
     FORMATS,
     PREFERENCE_FORMATS,
     SFT_FORMATS,
@@ -31,6 +32,19 @@ def msg(role: str, content: str) -> dict:
 def test_tables_cover_every_format():
     assert set(FORMATS) == set(PREFERENCE_FORMATS) | set(SFT_FORMATS) | set(UNPAIRED_FORMATS)
     assert set(PREFERENCE_FORMATS) & set(SFT_FORMATS) == {"sharegpt"}  # pairs or plain conversations
+
+
+def test_one_record_per_format():
+    """Each Format is named by its key, needs what it reads, and the kind lists keep detection order."""
+    assert all(f.name == name and f.needs <= f.reads for name, f in FORMATS.items())
+    assert PREFERENCE_FORMATS == ("hh", "shp", "chat", "standard", "implicit", "openai", "sharegpt")
+    assert SFT_FORMATS == ("alpaca", "messages", "completion", "sharegpt") and UNPAIRED_FORMATS == ("kto",)
+    assert FORMATS["sharegpt"].columns_for("preference") == {"conversations", "chosen", "rejected"}
+    assert FORMATS["sharegpt"].columns_for("sft") == {"conversations"}
+    assert FORMATS["shp"].reads == {"history", "human_ref_A", "human_ref_B", "labels", "score_A", "score_B", "score_ratio"}
+    assert FIELDS >= {"system", "score_ratio", "input", "label"}
+    assert FORMATS["hh"]({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go",
+                          "category": "c"}).meta == {"category": "c"}  # read columns stay out of meta
 
 
 # ---------------------------------------------------------------- hh

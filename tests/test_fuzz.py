@@ -18,7 +18,7 @@ import pytest
 
 from preftune.config import DataConfig
 from preftune.data.sources import load_rows
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 from preftune.errors import DataError, PreftuneError
 
 BAD_AT = 3  # the malformed record's row (1-based) in every record-level case
@@ -307,7 +307,7 @@ def test_malformed_file(case: Case, tmp_path, tokenizer):
             assert report.dropped == {"empty_completion": len(case.bad)}, report.dropped
         assert report.rows_read == report.rows_kept + dropped == case.records
         assert dropped == len(case.bad) and report.rows_kept == len(train) + len(heldout) == case.records - dropped
-        tokenize_rows(train, tokenizer, data, case.kind)
+        tokenize(train, tokenizer, data, RowKind(case.kind))
 
 
 @pytest.mark.parametrize("case", CASES[::15], ids=lambda c: c.name)

@@ -14,7 +14,7 @@ from preftune.losses import (
     LOSSES,
     REFERENCE_FREE,
     IPOParams,
-    SeqLogps,
+    PairLogps,
     SigmoidParams,
     alphapo,
     aot,
@@ -146,8 +146,8 @@ def test_table_entries_pass_their_parameters():
     """The table passes a loss's parameters through: sigmoid beta 0.1 -> pair 0 0.5981388693; ipo 'mean'
     uses the counts (chosen 4, rejected 2 tokens -> 18.0625) and 'sum' does not (9)."""
     counts_c, counts_r = torch.tensor([4.0, 1.0]), torch.tensor([2.0, 1.0])
-    pol = SeqLogps(PC, PR, PC / counts_c, PR / counts_r, counts_c, counts_r)
-    ref = SeqLogps(RC, RR, RC / counts_c, RR / counts_r, counts_c, counts_r)
+    pol = PairLogps(PC, PR, PC / counts_c, PR / counts_r, counts_c, counts_r)
+    ref = PairLogps(RC, RR, RC / counts_c, RR / counts_r, counts_c, counts_r)
     close(LOSSES["sigmoid"].fn(pol, ref, SigmoidParams(beta=0.1))[0], [0.5981388693, LN2])
     close(LOSSES["ipo"].fn(pol, ref, IPOParams(beta=0.1, normalize="mean"))[0], [18.0625, 25.0], tol=1e-5)
     close(LOSSES["ipo"].fn(pol, ref, IPOParams(beta=0.1, normalize="sum"))[0], [9.0, 25.0], tol=1e-5)
@@ -274,15 +274,15 @@ def test_dpo_config_default_still_resolves_to_sigmoid():
 def test_seqlogps_split_follows_batch_contract():
     """Sums (-1, -2, -3, -4) with counts (1, 2, 3, 4) for B = 2: chosen (-1, -2), rejected (-3, -4), means
     (-1, -1), (-1, -1); reference means default to reference sums over the policy's counts."""
-    pol = SeqLogps.from_sequences(
+    pol = PairLogps.from_sequences(
         torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([1.0, 2.0, 3.0, 4.0]), 2
     )
     close(pol.chosen, [-1.0, -2.0])
     close(pol.rejected_mean, [-1.0, -1.0])
-    ref = SeqLogps.from_reference(
+    ref = PairLogps.from_reference(
         {"chosen": torch.tensor([-2.0, -4.0]), "rejected": torch.tensor([-6.0, -8.0])}, pol
     )
     close(ref.chosen_mean, [-2.0, -2.0])
     close(ref.rejected_mean, [-2.0, -2.0])
     with pytest.raises(PreftuneError, match="batch contract"):
-        SeqLogps.from_sequences(torch.zeros(3), torch.ones(3), 2)
+        PairLogps.from_sequences(torch.zeros(3), torch.ones(3), 2)

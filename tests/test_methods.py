@@ -10,7 +10,7 @@ import torch
 
 from preftune.config import DPOConfig, SFTConfig
 from preftune.data.collate import collate_padded
-from preftune.data.rows import TokenizedPair
+from preftune.data.rows import TokenizedPair, TokenizedSFT
 from preftune.embedded import tiny_llama
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
@@ -206,3 +206,23 @@ def test_ld_alpha_and_wpo_by_hand(policy):
         assert float(m["loss"]) == pytest.approx(math.log(2), abs=1e-6)  # LD on both sides: still ln 2
         loss, _ = METHODS["dpo"].step(policy, batch, DPOConfig(wpo=True, chunked_logps=chunked), ref)
         assert loss.item() == pytest.approx(math.log(2) * sum(weight) / 2, rel=1e-5)
+
+
+def test_what_the_loop_asks_of_a_method():
+    """train.py asks the Method, never the config type: TR-DPO syncs after every ``ref_model_sync_steps``-th
+    step with its alpha; run.json names a preference stage by its loss; SFT is padded, takes no curve
+    snapshots and masks its prompt unless ``completion_only`` is false; KTO losses read unpaired rows."""
+    dpo, sft = METHODS["dpo"], METHODS["sft"]
+    tr = DPOConfig(sync_ref_model=True, ref_model_sync_steps=3, ref_model_mixup_alpha=0.5)
+    assert [dpo.reference_sync(tr, s) for s in (1, 2, 3, 4, 6)] == [None, None, 0.5, None, 0.5]
+    assert dpo.reference_sync(DPOConfig(), 512) is None and sft.reference_sync(SFTConfig(), 3) is None
+    assert dpo.run_fields(DPOConfig(loss="ipo", beta=0.3)) == {"method": "ipo", "loss": "ipo", "beta": 0.3}
+    assert sft.run_fields(SFTConfig()) == {"loss": None, "beta": None}
+    assert dpo.unpaired(DPOConfig(loss="kto")) and not dpo.unpaired(DPOConfig()) and not sft.unpaired(SFTConfig())
+    assert sft.layout(SFTConfig(), None) == "padded" and not sft.curves and dpo.curves
+    items = [TokenizedSFT([1, 5], [40, 41], key="a")]
+    masked = sft.collate(SFTConfig(), "padded", 0)(items)
+    whole = sft.collate(SFTConfig(completion_only=False), "padded", 0)(items)
+    assert masked["score_index"].numel() == 2 < whole["score_index"].numel()
+    pairs = dpo.collate(DPOConfig(), "padded", 0)([TokenizedPair(p, c, r, key=k) for (p, c, r), k in zip(PAIRS, "ab")])
+    assert torch.equal(pairs["input_ids"], preference_batch(PAIRS)["input_ids"])

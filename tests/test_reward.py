@@ -187,11 +187,11 @@ def test_scorer_reads_the_training_ids(tmp_path, reward_model, tokenizer) -> Non
 
     from preftune.config import DataConfig
     from preftune.data.rows import PreferenceRow
-    from preftune.data.tokenize import tokenize_rows
+    from preftune.data.tokenize import RowKind, tokenize
     from preftune.reward import RECORD, load_reward_model, reward_record, score_responses
 
     rows = [PreferenceRow([{"role": "user", "content": p}], c, r) for p, c, r in zip(PROMPTS, CHOSEN, REJECTED)]
-    items, _ = tokenize_rows(rows, tokenizer, DataConfig(), "preference")
+    items = tokenize(rows, tokenizer, DataConfig(), RowKind.PREFERENCE).items
     with torch.no_grad():
         want = rewards_of(SequenceRewards(reward_model), collate_prefix_shared(items, tokenizer.pad_token_id))
     folder = tmp_path / "rm"

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from preftune.config import ConfigError
 from preftune.config.validate import load_config
 from preftune.data.rows import PreferenceRow
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 from preftune.errors import PreftuneError
 from preftune.reward import RECORD, load_reward_model, score_responses
 from preftune.train import run_stage
@@ -85,7 +85,7 @@ def test_final_loads_as_it_is_in_another_folder(trained_rm, tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(moved).eval()
     tok = AutoTokenizer.from_pretrained(moved)
     rows = [PreferenceRow([{"role": "user", "content": "How do I keep basil fresh?"}], "Keep it in water.", "Dunno.")]
-    items, _ = tokenize_rows(rows, tok, cfg.data, "preference")
+    items = tokenize(rows, tok, cfg.data, RowKind.PREFERENCE).items
     with torch.no_grad():
         own = [float(plain(input_ids=torch.tensor([items[0].prompt_ids + c])).logits[0, 0])
                for c in (items[0].chosen_ids, items[0].rejected_ids)]

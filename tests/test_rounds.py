@@ -237,7 +237,7 @@ def test_kl_against_a_hand_computed_value(tokenizer):
     """token_kl against KL summed by hand, one completion position at a time, from separate forwards
     without padding; the batch pads prompts and completions of different lengths."""
     from preftune.data.rows import SFTRow
-    from preftune.data.tokenize import tokenize_sft
+    from preftune.data.tokenize import Limits, RowKind, tokenize
     from preftune.embedded import tiny_llama
     from preftune.eval.kl import token_kl
 
@@ -249,7 +249,7 @@ def test_kl_against_a_hand_computed_value(tokenizer):
     got = token_kl(policy.eval(), reference.eval(), tokenizer, rows, 64, 32, batch_size=3)
     total, n = 0.0, 0
     for r in rows:
-        t = tokenize_sft(SFTRow(r.prompt, r.chosen), tokenizer, 64, 32)
+        (t,) = tokenize([SFTRow(r.prompt, r.chosen)], tokenizer, Limits(64, 32), RowKind.SFT).items
         ids = t.prompt_ids + t.completion_ids
         for pos in range(len(t.prompt_ids), len(ids)):
             ctx = torch.tensor([ids[:pos]])

@@ -11,17 +11,22 @@ from hypothesis import strategies as st
 
 from preftune.config import DataConfig
 from preftune.data.rows import PreferenceRow, SFTRow
-from preftune.data.tokenize import (
-    percentiles,
-    render_prompt,
-    tokenize_pair,
-    tokenize_rows,
-    tokenize_sft,
-)
+from preftune.data.tokenize import Limits, RowKind, percentiles, render_prompt, tokenize
 from preftune.errors import PreftuneError
 
 EOS = 2  # <|im_end|>
 BOS = 1  # <|im_start|>
+
+
+def one(row, tokenizer, max_length: int, max_prompt_length: int, kind: RowKind = RowKind.PREFERENCE):
+    """One row through ``tokenize``: its tokenized form, or the reason it was dropped."""
+    done = tokenize([row], tokenizer, Limits(max_length, max_prompt_length), kind)
+    return done.items[0] if done.items else done.drops[0]
+
+
+def many(rows, tokenizer, data, kind: RowKind = RowKind.PREFERENCE):
+    done = tokenize(rows, tokenizer, data, kind)
+    return done.items, done.report
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_render_prompt_hh_transcript_without_template(plain_tokenizer):
 
 def test_pair_ids_match_template_and_end_in_one_eos(tokenizer):
     row = PreferenceRow([{"role": "user", "content": "Capital of France?"}], "Paris.", "London.")
-    t = tokenize_pair(row, tokenizer, max_length=128, max_prompt_length=64)
+    t = one(row, tokenizer, max_length=128, max_prompt_length=64)
     expected_prompt = tokenizer.encode(render_prompt(row.prompt, tokenizer), add_special_tokens=False)
     assert t.prompt_ids == expected_prompt
     assert t.prompt_ids[0] == BOS and t.prompt_ids[1] != BOS  # template's BOS once, none added
@@ -72,26 +77,26 @@ def test_pair_ids_match_template_and_end_in_one_eos(tokenizer):
 
 def test_no_double_bos_when_tokenizer_adds_bos_and_template_has_it(bos_tokenizer):
     row = PreferenceRow("Hi", "Hello!", "Go away.")
-    t = tokenize_pair(row, bos_tokenizer, 128, 64)
+    t = one(row, bos_tokenizer, 128, 64)
     assert t.prompt_ids[:2] != [BOS, BOS] and t.prompt_ids[0] == BOS
 
 
 def test_bos_prepended_once_for_plain_text(bos_tokenizer):
     tok = copy.deepcopy(bos_tokenizer)
     tok.chat_template = None
-    t = tokenize_pair(PreferenceRow("Question: 2+2?\nAnswer:", " 4", " 5"), tok, 64, 32)
+    t = one(PreferenceRow("Question: 2+2?\nAnswer:", " 4", " 5"), tok, 64, 32)
     assert t.prompt_ids[0] == BOS and t.prompt_ids[1] != BOS
     assert t.prompt_ids[1:] == tok.encode("Question: 2+2?\nAnswer:", add_special_tokens=False)
 
 
 def test_plain_message_prompt_puts_a_space_before_the_reply(plain_tokenizer):
     row = PreferenceRow([{"role": "user", "content": "Hi"}], "Hello", "Bye")
-    t = tokenize_pair(row, plain_tokenizer, 64, 32)
+    t = one(row, plain_tokenizer, 64, 32)
     assert t.chosen_ids == plain_tokenizer.encode(" Hello", add_special_tokens=False) + [EOS]
 
 
 def test_literal_eos_in_text_is_not_doubled(tokenizer):
-    t = tokenize_pair(PreferenceRow("Hi", "Hello<|im_end|>", "Bye"), tokenizer, 64, 32)
+    t = one(PreferenceRow("Hi", "Hello<|im_end|>", "Bye"), tokenizer, 64, 32)
     assert t.chosen_ids[-1] == EOS and t.chosen_ids[-2] != EOS
 
 
@@ -101,7 +106,7 @@ def test_truncation_keeps_prompt_end_and_completion_start(tokenizer):
     row = PreferenceRow(prompt, chosen, "short answer")
     full_prompt = tokenizer.encode(render_prompt(prompt, tokenizer), add_special_tokens=False)
     full_chosen = tokenizer.encode(chosen, add_special_tokens=False) + [EOS]
-    t = tokenize_pair(row, tokenizer, max_length=96, max_prompt_length=64)
+    t = one(row, tokenizer, max_length=96, max_prompt_length=64)
     assert t.prompt_ids == full_prompt[-64:]  # the end of the prompt, down to max_prompt_length
     assert t.chosen_ids == full_chosen[: 96 - 64]  # the start of the completion, to fit max_length
     assert t.chosen_ids[-1] != EOS  # a cut completion lacks EOS
@@ -111,27 +116,27 @@ def test_truncation_keeps_prompt_end_and_completion_start(tokenizer):
 
 def test_prompt_too_long_is_dropped(tokenizer):
     row = PreferenceRow("a long prompt " * 20, "yes", "no")
-    assert tokenize_pair(row, tokenizer, max_length=16, max_prompt_length=16) == "prompt_too_long"
-    assert tokenize_sft(SFTRow("a long prompt " * 20, "yes"), tokenizer, 16, 16) == "prompt_too_long"
+    assert one(row, tokenizer, max_length=16, max_prompt_length=16) == "prompt_too_long"
+    assert one(SFTRow("a long prompt " * 20, "yes"), tokenizer, 16, 16, RowKind.SFT) == "prompt_too_long"
 
 
 def test_chosen_equals_rejected_before_and_after_truncation(tokenizer):
-    assert tokenize_pair(PreferenceRow("Hi", "same", "same"), tokenizer, 64, 32) == "chosen_equals_rejected"
+    assert one(PreferenceRow("Hi", "same", "same"), tokenizer, 64, 32) == "chosen_equals_rejected"
     # Different only after the 20th word: equal once both are cut to the budget.
     common = " ".join(["alpha"] * 20)
     row = PreferenceRow("Hi", common + " beta", common + " gamma")
-    assert not isinstance(tokenize_pair(row, tokenizer, 200, 100), str)
-    assert tokenize_pair(row, tokenizer, max_length=40, max_prompt_length=32) == "chosen_equals_rejected"
+    assert not isinstance(one(row, tokenizer, 200, 100), str)
+    assert one(row, tokenizer, max_length=40, max_prompt_length=32) == "chosen_equals_rejected"
 
 
 def test_empty_completion_dropped(tokenizer):
-    assert tokenize_pair(PreferenceRow("Hi", "  ", "no"), tokenizer, 64, 32) == "empty_completion"
-    assert tokenize_sft(SFTRow("Hi", ""), tokenizer, 64, 32) == "empty_completion"
+    assert one(PreferenceRow("Hi", "  ", "no"), tokenizer, 64, 32) == "empty_completion"
+    assert one(SFTRow("Hi", ""), tokenizer, 64, 32, RowKind.SFT) == "empty_completion"
 
 
-def test_tokenize_sft(tokenizer):
+def test_sft_row_ids(tokenizer):
     row = SFTRow([{"role": "user", "content": "Say hi"}], "Hi!", meta={"category": "greet"})
-    t = tokenize_sft(row, tokenizer, 64, 48)
+    t = one(row, tokenizer, 64, 48, RowKind.SFT)
     assert t.completion_ids == tokenizer.encode("Hi!", add_special_tokens=False) + [EOS]
     assert t.meta == {"category": "greet"} and t.key == row.key
 
@@ -144,7 +149,7 @@ def test_tokenize_rows_counts_every_drop_and_lengths(tokenizer):
         PreferenceRow("Hi", "word " * 100, "no"),
     ]
     data = DataConfig(max_length=64, max_prompt_length=48)
-    out, rep = tokenize_rows(rows, tokenizer, data, "preference")
+    out, rep = many(rows, tokenizer, data)
     assert rep.rows_in == 4 and rep.kept == len(out) == 2
     assert rep.dropped == {"chosen_equals_rejected": 1, "empty_completion": 1}
     assert rep.truncated == {"prompt": 0, "completion": 1}
@@ -157,7 +162,7 @@ def test_tokenize_rows_counts_every_drop_and_lengths(tokenizer):
 def test_boundary_merges_counted_not_dropped(plain_tokenizer):
     # Plain prompt "Answer" + completion "s are here": encoded jointly, "Answers" merges across the cut.
     rows = [PreferenceRow("Answer", "s are here", "s were there"), PreferenceRow("Q?\n", "yes", "no")]
-    out, rep = tokenize_rows(rows, plain_tokenizer, DataConfig(max_length=64, max_prompt_length=32), "preference")
+    out, rep = many(rows, plain_tokenizer, DataConfig(max_length=64, max_prompt_length=32))
     assert rep.kept == 2 and rep.boundary_merges == 1
 
 
@@ -172,9 +177,9 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0,
 
 @settings(max_examples=60, deadline=None)
 @given(prompt=text, chosen=text, rejected=text, max_length=st.integers(8, 64), prompt_frac=st.floats(0.1, 0.9))
-def test_tokenize_pair_invariants_property(tokenizer, prompt, chosen, rejected, max_length, prompt_frac):
+def test_pair_invariants_property(tokenizer, prompt, chosen, rejected, max_length, prompt_frac):
     max_prompt = max(1, int(max_length * prompt_frac))
-    t = tokenize_pair(PreferenceRow(prompt, chosen, rejected), tokenizer, max_length, max_prompt)
+    t = one(PreferenceRow(prompt, chosen, rejected), tokenizer, max_length, max_prompt)
     if isinstance(t, str):
         assert t in {"empty_completion", "chosen_equals_rejected", "prompt_too_long"}
         if t == "empty_completion":
@@ -198,7 +203,7 @@ def test_prompt_and_completion_truncation_are_counted_apart(tokenizer):
         PreferenceRow(long_prompt, "word " * 60, "no"),  # both
         PreferenceRow("Hi", "yes", "no"),  # neither
     ]
-    out, rep = tokenize_rows(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32), "preference")
+    out, rep = many(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32))
     assert rep.kept == 4 and rep.truncated == {"prompt": 2, "completion": 2}
     assert rep.truncation_rate == {"prompt": 0.5, "completion": 0.5}
     before, after = rep.length_stats(before_truncation=True), rep.length_stats()
@@ -214,16 +219,16 @@ def test_worker_processes_give_the_same_rows_and_report(tokenizer, monkeypatch):
     rows = [PreferenceRow(f"Question {i}? " * (i % 4 + 1), f"Answer {i}. " * (i % 9 + 1), "No.") for i in range(30)]
     data = DataConfig(max_length=40, max_prompt_length=20)
     assert tokenize._procs(2, 8) == 2
-    serial, serial_rep = tokenize_rows(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 1}))
-    pooled, pooled_rep = tokenize_rows(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 2}))
+    serial, serial_rep = many(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 1}))
+    pooled, pooled_rep = many(rows, tokenizer, DataConfig(**{**vars(data), "num_proc": 2}))
     assert pooled == serial and pooled_rep.to_dict() == serial_rep.to_dict()
     assert [t.key for t in pooled] == [r.key for r in rows]
 
 
 def test_batched_rows_equal_one_row_at_a_time(tokenizer):
     rows = [PreferenceRow([{"role": "user", "content": f"Q{i}"}], f"A{i}", f"B{i}") for i in range(6)]
-    batched, _ = tokenize_rows(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32))
-    assert batched == [tokenize_pair(r, tokenizer, 64, 32) for r in rows]
+    batched, _ = many(rows, tokenizer, DataConfig(max_length=64, max_prompt_length=32))
+    assert batched == [one(r, tokenizer, 64, 32) for r in rows]
 
 
 def test_the_prompt_ids_check_can_fail():
@@ -238,8 +243,17 @@ def test_unpaired_rows_tokenize_through_the_sft_path(tokenizer):
     from preftune.data.rows import UnpairedRow
 
     row = UnpairedRow("Say hi", "Hi!", False)
-    t = tokenize_sft(row, tokenizer, 64, 48)
+    t = one(row, tokenizer, 64, 48, RowKind.SFT)
     assert t.completion_ids == tokenizer.encode("Hi!", add_special_tokens=False) + [EOS] and t.key == row.key
+
+
+def test_tokenize_says_where_each_row_went_and_takes_only_a_row_kind(tokenizer):
+    rows = [PreferenceRow("Hi", "Hello", "Go away"), PreferenceRow("Hi", "same", "same"), PreferenceRow("Q", "a", "b")]
+    done = tokenize(rows, tokenizer, Limits(64, 32), RowKind.PREFERENCE)
+    assert done.drops == [None, "chosen_equals_rejected", None] and done.positions == [0, 2]
+    assert [t.key for t in done.items] == [rows[0].key, rows[2].key] and done.report.kept == 2
+    with pytest.raises(PreftuneError, match="RowKind"):
+        tokenize(rows, tokenizer, Limits(64, 32), "preference")
 
 
 # ---------------------------------------------------------------- data.chat_template
@@ -262,14 +276,14 @@ def test_chat_template_setting_renders_rows_by_the_given_template(tmp_path, as_f
         setting = str(tmp_path / "template.jinja")
     tok = load_tokenizer(str(embedded.tokenizer_dir()), chat_template=setting)
     row = PreferenceRow([{"role": "user", "content": "What is 2+2?"}], "4", "5")
-    pair = tokenize_pair(row, tok, 128, 64)
+    pair = one(row, tok, 128, 64)
     expected = tok.encode("[user] What is 2+2?\n[assistant] ", add_special_tokens=False)
     assert pair.prompt_ids == expected
     model_own = load_tokenizer(str(embedded.tokenizer_dir()))
-    assert tokenize_pair(row, model_own, 128, 64).prompt_ids != expected  # ChatML without the setting
+    assert one(row, model_own, 128, 64).prompt_ids != expected  # ChatML without the setting
     assert prompt_ids(row.prompt, tok, 64) == pair.prompt_ids  # generation renders as training did
     tok.save_pretrained(tmp_path / "saved")
-    assert tokenize_pair(row, load_tokenizer(str(tmp_path / "saved")), 128, 64).prompt_ids == expected
+    assert one(row, load_tokenizer(str(tmp_path / "saved")), 128, 64).prompt_ids == expected
 
 
 def test_chat_template_that_is_neither_text_nor_a_file_is_a_clear_error(tmp_path):
@@ -319,11 +333,11 @@ def test_base_model_renders_hh_rows_in_hh_form_for_training_and_generation(base_
     hh_prompt = rec["chosen"][: rec["chosen"].rfind("\n\nAssistant:")] + "\n\nAssistant:"
     assert render_prompt(row.prompt, tok) == hh_prompt and "User:" not in hh_prompt
     data = DataConfig(max_length=128, max_prompt_length=96)
-    (pair,), _ = tokenize_rows([row], tok, data, "preference")
+    (pair,) = tokenize([row], tok, data, RowKind.PREFERENCE).items
     assert pair.prompt_ids == tok.encode(hh_prompt, add_special_tokens=False)
     assert tok.decode(pair.prompt_ids + pair.chosen_ids) == rec["chosen"] + tok.eos_token
     assert tok.decode(pair.prompt_ids + pair.rejected_ids) == rec["rejected"] + tok.eos_token
-    (sft,), _ = tokenize_rows([SFTRow(row.prompt, row.chosen)], tok, data, "sft")
+    (sft,) = tokenize([SFTRow(row.prompt, row.chosen)], tok, data, RowKind.SFT).items
     batch = collate_sft([sft], tok.pad_token_id)
     scored = batch["score_target"].tolist()
     assert sft.prompt_ids == pair.prompt_ids and scored == sft.completion_ids == pair.chosen_ids
@@ -341,7 +355,7 @@ def test_chat_template_setting_wins_over_the_hh_default(base_model_dir):
     tok = load_tokenizer(str(base_model_dir), chat_template=BRACKETS)
     expected = "[user] What is 2+2?\n[assistant] 4.\n[user] And 3+3?\n[assistant] "
     assert render_prompt(row.prompt, tok) == expected
-    assert tokenize_pair(row, tok, 128, 96).prompt_ids == tok.encode(expected, add_special_tokens=False)
+    assert one(row, tok, 128, 96).prompt_ids == tok.encode(expected, add_special_tokens=False)
 
 
 def test_cache_keys_name_the_rendering(tokenizer, plain_tokenizer):

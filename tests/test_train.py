@@ -3,6 +3,7 @@ chained SFT -> DPO pipeline, exact resume, and 1-process vs 2-process equivalenc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from preftune.config.validate import config_from_dict
-from preftune.train import EarlyStopping, lr_at, run_stage
+from preftune.train import EarlyStopping, TrainState, lr_at, run_stage
 
 LN2 = math.log(2)
 
@@ -67,6 +68,15 @@ def test_lr_schedule_hand_values():
     assert lr_at(6, 10, 2, "constant") == 1.0
 
 
+def test_train_state_reads_what_a_checkpoint_saved():
+    """A checkpoint's state.json round-trips; one from before ``dropped_rows`` existed starts it at 0."""
+    state = TrainState(step=7, tokens_seen=900, pairs_seen=28, nan_streak=1, skipped_steps=2, dropped_rows=3,
+                       epochs_counted=1)
+    assert TrainState.from_dict(json.loads(json.dumps(dataclasses.asdict(state)))) == state
+    older = TrainState.from_dict({"step": 4, "tokens_seen": 10, "pairs_seen": 8, "nan_streak": 0, "skipped_steps": 0})
+    assert older == TrainState(step=4, tokens_seen=10, pairs_seen=8)
+
+
 def test_early_stopping_stops_at_the_peak():
     """Accuracies 0.50, 0.60, 0.70 (peak), 0.65, 0.68, 0.66 with patience 3 and min_delta 0:
     the best is step 30 and the third round without a new best (step 60) stops the run."""
@@ -113,7 +123,7 @@ def test_chained_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, tiny_mod
     model. Against the bare base the same step-0 policy would have non-zero rewards."""
     from preftune.data.collate import collate_padded
     from preftune.data.sources import load_rows
-    from preftune.data.tokenize import tokenize_rows
+    from preftune.data.tokenize import RowKind, tokenize
     from preftune.logprobs import SequenceLogps
     from preftune.methods import reference_logps_of
     from preftune.model import load_for_inference
@@ -130,7 +140,7 @@ def test_chained_sft_then_dpo_uses_the_sft_model_as_reference(tmp_path, tiny_mod
     base, tok = load_for_inference(str(tiny_model_dir))
     sft, _ = load_for_inference(str(out / "sft" / "merged"))
     rows, _, _ = load_rows(cfg.data, "preference", 0)
-    items, _ = tokenize_rows(rows[:4], tok, cfg.data, "preference")
+    items = tokenize(rows[:4], tok, cfg.data, RowKind.PREFERENCE).items
     batch = collate_padded(items, tok.pad_token_id)
     lb = reference_logps_of(SequenceLogps(base), batch)["chosen"]
     ls = reference_logps_of(SequenceLogps(sft), batch)["chosen"]

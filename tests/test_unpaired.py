@@ -23,7 +23,7 @@ def test_tokenize_unpaired_goes_through_the_sft_path(tokenizer):
     """Each row's ids are those of the SFT tokenization of (prompt, completion); its KL completion is
     its partner's completion ids; the key and label are the UnpairedRow's; drops are counted."""
     from preftune.data.rows import SFTRow
-    from preftune.data.tokenize import tokenize_sft
+    from preftune.data.tokenize import Limits, RowKind, tokenize
 
     pairs = [PreferenceRow("What is 2 + 2?", "4.", "5."), PreferenceRow("Name a colour.", "Blue.", "Hammer.")]
     rows = unpair(pairs) + [UnpairedRow("Say hi.", "   ", True)]  # an empty completion is dropped
@@ -31,7 +31,7 @@ def test_tokenize_unpaired_goes_through_the_sft_path(tokenizer):
     items, report = tokenize_unpaired(rows, tokenizer, data)
     assert report.dropped == {"empty_completion": 1} and len(items) == 4
     for item, row in zip(items, rows):
-        sft = tokenize_sft(SFTRow(row.prompt, row.completion), tokenizer, 64, 32)
+        (sft,) = tokenize([SFTRow(row.prompt, row.completion)], tokenizer, Limits(64, 32), RowKind.SFT).items
         assert (item.prompt_ids, item.chosen_ids) == (sft.prompt_ids, sft.completion_ids)
         assert item.key == row.key and item.label == row.label
     assert [it.rejected_ids for it in items] == [items[j].chosen_ids for j in kl_partners([it.prompt_ids for it in items])]

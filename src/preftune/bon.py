@@ -21,6 +21,7 @@ from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
 from preftune.eval.generate import write_jsonl
 from preftune.files import write_json
+from preftune.paths import BonDir
 from preftune.rounds import build_pairs, prompt_pool, sample, score, write_rows
 
 log = logging.getLogger("preftune")
@@ -70,6 +71,7 @@ def run_bon(cfg: Config, model_path: str, out: str | Path, reward_fn=None) -> di
     ``reward_fn(rows, responses) -> scores`` replaces the configured reward (a hand-made reward)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    folder = BonDir(out)
     r = cfg.rounds
     train_rows, heldout, _ = load_rows(cfg.data, "preference", cfg.seed)
     pool, left_out = prompt_pool(train_rows, r.reward, heldout)
@@ -78,7 +80,7 @@ def run_bon(cfg: Config, model_path: str, out: str | Path, reward_fn=None) -> di
     drawn = unique if n is None or n >= len(unique) else random.Random(cfg.seed * 7919).sample(unique, n)
     responses = sample(cfg, model_path, drawn, 0)
     scores = reward_fn(drawn, responses) if reward_fn else score(cfg, drawn, responses, out)
-    write_jsonl(out / "samples.jsonl", [
+    write_jsonl(folder.samples, [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "reward": x} for s, x in zip(g, sc)]}
         for row, g, sc in zip(drawn, responses, scores)])
     best, counts = best_samples(drawn, responses, scores)
@@ -87,12 +89,12 @@ def run_bon(cfg: Config, model_path: str, out: str | Path, reward_fn=None) -> di
                             f"{counts['unscored']} unscored); raise rounds.samples or rounds.temperature, or use a "
                             "reward that separates the samples")
     pairs, pair_counts = build_pairs(drawn, responses, scores, 0)
-    write_jsonl(out / "sft.jsonl", best)
-    write_rows(out / "pairs.jsonl", pairs)
+    write_jsonl(folder.sft, best)
+    write_rows(folder.pairs, pairs)
     summary = {"model": model_path, "reward": r.reward, "reward_model": r.reward_model, "n": r.samples,
                "prompts": len(drawn), **left_out, **counts, "sft_rows": len(best), "pairs": len(pairs),
                "identical_best_worst": pair_counts["identical"], "rewards": reward_summary(scores)}
-    write_json(out / "summary.json", summary)
+    write_json(folder.summary, summary)
     log.info("bon: %d prompts x %d samples -> %d best (SFT), %d pairs; %d prompts all tied, %d unscored",
              len(drawn), r.samples, len(best), len(pairs), counts["all_tied"], counts["unscored"])
     return summary

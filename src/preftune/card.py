@@ -77,7 +77,7 @@ def parent_stage(summary: dict) -> Path | None:
     if not base:
         return None
     folder = Path(base).parent
-    return folder if (folder / "run.json").is_file() else None
+    return folder if StageDir(folder).is_finished() else None
 
 
 def base_model(cfg: Config, summary: dict, base_repo: str | None = None) -> str | None:
@@ -311,7 +311,7 @@ def write_merged_card(adapter_folder: str | Path, out: str | Path) -> Path:
     the adapter's base."""
     adapter_folder, out = Path(adapter_folder), Path(out)
     stage = adapter_folder.parent
-    if (stage / "run.json").is_file():
+    if StageDir(stage).is_finished():
         text = card_for_stage(stage, run_eval(stage), merged=True)
     else:
         base = json.loads((adapter_folder / "adapter_config.json").read_text()).get("base_model_name_or_path", "")

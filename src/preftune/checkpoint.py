@@ -28,8 +28,8 @@ log = logging.getLogger("preftune")
 def clean_stale(root: Path) -> list[Path]:
     """Remove what killed saves left in a run folder (``.step-N.tmp-PID``, ``.final.tmp-PID`` ...);
     they can be as large as a model each. Returns the removed paths."""
-    root = Path(root)
-    removed = [p for d in (root, root / "checkpoints", root / "snapshots") if d.is_dir()
+    stage = StageDir(root)
+    removed = [p for d in (stage.root, stage.checkpoints_dir, stage.snapshots_dir) if d.is_dir()
                for p in sorted(d.iterdir()) if remove_stale(p)]
     for p in removed:
         log.info("removed %s, left by an interrupted save", p)

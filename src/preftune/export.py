@@ -17,6 +17,7 @@ from preftune.card import card_for_stage, run_eval
 from preftune.env import offline
 from preftune.errors import PreftuneError
 from preftune.model import resolve_model, resolve_run
+from preftune.paths import StageDir
 
 RUN_FILES = frozenset({"best.json", "snapshot.json"})
 """Run bookkeeping that a model folder carries in the run but not outside it."""
@@ -41,7 +42,7 @@ def local_base(adapter: Path) -> tuple[str, Path | None]:
 
 def _base_card(base: Path, out: Path) -> None:
     """The card of the exported base: its own run card (a merged SFT model), else the one it has."""
-    if (base.parent / "run.json").is_file():
+    if StageDir(base.parent).is_finished():
         (out / "README.md").write_text(card_for_stage(base.parent, run_eval(base.parent), merged=base.name == "merged"),
                                        encoding="utf-8")
 
@@ -55,7 +56,7 @@ def export(run: str | Path, out: str | Path, base_repo: str | None = None) -> Pa
         raise PreftuneError(f"export: {out} exists and is not empty; choose a new folder")
     _copy_model(folder, out)
     stage = folder.parent
-    card = card_for_stage(stage, run_eval(stage), base_repo=base_repo) if (stage / "run.json").is_file() else None
+    card = card_for_stage(stage, run_eval(stage), base_repo=base_repo) if StageDir(stage).is_finished() else None
     if (folder / "adapter_config.json").is_file():
         named, base = local_base(folder)
         if base is not None:

@@ -32,7 +32,7 @@ LossOutput = tuple[Tensor, Tensor, Tensor]
 FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
-class SeqLogps(NamedTuple):
+class PairLogps(NamedTuple):
     """Per-sequence completion log-probs of one batch of B pairs, all ``[B]``.
 
     ``chosen``/``rejected`` are sums over completion tokens (LD-DPO-weighted under ``dpo.ld_alpha``),
@@ -49,7 +49,7 @@ class SeqLogps(NamedTuple):
     labels: Tensor | None = None
 
     @classmethod
-    def from_sequences(cls, sums: Tensor, counts: Tensor, num_pairs: int, labels: Tensor | None = None) -> SeqLogps:
+    def from_sequences(cls, sums: Tensor, counts: Tensor, num_pairs: int, labels: Tensor | None = None) -> PairLogps:
         """Split ``[2B]`` sums/counts of the batch contract (chosen i -> i, rejected i -> B + i)."""
         if sums.shape[0] != 2 * num_pairs:
             raise PreftuneError(
@@ -62,7 +62,7 @@ class SeqLogps(NamedTuple):
         return cls(sums[:b], sums[b:], means[:b], means[b:], counts[:b], counts[b:], labels)
 
     @classmethod
-    def from_reference(cls, reference: dict[str, Tensor], policy: SeqLogps) -> SeqLogps:
+    def from_reference(cls, reference: dict[str, Tensor], policy: PairLogps) -> PairLogps:
         """Reference log-probs from a dict with ``chosen``/``rejected`` sums (``[B]``) and optionally
         ``chosen_mean``/``rejected_mean``; missing means use the policy's token counts (same tokens)."""
         chosen = reference["chosen"].to(policy.chosen)
@@ -663,7 +663,7 @@ class KTOParams(Beta):
 
 # ------------------------------------------------------------------ the table
 
-LossFn = Callable[[SeqLogps, "SeqLogps | None", Any], LossOutput]
+LossFn = Callable[[PairLogps, "PairLogps | None", Any], LossOutput]
 
 
 @dataclass(frozen=True)
@@ -700,7 +700,7 @@ def param_key(field_name: str) -> str:
     return field_name.rstrip("_")
 
 
-def _ref(reference: SeqLogps | None, loss: str) -> SeqLogps:
+def _ref(reference: PairLogps | None, loss: str) -> PairLogps:
     if reference is None:
         raise PreftuneError(
             f"dpo.loss={loss!r} needs reference log-probs; set dpo.reference to copy, adapter or precomputed"
@@ -714,7 +714,7 @@ def _fdiv(q) -> dict:
 
 def _pair_entry(name: str, fn: Callable, *keys: str, fdiv: bool = False) -> LossFn:
     """A table adapter for a reference-based pair loss ``fn(pc, pr, rc, rr, beta, **{key: params.key})``."""
-    def entry(p: SeqLogps, r: SeqLogps | None, q) -> LossOutput:
+    def entry(p: PairLogps, r: PairLogps | None, q) -> LossOutput:
         r = _ref(r, name)
         extra = {k: getattr(q, k) for k in keys} | (_fdiv(q) if fdiv else {})
         return fn(p.chosen, p.rejected, r.chosen, r.rejected, q.beta, **extra)
@@ -722,26 +722,26 @@ def _pair_entry(name: str, fn: Callable, *keys: str, fdiv: bool = False) -> Loss
     return entry
 
 
-def _ipo_entry(p: SeqLogps, r: SeqLogps | None, q: IPOParams) -> LossOutput:
+def _ipo_entry(p: PairLogps, r: PairLogps | None, q: IPOParams) -> LossOutput:
     r = _ref(r, "ipo")
     counts = (p.chosen_count, p.rejected_count) if q.normalize == "mean" else (None, None)
     return ipo(p.chosen, p.rejected, r.chosen, r.rejected, q.beta, *counts, **_fdiv(q))
 
 
-def _sigmoid_norm_entry(p: SeqLogps, r: SeqLogps | None, q: FDivergenceParams) -> LossOutput:
+def _sigmoid_norm_entry(p: PairLogps, r: PairLogps | None, q: FDivergenceParams) -> LossOutput:
     r = _ref(r, "sigmoid_norm")
     return sigmoid_norm(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_count, p.rejected_count, q.beta,
                         **_fdiv(q))
 
 
-def _sft_entry(p: SeqLogps, r: SeqLogps | None, q: NoParams) -> LossOutput:
+def _sft_entry(p: PairLogps, r: PairLogps | None, q: NoParams) -> LossOutput:
     """The chosen token-mean NLL (a batch scalar) on every pair; rewards are the per-token mean log-probs."""
     nll = sft_nll(p.chosen_mean * p.chosen_count, p.chosen_count)
     return nll.expand(p.chosen.shape[0]), p.chosen_mean.detach(), p.rejected_mean.detach()
 
 
 def _unpaired_entry(name: str, fn: Callable, kl: bool) -> LossFn:
-    def entry(p: SeqLogps, r: SeqLogps | None, q: KTOParams) -> LossOutput:
+    def entry(p: PairLogps, r: PairLogps | None, q: KTOParams) -> LossOutput:
         r = _ref(r, name)
         labels = p.labels
         if labels is None:  # a preference batch (reward evaluation): chosen desirable, rejected not, z_0 = 0
@@ -759,51 +759,68 @@ def _unpaired_entry(name: str, fn: Callable, kl: bool) -> LossFn:
 
 
 LOSSES: dict[str, Loss] = {
-    "sigmoid": Loss(_pair_entry("sigmoid", dpo_sigmoid, "label_smoothing", fdiv=True), SigmoidParams, True, "sums",
-                    "dpo", "DPO (Rafailov et al. 2023); label_smoothing > 0 is cDPO"),
-    "hinge": Loss(_pair_entry("hinge", hinge, fdiv=True), FDivergenceParams, True, "sums", "dpo",
-                  "SLiC hinge on the reward margin (Zhao et al. 2023)"),
-    "ipo": Loss(_ipo_entry, IPOParams, True, "sums", "dpo",
-                "IPO squared loss (Azar et al. 2023), per-token means as TRL (normalize: sum for the paper's sums)"),
-    "exo_pair": Loss(_pair_entry("exo_pair", exo_pair, "label_smoothing", fdiv=True), ExoParams, True, "sums", "dpo",
-                     "EXO: reverse KL to the smoothed preference (Ji et al. 2024)"),
-    "nca_pair": Loss(_pair_entry("nca_pair", nca_pair), Beta, True, "sums", "dpo",
-                     "NCA: absolute rewards by noise-contrastive alignment (Chen et al. 2024)"),
-    "robust": Loss(_pair_entry("robust", robust, "label_smoothing", fdiv=True), RobustParams, True, "sums", "dpo",
-                   "robust DPO, unbiased under label-flip rate label_smoothing (Chowdhury et al. 2024)"),
-    "bco_pair": Loss(_pair_entry("bco_pair", bco_pair), Beta, True, "sums", "dpo",
-                     "BCO: chosen and rejected as a binary classification (Jung et al. 2024)"),
-    "sppo_hard": Loss(_pair_entry("sppo_hard", sppo_hard), Beta, True, "sums", "dpo",
-                      "SPPO with hard win probabilities (Wu et al. 2024)"),
-    "aot": Loss(_pair_entry("aot", aot, "label_smoothing"), AOTParams, True, "sums", "dpo",
-                "AOT: optimal-transport alignment of sorted margins, paired (Melnyk et al. 2024)", per_pair=False),
-    "aot_unpaired": Loss(_pair_entry("aot_unpaired", aot_unpaired, "label_smoothing"), AOTParams, True, "sums",
-                         "dpo", "AOT on separately sorted chosen and rejected log-ratios (Melnyk et al. 2024)",
+    "sigmoid": Loss(fn=_pair_entry("sigmoid", dpo_sigmoid, "label_smoothing", fdiv=True), params=SigmoidParams,
+                    needs_reference=True, reads="sums", tag="dpo",
+                    summary="DPO (Rafailov et al. 2023); label_smoothing > 0 is cDPO"),
+    "hinge": Loss(fn=_pair_entry("hinge", hinge, fdiv=True), params=FDivergenceParams, needs_reference=True,
+                  reads="sums", tag="dpo", summary="SLiC hinge on the reward margin (Zhao et al. 2023)"),
+    "ipo": Loss(fn=_ipo_entry, params=IPOParams, needs_reference=True, reads="sums", tag="dpo",
+                summary="IPO squared loss (Azar et al. 2023), per-token means as TRL (normalize: sum for the paper's sums)"),
+    "exo_pair": Loss(fn=_pair_entry("exo_pair", exo_pair, "label_smoothing", fdiv=True), params=ExoParams,
+                     needs_reference=True, reads="sums", tag="dpo",
+                     summary="EXO: reverse KL to the smoothed preference (Ji et al. 2024)"),
+    "nca_pair": Loss(fn=_pair_entry("nca_pair", nca_pair), params=Beta, needs_reference=True, reads="sums",
+                     tag="dpo",
+                     summary="NCA: absolute rewards by noise-contrastive alignment (Chen et al. 2024)"),
+    "robust": Loss(fn=_pair_entry("robust", robust, "label_smoothing", fdiv=True), params=RobustParams,
+                   needs_reference=True, reads="sums", tag="dpo",
+                   summary="robust DPO, unbiased under label-flip rate label_smoothing (Chowdhury et al. 2024)"),
+    "bco_pair": Loss(fn=_pair_entry("bco_pair", bco_pair), params=Beta, needs_reference=True, reads="sums",
+                     tag="dpo",
+                     summary="BCO: chosen and rejected as a binary classification (Jung et al. 2024)"),
+    "sppo_hard": Loss(fn=_pair_entry("sppo_hard", sppo_hard), params=Beta, needs_reference=True, reads="sums",
+                      tag="dpo", summary="SPPO with hard win probabilities (Wu et al. 2024)"),
+    "aot": Loss(fn=_pair_entry("aot", aot, "label_smoothing"), params=AOTParams, needs_reference=True,
+                reads="sums", tag="dpo",
+                summary="AOT: optimal-transport alignment of sorted margins, paired (Melnyk et al. 2024)",
+                per_pair=False),
+    "aot_unpaired": Loss(fn=_pair_entry("aot_unpaired", aot_unpaired, "label_smoothing"), params=AOTParams,
+                         needs_reference=True, reads="sums", tag="dpo",
+                         summary="AOT on separately sorted chosen and rejected log-ratios (Melnyk et al. 2024)",
                          per_pair=False),
-    "apo_zero": Loss(_pair_entry("apo_zero", apo_zero), Beta, True, "sums", "dpo",
-                     "APO-zero: chosen up, rejected down, anchored (D'Oosterlinck et al. 2024)"),
-    "apo_down": Loss(_pair_entry("apo_down", apo_down), Beta, True, "sums", "dpo",
-                     "APO-down: both down, rejected more (D'Oosterlinck et al. 2024)"),
-    "discopop": Loss(_pair_entry("discopop", discopop, "tau", fdiv=True), DiscoPOPParams, True, "sums", "dpo",
-                     "DiscoPOP: logistic/exponential blend by log-ratio (Chris Lu et al. 2024)"),
-    "sigmoid_norm": Loss(_sigmoid_norm_entry, FDivergenceParams, True, "sums", "dpo",
-                         "length-normalised DPO on per-token log-ratios (Tülu 3, OLMo 2)"),
-    "sft": Loss(_sft_entry, NoParams, False, "means", "sft",
-                "chosen token-mean NLL; with a DPO loss in a list it is RPO (Pang et al. 2024)"),
-    "simpo": Loss(lambda p, r, q: simpo(p.chosen_mean, p.rejected_mean, q.beta, q.gamma, q.label_smoothing),
-                  SimPOParams, False, "means", "simpo", "SimPO: mean log-probs with a target margin (Meng et al. 2024)"),
-    "alphapo": Loss(lambda p, r, q: alphapo(p.chosen_mean, p.rejected_mean, q.beta, q.gamma, q.alpha,
-                                            q.label_smoothing),
-                    AlphaPOParams, False, "means", "alphapo", "AlphaPO: SimPO with a reshaped reward (Gupta et al. 2025)"),
-    "cpo": Loss(lambda p, r, q: cpo(p.chosen, p.rejected, sft_nll(p.chosen_mean * p.chosen_count, p.chosen_count),
-                                    q.beta, q.alpha, q.label_smoothing),
-                CPOParams, False, "sums", "cpo", "CPO: reference-free DPO term plus chosen NLL (Xu et al. 2024)"),
-    "orpo": Loss(lambda p, r, q: orpo(p.chosen_mean, p.rejected_mean, q.lambda_), ORPOParams, False, "means", "orpo",
-                 "ORPO: chosen NLL plus lambda x odds-ratio term (Hong et al. 2024)"),
-    "kto": Loss(_unpaired_entry("kto", kto, kl=True), KTOParams, True, "sums", "kto",
-                "KTO on unpaired rows, reference point from mismatched pairs (Ethayarajh et al. 2024)", unpaired=True),
-    "apo_zero_unpaired": Loss(_unpaired_entry("apo_zero_unpaired", apo_zero_unpaired, kl=False), KTOParams, True,
-                              "sums", "kto", "APO-zero on unpaired rows (D'Oosterlinck et al. 2024)", unpaired=True),
+    "apo_zero": Loss(fn=_pair_entry("apo_zero", apo_zero), params=Beta, needs_reference=True, reads="sums",
+                     tag="dpo",
+                     summary="APO-zero: chosen up, rejected down, anchored (D'Oosterlinck et al. 2024)"),
+    "apo_down": Loss(fn=_pair_entry("apo_down", apo_down), params=Beta, needs_reference=True, reads="sums",
+                     tag="dpo", summary="APO-down: both down, rejected more (D'Oosterlinck et al. 2024)"),
+    "discopop": Loss(fn=_pair_entry("discopop", discopop, "tau", fdiv=True), params=DiscoPOPParams,
+                     needs_reference=True, reads="sums", tag="dpo",
+                     summary="DiscoPOP: logistic/exponential blend by log-ratio (Chris Lu et al. 2024)"),
+    "sigmoid_norm": Loss(fn=_sigmoid_norm_entry, params=FDivergenceParams, needs_reference=True, reads="sums",
+                         tag="dpo", summary="length-normalised DPO on per-token log-ratios (Tülu 3, OLMo 2)"),
+    "sft": Loss(fn=_sft_entry, params=NoParams, needs_reference=False, reads="means", tag="sft",
+                summary="chosen token-mean NLL; with a DPO loss in a list it is RPO (Pang et al. 2024)"),
+    "simpo": Loss(fn=lambda p, r, q: simpo(p.chosen_mean, p.rejected_mean, q.beta, q.gamma, q.label_smoothing),
+                  params=SimPOParams, needs_reference=False, reads="means", tag="simpo",
+                  summary="SimPO: mean log-probs with a target margin (Meng et al. 2024)"),
+    "alphapo": Loss(fn=lambda p, r, q: alphapo(p.chosen_mean, p.rejected_mean, q.beta, q.gamma, q.alpha,
+                                               q.label_smoothing),
+                    params=AlphaPOParams, needs_reference=False, reads="means", tag="alphapo",
+                    summary="AlphaPO: SimPO with a reshaped reward (Gupta et al. 2025)"),
+    "cpo": Loss(fn=lambda p, r, q: cpo(p.chosen, p.rejected, sft_nll(p.chosen_mean * p.chosen_count, p.chosen_count),
+                                       q.beta, q.alpha, q.label_smoothing),
+                params=CPOParams, needs_reference=False, reads="sums", tag="cpo",
+                summary="CPO: reference-free DPO term plus chosen NLL (Xu et al. 2024)"),
+    "orpo": Loss(fn=lambda p, r, q: orpo(p.chosen_mean, p.rejected_mean, q.lambda_), params=ORPOParams,
+                 needs_reference=False, reads="means", tag="orpo",
+                 summary="ORPO: chosen NLL plus lambda x odds-ratio term (Hong et al. 2024)"),
+    "kto": Loss(fn=_unpaired_entry("kto", kto, kl=True), params=KTOParams, needs_reference=True, reads="sums",
+                tag="kto",
+                summary="KTO on unpaired rows, reference point from mismatched pairs (Ethayarajh et al. 2024)",
+                unpaired=True),
+    "apo_zero_unpaired": Loss(fn=_unpaired_entry("apo_zero_unpaired", apo_zero_unpaired, kl=False),
+                              params=KTOParams, needs_reference=True, reads="sums", tag="kto",
+                              summary="APO-zero on unpaired rows (D'Oosterlinck et al. 2024)", unpaired=True),
 }
 """``dpo.loss`` name -> its ``Loss`` entry."""
 

@@ -13,14 +13,17 @@ import torch
 from torch import Tensor
 
 from preftune import loss_terms
+from preftune.attention import choose_layout
 from preftune.config import DPOConfig, RMConfig, SFTConfig
+from preftune.data import collate as collation
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
-from preftune.losses import LOSSES, SeqLogps, kto_reference_point, sft_nll
-from preftune.reward import bradley_terry_loss, rewards_of
+from preftune.losses import LOSSES, PairLogps, kto_reference_point, sft_nll
+from preftune.reward import bradley_terry_loss, rewards_of, with_margins
 
 Metrics = dict[str, Any]
 StepFn = Callable[[SequenceLogps, dict, Any, "dict[str, Tensor] | None"], tuple[Tensor, Metrics]]
+Collate = Callable[[list], dict]
 
 
 def pairs_of(batch: dict) -> int:
@@ -33,21 +36,65 @@ def scored_tokens_of(batch: dict) -> int:
     return int(batch["score_index"].numel())
 
 
+def preference_layout(cfg, model) -> str:
+    """The configured layout (``cfg.layout``, ``auto`` resolved for ``model``; attention.py)."""
+    return choose_layout(cfg.layout, model)
+
+
+def preference_collate(cfg, layout: str, pad_id: int) -> Collate:
+    """Pairs in ``layout``, or unpaired (KTO) rows in the same pair layouts plus their labels. Shared
+    layouts carry ``blocks``/``segments``, from which the model side builds its mask (attention.py)."""
+    if loss_terms.unpaired(cfg):
+        return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
+    return lambda items: collation.LAYOUTS[layout](items, pad_id)
+
+
+def no_reference_sync(cfg, step: int) -> float | None:
+    return None
+
+
+def no_loss_fields(cfg) -> dict:
+    """``run.json`` of a method without a loss of the table (SFT): no ``loss``, no ``beta``."""
+    return {"loss": None, "beta": None}
+
+
+def tr_dpo_sync(cfg: DPOConfig, step: int) -> float | None:
+    """TR-DPO (``dpo.sync_ref_model``): the mixing weight alpha every ``ref_model_sync_steps`` steps."""
+    return cfg.ref_model_mixup_alpha if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0 else None
+
+
 @dataclass(frozen=True)
 class Method:
-    """A training method: ``step(policy, batch, cfg, reference_logps) -> (loss, metrics)`` and whether
-    it needs reference log-probs for ``cfg``. Metrics are batch means (0-d tensors) over the batch's
-    ``units`` (pairs, or scored tokens for SFT): the loop weights each micro-batch's loss and metrics
-    by its units over the whole optimizer step and all ranks. ``data`` is the row kind it trains on
-    (``preference`` or ``sft``); preference methods choose a batch layout, SFT is always padded."""
+    """A training method: everything the loop (train.py) asks of one, so the loop never asks which
+    method or config it runs. Metrics are batch means (0-d tensors) over the batch's ``units`` (pairs,
+    or scored tokens for SFT): the loop weights each micro-batch's loss and metrics by its units over
+    the whole optimizer step and all ranks. ``cfg`` is the stage's config section (``cfg.sft``, ``cfg.dpo``)."""
 
     step: StepFn
+    """``step(policy, batch, cfg, reference_logps) -> (loss, metrics)``: one micro-batch."""
     needs_reference: Callable[[Any], bool]
+    """``needs_reference(cfg)``: whether ``step`` needs reference log-probs (reference.py builds them)."""
+    run_fields: Callable[[Any], dict] = no_loss_fields
+    """``run_fields(cfg)``: the method's fields of ``run.json`` (``loss``, ``beta``, and ``method``
+    when it is not the stage's name)."""
     units: Callable[[dict], int] = pairs_of
+    """``units(batch)``: what the batch's loss is a mean over."""
     data: str = "preference"
+    """The row kind it trains on (``preference`` or ``sft``)."""
     model: str = "causal_lm"
     """What it trains: ``causal_lm`` (log-probs, logprobs.SequenceLogps) or ``reward`` (a one-label
     sequence classifier, reward.SequenceRewards)."""
+    unpaired: Callable[[Any], bool] = lambda cfg: False
+    """``unpaired(cfg)``: whether it reads its preference data as unpaired rows (KTO's; data/unpaired.py)."""
+    layout: Callable[[Any, Any], str] = preference_layout
+    """``layout(cfg, model)``: the batch layout (data/collate.py's ``LAYOUTS``)."""
+    collate: Callable[[Any, str, int], Collate] = preference_collate
+    """``collate(cfg, layout, pad_id)``: the stage's collate function, items -> one batch."""
+    reference_sync: Callable[[Any, int], float | None] = no_reference_sync
+    """``reference_sync(cfg, step)``: after optimizer step ``step`` (1-based), the weight with which
+    the policy is mixed into the reference (TR-DPO), or None for no sync."""
+    curves: bool = True
+    """Whether the loop saves ``snapshots/step-N`` for curves over training (``eval.curve_every``)."""
 
 
 def sequence_logps_of(
@@ -99,7 +146,7 @@ def reference_logps_of(policy: SequenceLogps, batch: dict, chunked: bool = True)
     with torch.no_grad():
         sums, counts, _ = sequence_logps_of(policy, batch, chunked, seq, n)
     plain, tail, counts = _split_sums(sums.detach(), counts, batch["num_seqs"])
-    ref = SeqLogps.from_sequences(plain, counts, batch["num_pairs"])
+    ref = PairLogps.from_sequences(plain, counts, batch["num_pairs"])
     b = batch["num_pairs"]
     return {
         "chosen": ref.chosen,
@@ -129,7 +176,7 @@ def sft_step(
 
 
 def preference_metrics(
-    loss: Tensor, policy: SeqLogps, chosen_rewards: Tensor, rejected_rewards: Tensor
+    loss: Tensor, policy: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor
 ) -> dict[str, Tensor]:
     """TRL's metric names, batch means. ``logps/*`` are summed completion log-probs (TRL's DPO
     convention for every loss); ``logps/*_mean`` the per-token means beside them."""
@@ -147,7 +194,7 @@ def preference_metrics(
 
 
 def unpaired_metrics(
-    loss: Tensor, policy: SeqLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, kl: Tensor
+    loss: Tensor, policy: PairLogps, chosen_rewards: Tensor, rejected_rewards: Tensor, kl: Tensor
 ) -> dict[str, Tensor]:
     """TRL KTO's metrics: ``rewards/chosen`` and ``logps/chosen`` over the desirable rows,
     ``*/rejected`` over the undesirable ones (NaN when the batch has none), ``rewards/margins`` the
@@ -170,7 +217,13 @@ def dpo_needs_reference(cfg: DPOConfig) -> bool:
     return loss_terms.needs_reference(cfg)
 
 
-def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
+def dpo_run_fields(cfg: DPOConfig) -> dict:
+    """A preference stage is named by its loss in ``run.json`` (``method``, ``loss``) with its beta."""
+    name = loss_terms.loss_name(cfg)
+    return {"method": name, "loss": name, "beta": loss_terms.loss_beta(cfg)}
+
+
+def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[PairLogps, Tensor | None]:
     """The policy's per-sequence log-probs of a batch (LD-DPO sums under ``cfg.ld_alpha``) and WPO's
     per-pair weights ``[B]`` under ``cfg.wpo``: ``w = exp(mean_t (log p_t - log sum_v p_v^2))`` of the
     chosen times that of the rejected completion, without gradient (Zhou et al. 2024, eq. 2; as TRL 1.16)."""
@@ -178,7 +231,7 @@ def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[Se
     out = sequence_logps_of(policy, batch, cfg.chunked_logps, seq, n, sum_sq_probs=cfg.wpo)
     plain, tail, counts = _split_sums(out[0], out[1], batch["num_seqs"])
     labels = batch.get("labels")
-    pol = SeqLogps.from_sequences(plain, counts, batch["num_pairs"], labels)
+    pol = PairLogps.from_sequences(plain, counts, batch["num_pairs"], labels)
     if cfg.ld_alpha is not None:
         b = batch["num_pairs"]
         ld = plain - (1 - cfg.ld_alpha) * tail
@@ -191,9 +244,9 @@ def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[Se
     return pol, weights
 
 
-def reference_seqlogps(reference_logps: dict[str, Tensor], policy: SeqLogps, cfg: DPOConfig) -> SeqLogps:
-    """The reference's SeqLogps for this batch, with LD-DPO's sums under ``cfg.ld_alpha``."""
-    ref = SeqLogps.from_reference(reference_logps, policy)
+def reference_pair_logps(reference_logps: dict[str, Tensor], policy: PairLogps, cfg: DPOConfig) -> PairLogps:
+    """The reference's PairLogps for this batch, with LD-DPO's sums under ``cfg.ld_alpha``."""
+    ref = PairLogps.from_reference(reference_logps, policy)
     if cfg.ld_alpha is None:
         return ref
     if "chosen_tail" not in reference_logps:
@@ -217,7 +270,7 @@ def dpo_step(
     pol, weights = policy_logps(policy, batch, cfg)
     ref = None
     if any(s.needs_reference for s in specs) and reference_logps:
-        ref = reference_seqlogps(reference_logps, pol, cfg)
+        ref = reference_pair_logps(reference_logps, pol, cfg)
     loss = torch.zeros((), dtype=pol.chosen.dtype, device=pol.chosen.device)
     metrics: Metrics = {}
     rewards = None
@@ -242,7 +295,9 @@ def dpo_step(
     return loss, metrics
 
 
-# ------------------------------------------------------------------ reward model
+def sft_collate(cfg: SFTConfig, layout: str, pad_id: int) -> Collate:
+    """SFT rows, padded; the prompt masked unless ``sft.completion_only`` is false."""
+    return lambda items: collation.collate_sft(items, pad_id, completion_only=cfg.completion_only)
 
 
 def rm_step(policy, batch: dict, cfg: RMConfig, reference_logps: dict | None = None) -> tuple[Tensor, Metrics]:
@@ -262,10 +317,17 @@ def rm_step(policy, batch: dict, cfg: RMConfig, reference_logps: dict | None = N
                   "rewards/chosen": c.mean(), "rewards/rejected": r.mean()}
 
 
+def rm_collate(cfg: RMConfig, layout: str, pad_id: int) -> Collate:
+    """Pairs in ``layout``, with each pair's ``margin`` when ``rm.margin_column`` is set."""
+    return lambda items: with_margins(collation.LAYOUTS[layout](items, pad_id), items, cfg.margin_column)
+
+
 METHODS: dict[str, Method] = {
-    "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft"),
-    "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference),
-    "rm": Method(step=rm_step, needs_reference=lambda cfg: False, model="reward"),
+    "sft": Method(step=sft_step, needs_reference=lambda cfg: False, units=scored_tokens_of, data="sft",
+                  layout=lambda cfg, model: "padded", collate=sft_collate, curves=False),
+    "dpo": Method(step=dpo_step, needs_reference=dpo_needs_reference, run_fields=dpo_run_fields,
+                  unpaired=loss_terms.unpaired, reference_sync=tr_dpo_sync),
+    "rm": Method(step=rm_step, needs_reference=lambda cfg: False, model="reward", collate=rm_collate, curves=False),
 }
 """Method name -> Method. ``dpo`` covers every loss of ``losses.LOSSES`` through ``dpo.loss``; ``rm`` trains a
 reward model (reward.py) with the Bradley-Terry loss."""

@@ -4,8 +4,11 @@ Every module that reads or writes a run folder asks here; nothing here reads or 
     stage run     config.yaml  versions.json  data.json  metrics.jsonl  run.json
                   final/  best/  snapshots/step-N/  checkpoints/step-N/
     pipeline run  config.yaml  timings.json  done.json (in a sweep)  sft/  dpo/ (stage runs)
-                  sft/merged/  eval/eval.json  eval/curve.json  report/
+                  sft/merged/  eval/eval.json  eval/curve.json  report/  rounds/round-K/
+    round         samples.jsonl  pairs.jsonl  heldout.jsonl  start/  dpo/ (a stage run)  round.json
+    bon           samples.jsonl  sft.jsonl  pairs.jsonl  summary.json (a pipeline run's bon/, or `preftune bon`'s)
     sweep         sweep.json  runs/<name>/ (pipeline runs)  shared/sft/<key>/  report/
+    study         its experiments' sweeps  report/ (the findings)
 """
 
 from __future__ import annotations
@@ -72,6 +75,41 @@ class StageDir(Folder):
 
 
 @dataclass(frozen=True)
+class EvalDir(Folder):
+    """A folder the evaluation writes into (a pipeline run's ``eval/``): results, curve, samples."""
+
+    eval_json = property(lambda self: self.root / "eval.json")
+    curve_json = property(lambda self: self.root / "curve.json")
+    curve_samples = property(lambda self: self.root / "curve")
+
+
+@dataclass(frozen=True)
+class RoundDir(Folder):
+    """One on-policy round's folder (rounds.py): what it sampled and paired, and its preference stage."""
+
+    samples = property(lambda self: self.root / "samples.jsonl")
+    pairs = property(lambda self: self.root / "pairs.jsonl")
+    heldout = property(lambda self: self.root / "heldout.jsonl")
+    start = property(lambda self: self.root / "start")
+    stage = property(lambda self: StageDir(self.root / "dpo"))
+    record = property(lambda self: self.root / "round.json")
+
+    def is_finished(self) -> bool:
+        """``round.json`` is written last, so a round with it is finished."""
+        return self.record.is_file()
+
+
+@dataclass(frozen=True)
+class BonDir(Folder):
+    """A best-of-n folder (bon.py): every sample with its reward, the best as SFT rows, best-vs-worst pairs."""
+
+    samples = property(lambda self: self.root / "samples.jsonl")
+    sft = property(lambda self: self.root / "sft.jsonl")
+    pairs = property(lambda self: self.root / "pairs.jsonl")
+    summary = property(lambda self: self.root / "summary.json")
+
+
+@dataclass(frozen=True)
 class RunDir(Folder):
     """A pipeline run's folder (``cfg.output_dir``): stage runs plus evaluation and report."""
 
@@ -80,13 +118,19 @@ class RunDir(Folder):
     timings = property(lambda self: self.root / "timings.json")
     done = property(lambda self: self.root / "done.json")
     eval_dir = property(lambda self: self.root / "eval")
-    eval_json = property(lambda self: self.root / "eval" / "eval.json")
-    curve_json = property(lambda self: self.root / "eval" / "curve.json")
+    eval_json = property(lambda self: EvalDir(self.eval_dir).eval_json)
+    curve_json = property(lambda self: EvalDir(self.eval_dir).curve_json)
     report_dir = property(lambda self: self.root / "report")
     merged_sft = property(lambda self: self.root / "sft" / "merged")
+    rounds_dir = property(lambda self: self.root / "rounds")
+    bon = property(lambda self: BonDir(self.root / "bon"))
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self.root / name)
+
+    def round(self, k: int) -> RoundDir:
+        """On-policy round ``k``'s folder, ``rounds/round-K`` (rounds.py)."""
+        return RoundDir(self.rounds_dir / f"round-{k}")
 
     def finished_stages(self) -> list[StageDir]:
         return [s for s in map(self.stage, STAGES) if s.is_finished()]
@@ -109,3 +153,10 @@ class SweepDir(Folder):
 
     def shared_sft(self, key: str) -> StageDir:
         return StageDir(self.root / "shared" / "sft" / key)
+
+
+@dataclass(frozen=True)
+class StudyDir(Folder):
+    """The study's folder (study.py): its experiments' sweeps and the findings report."""
+
+    report_dir = property(lambda self: self.root / "report")

@@ -78,8 +78,8 @@ def train_reward_model(cfg: Config, run: RunDir, start: str, resume: bool, allow
 
 def best_of_n(cfg: Config, run: RunDir, start: str, resume: bool, allow_changes: bool) -> None:
     """The ``bon`` step: best-of-n samples of the SFT model into ``bon/`` (skipped on resume once written)."""
-    if not (resume and (run.root / "bon" / "summary.json").is_file()):
-        run_bon(with_reward_model(cfg, run), start, run.root / "bon")
+    if not (resume and run.bon.summary.is_file()):
+        run_bon(with_reward_model(cfg, run), start, run.bon.root)
 
 
 def with_reward_model(cfg: Config, run: RunDir) -> Config:

@@ -16,6 +16,7 @@ from preftune.checkpoint import step_checkpoints
 from preftune.config import to_dict
 from preftune.errors import PreftuneError
 from preftune.files import disk_errors
+from preftune.paths import StageDir
 
 log = logging.getLogger("preftune")
 
@@ -67,10 +68,10 @@ def resume_changes(out: Path, cfg, stage: str, fingerprint: str) -> list[str]:
     """What differs between the run recorded in ``out`` (``config.yaml``, ``data.json``) and this one:
     ``["dpo.lr: 0.01 -> 0.02", "data: fingerprint ab12 -> cd34"]``. Keys the saved config lacks
     (written by an older preftune) are not compared."""
-    out = Path(out)
+    run = StageDir(out)
     changes = []
     try:
-        before = _flat(yaml.safe_load((out / "config.yaml").read_text()) or {})
+        before = _flat(yaml.safe_load(run.config.read_text()) or {})
     except (OSError, yaml.YAMLError):
         before = {}
     now = _flat(to_dict(cfg))
@@ -78,7 +79,7 @@ def resume_changes(out: Path, cfg, stage: str, fingerprint: str) -> list[str]:
         if _compared(key, stage) and before[key] != now[key]:
             changes.append(f"{key}: {before[key]!r} -> {now[key]!r}")
     try:
-        old_fp = json.loads((out / "data.json").read_text()).get("fingerprint")
+        old_fp = json.loads(run.data.read_text()).get("fingerprint")
     except (OSError, ValueError):
         old_fp = None
     if old_fp is not None and old_fp != fingerprint:

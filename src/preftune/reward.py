@@ -17,7 +17,7 @@ from preftune.attention import decoder_mask
 from preftune.config import DataConfig
 from preftune.data.collate import collate_sft
 from preftune.data.rows import SFTRow, TokenizedSFT
-from preftune.data.tokenize import encode_prompt, tokenize_rows_with_positions
+from preftune.data.tokenize import RowKind, encode_prompt, tokenize
 from preftune.errors import PreftuneError
 from preftune.model import check_weights, load_tokenizer, resolve_model
 
@@ -224,7 +224,8 @@ class RewardScorer:
     @torch.inference_mode()
     def score(self, prompts: list, responses: list[str]) -> list[float | None]:
         rows = [SFTRow(p, r) for p, r in zip(prompts, responses)]
-        items, _, positions = tokenize_rows_with_positions(rows, self.tokenizer, self.data, "sft", progress=False)
+        out = tokenize(rows, self.tokenizer, self.data, RowKind.SFT, progress=False)
+        items, positions = out.items, out.positions
         kept = set(positions)
         for i, row in enumerate(rows):
             if i not in kept and not row.completion.strip():

@@ -1,7 +1,7 @@
 """On-policy preference rounds (semi-online / iterative DPO): each round draws training prompts,
 samples completions from the current policy, scores them (a rule, a pairwise judge or a reward
 model), pairs the best against the worst and trains one preference stage on those pairs through the
-same loop. A round is a folder, ``rounds/round-K/``:
+same loop. A round is a folder, ``rounds/round-K/`` (``paths.RoundDir``):
 
   samples.jsonl   every prompt with its samples and their scores
   pairs.jsonl     the pairs built (a standard preference file: ``preftune data inspect`` reads it)
@@ -32,6 +32,7 @@ from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
 from preftune.model import is_adapter, load_for_inference, merge_adapter
+from preftune.paths import RoundDir, RunDir, StageDir
 from preftune.reward import load_reward_model, score_responses
 from preftune.train import run_stage
 
@@ -138,19 +139,20 @@ def prompt_pool(train_rows: list[PreferenceRow], reward: str,
     return pool, left_out | {"unchecked_rows_left_out": len(unseen) - len(pool)}
 
 
-def _start_model(cfg: Config, start: str, round_dir: Path) -> str:
+def _start_model(cfg: Config, start: str, round_dir: RoundDir) -> str:
     """The folder the round's stage trains from. With LoRA and the ``round_start`` reference, an
     adapter is merged first so that fresh adapters (and their disabled state, the reference) sit on
     the round's starting policy; with the ``sft`` reference the previous adapter keeps training."""
     if cfg.lora.enabled and cfg.rounds.reference == "round_start" and is_adapter(start):
-        return str(merge_adapter(start, round_dir / "start").resolve())
+        return str(merge_adapter(start, round_dir.start).resolve())
     return start
 
 
-def round_config(cfg: Config, round_dir: Path) -> Config:
+def round_config(cfg: Config, round_dir: str | Path | RoundDir) -> Config:
     """The config of a round's preference stage: its pairs, the run's held-out rows, the rounds' settings."""
     r = cfg.rounds
-    data = DataConfig(source=str(round_dir / "pairs.jsonl"), format="standard", test_source=str(round_dir / "heldout.jsonl"),
+    rd = round_dir if isinstance(round_dir, RoundDir) else RoundDir(round_dir)
+    data = DataConfig(source=str(rd.pairs), format="standard", test_source=str(rd.heldout),
                       max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                       max_eval_rows=cfg.data.max_eval_rows)
     return dataclasses.replace(cfg, data=data, dpo=r.stage_dpo(cfg.dpo), eval=dataclasses.replace(cfg.eval, curve_every=0))
@@ -168,7 +170,7 @@ def sample(cfg: Config, model_path: str, rows: list[PreferenceRow], round_no: in
     return [flat[i * r.samples : (i + 1) * r.samples] for i in range(len(rows))]
 
 
-def score(cfg: Config, rows, responses, round_dir: Path) -> list[list[float | None]]:
+def score(cfg: Config, rows, responses) -> list[list[float | None]]:
     r = cfg.rounds
     if r.reward == "rule":
         return rule_scores(rows, responses)
@@ -177,10 +179,10 @@ def score(cfg: Config, rows, responses, round_dir: Path) -> list[list[float | No
     return reward_model_scores(r.reward_model, rows, responses, cfg.eval.batch_size, cfg.data)
 
 
-def _last_eval(stage_dir: Path) -> dict:
+def _last_eval(stage_dir: StageDir) -> dict:
     """The stage's last held-out evaluation record (``eval/...`` keys)."""
     last: dict = {}
-    path = stage_dir / "metrics.jsonl"
+    path = stage_dir.metrics
     if path.is_file():
         for line in path.read_text().splitlines():
             rec = json.loads(line)
@@ -193,18 +195,18 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
               heldout: list[PreferenceRow], out: Path) -> dict:
     """Run round ``round_no`` from the policy at ``start`` into ``out/rounds/round-K``; return its record."""
     r = cfg.rounds
-    round_dir = out / "rounds" / f"round-{round_no}"
-    if round_dir.exists():
+    round_dir = RunDir(out).round(round_no)
+    if round_dir.root.exists():
         log.info("round %d: an unfinished round folder is left from a killed run; starting the round again",
                  round_no)
-        shutil.rmtree(round_dir)
-    round_dir.mkdir(parents=True)
+        shutil.rmtree(round_dir.root)
+    round_dir.root.mkdir(parents=True)
     pool, left_out = prompt_pool(train_rows, r.reward, heldout)
     rng = random.Random(cfg.seed * 7919 + round_no)
     drawn = rng.sample(pool, min(r.prompts, len(pool)))
     responses = sample(cfg, start, drawn, round_no)
-    scores = score(cfg, drawn, responses, round_dir)
-    write_jsonl(round_dir / "samples.jsonl", [
+    scores = score(cfg, drawn, responses)
+    write_jsonl(round_dir.samples, [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "score": x} for s, x in zip(g, sc)]}
         for row, g, sc in zip(drawn, responses, scores)])
     pairs, counts = build_pairs(drawn, responses, scores, round_no)
@@ -214,8 +216,8 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
                             f"samples scored the same. Raise rounds.samples or rounds.temperature, or use a "
                             "reward that separates the samples")
     offline = rng.sample(train_rows, min(r.mix_offline, len(train_rows))) if r.mix_offline else []
-    write_rows(round_dir / "pairs.jsonl", pairs + offline)
-    write_rows(round_dir / "heldout.jsonl", heldout)
+    write_rows(round_dir.pairs, pairs + offline)
+    write_rows(round_dir.heldout, heldout)
     flat = [x for sc in scores for x in sc if x is not None]
     record = {"round": round_no, "start_model": start, "reward": r.reward, "reference": r.reference,
               **left_out, "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
@@ -225,10 +227,11 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
              round_no, len(drawn), r.samples, record["reward_mean"] or 0.0, len(pairs), counts["ties"],
              counts["unscored"], counts["identical"])
     stage_cfg = round_config(cfg, round_dir)
-    summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir))
+    stage = round_dir.stage
+    summary = run_stage(stage_cfg, "dpo", stage.root, _start_model(cfg, start, round_dir))
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
-               "final_model": str((round_dir / "dpo" / "final").resolve()), **_last_eval(round_dir / "dpo")}
-    write_json(round_dir / "round.json", record)  # last: marks the round finished
+               "final_model": str(stage.final.resolve()), **_last_eval(stage)}
+    write_json(round_dir.record, record)  # last: marks the round finished
     return record
 
 
@@ -239,9 +242,9 @@ def run_rounds(cfg: Config, out: str | Path, start: str) -> list[dict]:
     train_rows, heldout, _ = load_rows(cfg.data, "preference", cfg.seed)
     records = []
     for k in range(1, cfg.rounds.n + 1):
-        done = out / "rounds" / f"round-{k}" / "round.json"
-        if done.is_file():
-            rec = json.loads(done.read_text())
+        done = RunDir(out).round(k)
+        if done.is_finished():
+            rec = json.loads(done.record.read_text())
             log.info("round %d: finished earlier (%d pairs); not redone", k, rec["pairs"])
         else:
             rec = run_round(cfg, k, start, train_rows, heldout, out)
@@ -253,7 +256,7 @@ def run_rounds(cfg: Config, out: str | Path, start: str) -> list[dict]:
 def final_model(out: str | Path, n: int) -> Path | None:
     """The policy after the last finished round, if any."""
     for k in range(n, 0, -1):
-        done = Path(out) / "rounds" / f"round-{k}" / "round.json"
-        if done.is_file():
-            return Path(json.loads(done.read_text())["final_model"])
+        done = RunDir(out).round(k)
+        if done.is_finished():
+            return Path(json.loads(done.record.read_text())["final_model"])
     return None

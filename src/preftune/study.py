@@ -22,6 +22,7 @@ from preftune.eval.heldout import looks_like_dataset
 from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.prompts import HH_CATEGORIES, draws_hh_categories
 from preftune.eval.tasks import TASK_SETS
+from preftune.paths import StudyDir
 from preftune.report.findings import write_findings
 from preftune.sweep import PlannedRun, plan, plan_note, run_sweep, sft_note
 
@@ -269,6 +270,6 @@ def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = F
     for name, raw in raws.items():
         echo(f"\nstudy: experiment {name}")
         states[name] = run_sweep(raw, source=str(chosen[name]), echo=echo)
-    states["findings"] = str(write_findings(root, root / "report", left_out))
+    states["findings"] = str(write_findings(root, StudyDir(root).report_dir, left_out))
     echo(f"study: findings in {states['findings']}")
     return states

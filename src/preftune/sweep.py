@@ -487,7 +487,7 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
     write_json(SweepDir(root).state, state)
     echo(state["summary"])
     if failed:
-        raise PreftuneError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see {root / 'sweep.json'}); "
+        raise PreftuneError(f"sweep: {len(failed)} run(s) failed: {', '.join(failed)} (see {SweepDir(root).state}); "
                             "fix the cause and run the same command again: finished runs are skipped")
     return state
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,7 @@ from preftune import checkpoint as ckpt
 from preftune import distributed as dist
 from preftune import loss_terms
 from preftune import reference as refs
-from preftune.attention import choose_layout
-from preftune.config import Config, DPOConfig, TrainConfig, to_yaml
-from preftune.data import collate as collation
+from preftune.config import Config, TrainConfig, to_yaml
 from preftune.data.stage import (
     StageData,
     dropped_rows,
@@ -61,7 +59,6 @@ from preftune.reward import (
     margins,
     merge_reward_adapter,
     reward_record,
-    with_margins,
 )
 from preftune.tracking import open_trackers
 
@@ -184,6 +181,28 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
+class TrainState:
+    """Where the loop is: what a resume checkpoint's ``state.json`` holds (with early stopping's state)."""
+
+    step: int = 0
+    """Optimizer steps taken, skipped (non-finite) ones included."""
+    tokens_seen: int = 0
+    pairs_seen: int = 0
+    nan_streak: int = 0
+    """Consecutive steps skipped for a non-finite loss (``nan_tolerance`` stops the run)."""
+    skipped_steps: int = 0
+    dropped_rows: int = 0
+    """Rows ``drop_last`` left out, summed over the epochs counted so far."""
+    epochs_counted: int = 0
+    """Epochs whose dropped rows are in ``dropped_rows`` (a resumed run does not count one twice)."""
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> TrainState:
+        """The state a checkpoint saved (keys an older preftune did not write take their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+@dataclass
 class Stage:
     """One training stage between ``setup`` and ``finish``: what it trains, on what, and where it is."""
 
@@ -212,8 +231,7 @@ class Stage:
     eval_keep: list[bool]  # False: a padding batch (a rank with fewer held-out rows runs it, weight 0)
     stopper: EarlyStopping
     metrics_log: MetricsLog | None = None
-    state: dict = field(default_factory=lambda: {"step": 0, "tokens_seen": 0, "pairs_seen": 0, "nan_streak": 0,
-                                                 "skipped_steps": 0})
+    state: TrainState = field(default_factory=TrainState)
     resumed_from: int | None = None
     last_eval: dict = field(default_factory=dict)  # the last eval round's figures
     started: float = field(default_factory=time.time)
@@ -232,20 +250,6 @@ class Stage:
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.policy).model
-
-
-def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_only: bool = True,
-                reward: bool = False):
-    """The stage's collate function: SFT rows, preference pairs in ``layout`` (with their ``margin`` for
-    a reward model with ``rm.margin_column``), or unpaired (KTO) rows in the same pair layouts plus their
-    labels. Shared layouts carry ``blocks``/``segments``, from which the model side builds its mask (attention.py)."""
-    if reward:
-        return lambda items: with_margins(collation.LAYOUTS[layout](items, pad_id), items, stage_cfg.margin_column)
-    if not isinstance(stage_cfg, DPOConfig):
-        return lambda items: collation.collate_sft(items, pad_id, completion_only=completion_only)
-    if loss_terms.unpaired(stage_cfg):
-        return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
-    return lambda items: collation.LAYOUTS[layout](items, pad_id)
 
 
 def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, policy, data: StageData,
@@ -323,7 +327,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.data.chat_template)
-    data = load_stage_data(cfg, stage, tokenizer, unpaired=stage == "dpo" and loss_terms.unpaired(cfg.dpo))
+    data = load_stage_data(cfg, stage, tokenizer, unpaired=method.unpaired(stage_cfg))
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
     reward = method.model == "reward"
@@ -333,9 +337,9 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     if reward:  # transformers' own forward then reads the last real token of a padded row
         check_reward_head(model, f"{stage}: {model_path}")
         model.config.pad_token_id = tokenizer.pad_token_id
-    layout = choose_layout(stage_cfg.layout, model) if method.data == "preference" else "padded"
+    layout = method.layout(stage_cfg, model)
     policy = SequenceRewards(model) if reward else SequenceLogps(model)
-    collate = collate_for(stage_cfg, layout, tokenizer.pad_token_id, getattr(stage_cfg, "completion_only", True), reward)
+    collate = method.collate(stage_cfg, layout, tokenizer.pad_token_id)
     if reward and stage_cfg.margin_column:  # every row's margin checked before any training
         margins(data.train + data.test, stage_cfg.margin_column)
     reference, strategy = build_reference(cfg, stage_cfg, method, model, policy, data, collate, model_path,
@@ -351,13 +355,16 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
 
     policy, optimizer, params = dist.prepare(
         accelerator, policy, lambda ps: build_optimizer(ps, stage_cfg), stage_cfg.batch_size, stage_cfg.max_grad_norm)
-    st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
-               policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
-               warmup_steps(stage_cfg, total), [collate(c) for c in eval_chunks], eval_keep,
-               EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
+    st = Stage(name=stage, cfg=cfg, stage_cfg=stage_cfg, method=method, out=StageDir(out_dir), model_path=model_path,
+               accelerator=accelerator, tokenizer=tokenizer, data=data, model=model, policy=policy,
+               optimizer=optimizer, params=params, layout=layout, reference=reference, ref_strategy=strategy,
+               collate=collate, bins=bins, steps_per_epoch=per_epoch, total_steps=total,
+               warmup=warmup_steps(stage_cfg, total), eval_batches=[collate(c) for c in eval_chunks],
+               eval_keep=eval_keep,
+               stopper=EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
     latest = _resume(st, resume)
     _write_records(st, fresh=latest is None)
-    st.metrics_log = MetricsLog(st.out.metrics, cfg, st.main, st.state["step"] if latest else None)
+    st.metrics_log = MetricsLog(st.out.metrics, cfg, st.main, st.state.step if latest else None)
     if st.main:
         n_train, n_total = trainable_parameters(model)
         log.info("%s: %d train / %d held-out %s, layout=%s, reference=%s, trainable %.2fM of %.1fM params, "
@@ -374,11 +381,12 @@ def _resume(st: Stage, resume: bool) -> Path | None:
         log.info("resume: no checkpoint in %s; starting this stage from the beginning", st.out.root)
     if latest is None:
         return None
-    st.state = dist.load_checkpoint(st.accelerator, latest, st.policy, st.optimizer)
-    for k, v in st.state.pop("early_stopping").items():
+    saved = dist.load_checkpoint(st.accelerator, latest, st.policy, st.optimizer)
+    for k, v in saved.pop("early_stopping").items():
         setattr(st.stopper, k, v)
-    st.resumed_from = st.state["step"]
-    log.info("resumed from %s at step %d", latest, st.state["step"])
+    st.state = TrainState.from_dict(saved)
+    st.resumed_from = st.state.step
+    log.info("resumed from %s at step %d", latest, st.state.step)
     return latest
 
 
@@ -417,12 +425,12 @@ def step_micro_batches(st: Stage, step: int) -> tuple[list[list[int]], list[bool
 
 def _count_dropped(st: Stage, plan: list[list[int]], epoch: int) -> None:
     n = dropped_rows(plan, st.per_step, st.stage_cfg.drop_last)
-    if n and epoch >= st.state.get("epochs_counted", 0):
-        st.state["dropped_rows"] = st.state.get("dropped_rows", 0) + n
-        st.state["epochs_counted"] = epoch + 1
+    if n and epoch >= st.state.epochs_counted:
+        st.state.dropped_rows += n
+        st.state.epochs_counted = epoch + 1
         if st.main:
             log.warning("epoch %d: drop_last leaves out the last incomplete optimizer step: %d of %d rows "
-                        "(%d dropped so far)", epoch, n, len(st.data.train), st.state["dropped_rows"])
+                        "(%d dropped so far)", epoch, n, len(st.data.train), st.state.dropped_rows)
 
 
 def accumulate(st: Stage, micro: list[list[int]], keep: list[bool]) -> tuple[WeightedMeans, bool, int, int]:
@@ -460,7 +468,7 @@ def train_step(st: Stage) -> dict | None:
     finite) clip and update. Returns the step's metrics record (unit-weighted over the whole step and
     every rank), or None when a non-finite loss on any rank made every rank skip the step."""
     acc, cfg = st.accelerator, st.stage_cfg
-    step = st.state["step"]
+    step = st.state.step
     for group in st.optimizer.param_groups:
         group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule, cfg.schedule_kwargs, cfg.lr)
     t0 = time.perf_counter()
@@ -468,13 +476,14 @@ def train_step(st: Stage) -> dict | None:
     if acc.reduce(torch.tensor(float(not finite), device=acc.device), "sum").item() > 0:
         _skip_step(st, step)
         return None
-    st.state["nan_streak"] = 0
+    st.state.nan_streak = 0
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
     grad_norm = float(acc.clip_grad_norm_(st.params, max_norm))
     st.optimizer.step()
     st.optimizer.zero_grad(set_to_none=True)
-    if getattr(cfg, "sync_ref_model", False) and (step + 1) % cfg.ref_model_sync_steps == 0:  # TR-DPO
-        refs.sync_reference(st.reference, st.unwrapped(), cfg.ref_model_mixup_alpha)
+    alpha = st.method.reference_sync(cfg, step + 1)
+    if alpha is not None:  # TR-DPO
+        refs.sync_reference(st.reference, st.unwrapped(), alpha)
     step_time = time.perf_counter() - t0
 
     record = means.reduced(_reduce_sum(acc)).means()
@@ -482,23 +491,23 @@ def train_step(st: Stage) -> dict | None:
     record.pop("rewards/accuracies_se", None)
     record.pop("accuracy_se", None)
     tot = acc.reduce(torch.tensor([tokens, pairs], device=acc.device), "sum").tolist()
-    st.state["tokens_seen"] += int(tot[0])
-    st.state["pairs_seen"] += int(tot[1])
-    st.state["step"] += 1
-    step = st.state["step"]
-    return {"step": step, "epoch": round(step / st.steps_per_epoch, 4), "tokens_seen": st.state["tokens_seen"],
-            "pairs_seen": st.state["pairs_seen"], "lr": st.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+    st.state.tokens_seen += int(tot[0])
+    st.state.pairs_seen += int(tot[1])
+    st.state.step += 1
+    step = st.state.step
+    return {"step": step, "epoch": round(step / st.steps_per_epoch, 4), "tokens_seen": st.state.tokens_seen,
+            "pairs_seen": st.state.pairs_seen, "lr": st.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
             **record, "step_time": step_time, "tokens_per_s": tot[0] / max(step_time, 1e-9)}
 
 
 def _skip_step(st: Stage, step: int) -> None:
     st.optimizer.zero_grad(set_to_none=True)
-    st.state["nan_streak"] += 1
-    st.state["skipped_steps"] += 1
-    st.state["step"] += 1
-    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, st.state["nan_streak"])
-    if st.state["nan_streak"] >= st.stage_cfg.nan_tolerance:
-        raise PreftuneError(f"{st.state['nan_streak']} consecutive steps with a NaN/inf loss at step {step}: "
+    st.state.nan_streak += 1
+    st.state.skipped_steps += 1
+    st.state.step += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, st.state.nan_streak)
+    if st.state.nan_streak >= st.stage_cfg.nan_tolerance:
+        raise PreftuneError(f"{st.state.nan_streak} consecutive steps with a NaN/inf loss at step {step}: "
                             "lower the learning rate, or use fp32 / bf16-mixed instead of bf16")
 
 
@@ -529,14 +538,15 @@ def save_between_steps(st: Stage, step: int) -> None:
     """A snapshot model for curves over training (``eval.curve_every``; the last step is ``final/``)
     and a resume checkpoint every ``save_every`` steps."""
     cfg = st.stage_cfg
-    curve_every = st.cfg.eval.curve_every if st.method.data == "preference" and st.method.model == "causal_lm" else 0
+    curve_every = st.cfg.eval.curve_every if st.method.curves else 0
     if curve_every and step % curve_every == 0 and step < st.total_steps:
+        s = st.state
         dist.save_hf(st.accelerator, st.policy, st.tokenizer, st.out.snapshot(step),
-                     {"snapshot.json": {k: st.state[k] for k in ("step", "tokens_seen", "pairs_seen")}})
+                     {"snapshot.json": {"step": s.step, "tokens_seen": s.tokens_seen, "pairs_seen": s.pairs_seen}})
     if cfg.save_every and step % cfg.save_every == 0 and step < st.total_steps:
         st.accelerator.wait_for_everyone()
         dist.save_checkpoint(st.accelerator, st.out.checkpoint(step), st.policy, st.optimizer,
-                             st.state | {"early_stopping": st.stopper.state()})
+                             asdict(st.state) | {"early_stopping": st.stopper.state()})
         if st.main:
             ckpt.prune(st.out.root, cfg.save_total_limit)
 
@@ -547,12 +557,11 @@ def save_between_steps(st: Stage, step: int) -> None:
 def summary(st: Stage, stopped_early: bool) -> dict:
     """The run summary written to ``run.json``."""
     cfg, s = st.cfg, st.stage_cfg
-    loss = loss_terms.loss_name(s) if isinstance(s, DPOConfig) else None
     return {
-        "stage": st.name, "method": loss or st.name, "loss": loss, "beta": loss_terms.loss_beta(s) if loss else None,
-        "steps": st.state["step"], "total_steps": st.total_steps, "tokens_seen": st.state["tokens_seen"],
-        "pairs_seen": st.state["pairs_seen"], "skipped_steps": st.state["skipped_steps"],
-        "dropped_rows": st.state.get("dropped_rows", 0),
+        "stage": st.name, "method": st.name, **st.method.run_fields(s),
+        "steps": st.state.step, "total_steps": st.total_steps, "tokens_seen": st.state.tokens_seen,
+        "pairs_seen": st.state.pairs_seen, "skipped_steps": st.state.skipped_steps,
+        "dropped_rows": st.state.dropped_rows,
         "best_step": st.stopper.best_step, "best_metric": st.stopper.best, "stopped_early": stopped_early,
         "early_stopping_metric": s.early_stopping_metric, "wall_time_s": round(time.time() - st.started, 2),
         "base_model": st.model_path, "model_revision": cfg.model_revision, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
@@ -604,11 +613,11 @@ def train(st: Stage, stop_at: int | None = None) -> dict:
     """Optimizer steps until the total or early stopping, with eval rounds, logging, snapshots and
     checkpoints between them; then ``finish`` (unless ``stop_at`` ended it first)."""
     s = st.stage_cfg
-    bar = tqdm(total=st.total_steps, initial=st.state["step"], desc=st.name, disable=not st.main, dynamic_ncols=True)
+    bar = tqdm(total=st.total_steps, initial=st.state.step, desc=st.name, disable=not st.main, dynamic_ncols=True)
     stopped_early = False
     try:
         st.policy.train()
-        while st.state["step"] < st.total_steps and not stopped_early:
+        while st.state.step < st.total_steps and not stopped_early:
             record = train_step(st)
             bar.update(1)
             if record is None:

@@ -13,7 +13,7 @@ from preftune.errors import PreftuneError
 
 def data_inspect(ns) -> int:
     """``preftune data inspect TARGET [k=v ...] [--format F] [--json] [--sft]``."""
-    from preftune.data.inspect import inspect, load_tokenizer_for, render_text, resolve
+    from preftune.report.inspect import inspect, load_tokenizer_for, render_text, resolve
 
     target = getattr(ns, "data_target", None) or ns.target
     cfg, data = resolve(target, list(ns.overrides or []), ns.format, ns.sft)

@@ -28,6 +28,7 @@ def losses_show(ns) -> int:
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     from preftune.card import update_card
     from preftune.model import model_folder
+    from preftune.paths import StageDir
     from preftune.train import run_stage
 
     setup_logging()
@@ -37,7 +38,7 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
                         allow_changes=getattr(ns, "allow_changes", False))
     if int(os.environ.get("RANK", "0")) == 0:
         update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
-        print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
+        print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {StageDir(out).final}")
         _push_after(cfg, out)
     return 0
 
@@ -77,12 +78,12 @@ def bon(ns) -> int:
     newest = (run.merged_sft, run.stage("sft").final)
     start = ns.model or next((str(p.resolve()) for p in newest if (p / "config.json").is_file()
                               or (p / "adapter_config.json").is_file()), None)
-    summary = run_bon(cfg, resolve_model(start or cfg.model), run.root / "bon")
+    summary = run_bon(cfg, resolve_model(start or cfg.model), run.bon.root)
     r = summary["rewards"]
     print(f"bon: {summary['prompts']} prompts x {summary['n']} samples -> {summary['sft_rows']} SFT rows, "
           f"{summary['pairs']} pairs; {summary['all_tied']} prompts all tied, {summary['unscored']} unscored")
     print(f"rewards: mean {r.get('mean', float('nan')):.3f}, best mean {r.get('best_mean', float('nan')):.3f}, "
-          f"worst mean {r.get('worst_mean', float('nan')):.3f} -> {run.root / 'bon'}")
+          f"worst mean {r.get('worst_mean', float('nan')):.3f} -> {run.bon.root}")
     return 0
 
 

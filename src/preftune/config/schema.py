@@ -318,8 +318,9 @@ class BonConfig:
 class WinrateConfig:
     enabled: bool = True
     """Judge generations against the dataset's chosen responses."""
-    judge: Literal["rule", "openai", "hf", "reward_model"] = "rule"
-    """Judge backend (``reward_model``: the response with the higher reward wins, equal rewards tie)."""
+    judge: str = "rule"
+    """Judge backend: a name in eval/judges.py's ``JUDGES`` (rule, openai, hf; ``reward_model``: the response
+    with the higher reward wins, equal rewards tie)."""
     judge_model: str | None = None
     """Model name for the openai judge, or path for the hf and reward_model judges (a ``preftune rm``
     folder, or any one-label AutoModelForSequenceClassification)."""

@@ -29,6 +29,7 @@ from preftune.config.schema import (
 )
 from preftune.data.formats import FORMATS, PREFERENCE_FORMATS
 from preftune.data.mapping import mapping_problems
+from preftune.eval.judges import JUDGES
 from preftune.loss_terms import LEGACY_LOSS_KEYS, loss_problems, resolve_loss
 
 
@@ -70,6 +71,8 @@ def validate(cfg: Config) -> list[str]:
                      "is false and eval.tasks is empty")
     if isinstance(ev, EvalConfig) and isinstance(ev.datasets, list):
         p += _validate_eval_datasets(ev.datasets)
+    if isinstance(ev, EvalConfig) and isinstance(ev.winrate, WinrateConfig) and isinstance(ev.winrate.judge, str):
+        p += _not_one_of("eval.winrate.judge", ev.winrate.judge, list(JUDGES))
     r = cfg.rounds
     if isinstance(r, RoundsConfig):
         if r.loss is not None and isinstance(d, DPOConfig):
@@ -101,6 +104,15 @@ def _reward_model_problems(cfg: Config) -> list[str]:
         p.append("eval.winrate.judge_model: judge 'reward_model' needs the path of a reward model (a `preftune rm` "
                  "run), or rm.enabled=true in the pipeline to train one first")
     return p
+
+
+def _not_one_of(key: str, value: str, choices: list[str]) -> list[str]:
+    """A plug-in name that no registry entry has, said as the type checker says a wrong Literal."""
+    if value in choices:
+        return []
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return [f"{key}: {value!r} is not one of {' | '.join(map(repr, choices))}{hint}"]
 
 
 def _data_problems(dc: DataConfig, name: str) -> list[str]:

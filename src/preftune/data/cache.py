@@ -19,7 +19,7 @@ import numpy as np
 
 from preftune import embedded
 from preftune.data.rows import TokenizedPair, TokenizedSFT
-from preftune.data.tokenize import TokenizeReport, template_digest, tokenize_rows_with_positions
+from preftune.data.tokenize import RowKind, TokenizeReport, template_digest, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,16 @@ def _digest(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()[:24]
 
 
-def rows_digest(rows: list, kind: str) -> str:
+def rows_digest(rows: list, kind: RowKind) -> str:
     """The rows' content that token ids depend on (prompt and completions, in order), hashed in one
     pass: a faithful serialization, so different rows never share a digest (equal rows held as
     shared objects may only cause a miss)."""
-    parts = [(r.prompt, r.chosen, r.rejected) for r in rows] if kind == "preference" else \
+    parts = [(r.prompt, r.chosen, r.rejected) for r in rows] if kind is RowKind.PREFERENCE else \
         [(r.prompt, r.completion) for r in rows]
     return hashlib.sha256(pickle.dumps(parts, protocol=4)).hexdigest()[:24]
 
 
-def cache_key(row_fingerprint: str, tokenizer, data, kind: str) -> str:
+def cache_key(row_fingerprint: str, tokenizer, data, kind: RowKind) -> str:
     """Everything the tokenized rows depend on."""
     blob = {
         "version": VERSION, "kind": kind, "rows": row_fingerprint, "tokenizer": tokenizer_digest(tokenizer),
@@ -77,10 +77,10 @@ def cache_path(key: str) -> Path:
     return embedded.cache_root() / "tokenized" / f"{key}.npz"
 
 
-PARTS = {"preference": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}
+PARTS = {RowKind.PREFERENCE: ("prompt", "chosen", "rejected"), RowKind.SFT: ("prompt", "completion")}
 
 
-def _save(path: Path, items: list, index: list[int], report: TokenizeReport, kind: str) -> None:
+def _save(path: Path, items: list, index: list[int], report: TokenizeReport, kind: RowKind) -> None:
     parts = [[getattr(t, f"{name}_ids") for name in PARTS[kind]] for t in items]
     lens = np.array([[len(p) for p in row] for row in parts], dtype=np.int64).reshape(len(items), len(PARTS[kind]))
     buf = array.array("i")
@@ -109,12 +109,12 @@ def _no_gc():
             gc.enable()
 
 
-def _load(path: Path, rows: list, kind: str) -> tuple[list, TokenizeReport]:
+def _load(path: Path, rows: list, kind: RowKind) -> tuple[list, TokenizeReport]:
     with _no_gc():
         return _read(path, rows, kind)
 
 
-def _read(path: Path, rows: list, kind: str) -> tuple[list, TokenizeReport]:
+def _read(path: Path, rows: list, kind: RowKind) -> tuple[list, TokenizeReport]:
     with np.load(path, allow_pickle=False) as z:
         ids, lens, index = z["ids"].tolist(), z["lens"], z["index"].tolist()
         keys, truncated = [k.decode() for k in z["keys"].tolist()], z["truncated"].tolist()
@@ -122,7 +122,7 @@ def _read(path: Path, rows: list, kind: str) -> tuple[list, TokenizeReport]:
     ends = np.cumsum(lens.ravel()).tolist()
     pieces = [ids[a:b] for a, b in zip([0, *ends[:-1]], ends)]
     width = len(PARTS[kind])
-    cls = TokenizedPair if kind == "preference" else TokenizedSFT
+    cls = TokenizedPair if kind is RowKind.PREFERENCE else TokenizedSFT
     items = [cls(*pieces[n * width : (n + 1) * width], key=key, meta=rows[i].meta, truncated=cut)
              for n, (i, key, cut) in enumerate(zip(index, keys, truncated))]
     report = TokenizeReport.from_dict(meta["report"])
@@ -132,10 +132,10 @@ def _read(path: Path, rows: list, kind: str) -> tuple[list, TokenizeReport]:
     return items, report
 
 
-def tokenize_rows_cached(rows, tokenizer, data, kind: str = "preference", progress: bool | None = None):
-    """:func:`~preftune.data.tokenize.tokenize_rows`'s result for these rows, from the cache when an
-    entry exists, else computed and stored. An entry that cannot be read is recomputed."""
-    rows = list(rows)
+def tokenize_rows_cached(rows, tokenizer, data, kind: RowKind = RowKind.PREFERENCE, progress: bool | None = None):
+    """:func:`~preftune.data.tokenize.tokenize`'s items and report for these rows, from the cache when
+    an entry exists, else computed and stored. An entry that cannot be read is recomputed."""
+    rows, kind = list(rows), RowKind.check(kind)
     path = cache_path(cache_key(rows_digest(rows, kind), tokenizer, data, kind))
     if path.is_file():
         try:
@@ -144,6 +144,6 @@ def tokenize_rows_cached(rows, tokenizer, data, kind: str = "preference", progre
             return items, report
         except (OSError, ValueError, KeyError, IndexError) as e:
             log.warning("tokenization cache entry %s is unreadable (%s); tokenizing again", path, e)
-    items, report, positions = tokenize_rows_with_positions(rows, tokenizer, data, kind, progress=progress)
-    _save(path, items, positions, report, kind)
-    return items, report
+    done = tokenize(rows, tokenizer, data, kind, progress=progress)
+    _save(path, done.items, done.positions, done.report, kind)
+    return done.items, done.report

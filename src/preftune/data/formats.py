@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from preftune.data.rows import Messages, PreferenceRow, Prompt, SFTRow, UnpairedRow
@@ -168,7 +169,7 @@ def hh(rec: dict) -> PreferenceRow:
                        "rejected", "prompt_mismatch")
     prompt = _transcript(chosen[:cut], "chosen", HH_MARKER)
     return PreferenceRow(prompt, _completion(chosen[len(prompt_text):], "chosen"),
-                         _completion(rejected[len(prompt_text):], "rejected"), _meta(rec, COLUMNS_USED["hh"]))
+                         _completion(rejected[len(prompt_text):], "rejected"), _meta(rec, FORMATS["hh"].reads))
 
 
 def shp(rec: dict, min_score_ratio: float = 2.0) -> PreferenceRow:
@@ -183,7 +184,7 @@ def shp(rec: dict, min_score_ratio: float = 2.0) -> PreferenceRow:
         raise RowFiltered("score_ratio")
     a, b = _completion(ref_a, "human_ref_A"), _completion(ref_b, "human_ref_B")
     chosen, rejected = (a, b) if label == 1 else (b, a)
-    return PreferenceRow(history, chosen, rejected, _meta(rec, COLUMNS_USED["shp"]))
+    return PreferenceRow(history, chosen, rejected, _meta(rec, FORMATS["shp"].reads))
 
 
 def has_shp_scores(rec: dict) -> bool:
@@ -205,7 +206,7 @@ def chat(rec: dict) -> PreferenceRow:
     chosen_prompt, chosen = _last_assistant(_messages(_get(rec, "chosen"), "chosen"), "chosen")
     rejected_prompt, rejected = _last_assistant(_messages(_get(rec, "rejected"), "rejected"), "rejected")
     return PreferenceRow(_shared_prompt(chosen_prompt, rejected_prompt), chosen, rejected,
-                         _meta(rec, COLUMNS_USED["chat"]))
+                         _meta(rec, FORMATS["chat"].reads))
 
 
 def standard(rec: dict) -> PreferenceRow:
@@ -213,7 +214,7 @@ def standard(rec: dict) -> PreferenceRow:
     prompt; a chosen/rejected list contributes its final assistant message)."""
     prompt = _prompt(_get(rec, "prompt"), "prompt")
     return PreferenceRow(prompt, _reply(_get(rec, "chosen"), "chosen"), _reply(_get(rec, "rejected"), "rejected"),
-                         _meta(rec, COLUMNS_USED["standard"]))
+                         _meta(rec, FORMATS["standard"].reads))
 
 
 def implicit(rec: dict) -> PreferenceRow:
@@ -232,7 +233,7 @@ def implicit(rec: dict) -> PreferenceRow:
         raise RowError("'chosen' has no turn before its last assistant turn to use as the prompt", "chosen",
                        "no_prompt")
     return PreferenceRow(_shared_prompt(chosen_prompt, rejected_prompt), chosen, rejected,
-                         _meta(rec, COLUMNS_USED["implicit"]))
+                         _meta(rec, FORMATS["implicit"].reads))
 
 
 def openai(rec: dict) -> PreferenceRow:
@@ -247,7 +248,7 @@ def openai(rec: dict) -> PreferenceRow:
         raise RowError("'input.messages' is empty", "input.messages", "empty_prompt")
     return PreferenceRow(prompt, _reply(_get(rec, "preferred_output"), "preferred_output"),
                          _reply(_get(rec, "non_preferred_output"), "non_preferred_output"),
-                         _meta(rec, COLUMNS_USED["openai"]))
+                         _meta(rec, FORMATS["openai"].reads))
 
 
 def _sharegpt_turns(value: Any, key: str) -> Messages:
@@ -277,11 +278,11 @@ def sharegpt(rec: dict) -> PreferenceRow | SFTRow:
             raise RowError("'conversations' is empty", "conversations", "empty_prompt")
         chosen = _last_assistant(_sharegpt_turns(_get(rec, "chosen"), "chosen"), "chosen")[1]
         rejected = _last_assistant(_sharegpt_turns(_get(rec, "rejected"), "rejected"), "rejected")[1]
-        return PreferenceRow(conv, chosen, rejected, _meta(rec, COLUMNS_USED["sharegpt"]))
+        return PreferenceRow(conv, chosen, rejected, _meta(rec, FORMATS["sharegpt"].reads))
     prompt, completion = _last_assistant(conv, "conversations")
     if not prompt:
         raise RowError("'conversations' has no turn before the last assistant turn", "conversations", "no_prompt")
-    return SFTRow(prompt, completion, _meta(rec, COLUMNS_USED["sharegpt"]))
+    return SFTRow(prompt, completion, _meta(rec, FORMATS["sharegpt"].reads))
 
 
 # ---------------------------------------------------------------- unpaired (KTO) adapter
@@ -308,7 +309,7 @@ def kto(rec: dict) -> UnpairedRow:
             raise RowError("'messages' has no message before the last assistant turn", "messages", "no_prompt")
     else:
         prompt, text = _prompt(_get(rec, "prompt"), "prompt"), _reply(_get(rec, "completion"), "completion")
-    return UnpairedRow(prompt, text, label, _meta(rec, COLUMNS_USED["kto"]))
+    return UnpairedRow(prompt, text, label, _meta(rec, FORMATS["kto"].reads))
 
 
 # ---------------------------------------------------------------- SFT adapters
@@ -324,7 +325,7 @@ def alpaca(rec: dict) -> SFTRow:
         raise RowError(f"'input' must be a string, got {type(extra).__name__}", "input", "wrong_type")
     template = ALPACA_WITH_INPUT if extra.strip() else ALPACA_NO_INPUT
     prompt = template.format(instruction=instruction.strip(), input=extra.strip())
-    return SFTRow(prompt, _completion(_str(rec, "output"), "output"), _meta(rec, COLUMNS_USED["alpaca"]))
+    return SFTRow(prompt, _completion(_str(rec, "output"), "output"), _meta(rec, FORMATS["alpaca"].reads))
 
 
 def messages(rec: dict) -> SFTRow:
@@ -333,13 +334,13 @@ def messages(rec: dict) -> SFTRow:
     prompt, completion = _last_assistant(_messages(_get(rec, "messages"), "messages"), "messages")
     if not prompt:
         raise RowError("'messages' has no message before the last assistant turn", "messages", "no_prompt")
-    return SFTRow(prompt, completion, _meta(rec, COLUMNS_USED["messages"]))
+    return SFTRow(prompt, completion, _meta(rec, FORMATS["messages"].reads))
 
 
 def completion(rec: dict) -> SFTRow:
     """``prompt`` (string or messages) and ``completion`` (string)."""
     return SFTRow(_prompt(_get(rec, "prompt"), "prompt"), _completion(_str(rec, "completion"), "completion"),
-                  _meta(rec, COLUMNS_USED["completion"]))
+                  _meta(rec, FORMATS["completion"].reads))
 
 
 def with_system(row: PreferenceRow | SFTRow | UnpairedRow, rec: dict):
@@ -360,82 +361,99 @@ def sft_rows_from_pairs(rows: Iterable[PreferenceRow]) -> list[SFTRow]:
     return [SFTRow(r.prompt, r.chosen, dict(r.meta)) for r in rows]
 
 
-# ---------------------------------------------------------------- tables and detection
+# ---------------------------------------------------------------- the table and detection
 
-FORMATS: dict[str, Callable[[dict], PreferenceRow | SFTRow | UnpairedRow]] = {
-    "hh": hh, "shp": shp, "chat": chat, "standard": standard, "implicit": implicit, "openai": openai,
-    "sharegpt": sharegpt, "alpaca": alpaca, "messages": messages, "completion": completion, "kto": kto,
-}
-PREFERENCE_FORMATS = ("hh", "shp", "chat", "standard", "implicit", "openai", "sharegpt")
-SFT_FORMATS = ("alpaca", "messages", "completion", "sharegpt")
-UNPAIRED_FORMATS = ("kto",)
-KIND_FORMATS = {"preference": PREFERENCE_FORMATS, "sft": SFT_FORMATS, "unpaired": UNPAIRED_FORMATS}
-ROW_TYPES = {"preference": PreferenceRow, "sft": SFTRow, "unpaired": UnpairedRow}
+Row = PreferenceRow | SFTRow | UnpairedRow
 
-COLUMNS: dict[str, frozenset[str]] = {
-    "hh": frozenset({"chosen", "rejected"}),
-    "shp": frozenset({"history", "human_ref_A", "human_ref_B", "labels"}),
-    "chat": frozenset({"chosen", "rejected"}),
-    "standard": frozenset({"prompt", "chosen", "rejected"}),
-    "implicit": frozenset({"chosen", "rejected"}),
-    "openai": frozenset({"input", "preferred_output", "non_preferred_output"}),
-    "sharegpt": frozenset({"conversations"}),
-    "alpaca": frozenset({"instruction", "output"}),
-    "messages": frozenset({"messages"}),
-    "completion": frozenset({"prompt", "completion"}),
-    "kto": frozenset({"label"}),
-}
-"""Columns a record must have for the format to fit."""
-
-KIND_COLUMNS: dict[tuple[str, str], frozenset[str]] = {
-    ("preference", "sharegpt"): COLUMNS["sharegpt"] | {"chosen", "rejected"},
-}
-"""Where a format needs more columns for one kind (ShareGPT pairs need chosen and rejected)."""
-
-COLUMNS_USED: dict[str, frozenset[str]] = {
-    **COLUMNS,
-    "shp": COLUMNS["shp"] | {"score_A", "score_B", "score_ratio"},
-    "alpaca": COLUMNS["alpaca"] | {"input"},
-    "sharegpt": COLUMNS["sharegpt"] | {"chosen", "rejected"},
-    "kto": COLUMNS["kto"] | {"prompt", "completion", "messages"},
-}
-"""Columns the adapter reads; the other scalar columns go into ``meta``."""
-
-FIELDS = frozenset().union(*COLUMNS_USED.values(), {"system"})
-"""Every canonical field name an adapter reads (``data.columns`` maps these to a dataset's columns)."""
-
-
-def columns_for(fmt: str, kind: str) -> frozenset[str]:
-    return KIND_COLUMNS.get((kind, fmt), COLUMNS[fmt])
 
 def _is_hh_transcript(text: str) -> bool:
     return HH_ASSISTANT in text and re.search(r"(?:^|\n\n)Human:", text) is not None
 
 
-SAMPLE_FITS: dict[str, Callable[[dict], bool]] = {
-    "hh": lambda r: isinstance(r.get("chosen"), str) and _is_hh_transcript(r["chosen"]),
-    "chat": lambda r: isinstance(r.get("chosen"), list),
-}
-"""Value checks that split formats sharing the same columns, given one sample record."""
+@dataclass(frozen=True)
+class Format:
+    """One data format: its adapter (a record -> a row) and everything detection and column mapping
+    ask of it. Calling a Format calls its adapter."""
+
+    name: str
+    adapter: Callable[..., Row]
+    kinds: tuple[str, ...]
+    """The row kinds it makes: ``preference``, ``sft``, ``unpaired`` (ShareGPT makes pairs or SFT rows)."""
+    needs: frozenset[str]
+    """Columns a record must have for the format to fit."""
+    also_reads: frozenset[str] = frozenset()
+    """Optional columns the adapter reads; the record's other scalar columns go into ``meta``."""
+    needs_for: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """More columns one kind needs (ShareGPT pairs need ``chosen`` and ``rejected``)."""
+    fits_sample: Callable[[dict], bool] | None = None
+    """A check of one sample record's values, splitting formats with the same columns (hh vs chat)."""
+    options: Callable[[Any], dict[str, Any]] | None = None
+    """The adapter's keyword arguments, taken from a DataConfig (SHP's ``min_score_ratio``)."""
+
+    @functools.cached_property
+    def reads(self) -> frozenset[str]:
+        """Every column the adapter reads."""
+        return self.needs | self.also_reads | frozenset().union(*self.needs_for.values())
+
+    def columns_for(self, kind: str) -> frozenset[str]:
+        """Columns a record must have to fit as a row of ``kind``."""
+        return self.needs | self.needs_for.get(kind, frozenset())
+
+    def __call__(self, rec: dict, **options) -> Row:
+        return self.adapter(rec, **options)
+
+
+_PAIR, _SFT, _UNPAIRED = ("preference",), ("sft",), ("unpaired",)
+FORMATS: dict[str, Format] = {f.name: f for f in [
+    Format(name="hh", adapter=hh, kinds=_PAIR, needs=frozenset({"chosen", "rejected"}),
+           fits_sample=lambda r: isinstance(r.get("chosen"), str) and _is_hh_transcript(r["chosen"])),
+    Format(name="shp", adapter=shp, kinds=_PAIR, needs=frozenset({"history", "human_ref_A", "human_ref_B", "labels"}),
+           also_reads=frozenset({"score_A", "score_B", "score_ratio"}),
+           options=lambda data: {"min_score_ratio": data.min_score_ratio}),
+    Format(name="chat", adapter=chat, kinds=_PAIR, needs=frozenset({"chosen", "rejected"}),
+           fits_sample=lambda r: isinstance(r.get("chosen"), list)),
+    Format(name="standard", adapter=standard, kinds=_PAIR, needs=frozenset({"prompt", "chosen", "rejected"})),
+    Format(name="implicit", adapter=implicit, kinds=_PAIR, needs=frozenset({"chosen", "rejected"})),
+    Format(name="openai", adapter=openai, kinds=_PAIR,
+           needs=frozenset({"input", "preferred_output", "non_preferred_output"})),
+    Format(name="alpaca", adapter=alpaca, kinds=_SFT, needs=frozenset({"instruction", "output"}),
+           also_reads=frozenset({"input"})),
+    Format(name="messages", adapter=messages, kinds=_SFT, needs=frozenset({"messages"})),
+    Format(name="completion", adapter=completion, kinds=_SFT, needs=frozenset({"prompt", "completion"})),
+    Format(name="sharegpt", adapter=sharegpt, kinds=_PAIR + _SFT, needs=frozenset({"conversations"}),
+           needs_for={"preference": frozenset({"chosen", "rejected"})}),
+    Format(name="kto", adapter=kto, kinds=_UNPAIRED, needs=frozenset({"label"}),
+           also_reads=frozenset({"prompt", "completion", "messages"})),
+]}
+"""Format name -> its record (``data.format``)."""
+
+KIND_FORMATS: dict[str, tuple[str, ...]] = {
+    kind: tuple(name for name, f in FORMATS.items() if kind in f.kinds) for kind in ("preference", "sft", "unpaired")}
+"""Row kind -> the formats that make it, in detection order."""
+PREFERENCE_FORMATS, SFT_FORMATS, UNPAIRED_FORMATS = (KIND_FORMATS[k] for k in ("preference", "sft", "unpaired"))
+ROW_TYPES = {"preference": PreferenceRow, "sft": SFTRow, "unpaired": UnpairedRow}
+
+FIELDS = frozenset().union(*(f.reads for f in FORMATS.values()), {"system"})
+"""Every canonical field name an adapter reads (``data.columns`` maps these to a dataset's columns)."""
+
+
+def columns_for(fmt: str, kind: str) -> frozenset[str]:
+    return FORMATS[fmt].columns_for(kind)
+
 
 FALLBACK = "implicit"
 """Fits whatever hh and chat fit; chosen only when no more specific format does."""
 
-FORMAT_OPTIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "shp": lambda data: {"min_score_ratio": data.min_score_ratio},
-}
-"""Adapter keyword arguments taken from a DataConfig."""
 
-
-def adapter(name: str, data: Any = None) -> Callable[[dict], PreferenceRow | SFTRow]:
+def adapter(name: str, data: Any = None) -> Callable[[dict], Row]:
     """The adapter for ``name`` with its options from ``data`` (a DataConfig) bound."""
     if name not in FORMATS:
         raise DataError(f"unknown data format {name!r}; choose one of: auto, {', '.join(FORMATS)}",
                         field="data.format")
-    fn = FORMATS[name]
-    if data is not None and name in FORMAT_OPTIONS:
-        return functools.partial(fn, **FORMAT_OPTIONS[name](data))
-    return fn
+    fmt = FORMATS[name]
+    if data is not None and fmt.options is not None:
+        return functools.partial(fmt.adapter, **fmt.options(data))
+    return fmt.adapter
 
 
 def detect_format(columns: Iterable[str], kind: str, sample: dict | None = None) -> str:
@@ -452,7 +470,7 @@ def detect_format(columns: Iterable[str], kind: str, sample: dict | None = None)
     fits = [f for f in KIND_FORMATS[kind] if need[f] <= cols]
     fits = [f for f in fits if not any(need[f] < need[g] for g in fits)]
     if len(fits) > 1 and sample is not None:
-        fits = [f for f in fits if SAMPLE_FITS.get(f, lambda r: True)(sample)]
+        fits = [f for f in fits if FORMATS[f].fits_sample is None or FORMATS[f].fits_sample(sample)]
     specific = [f for f in fits if f != FALLBACK] if len(fits) > 1 else fits
     if len(specific) == 1:
         return specific[0]

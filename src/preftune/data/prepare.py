@@ -10,11 +10,12 @@ from typing import Any
 
 from preftune.data import drops
 from preftune.data.cache import tokenize_rows_cached
+from preftune.data.tokenize import RowKind
 
 log = logging.getLogger(__name__)
 
 
-def tokenize_splits(train_rows: list, test_rows: list, read, tokenizer, data, kind: str,
+def tokenize_splits(train_rows: list, test_rows: list, read, tokenizer, data, kind: RowKind,
                     check: bool = True) -> tuple[list, list, dict[str, Any]]:
     """``(train items, held-out items, report)``; ``report`` is what a run's data.json holds: the
     read counts, each split's tokenization counts (truncation of prompts and completions apart,

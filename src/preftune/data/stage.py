@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from preftune.config import Config, DataConfig, DPOConfig, RMConfig, TrainConfig
+from preftune.config import Config, DataConfig, TrainConfig
 from preftune.data.collate import pack_into_batches
 from preftune.data.formats import sft_rows_from_pairs
 from preftune.data.prepare import tokenize_splits
 from preftune.data.rows import fingerprint
 from preftune.data.sources import load_rows
+from preftune.data.tokenize import RowKind
 from preftune.data.unpaired import load_unpaired, tokenize_unpaired
 from preftune.errors import PreftuneError
 
@@ -42,7 +43,7 @@ def load_stage_data(cfg: Config, stage: str, tokenizer, unpaired: bool = False) 
         report = {"read": read.to_dict(), "tokenize_train": tok_train.to_dict(), "tokenize_test": tok_test.to_dict()}
         why = tok_train.to_dict()
     else:
-        kind = "sft" if stage == "sft" else "preference"
+        kind = RowKind.SFT if stage == "sft" else RowKind.PREFERENCE
         train_rows, test_rows, read = load_rows(data_cfg, "sft" if data_cfg is not cfg.data else "preference", cfg.seed)
         if stage == "sft" and data_cfg is cfg.data:
             train_rows, test_rows = sft_rows_from_pairs(train_rows), sft_rows_from_pairs(test_rows)
@@ -77,9 +78,9 @@ def epoch_plan(bins: list[list[int]] | None, n_items: int, batch_size: int, seed
 
 
 def stage_bins(items: list, stage_cfg: TrainConfig, layout: str) -> list[list[int]] | None:
-    """The packed layout's bins (fixed for the whole stage), or None for batches of ``batch_size``."""
-    packs = layout == "packed" and isinstance(stage_cfg, (DPOConfig, RMConfig))
-    return packed_bins(items, stage_cfg.token_budget) if packs else None
+    """The packed layout's bins (fixed for the whole stage), or None for batches of ``batch_size``
+    (only preference methods pack: the method chooses the layout, methods.py)."""
+    return packed_bins(items, stage_cfg.token_budget) if layout == "packed" else None
 
 
 def steps_per_epoch(n_micro: int, per_step: int, drop_last: bool) -> int:

@@ -1,5 +1,6 @@
-"""THE one function family that turns rows into token ids: prompt rendering (chat template, or HH's
-``\n\nHuman: … \n\nAssistant:`` transcript for models without one), BOS/EOS, truncation, per-row invariant checks, and the counted drops and cuts. Rows are
+"""THE one function that turns rows into token ids, ``tokenize``: prompt rendering (chat template, or HH's
+``\n\nHuman: … \n\nAssistant:`` transcript for models without one), BOS/EOS, truncation, per-row invariant
+checks, and the counted drops and cuts (the prompt alone, as generation sees it, is ``encode_prompt``). Rows are
 encoded in batches (the fast tokenizer's batch call, over worker processes); padding and batch
 collation are collate.py's, file reading is sources.py's, the on-disk cache is cache.py's.
 
@@ -36,14 +37,15 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from preftune.data.formats import HH_ASSISTANT
-from preftune.data.rows import PreferenceRow, Prompt, SFTRow, TokenizedPair, TokenizedSFT
+from preftune.data.rows import Prompt, TokenizedPair, TokenizedSFT
 from preftune.errors import DataError, PreftuneError
 
 HH_ROLES = {"system": "System", "user": "Human", "assistant": "Assistant"}
@@ -54,6 +56,24 @@ PLAIN_FORM = "preftune:hh-transcript"
 """The name of that rendering, standing in for a chat template in cache keys (:func:`template_digest`)."""
 
 PERCENTILES = (50, 90, 99)
+
+
+class RowKind(str, Enum):
+    """What a row tokenizes into: a pair (prompt, chosen, rejected -> ``TokenizedPair``) or one
+    completion (SFT rows, and unpaired KTO rows: prompt and completion -> ``TokenizedSFT``)."""
+
+    PREFERENCE = "preference"
+    SFT = "sft"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def check(cls, kind: object) -> RowKind:
+        """``kind`` when it is a RowKind, else a PreftuneError (a bare string is not one)."""
+        if not isinstance(kind, cls):
+            raise PreftuneError(f"tokenize: kind must be a RowKind ({', '.join(k.name for k in cls)}), got {kind!r}")
+        return kind
 
 
 class TokenizationInvariantError(RuntimeError):
@@ -342,24 +362,24 @@ def _verify(prompt_ids: list[int], completions: list[list[int]], cut: list[bool]
             f"{generation_ids[-8:]}; the batch path and encode_prompt must render and encode prompts alike")
 
 
-def _drop_before_encoding(row, kind: str) -> str | None:
-    texts = [row.chosen, row.rejected] if kind == "preference" else [row.completion]
+def _drop_before_encoding(row, kind: RowKind) -> str | None:
+    texts = [row.chosen, row.rejected] if kind is RowKind.PREFERENCE else [row.completion]
     if any(not t.strip() for t in texts):
         return "empty_completion"
-    if kind == "preference" and row.chosen == row.rejected:
+    if kind is RowKind.PREFERENCE and row.chosen == row.rejected:
         return "chosen_equals_rejected"
     return None
 
 
-def _assemble(row, enc: _Encoded, kind: str, tokenizer, max_length: int, max_prompt_length: int,
+def _assemble(row, enc: _Encoded, kind: RowKind, tokenizer, max_length: int, max_prompt_length: int,
               bos: int | None, check_generation: bool = False) -> _Outcome:
     """Truncate one encoded row and build its TokenizedPair / TokenizedSFT, or name its drop
     (the policy is the module docstring's)."""
     raw = {"prompt": len(enc.prompt_ids)}
-    names = ("chosen", "rejected") if kind == "preference" else ("completion",)
+    names = ("chosen", "rejected") if kind is RowKind.PREFERENCE else ("completion",)
     raw.update({name: len(ids) for name, ids in zip(names, enc.completions)})
     outcome = _Outcome(None, enc.boundary_merge, raw)
-    if kind == "preference" and enc.completions[0] == enc.completions[1]:
+    if kind is RowKind.PREFERENCE and enc.completions[0] == enc.completions[1]:
         outcome.result = "chosen_equals_rejected"
         return outcome
     prompt_ids = _truncate_prompt(enc.prompt_ids, bos, max_prompt_length)
@@ -370,24 +390,24 @@ def _assemble(row, enc: _Encoded, kind: str, tokenizer, max_length: int, max_pro
         return outcome
     cut = [len(ids) > budget for ids in enc.completions]
     completions = [ids[:budget] for ids in enc.completions]
-    if kind == "preference" and completions[0] == completions[1]:
+    if kind is RowKind.PREFERENCE and completions[0] == completions[1]:
         outcome.result = "chosen_equals_rejected"
         return outcome
     generation_ids = encode_prompt(row.prompt, tokenizer, max_prompt_length) if check_generation else None
     _verify(prompt_ids, completions, cut, bos, _eos(tokenizer), generation_ids)
     outcome.completion_cut = any(cut)
-    if kind == "preference":
+    if kind is RowKind.PREFERENCE:
         outcome.result = TokenizedPair(prompt_ids, *completions, key=row.key, meta=row.meta, truncated=any(cut))
     else:
         outcome.result = TokenizedSFT(prompt_ids, completions[0], key=row.key, meta=row.meta, truncated=any(cut))
     return outcome
 
 
-def tokenize_batch(rows: Sequence, tokenizer, max_length: int, max_prompt_length: int,
-                   kind: str = "preference") -> list[_Outcome]:
-    """THE row -> ids function, over many rows at once (one row is a batch of one): drops that need
-    no tokens, one batched encode, then truncation and the per-row checks. The first row's prompt
-    is also checked against :func:`encode_prompt` (every row's, for a batch of one)."""
+def _tokenize_batch(rows: Sequence, tokenizer, max_length: int, max_prompt_length: int,
+                    kind: RowKind) -> list[_Outcome]:
+    """One batch of rows -> ids: drops that need no tokens, one batched encode, then truncation and
+    the per-row checks. The first row's prompt is also checked against :func:`encode_prompt` (every
+    row's, for a batch of one)."""
     outcomes: list[_Outcome | None] = []
     todo = []
     for i, row in enumerate(rows):
@@ -395,37 +415,13 @@ def tokenize_batch(rows: Sequence, tokenizer, max_length: int, max_prompt_length
         outcomes.append(_Outcome(reason) if reason else None)
         if reason is None:
             todo.append(i)
-    parts = (lambda r: [r.chosen, r.rejected]) if kind == "preference" else (lambda r: [r.completion])
+    parts = (lambda r: [r.chosen, r.rejected]) if kind is RowKind.PREFERENCE else (lambda r: [r.completion])
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     encoded = _encode_rows([rows[i].prompt for i in todo], [parts(rows[i]) for i in todo], tokenizer, bos,
                            _eos(tokenizer))
     for n, (i, enc) in enumerate(zip(todo, encoded)):
         outcomes[i] = _assemble(rows[i], enc, kind, tokenizer, max_length, max_prompt_length, bos, n == 0)
     return outcomes
-
-
-def _tokenize_pair(row: PreferenceRow, tokenizer, max_length: int, max_prompt_length: int):
-    """``(TokenizedPair | drop reason, boundary_merge)``; see the module docstring for the policy."""
-    (o,) = tokenize_batch([row], tokenizer, max_length, max_prompt_length, "preference")
-    return o.result, o.boundary_merge
-
-
-def _tokenize_sft(row: SFTRow, tokenizer, max_length: int, max_prompt_length: int):
-    """``(TokenizedSFT | drop reason, boundary_merge)``; see the module docstring for the policy."""
-    (o,) = tokenize_batch([row], tokenizer, max_length, max_prompt_length, "sft")
-    return o.result, o.boundary_merge
-
-
-def tokenize_pair(row: PreferenceRow, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair | str:
-    """One preference row -> ``TokenizedPair`` (prompt ids shared by both completions), or the drop
-    reason as a string. Truncation policy and drop reasons: see the module docstring."""
-    return _tokenize_pair(row, tokenizer, max_length, max_prompt_length)[0]
-
-
-def tokenize_sft(row: SFTRow, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedSFT | str:
-    """One SFT row -> ``TokenizedSFT``, or the drop reason as a string (same policy as pairs). An
-    UnpairedRow (KTO) tokenizes the same way: its prompt and its one completion."""
-    return _tokenize_sft(row, tokenizer, max_length, max_prompt_length)[0]
 
 
 # ---------------------------------------------------------------- many rows, with a report
@@ -524,7 +520,6 @@ def _lengths(t: TokenizedPair | TokenizedSFT) -> dict[str, int]:
     return {"prompt": len(t.prompt_ids), "completion": len(t.completion_ids)}
 
 
-KINDS = ("preference", "sft")
 BATCH_ROWS = 512
 """Rows per batched tokenizer call (and per progress-bar update)."""
 
@@ -546,24 +541,24 @@ def _procs(num_proc: int | None, n_batches: int) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer, max_length: int, max_prompt_length: int, kind: str) -> None:
+def _init_worker(tokenizer, max_length: int, max_prompt_length: int, kind: RowKind) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core; no threads inside
     _WORKER.update(tokenizer=tokenizer, args=(max_length, max_prompt_length, kind))
 
 
 def _work(chunk: list) -> list[_Outcome]:
-    return tokenize_batch(chunk, _WORKER["tokenizer"], *_WORKER["args"])
+    return _tokenize_batch(chunk, _WORKER["tokenizer"], *_WORKER["args"])
 
 
 @contextlib.contextmanager
-def _batches(rows: list, tokenizer, data, kind: str):
+def _batches(rows: list, tokenizer, data, kind: RowKind):
     """Outcomes of every batch, in order: in forked worker processes when there is enough work,
     else in this process (where the fast tokenizer still spreads each batch over the cores)."""
     chunks = [rows[i : i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     args = (data.max_length, data.max_prompt_length, kind)
     procs = _procs(getattr(data, "num_proc", None), len(chunks)) if len(chunks) > 2 else 1
     if procs == 1:
-        yield (tokenize_batch(c, tokenizer, *args) for c in chunks)
+        yield (_tokenize_batch(c, tokenizer, *args) for c in chunks)
         return
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # silences the tokenizers fork warning in the workers
@@ -577,34 +572,49 @@ def _batches(rows: list, tokenizer, data, kind: str):
             os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
-def tokenize_rows(rows, tokenizer, data, kind: Literal["preference", "sft"] = "preference", *,
-                  progress: bool | None = None):
-    """Tokenize rows with ``data.max_length`` / ``data.max_prompt_length`` (a DataConfig), in
-    batches spread over ``data.num_proc`` processes, with a progress bar on the main process
-    (``progress=None``: when there are more than a few batches). ``kind="sft"`` also takes
-    UnpairedRow (KTO) rows: prompt and completion. The cached form is data/cache.py's
-    ``tokenize_rows_cached``.
+@dataclass(frozen=True)
+class Limits:
+    """The limits :func:`tokenize` reads, where there is no DataConfig at hand (a DataConfig fits too)."""
 
-    Returns ``(tokenized rows, TokenizeReport)``; every dropped row is counted under its reason."""
-    items, report, _ = tokenize_rows_with_positions(rows, tokenizer, data, kind, progress=progress)
-    return items, report
+    max_length: int
+    max_prompt_length: int
+    num_proc: int | None = 1
 
 
-def tokenize_rows_with_positions(rows, tokenizer, data, kind: str = "preference", *, progress: bool | None = None):
-    """:func:`tokenize_rows` plus the position in ``rows`` of each tokenized row."""
-    if kind not in KINDS:
-        raise PreftuneError(f"unknown row kind {kind!r}; expected one of {list(KINDS)}")
+@dataclass
+class Tokenized:
+    """What :func:`tokenize` made of a list of rows."""
+
+    items: list[TokenizedPair | TokenizedSFT]
+    """The kept rows, tokenized, in order."""
+    report: TokenizeReport
+    """Kept, dropped by reason, truncated, boundary merges, lengths."""
+    positions: list[int]
+    """The index in the input of each kept row (``items[i]`` is row ``positions[i]``)."""
+    drops: list[str | None]
+    """Per input row, the reason it was dropped, or None when it was kept."""
+
+
+def tokenize(rows: Sequence, tokenizer, data, kind: RowKind = RowKind.PREFERENCE, *,
+             progress: bool | None = None) -> Tokenized:
+    """THE row -> ids function. ``data`` holds the limits (a DataConfig: ``max_length``,
+    ``max_prompt_length``, and ``num_proc``, the worker processes the batches are spread over).
+    ``RowKind.SFT`` also takes UnpairedRow (KTO) rows: prompt and completion. A progress bar shows on
+    the main process (``progress=None``: when there are more than a few batches). Truncation policy
+    and drop reasons: see the module docstring. The cached form is data/cache.py's ``tokenize_rows_cached``."""
+    kind = RowKind.check(kind)
     rows = list(rows)
     show = _is_main_process() and (len(rows) > 8 * BATCH_ROWS if progress is None else progress)
-    report, out, positions, i = TokenizeReport(), [], [], 0
+    out = Tokenized([], TokenizeReport(), [], [])
     with tqdm(total=len(rows), desc=f"tokenizing {kind} rows", unit="row", disable=not show, leave=False) as bar, \
             _batches(rows, tokenizer, data, kind) as batches:
         for outcomes in batches:
             for outcome in outcomes:
-                report.add(outcome)
-                if not isinstance(outcome.result, str):
-                    out.append(outcome.result)
-                    positions.append(i)
-                i += 1
+                out.report.add(outcome)
+                dropped = isinstance(outcome.result, str)
+                out.drops.append(outcome.result if dropped else None)
+                if not dropped:
+                    out.positions.append(len(out.drops) - 1)
+                    out.items.append(outcome.result)
             bar.update(len(outcomes))
-    return out, report, positions
+    return out

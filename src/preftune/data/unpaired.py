@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from preftune.data.rows import PreferenceRow, SFTRow, TokenizedPair, UnpairedRow, unpair
 from preftune.data.sources import load_rows
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 from preftune.errors import PreftuneError
 
 
@@ -43,7 +43,8 @@ def tokenize_unpaired(rows: list[UnpairedRow], tokenizer, data) -> tuple[list[To
     """Unpaired rows -> ``(items, TokenizeReport)`` through the SFT tokenization (drops counted there),
     each item with its KL completion (:func:`kl_partners`) and its row's key."""
     sft_rows = [SFTRow(r.prompt, r.completion, {"label": bool(r.label), "key": r.key, **r.meta}) for r in rows]
-    tokenized, report = tokenize_rows(sft_rows, tokenizer, data, "sft")
+    done = tokenize(sft_rows, tokenizer, data, RowKind.SFT)
+    tokenized, report = done.items, done.report
     partners = kl_partners([t.prompt_ids for t in tokenized])
     items = [
         TokenizedUnpaired(t.prompt_ids, t.completion_ids, tokenized[j].completion_ids, key=t.meta["key"],

@@ -14,7 +14,7 @@ from preftune.config import Config
 from preftune.errors import PreftuneError
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
-from preftune.paths import StageDir
+from preftune.paths import EvalDir, StageDir
 
 CURVE_SECTIONS = ("winrate", "checked", "tasks")
 
@@ -47,12 +47,12 @@ def evaluate_curve(cfg: Config, stage_dir: str | Path, out_dir: str | Path, star
     sub.eval.rewards = False  # the reward-accuracy curve is the loop's own (metrics.jsonl)
     sub.eval.heldout.enabled = False
     sub.eval.datasets = []  # curves follow the run's own data; eval.datasets are measured on the final models
-    results = evaluate_models(sub, {f"step-{p['step']}": p["model"] for p in points}, out / "curve")
+    results = evaluate_models(sub, {f"step-{p['step']}": p["model"] for p in points}, EvalDir(out).curve_samples)
     for p in points:
         entry = results["models"][f"step-{p['step']}"]
         p.update({k: entry[k] for k in CURVE_SECTIONS if k in entry})
     curve = {"stage": run.get("stage", "dpo"), "best_step": run.get("best_step"),
              "early_stopping_metric": run.get("early_stopping_metric"), "stopped_early": run.get("stopped_early"),
              "points": points, "skipped": results.get("skipped", {})}
-    write_json(out / "curve.json", curve)  # RunDir.curve_json when out is the run's eval/
+    write_json(EvalDir(out).curve_json, curve)
     return curve

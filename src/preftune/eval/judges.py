@@ -310,10 +310,6 @@ class RewardModelJudge:
         return "A" if ra > rb else "B" if rb > ra else "tie"
 
 
-JUDGES: dict[str, type] = {"openai": OpenAIJudge, "hf": HFJudge, "rule": RuleJudge,
-                           "reward_model": RewardModelJudge}
-
-
 def _need(value: str | None, key: str, judge: str) -> str:
     if not value:
         raise PreftuneError(f"eval.winrate.{key} must be set for the {judge!r} judge")
@@ -324,15 +320,16 @@ def _template(w) -> str:
     return w.judge_template or w.prompt
 
 
-# judge name -> builder from WinrateConfig
-BUILDERS: dict[str, Callable[[Any], Judge]] = {
+JUDGES: dict[str, Callable[[Any], Judge]] = {
+    "rule": lambda w: RuleJudge(),
     "openai": lambda w: OpenAIJudge(model=_need(w.judge_model, "judge_model", "openai"),
                                     base_url=w.base_url or DEFAULT_BASE_URL, api_key_env=w.api_key_env,
                                     template=_template(w)),
     "hf": lambda w: HFJudge(model=_need(w.judge_model, "judge_model", "hf"), template=_template(w)),
-    "rule": lambda w: RuleJudge(),
     "reward_model": lambda w: RewardModelJudge(_need(w.judge_model, "judge_model", "reward_model")),
 }
+"""``eval.winrate.judge`` name -> the judge built from a WinrateConfig: THE judge registry (the config
+checks its ``judge`` against it)."""
 
 
 def preflight(w) -> None:
@@ -362,9 +359,9 @@ def preflight(w) -> None:
 
 def make_judge(w) -> Judge:
     """The judge a ``WinrateConfig`` asks for."""
-    if w.judge not in BUILDERS:
-        raise PreftuneError(f"unknown judge {w.judge!r}; choose one of {sorted(BUILDERS)}")
-    return BUILDERS[w.judge](w)
+    if w.judge not in JUDGES:
+        raise PreftuneError(f"unknown judge {w.judge!r}; choose one of {sorted(JUDGES)}")
+    return JUDGES[w.judge](w)
 
 
 # ---------------------------------------------------------------- the cache and the rate limit

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from preftune.config import Config
 from preftune.data.rows import PreferenceRow, SFTRow
-from preftune.data.tokenize import tokenize_sft
+from preftune.data.tokenize import Limits, RowKind, tokenize
 from preftune.errors import PreftuneError
 from preftune.eval.generate import forward_names, left_pad
 from preftune.eval.rewards import evaluate_batches, reward_figures, reward_inputs
@@ -20,12 +20,9 @@ from preftune.methods import METHODS
 
 def _sequences(rows: list[PreferenceRow], tokenizer, max_length: int, max_prompt_length: int):
     """(input ids, index of the first completion token) per row, tokenized as training does."""
-    out = []
-    for r in rows:
-        t = tokenize_sft(SFTRow(r.prompt, r.chosen), tokenizer, max_length, max_prompt_length)
-        if not isinstance(t, str):
-            out.append((t.prompt_ids + t.completion_ids, len(t.prompt_ids)))
-    return out
+    done = tokenize([SFTRow(r.prompt, r.chosen) for r in rows], tokenizer, Limits(max_length, max_prompt_length),
+                    RowKind.SFT, progress=False)
+    return [(t.prompt_ids + t.completion_ids, len(t.prompt_ids)) for t in done.items]
 
 
 def _completion_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from preftune.attention import choose_layout
 from preftune.config import Config
 from preftune.data.collate import LAYOUTS
-from preftune.data.tokenize import tokenize_rows
+from preftune.data.tokenize import RowKind, tokenize
 from preftune.logprobs import SequenceLogps
 from preftune.methods import METHODS
 from preftune.reference import ModelReference
@@ -86,7 +86,7 @@ def reward_inputs(model, tokenizer, reference_model, rows, cfg: Config):
     """``(policy, reference, batches)`` for :func:`evaluate_rewards`: the model as a ``SequenceLogps``,
     its reference strategy (None, ``adapter`` or a frozen copy) and the rows' pair batches in the
     layout training would use, ``eval.batch_size`` pairs each."""
-    items, _ = tokenize_rows(rows, tokenizer, cfg.data, "preference")
+    items = tokenize(rows, tokenizer, cfg.data, RowKind.PREFERENCE).items
     layout = choose_layout(cfg.dpo.layout, model)
     policy = SequenceLogps(model)
     if reference_model is None:

@@ -17,7 +17,7 @@ from preftune.config.validate import load_config
 from preftune.data import drops
 from preftune.data.prepare import tokenize_splits
 from preftune.data.sources import detect_kind, load_rows
-from preftune.data.tokenize import use_chat_template
+from preftune.data.tokenize import RowKind, use_chat_template
 from preftune.model import load_tokenizer, resolve_model
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -144,7 +144,7 @@ def inspect(cfg: Config, data: DataConfig, kind: str, tokenizer) -> dict[str, An
     if kind == "unpaired":
         desirable = sum(r.label for r in train_rows + heldout_rows)
         labels = {"desirable": desirable, "undesirable": len(train_rows) + len(heldout_rows) - desirable}
-    tok_kind = "preference" if kind == "preference" else "sft"  # unpaired rows tokenize as prompt + completion
+    tok_kind = RowKind.PREFERENCE if kind == "preference" else RowKind.SFT  # unpaired: prompt + completion
     train, heldout, report = tokenize_splits(train_rows, heldout_rows, read, tokenizer, data, tok_kind, check=False)
     sample = sample_view((train or heldout)[0], tokenizer) if train or heldout else None
     return summarize(data, kind, read, report, {"train": len(train), "heldout": len(heldout)}, sample, labels)
