@@ -495,6 +495,35 @@ class RoundsConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Which engine samples (rounds, win-rate generations, ``preftune generate``, best-of-n), how the
+    round's weights reach it, and the log-prob parity check of its samples against the policy."""
+
+    engine: Literal["builtin", "vllm", "openai"] = "builtin"
+    """``builtin``: preftune's batched decode loop; ``vllm``: vLLM's ``LLM`` in this process (installed
+    beside preftune); ``openai``: an OpenAI-compatible server at ``base_url`` (``vllm serve``,
+    ``preftune serve --enable-lora``, SGLang, ...), prompts sent as token ids."""
+    base_url: str | None = None
+    """``openai``: the server's URL up to ``/v1`` (e.g. ``http://127.0.0.1:8000/v1``)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """``openai``: the environment variable holding the server's API key (never logged; unset: none sent)."""
+    served_model: str | None = None
+    """``openai``: the name of the base model on the server (null: the first model it lists)."""
+    send_seed: bool = True
+    """Send a per-request seed (prompt ``i`` gets seed + ``i``); vLLM on CPU refuses one: set false."""
+    concurrency: int = 4
+    """``openai``: requests in flight at once."""
+    timeout: float = 600.0
+    """``openai``: seconds a request may take."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """``vllm``: extra keyword arguments of ``vllm.LLM`` (``gpu_memory_utilization``, ``tensor_parallel_size``, ...)."""
+    parity_samples: int = 4
+    """Completions re-scored under the policy each round (0 = no parity check)."""
+    parity_tolerance: float = 0.05
+    """Largest allowed mean absolute gap (nats per token) between the engine's log-probs and the policy's."""
+
+
+@dataclass
 class Config:
     model: str = EMBEDDED_MODEL
     """``embedded:smollm2-135m-instruct``, ``tiny:`` (random 2-layer Llama for tests), a local path, or a Hub name (online)."""
@@ -528,6 +557,8 @@ class Config:
     """Evaluation suite."""
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     """On-policy preference rounds after the preference stage."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """The engine everything that samples goes through, and its parity check."""
     report_to: list[str] = field(default_factory=list)
     """Trackers: tensorboard, wandb, mlflow (the ``track`` extra)."""
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -795,6 +826,9 @@ def validate(cfg: Config) -> list[str]:
             p += [m.replace("dpo.loss", "rounds.loss") for m in _check_losses(r.stage_dpo(d), cfg.data)]
         if r.reward == "reward_model" and not r.reward_model:
             p.append("rounds.reward_model: reward 'reward_model' needs the path of a sequence-classification model")
+        if isinstance(cfg.generation, GenerationConfig) and cfg.generation.engine == "openai" and \
+                not cfg.generation.base_url:
+            p.append("generation.base_url: engine 'openai' needs the server's URL, e.g. http://127.0.0.1:8000/v1")
         if r.reference == "sft" and isinstance(cfg.lora, LoraConfig) and not cfg.lora.enabled:
             p.append("rounds.reference: 'sft' needs lora.enabled=true (the reference is the policy with its adapters "
                      "off); use 'round_start' with full fine-tuning")
@@ -891,6 +925,8 @@ RANGES: dict[str, Any] = {
     "RoundsConfig.temperature": _number_rule(lambda v: v > 0, "on-policy pairs need sampling (a positive temperature)"),
     "RoundsConfig.top_p": _number_rule(lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "RoundsConfig.epochs": POSITIVE, "RoundsConfig.lr": POSITIVE,
+    "GenerationConfig.concurrency": AT_LEAST_1, "GenerationConfig.timeout": POSITIVE,
+    "GenerationConfig.parity_samples": AT_LEAST_0, "GenerationConfig.parity_tolerance": POSITIVE,
 }
 """Allowed ranges by ``Class.field`` (a field of a base class covers its subclasses); null passes."""
 
