@@ -12,6 +12,7 @@ from preftune.card import update_card
 from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
 from preftune.eval.curve import evaluate_curve
+from preftune.eval.engines import make_engine
 from preftune.eval.suite import evaluate_models
 from preftune.files import write_json
 from preftune.model import is_adapter, merge_adapter, resolve_model
@@ -61,6 +62,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     check_writable(run.root)
     clean_stale(run.root)
     run.config.write_text(to_yaml(cfg))
+    if cfg.generation.engine != "builtin":
+        make_engine(cfg).close()  # an engine not installed or not reachable stops here, before any training
     dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
 
     records = []
