@@ -171,3 +171,28 @@ def test_an_adapter_on_another_base_is_refused_by_name(tmp_path, tuned_dir):
         with pytest.raises(PreftuneError, match="is a full model and the server .* serves"):
             engine.load(str(tuned_dir))
         engine.close()
+
+
+def test_preftune_generate_through_the_openai_engine_equals_the_builtin_loop(tmp_path, tiny_model_dir):
+    """Greedy win-rate generations of ``preftune generate`` from an adapter: the server, sent
+    preftune's prompt ids and the adapter by name, answers what the builtin loop writes."""
+    import argparse
+
+    from preftune.commands.evaluation import generate
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"question {i}?", "chosen": "yes", "rejected": "no"}) + "\n"
+                            for i in range(10)))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {{source: {data}, test_size: 0.3}}\neval: {{winrate: {{max_new_tokens: 6}}}}\n")
+    folder = _adapter(tmp_path / "adapter", str(tiny_model_dir))
+    out = {}
+    app = _server(str(tiny_model_dir))
+    with background(app) as url:
+        for engine in ("builtin", "openai"):
+            ns = argparse.Namespace(config=str(cfg), model=folder, out=str(tmp_path / f"{engine}.jsonl"),
+                                    overrides=[f"generation.engine={engine}", f"generation.base_url={url}/v1"])
+            assert generate(ns) == 0
+            out[engine] = [json.loads(x)["response"] for x in (tmp_path / f"{engine}.jsonl").read_text().splitlines()]
+    assert len(out["openai"]) == 3 and out["openai"] == out["builtin"] and any(out["builtin"])
+    assert [(r["temperature"], r["max_tokens"], r["n"]) for r in app.state.requests] == [(0.0, 6, 1)] * 3

@@ -281,14 +281,14 @@ def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperatur
     is generated; setting ``cancelled`` ends generation after the current token."""
     stops = stop_ids(tokenizer, model)
     cfg = generation_config(model, tokenizer, max_tokens, temperature, top_p, stops)
+    cfg.return_dict_in_generate, cfg.output_logits = True, logprobs is not None
     watch = Watch(tokenizer, len(ids), stops, stop, strip, cancelled or threading.Event(), emit)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
-                             stopping_criteria=StoppingCriteriaList([watch]), return_dict_in_generate=True,
-                             output_logits=logprobs is not None)
+                             stopping_criteria=StoppingCriteriaList([watch]))
     new = out.sequences[0, len(ids):].tolist()
     watch.update(new, final=True)
     ended = watch.hit or watch.new_tokens < len(new) or len(new) < max_tokens
