@@ -31,6 +31,7 @@ import torch
 from anyio import to_thread
 from fastapi import FastAPI, Request  # Request here: FastAPI resolves the endpoints' annotations
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from peft import PeftModel
 from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -365,8 +366,6 @@ class Models:
 
     def load(self, name: str, path: str) -> None:
         """Load the adapter at ``path`` (a folder this server can read) under ``name``."""
-        from peft import PeftModel  # here: only a server with --enable-lora loads adapters
-
         if not self.enable_lora:
             raise RequestError(400, "LoRA loading is off: start preftune serve with --enable-lora", "lora_name")
         if name in self.adapters or name == self.name:
