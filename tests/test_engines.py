@@ -9,7 +9,6 @@ import json
 import socket
 
 import pytest
-from test_rounds import _cfg, _rows_file
 
 import preftune.rounds as rounds
 from preftune.errors import PreftuneError
@@ -17,6 +16,7 @@ from preftune.eval.engines import Sampling, make_engine, parity, sample
 from preftune.eval.generate import prompt_ids
 from preftune.model import load_for_inference, resolve_model
 from preftune.serve import background, create_app
+from test_rounds import _cfg, _rows_file
 
 
 def _server(folder: str, **kw):

@@ -19,7 +19,14 @@ import torch
 from preftune.data.rows import Prompt
 from preftune.errors import PreftuneError
 from preftune.eval.generate import generate_ids, prompt_ids, response_text, stop_ids
-from preftune.model import adapter_base, is_adapter, load_for_inference, load_tokenizer, resolve_model, trust_options
+from preftune.model import (
+    adapter_base,
+    is_adapter,
+    load_for_inference,
+    load_tokenizer,
+    resolve_model,
+    trust_options,
+)
 
 log = logging.getLogger("preftune")
 

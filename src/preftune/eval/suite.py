@@ -21,9 +21,9 @@ from preftune.env import cache_root
 from preftune.errors import MissingExtraError, PreftuneError
 from preftune.eval import engines
 from preftune.eval import generate as generation
-from preftune.eval.engines import Sampling
 from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
+from preftune.eval.engines import Sampling
 from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.kl import token_kl
 from preftune.eval.rewards import evaluate_rewards
