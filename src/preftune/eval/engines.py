@@ -64,6 +64,12 @@ class Completion:
     logprobs: list[float] | None = None
 
 
+def openai_module():
+    import openai  # here: only the openai engine needs the client
+
+    return openai
+
+
 def cut_at_stop_string(text: str, stop: tuple[str, ...]) -> str:
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
     return text[: min(hits)].rstrip() if hits else text
@@ -108,8 +114,7 @@ class OpenAIEngine:
     name = "openai"
 
     def __init__(self, cfg):
-        import openai  # here: only this engine needs the client
-
+        openai = openai_module()
         g = cfg.generation
         self.cfg, self.url, self.key_env = cfg, g.base_url.rstrip("/"), g.api_key_env
         key = os.environ.get(g.api_key_env)
@@ -172,7 +177,8 @@ class OpenAIEngine:
             self._check_base(adapter_base(path), policy, adapter=True)
             folder = str(Path(path).resolve())
             name = "preftune-" + hashlib.sha256(folder.encode()).hexdigest()[:12]
-            self._post("unload_lora_adapter", {"lora_name": name}, ok_404=True)  # a copy left by a killed run
+            if name in self._models(openai_module()):  # a copy left on the server by a killed run
+                self._post("unload_lora_adapter", {"lora_name": name}, ok_404=True)
             self._post("load_lora_adapter", {"lora_name": name, "lora_path": folder})
             if self.loaded and self.loaded != name:
                 self._post("unload_lora_adapter", {"lora_name": self.loaded}, ok_404=True)
@@ -181,10 +187,11 @@ class OpenAIEngine:
 
     def _one(self, i: int, ids: list[int], s: Sampling, stops: list[int]) -> list[Completion]:
         extra = {"return_token_ids": True, "return_tokens_as_token_ids": True, "stop_token_ids": stops}
+        optional = {"stop": list(s.stop) or None, "seed": None if s.seed is None else s.seed + i,
+                    "logprobs": 1 if s.logprobs else None}
         r = self.client.completions.create(
             model=self.served, prompt=ids, max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-            n=s.n, stop=list(s.stop) or None, seed=None if s.seed is None else s.seed + i,
-            logprobs=1 if s.logprobs else None, extra_body=extra)
+            n=s.n, extra_body=extra, **{k: v for k, v in optional.items() if v is not None})
         return [self._completion(c, s) for c in sorted(r.choices, key=lambda c: c.index)]
 
     def _completion(self, choice, s: Sampling) -> Completion:
@@ -197,8 +204,7 @@ class OpenAIEngine:
                           list(lp.token_logprobs) if lp is not None and lp.token_logprobs is not None else None)
 
     def sample(self, prompts: list[list[int]], s: Sampling, progress: bool = True) -> list[list[Completion]]:
-        import openai
-
+        openai = openai_module()
         stops = stop_ids(self.tokenizer)
         try:
             with ThreadPoolExecutor(self.cfg.generation.concurrency) as pool:
