@@ -626,25 +626,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
         raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
 
-    async def lora_body(request: Request, *keys: str) -> list[str]:
-        _authorize(request, api_key)
-        body = parse_json(await _read_body(request, max_body_bytes))
-        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body[k] for k in keys):
-            raise RequestError(400, f"the body must be a JSON object with the strings {list(keys)}", keys[0],
-                               "invalid_value")
-        return [body[k] for k in keys]
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(request: Request):
-        name, path = await lora_body(request, "lora_name", "lora_path")
-        await engine.exclusive(lambda: served.load(name, path))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request):
-        (name,) = await lora_body(request, "lora_name")
-        await engine.exclusive(lambda: served.unload(name))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+    add_lora_routes(app, engine, api_key, max_body_bytes)
 
     async def answer(request: Request, kind: str):
         _authorize(request, api_key)
@@ -672,6 +654,31 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
         return await answer(request, "completion")
 
     return app
+
+
+def add_lora_routes(app, engine: Engine, api_key: str | None, max_body_bytes: int) -> None:
+    """vLLM's runtime LoRA endpoints on ``app``: loading and unloading wait for the running generation."""
+    served = engine.models
+
+    async def lora_body(request: Request, *keys: str) -> list[str]:
+        _authorize(request, api_key)
+        body = parse_json(await _read_body(request, max_body_bytes))
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body[k] for k in keys):
+            raise RequestError(400, f"the body must be a JSON object with the strings {list(keys)}", keys[0],
+                               "invalid_value")
+        return [body[k] for k in keys]
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        name, path = await lora_body(request, "lora_name", "lora_path")
+        await engine.exclusive(lambda: served.load(name, path))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        (name,) = await lora_body(request, "lora_name")
+        await engine.exclusive(lambda: served.unload(name))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def log_request(requests: deque, path: Path | None, kind: str, settings: dict) -> None:
