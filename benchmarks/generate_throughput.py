@@ -15,6 +15,14 @@ alternate (preftune, plain, preftune, ...) and each repeat prints new tokens per
 (generated ids up to the first stop token, so both sides count alike), with CPU-seconds / wall-seconds
 to flag a disturbed run (about 1.95 is an undisturbed 2-thread run; below 1.6, repeat it). Medians
 and the ratio of the medians close the output; ``--json`` writes them too.
+
+``--engines builtin,vllm,openai`` instead compares preftune's generation engines (``eval/engines.py``)
+side by side in one run on a round's shape (``--samples`` per prompt, ``--temperature``): each
+engine's load time (starting it and serving the policy) is reported apart from its tokens/s.
+
+    HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --engines builtin,vllm --samples 8 --temperature 0.8
+    HF_HUB_OFFLINE=1 python benchmarks/generate_throughput.py --engines builtin,openai \
+        --base-url http://127.0.0.1:8000/v1 --samples 8 --temperature 0.8 --no-seed   # vllm serve (CPU)
 """
 
 from __future__ import annotations
@@ -54,6 +62,39 @@ def plain_side(model, tok, prompts, args) -> list[str]:
     return out
 
 
+def engine_figures(args, prompts) -> dict:
+    """Each engine of ``--engines``: load time apart, then ``--repeats`` timed samplings of ``prompts``."""
+    from preftune.config.validate import load_config
+    from preftune.eval.engines import Sampling, make_engine
+    from preftune.eval.generate import prompt_ids
+    from preftune.model import resolve_model
+
+    out: dict = {}
+    for name in args.engines.split(","):
+        cfg = load_config(None, [f"model={args.model}", f"generation.engine={name}", "seed=0",
+                                 f"data.max_prompt_length={args.max_prompt_length}"]
+                          + ([f"generation.base_url={args.base_url}"] if args.base_url else []))
+        t0 = time.perf_counter()
+        engine = make_engine(cfg)
+        engine.load(resolve_model(args.model))
+        load = time.perf_counter() - t0
+        encoded = [prompt_ids(p, engine.tokenizer, args.max_prompt_length) for p in prompts]
+        s = Sampling(args.max_new_tokens, args.temperature, 1.0, n=args.samples, seed=None if args.no_seed else 0,
+                     batch_size=args.batch_size)
+        rates = []
+        for rep in range(args.repeats):
+            t0 = time.perf_counter()
+            groups = engine.sample(encoded, s, progress=False)
+            wall = time.perf_counter() - t0
+            n = sum(len(c.ids) for g in groups for c in g)
+            rates.append(n / wall)
+            print(f"repeat {rep}  {name:8s} {n:6d} new tokens in {wall:7.2f} s = {n / wall:8.1f} tok/s")
+        engine.close()
+        out[name] = {"load_s": round(load, 1), "tokens_per_s": rates, "median": statistics.median(rates)}
+        print(f"{name}: load {load:.1f} s, median {out[name]['median']:.1f} new tokens/s")
+    return out
+
+
 def timed(fn, *a) -> tuple[list[str], float, float]:
     import resource
 
@@ -81,8 +122,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", default="fp32", help="comma list of: fp32, bf16")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--engines", default=None, help="compare generation engines instead: builtin,vllm,openai")
+    ap.add_argument("--base-url", default=None, help="the openai engine's server, up to /v1")
+    ap.add_argument("--no-seed", action="store_true", help="send no per-request seed (vLLM on CPU refuses one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.engines:
+        from preftune.config import DataConfig
+        from preftune.data.sources import load_rows
+
+        _, test, _ = load_rows(DataConfig(), "preference", 0)
+        print(f"engines {args.engines}: model {args.model}, {args.prompts} prompts x {args.samples} samples, "
+              f"max_new_tokens {args.max_new_tokens}, temperature {args.temperature}")
+        figures = engine_figures(args, [r.prompt for r in test[: args.prompts]])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "engines": figures}, f, indent=1)
+        return
 
     from preftune.config import DataConfig
     from preftune.data.sources import load_rows

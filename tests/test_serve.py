@@ -141,7 +141,7 @@ def test_oversized_body_413(url):
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
      "messages[0].content"),
     (b'{"messages": [{"role": "tool", "content": "hi"}]}', "messages[0]"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 17}', "n"),
     (b"[" * 1500 + b"]" * 1500, None),
     (b'{"messages": ' + b"[" * 1500 + b"]" * 1500 + b"}", None),
 ])
@@ -368,3 +368,89 @@ def test_port_out_of_range_and_port_in_use_are_clear_errors():
             main(ns)  # refused before loading the (nonexistent) model
     finally:
         taken.close()
+
+
+# ---------------------------------------------------------------- token-id prompts, log-probs, LoRA
+
+
+def _lora(path, base: str, seed: int) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(path)
+    return str(path)
+
+
+def _completion(base: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", json={"max_tokens": 4, "temperature": 0, **body}, timeout=60)
+
+
+def test_token_id_prompts_return_ids_and_logprobs_of_the_served_model(tmp_path):
+    """A completions prompt of token ids answers with n choices, each with its new ids and per-token
+    log-probs that a teacher-forced forward of the model reproduces (top alternatives included)."""
+    import torch
+
+    from preftune.model import load_for_inference, resolve_model
+
+    folder = resolve_model("tiny")
+    model, tok = load_for_inference(folder)
+    ids = tok("Name a colour.")["input_ids"]
+    with background(create_app(model, tok, "tiny", None, 16, folder=folder)) as base:
+        r = _completion(base, {"prompt": [ids], "n": 2, "temperature": 1.0, "seed": 3, "logprobs": 2,
+                               "return_token_ids": True, "return_tokens_as_token_ids": True})
+        bad = _completion(base, {"prompt": [10**9]})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and r.json()["usage"]["prompt_tokens"] == len(ids)
+    for c in choices:
+        new, lp = c["token_ids"], c["logprobs"]
+        assert c["prompt_token_ids"] == ids and lp["tokens"] == [f"token_id:{t}" for t in new]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + new])).logits[0, len(ids) - 1 : -1]
+        want = torch.log_softmax(logits.float(), -1)
+        assert lp["token_logprobs"] == pytest.approx(want.gather(-1, torch.tensor(new)[:, None]).squeeze(-1).tolist(),
+                                                     abs=1e-4)
+        assert all(len(top) == 2 for top in lp["top_logprobs"])
+        assert max(lp["top_logprobs"][0].values()) == pytest.approx(want[0].max().item(), abs=1e-4)
+    assert _error(bad, 400)["param"] == "prompt"
+
+
+def test_lora_adapters_load_by_name_serve_and_unload(tmp_path, tuned_dir):
+    """vLLM's runtime LoRA endpoints: a loaded adapter answers under its name with its own weights,
+    the base name still answers with the adapters off, names neither served nor loaded get 404,
+    an adapter on another base and a second load under one name get 400, and unloading drops it."""
+    from preftune.model import load_for_inference, resolve_model
+
+    folder = resolve_model("tiny")
+    model, tok = load_for_inference(folder)
+    a1, a2 = _lora(tmp_path / "a1", folder, 1), _lora(tmp_path / "a2", folder, 2)
+    other = _lora(tmp_path / "other", str(tuned_dir), 1)
+    ids = tok("Name a colour.")["input_ids"]
+    body = {"prompt": ids, "logprobs": 0, "return_token_ids": True}
+
+    def first_logprob(base, name):
+        r = _completion(base, {**body, "model": name})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["token_logprobs"][0]
+
+    with background(create_app(model, tok, "tiny", None, 16, folder=folder, enable_lora=True)) as base:
+        plain = first_logprob(base, "tiny")
+        for name, path in (("one", a1), ("two", a2)):
+            assert httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}).status_code == 200
+        listed = httpx.get(f"{base}/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in listed] == [("tiny", None), ("one", "tiny"), ("two", "tiny")]
+        one, two = first_logprob(base, "one"), first_logprob(base, "two")
+        assert len({round(plain, 4), round(one, 4), round(two, 4)}) == 3 and first_logprob(base, "tiny") == plain
+        assert _error(_completion(base, {**body, "model": "three"}), 404)["code"] == "model_not_found"
+        again = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "one", "lora_path": a2})
+        assert "already been loaded" in _error(again, 400)["message"]
+        wrong = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": other})
+        assert f"sits on {tuned_dir}" in _error(wrong, 400)["message"]
+        for name in ("one", "two"):
+            assert httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+        assert _error(httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": "one"}), 404)
+        assert _error(_completion(base, {**body, "model": "one"}), 404)
+        assert first_logprob(base, "tiny") == pytest.approx(plain, abs=1e-6)  # every adapter gone: the base again

@@ -19,6 +19,7 @@ from preftune.config import Config
 from preftune.data.rows import PreferenceRow
 from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
+from preftune.eval.engines import make_engine
 from preftune.eval.generate import write_jsonl
 from preftune.files import write_json
 from preftune.paths import BonDir
@@ -78,7 +79,11 @@ def run_bon(cfg: Config, model_path: str, out: str | Path, reward_fn=None) -> di
     unique = list({repr(row.prompt): row for row in pool}.values())  # one draw per prompt
     n = cfg.bon.prompts
     drawn = unique if n is None or n >= len(unique) else random.Random(cfg.seed * 7919).sample(unique, n)
-    responses = sample(cfg, model_path, drawn, 0)
+    engine = make_engine(cfg)  # not installed or not reachable: stops before sampling
+    try:
+        responses, _ = sample(cfg, engine, model_path, drawn, 0)
+    finally:
+        engine.close()
     scores = reward_fn(drawn, responses) if reward_fn else score(cfg, drawn, responses, out)
     write_jsonl(folder.samples, [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "reward": x} for s, x in zip(g, sc)]}

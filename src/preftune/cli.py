@@ -114,6 +114,9 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--max-tokens",), dict(type=int, default=512, help="cap on max_tokens per request")),
             (("--max-queue",), dict(type=int, default=8, help="requests waiting or running; more get 503")),
             (("--served-model-name",), dict(default=None, help="the model id clients see (default: MODEL)")),
+            (("--enable-lora",), dict(action="store_true", help="vLLM's runtime LoRA endpoints "
+                                                                 "(/v1/load_lora_adapter, /v1/unload_lora_adapter)")),
+            (("--request-log",), dict(default=None, help="append each request's settings to this JSONL file")),
         ),
     ),
     "eval": ("preftune.commands.evaluation:eval_suite", "run the configured evaluations for base, SFT and DPO; writes eval.json",

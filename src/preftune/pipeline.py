@@ -16,6 +16,7 @@ from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
 from preftune.data.sources import load_rows
 from preftune.eval.curve import evaluate_curve
+from preftune.eval.engines import make_engine
 from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.reward_model import evaluate_reward_model
 from preftune.eval.suite import evaluate_models
@@ -103,6 +104,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     clean_stale(run.root)
     run.config.write_text(to_yaml(cfg))
     preflight_judge(cfg.eval.winrate)  # an unusable LLM judge stops the run before any training
+    if cfg.generation.engine != "builtin":
+        make_engine(cfg).close()  # an engine not installed or not reachable stops here, before any training
     dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
     cfg = with_reward_model(cfg, run)
 

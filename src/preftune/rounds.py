@@ -8,7 +8,11 @@ same loop. A round is a folder, ``rounds/round-K/`` (``paths.RoundDir``):
   heldout.jsonl   the run's held-out rows, which the round's stage evaluates on
   start/          the round's starting model, when a LoRA adapter had to be merged first
   dpo/            the round's preference stage (a normal stage folder)
-  round.json      the counts and the stage's figures, written last: a round with it is finished
+  round.json      the counts, the engine's parity figures and the stage's figures, written last: a
+                  round with it is finished
+
+Samples come from ``generation.engine`` (builtin, vLLM, or a server); an outside engine's samples are
+checked against the policy (log-prob parity) before anything is scored or trained on them.
 
 A finished round is never redone; a killed one is removed and restarts from its beginning (drawing,
 sampling and training are seeded, so it makes the same pairs again)."""
@@ -27,11 +31,12 @@ from preftune.data.rows import PreferenceRow, row_key
 from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check, checkable
-from preftune.eval.generate import generate, write_jsonl
+from preftune.eval.engines import Sampling, check_parity, make_engine
+from preftune.eval.generate import prompt_ids, write_jsonl
 from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.suite import cache_dir
 from preftune.files import write_json
-from preftune.model import is_adapter, load_for_inference, merge_adapter
+from preftune.model import is_adapter, merge_adapter
 from preftune.paths import RoundDir, RunDir, StageDir
 from preftune.reward import load_reward_model, score_responses
 from preftune.train import run_stage
@@ -158,16 +163,20 @@ def round_config(cfg: Config, round_dir: str | Path | RoundDir) -> Config:
     return dataclasses.replace(cfg, data=data, dpo=r.stage_dpo(cfg.dpo), eval=dataclasses.replace(cfg.eval, curve_every=0))
 
 
-def sample(cfg: Config, model_path: str, rows: list[PreferenceRow], round_no: int) -> list[list[str]]:
-    """``rounds.samples`` completions per prompt from the model, batched through the evaluation's
-    generation path, seeded by the run's seed and the round."""
-    r = cfg.rounds
-    model, tok = load_for_inference(model_path, cfg.precision, merge=True, chat_template=cfg.data.chat_template)
-    prompts = [row.prompt for row in rows for _ in range(r.samples)]
-    flat = generate(model, tok, prompts, r.max_new_tokens, r.temperature, r.top_p, seed=cfg.seed + 1000 * round_no,
-                    batch_size=r.batch_size, max_prompt_length=cfg.data.max_prompt_length)
-    del model
-    return [flat[i * r.samples : (i + 1) * r.samples] for i in range(len(rows))]
+def sample(cfg: Config, engine, model_path: str, rows: list[PreferenceRow], round_no: int) -> tuple[list[list[str]], dict | None]:
+    """``rounds.samples`` completions per prompt from the policy at ``model_path`` through ``engine``,
+    seeded by the run's seed and the round, and the engine's parity figures (a gap beyond the
+    tolerance stops the round here, before any scoring or training)."""
+    r, g = cfg.rounds, cfg.generation
+    engine.load(model_path)
+    seed = cfg.seed + 1000 * round_no if engine.name == "builtin" or g.send_seed else None
+    settings = Sampling(r.max_new_tokens, r.temperature, r.top_p, n=r.samples, seed=seed,
+                        logprobs=engine.name != "builtin" and g.parity_samples > 0, batch_size=r.batch_size)
+    encoded = [prompt_ids(row.prompt, engine.tokenizer, cfg.data.max_prompt_length) for row in rows]
+    groups = engine.sample(encoded, settings)
+    engine.release()
+    figures = check_parity(cfg, engine, model_path, groups, encoded, f"round {round_no}")
+    return [[c.text for c in group] for group in groups], figures
 
 
 def score(cfg: Config, rows, responses) -> list[list[float | None]]:
@@ -192,8 +201,9 @@ def _last_eval(stage_dir: StageDir) -> dict:
 
 
 def run_round(cfg: Config, round_no: int, start: str, train_rows: list[PreferenceRow],
-              heldout: list[PreferenceRow], out: Path) -> dict:
-    """Run round ``round_no`` from the policy at ``start`` into ``out/rounds/round-K``; return its record."""
+              heldout: list[PreferenceRow], out: Path, engine=None) -> dict:
+    """Run round ``round_no`` from the policy at ``start`` into ``out/rounds/round-K``, sampling through
+    ``engine`` (default: the configured one); return its record."""
     r = cfg.rounds
     round_dir = RunDir(out).round(round_no)
     if round_dir.root.exists():
@@ -204,7 +214,13 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     pool, left_out = prompt_pool(train_rows, r.reward, heldout)
     rng = random.Random(cfg.seed * 7919 + round_no)
     drawn = rng.sample(pool, min(r.prompts, len(pool)))
-    responses = sample(cfg, start, drawn, round_no)
+    own = engine is None
+    engine = engine or make_engine(cfg)
+    try:
+        responses, parity = sample(cfg, engine, start, drawn, round_no)
+    finally:
+        if own:
+            engine.close()
     scores = score(cfg, drawn, responses)
     write_jsonl(round_dir.samples, [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "score": x} for s, x in zip(g, sc)]}
@@ -219,7 +235,8 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
     write_rows(round_dir.pairs, pairs + offline)
     write_rows(round_dir.heldout, heldout)
     flat = [x for sc in scores for x in sc if x is not None]
-    record = {"round": round_no, "start_model": start, "reward": r.reward, "reference": r.reference,
+    record = {"round": round_no, "start_model": start, "engine": cfg.generation.engine, "parity": parity,
+              "reward": r.reward, "reference": r.reference,
               **left_out, "prompts": len(drawn), "samples": len(drawn) * r.samples, "scored": len(flat), **counts,
               "pairs": len(pairs), "offline_pairs": len(offline),
               "reward_mean": sum(flat) / len(flat) if flat else None}
@@ -241,15 +258,19 @@ def run_rounds(cfg: Config, out: str | Path, start: str) -> list[dict]:
     out = Path(out)
     train_rows, heldout, _ = load_rows(cfg.data, "preference", cfg.seed)
     records = []
-    for k in range(1, cfg.rounds.n + 1):
-        done = RunDir(out).round(k)
-        if done.is_finished():
-            rec = json.loads(done.record.read_text())
-            log.info("round %d: finished earlier (%d pairs); not redone", k, rec["pairs"])
-        else:
-            rec = run_round(cfg, k, start, train_rows, heldout, out)
-        records.append(rec)
-        start = rec["final_model"]
+    engine = make_engine(cfg)  # not installed or not reachable: stops here, before any round trains
+    try:
+        for k in range(1, cfg.rounds.n + 1):
+            done = RunDir(out).round(k)
+            if done.is_finished():
+                rec = json.loads(done.record.read_text())
+                log.info("round %d: finished earlier (%d pairs); not redone", k, rec["pairs"])
+            else:
+                rec = run_round(cfg, k, start, train_rows, heldout, out, engine)
+            records.append(rec)
+            start = rec["final_model"]
+    finally:
+        engine.close()
     return records
 
 

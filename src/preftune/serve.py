@@ -1,6 +1,7 @@
 """``preftune serve``: an OpenAI-compatible server for a trained model on uvicorn: ``/v1/chat/completions``
-and ``/v1/completions`` (streamed as server-sent events or whole), ``/v1/models`` and
-``/v1/models/{id}``. It takes an API key, caps bodies and ``max_tokens``, bounds its queue, cancels a
+and ``/v1/completions`` (streamed as server-sent events or whole; completions take token-id prompts and
+give per-token log-probs), ``/v1/models`` and ``/v1/models/{id}``, and vLLM's runtime LoRA endpoints
+(``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``: an adapter is then served by its name). It takes an API key, caps bodies and ``max_tokens``, bounds its queue, cancels a
 request whose client has gone, and answers OpenAI-style errors. ``background`` runs an app on loopback
 in a thread (tests, local judging).
 
@@ -23,23 +24,29 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from anyio import to_thread
 from fastapi import FastAPI, Request  # Request here: FastAPI resolves the endpoints' annotations
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from peft import PeftModel
 from starlette.exceptions import HTTPException
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from preftune.errors import PreftuneError
 from preftune.eval.generate import cut_at_stop, generation_config, prompt_ids, stop_ids
+from preftune.model import adapter_base, is_adapter
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """Accepted message roles and the role the chat template sees (``developer`` is OpenAI's newer ``system``)."""
 LOOPBACK_NAMES = ("localhost",)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 MAX_STOPS = 4
+MAX_N = 16
+MAX_LOGPROBS = 5  # OpenAI's completions allow 0..5 alternatives per token
+REQUEST_LOG_LENGTH = 1000
 
 
 class RequestError(Exception):
@@ -140,21 +147,45 @@ def parse_request(body: Any, cap: int, kind: str = "chat") -> dict:
     naming the bad field. Chat has ``messages``; completions has ``prompt`` (one string)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", None, "invalid_json")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "only n=1 is supported", "n", "unsupported_value")
     stream, include_usage = _stream(body)
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N or (stream and n > 1):
+        raise RequestError(400, f"'n' must be an integer in [1, {MAX_N}] (1 when streaming), got {n!r}", "n",
+                           "invalid_value")
     out = {"max_tokens": _max_tokens(body, cap), "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
            "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0, "seed": _seed(body), "stop": _stop(body),
-           "stream": stream, "include_usage": include_usage}
+           "stream": stream, "include_usage": include_usage, "n": n, "seeded": body.get("seed") is not None,
+           "model": body.get("model") if isinstance(body.get("model"), str) else None}
     if kind == "chat":
-        return {**out, "messages": _messages(body)}
+        return {**out, "messages": _messages(body), "logprobs": None}
+    return {**out, "prompt": _prompt(body), "logprobs": _logprobs(body),
+            "return_token_ids": body.get("return_token_ids") is True,
+            "tokens_as_ids": body.get("return_tokens_as_token_ids") is True}
+
+
+def _prompt(body: dict) -> str | list[int]:
+    """A completions prompt: one string or one list of token ids (a list holding exactly one of either)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(400, "'prompt' must be a non-empty string (or a list of exactly one)", "prompt",
+    is_ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not is_ids and (not isinstance(prompt, str) or not prompt):
+        raise RequestError(400, "'prompt' must be a non-empty string or list of token ids (or a list of exactly "
+                                "one of those)", "prompt", "invalid_value")
+    return prompt
+
+
+def _logprobs(body: dict) -> int | None:
+    value = body.get("logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS:
+        raise RequestError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {value!r}", "logprobs",
                            "invalid_value")
-    return {**out, "prompt": prompt}
+    if body.get("stream"):
+        raise RequestError(400, "'logprobs' is given only with whole (not streamed) responses here", "logprobs",
+                           "unsupported_value")
+    return value
 
 
 MAX_JSON_DEPTH = 32
@@ -239,8 +270,11 @@ class Watch(StoppingCriteria):
 
 def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperature: float, top_p: float, seed: int,
                    stop: list[str], strip: bool = True, emit: Callable[[str], None] | None = None,
-                   cancelled: threading.Event | None = None) -> dict:
-    """One completion of prompt ``ids``: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``.
+                   cancelled: threading.Event | None = None, logprobs: int | None = None) -> dict:
+    """One completion of prompt ``ids``: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens",
+    "token_ids"}``, with ``logprobs`` (an int) also ``"logprobs"``: per new token its log-prob and the
+    ``logprobs`` likeliest alternatives, from the model's raw distribution (before temperature and
+    top-p, as vLLM reports them).
 
     Temperature 0 is greedy; sampling runs under ``seed`` in a forked RNG. ``finish_reason`` is
     ``stop`` when an end-of-turn token or a ``stop`` string ended the reply (the stop string is not
@@ -248,6 +282,7 @@ def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperatur
     is generated; setting ``cancelled`` ends generation after the current token."""
     stops = stop_ids(tokenizer, model)
     cfg = generation_config(model, tokenizer, max_tokens, temperature, top_p, stops)
+    cfg.return_dict_in_generate, cfg.output_logits = True, logprobs is not None
     watch = Watch(tokenizer, len(ids), stops, stop, strip, cancelled or threading.Event(), emit)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
@@ -255,11 +290,25 @@ def generate_reply(model, tokenizer, ids: list[int], max_tokens: int, temperatur
         torch.manual_seed(seed)
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=cfg,
                              stopping_criteria=StoppingCriteriaList([watch]))
-    new = out[0, len(ids):].tolist()
+    new = out.sequences[0, len(ids):].tolist()
     watch.update(new, final=True)
     ended = watch.hit or watch.new_tokens < len(new) or len(new) < max_tokens
-    return {"text": watch.text, "finish_reason": "stop" if ended else "length",
-            "prompt_tokens": len(ids), "completion_tokens": watch.new_tokens}
+    kept = new[: watch.new_tokens]
+    reply = {"text": watch.text, "finish_reason": "stop" if ended else "length", "prompt_tokens": len(ids),
+             "completion_tokens": watch.new_tokens, "token_ids": kept}
+    if logprobs is not None:
+        reply["logprobs"] = token_logprobs(out.logits, kept, logprobs)
+    return reply
+
+
+def token_logprobs(logits: tuple[torch.Tensor, ...], new: list[int], top: int) -> list[tuple[float, list]]:
+    """Per new token: ``(log p(token), [(id, log p)] of the ``top`` likeliest)`` under ``logits`` ([1, V] per step)."""
+    out = []
+    for step, token in zip(logits, new):
+        lp = torch.log_softmax(step[0].float(), -1)
+        best = lp.topk(top) if top else None
+        out.append((lp[token].item(), list(zip(best.indices.tolist(), best.values.tolist())) if top else []))
+    return out
 
 
 def prompt_of(settings: dict, model, tokenizer) -> list[int]:
@@ -271,6 +320,12 @@ def prompt_of(settings: dict, model, tokenizer) -> list[int]:
         except Exception as e:  # e.g. a chat template that refuses a system turn or non-alternating roles
             raise RequestError(400, f"the model's chat template rejected the messages: {e}", "messages",
                                "invalid_value") from None
+    elif isinstance(settings["prompt"], list):
+        ids = settings["prompt"]
+        vocab = model.get_input_embeddings().num_embeddings
+        if not all(0 <= t < vocab for t in ids):
+            raise RequestError(400, f"'prompt' holds token ids outside the model's vocabulary [0, {vocab})", "prompt",
+                               "invalid_value")
     else:
         ids = list(tokenizer.encode(settings["prompt"]))
     context = getattr(model.config, "max_position_embeddings", None)
@@ -280,15 +335,81 @@ def prompt_of(settings: dict, model, tokenizer) -> list[int]:
     return ids
 
 
+class Models:
+    """The served model and the LoRA adapters loaded onto it at run time, each served by its name.
+    Adapters must sit on the served model (their ``base_model_name_or_path`` is its folder). Callers
+    hold the engine's lock, so loading never overlaps a generation."""
+
+    def __init__(self, model, name: str, folder: str | None, enable_lora: bool):
+        self.base, self.peft, self.name, self.enable_lora = model, None, name, enable_lora
+        self.folder = str(Path(folder).resolve()) if folder else None
+        self.adapters: dict[str, str] = {}
+
+    def check(self, name: str | None) -> None:
+        """With LoRA enabled, a request names the served model or a loaded adapter (404 otherwise);
+        without, the one model answers whatever a request names."""
+        if self.enable_lora and name is not None and name != self.name and name not in self.adapters:
+            raise RequestError(404, f"the model {name!r} does not exist; this server serves {self.name!r} and the "
+                                    f"adapters {sorted(self.adapters)}", "model", "model_not_found")
+
+    @contextlib.contextmanager
+    def use(self, name: str | None):
+        """The model answering ``name``: its adapter switched on, or the served model (adapters off)."""
+        if self.peft is None:
+            yield self.base
+        elif name in self.adapters:
+            self.peft.set_adapter(name)
+            yield self.peft
+        else:
+            with self.peft.disable_adapter():
+                yield self.peft
+
+    def load(self, name: str, path: str) -> None:
+        """Load the adapter at ``path`` (a folder this server can read) under ``name``."""
+        if not self.enable_lora:
+            raise RequestError(400, "LoRA loading is off: start preftune serve with --enable-lora", "lora_name")
+        if name in self.adapters or name == self.name:
+            raise RequestError(400, f"the LoRA adapter {name!r} has already been loaded; unload it first", "lora_name")
+        folder = Path(path).expanduser()
+        if not is_adapter(folder):
+            raise RequestError(400, f"lora_path {path!r} is not a LoRA adapter folder (no adapter_config.json)",
+                               "lora_path")
+        base = str(Path(adapter_base(folder)).resolve())
+        if self.folder and base != self.folder:
+            raise RequestError(400, f"the adapter at {path!r} sits on {base}, but this server serves {self.folder}",
+                               "lora_path")
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, str(folder), adapter_name=name).eval()
+        else:
+            self.peft.load_adapter(str(folder), adapter_name=name)
+            self.peft.eval()
+        self.adapters[name] = str(folder.resolve())
+
+    def unload(self, name: str) -> None:
+        if name not in self.adapters:
+            raise RequestError(404, f"the LoRA adapter {name!r} is not loaded (loaded: {sorted(self.adapters)})",
+                               "lora_name", "not_found")
+        del self.adapters[name]
+        if self.adapters:
+            self.peft.delete_adapter(name)
+        else:  # peft cannot run with no adapter left: take the layers out again
+            self.base, self.peft = self.peft.unload(), None
+
+    def cards(self, created: int) -> list[dict]:
+        card = {"object": "model", "created": created, "owned_by": "preftune"}
+        return [{**card, "id": self.name, "root": self.folder or self.name, "parent": None}] + [
+            {**card, "id": n, "root": p, "parent": self.name} for n, p in self.adapters.items()]
+
+
 class Engine:
-    """One model, one request at a time, behind a bounded queue.
+    """One model (and its adapters), one request at a time, behind a bounded queue.
 
     At most ``max_queue`` requests wait or run; the next one gets 503 with ``Retry-After`` (the mean
     of recent request times, times the queue length). A request whose client has gone is skipped if
     it is still waiting, and its generation ends at the next token if it is running."""
 
-    def __init__(self, model, tokenizer, max_queue: int):
-        self.model, self.tokenizer, self.max_queue = model, tokenizer, max_queue
+    def __init__(self, models: Models, tokenizer, max_queue: int):
+        self.models, self.tokenizer, self.max_queue = models, tokenizer, max_queue
         self.lock = asyncio.Lock()
         self.pending = 0
         self.durations: deque[float] = deque([1.0], maxlen=20)
@@ -312,14 +433,26 @@ class Engine:
                 if cancelled.is_set():
                     return None
                 start = time.monotonic()
-                keys = ("max_tokens", "temperature", "top_p", "seed", "stop")
-                out = await to_thread.run_sync(lambda: generate_reply(
-                    self.model, self.tokenizer, ids, **{k: settings[k] for k in keys}, strip=strip, emit=emit,
-                    cancelled=cancelled))
+                out = await to_thread.run_sync(lambda: self._generate(ids, settings, strip, cancelled, emit))
                 self.durations.append(time.monotonic() - start)
                 return out
         finally:
             self.pending -= 1
+
+    def _generate(self, ids, settings, strip, cancelled, emit) -> dict:
+        """``settings["n"]`` replies (reply ``j`` under seed + ``j``): the first one's fields, all of
+        them as ``choices``, and the completion tokens summed."""
+        keys = ("max_tokens", "temperature", "top_p", "stop", "logprobs")
+        with self.models.use(settings["model"]) as model:
+            replies = [generate_reply(model, self.tokenizer, ids, **{k: settings[k] for k in keys},
+                                      seed=settings["seed"] + j, strip=strip, emit=emit, cancelled=cancelled)
+                       for j in range(settings["n"])]
+        return {**replies[0], "choices": replies, "completion_tokens": sum(r["completion_tokens"] for r in replies)}
+
+    async def exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` in a thread once no generation runs (loading and unloading adapters)."""
+        async with self.lock:
+            return await to_thread.run_sync(fn)
 
 
 # ---------------------------------------------------------------- responses
@@ -330,12 +463,36 @@ def _usage(out: dict) -> dict:
             "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
-def whole_response(kind: str, rid: str, model_name: str, out: dict) -> dict:
-    choice = ({"index": 0, "message": {"role": "assistant", "content": out["text"]}, "logprobs": None}
-              if kind == "chat" else {"index": 0, "text": out["text"], "logprobs": None})
+def completion_logprobs(reply: dict, tokenizer, as_ids: bool) -> dict:
+    """A completions choice's ``logprobs``: ``tokens``, ``token_logprobs``, ``top_logprobs`` and
+    ``text_offset``; with ``as_ids`` tokens are written ``token_id:N`` (vLLM's form)."""
+    def name(t: int) -> str:
+        return f"token_id:{t}" if as_ids else tokenizer.decode([t])
+
+    tokens = [name(t) for t in reply["token_ids"]]
+    offsets = [0]
+    for t in tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _ in reply["logprobs"]],
+            "top_logprobs": [{name(t): v for t, v in top} for _, top in reply["logprobs"]], "text_offset": offsets}
+
+
+def whole_response(kind: str, rid: str, model_name: str, out: dict, settings: dict | None = None,
+                   tokenizer=None, ids: list[int] | None = None) -> dict:
+    settings = settings or {}
+    choices = []
+    for i, reply in enumerate(out.get("choices", [out])):
+        if kind == "chat":
+            choice = {"index": i, "message": {"role": "assistant", "content": reply["text"]}, "logprobs": None}
+        else:
+            lps = settings.get("logprobs") is not None
+            choice = {"index": i, "text": reply["text"],
+                      "logprobs": completion_logprobs(reply, tokenizer, settings["tokens_as_ids"]) if lps else None}
+            if settings.get("return_token_ids"):
+                choice |= {"prompt_token_ids": ids, "token_ids": reply["token_ids"]}
+        choices.append({**choice, "finish_reason": reply["finish_reason"]})
     return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-            "created": int(time.time()), "model": model_name,
-            "choices": [{**choice, "finish_reason": out["finish_reason"]}], "usage": _usage(out)}
+            "created": int(time.time()), "model": model_name, "choices": choices, "usage": _usage(out)}
 
 
 def chunk(kind: str, rid: str, model_name: str, text: str | None, finish: str | None = None,
@@ -377,7 +534,8 @@ async def _stream_events(task: asyncio.Task, pieces: asyncio.Queue, cancelled: t
         cancelled.set()
 
 
-async def _whole(task: asyncio.Task, cancelled: threading.Event, request, kind: str, model_name: str) -> dict:
+async def _whole(task: asyncio.Task, cancelled: threading.Event, request, kind: str, model_name: str,
+                 settings: dict, tokenizer, ids: list[int]) -> dict:
     """One request answered whole; the client's connection is watched and a gone client cancels it."""
     while not task.done():
         await asyncio.wait({task}, timeout=0.05)
@@ -386,7 +544,8 @@ async def _whole(task: asyncio.Task, cancelled: threading.Event, request, kind: 
     out = task.result()
     if out is None:
         raise RequestError(499, "the client closed the request", None, "client_closed")
-    return whole_response(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model_name, out)
+    return whole_response(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", model_name, out,
+                          settings, tokenizer, ids)
 
 
 # ---------------------------------------------------------------- the app
@@ -417,8 +576,16 @@ def _authorize(request, api_key: str | None) -> None:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None, max_tokens_cap: int,
-               max_body_bytes: int = 1_000_000, max_queue: int = 8):
+               max_body_bytes: int = 1_000_000, max_queue: int = 8, folder: str | None = None,
+               enable_lora: bool = False, request_log: Path | None = None):
     """The FastAPI app serving ``model`` under the id ``model_name``.
+
+    ``enable_lora`` turns on vLLM's runtime LoRA endpoints: ``POST /v1/load_lora_adapter`` with
+    ``{"lora_name", "lora_path"}`` loads an adapter that sits on ``folder`` (the served model's
+    folder), served from then on as the model ``lora_name`` (and a name neither served nor loaded
+    gets 404); ``POST /v1/unload_lora_adapter`` with ``{"lora_name"}`` drops it. Every generation
+    request's settings are kept in ``app.state.requests`` (the last 1000) and, with ``request_log``,
+    appended to that JSONL file.
 
     With ``api_key`` every request needs ``Authorization: Bearer <key>`` (401 otherwise). Bodies over
     ``max_body_bytes`` get 413. ``max_tokens`` above ``max_tokens_cap`` is CLAMPED to the cap (not
@@ -426,8 +593,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
     The one model answers whatever ``model`` a request names. Requests run one at a time behind a
     queue of ``max_queue`` (:class:`Engine`). Errors are OpenAI-style JSON."""
     app = FastAPI(title="preftune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    engine = Engine(model, tokenizer, max_queue)
-    card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "preftune"}
+    served = Models(model, model_name, folder, enable_lora)
+    engine = Engine(served, tokenizer, max_queue)
+    created = int(time.time())
+    app.state.models, app.state.requests = served, deque(maxlen=REQUEST_LOG_LENGTH)
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
@@ -446,24 +615,30 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
     @app.get("/v1/models")
     async def models(request: Request):
         _authorize(request, api_key)
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": served.cards(created)}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_card(model_id: str, request: Request):
         _authorize(request, api_key)
-        if model_id != model_name:
-            raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
-                               "model", "model_not_found")
-        return card
+        for card in served.cards(created):
+            if card["id"] == model_id:
+                return card
+        raise RequestError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           "model", "model_not_found")
+
+    add_lora_routes(app, engine, api_key, max_body_bytes)
 
     async def answer(request: Request, kind: str):
         _authorize(request, api_key)
         settings = parse_request(parse_json(await _read_body(request, max_body_bytes)), max_tokens_cap, kind)
+        served.check(settings["model"])
         ids = prompt_of(settings, model, tokenizer)
+        log_request(app.state.requests, request_log, kind, settings)
         engine.admit()
         cancelled, strip = threading.Event(), kind == "chat"  # chat replies are stripped, raw completions not
         if not settings["stream"]:
-            return await _whole(engine.start(ids, settings, strip, cancelled), cancelled, request, kind, model_name)
+            return await _whole(engine.start(ids, settings, strip, cancelled), cancelled, request, kind,
+                                settings["model"] or model_name, settings, tokenizer, ids)
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         task = engine.start(ids, settings, strip, cancelled, lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p))
         task.add_done_callback(lambda _: pieces.put_nowait(None))  # after every piece: both go through the loop
@@ -479,6 +654,40 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None, max_token
         return await answer(request, "completion")
 
     return app
+
+
+def add_lora_routes(app, engine: Engine, api_key: str | None, max_body_bytes: int) -> None:
+    """vLLM's runtime LoRA endpoints on ``app``: loading and unloading wait for the running generation."""
+    served = engine.models
+
+    async def lora_body(request: Request, *keys: str) -> list[str]:
+        _authorize(request, api_key)
+        body = parse_json(await _read_body(request, max_body_bytes))
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body[k] for k in keys):
+            raise RequestError(400, f"the body must be a JSON object with the strings {list(keys)}", keys[0],
+                               "invalid_value")
+        return [body[k] for k in keys]
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        name, path = await lora_body(request, "lora_name", "lora_path")
+        await engine.exclusive(lambda: served.load(name, path))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        (name,) = await lora_body(request, "lora_name")
+        await engine.exclusive(lambda: served.unload(name))
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def log_request(requests: deque, path: Path | None, kind: str, settings: dict) -> None:
+    """Keep a generation request's settings (and its prompt) in ``requests``, and append them to ``path``."""
+    entry = {"endpoint": kind, "time": time.time(), **settings}
+    requests.append(entry)
+    if path is not None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------- running it

@@ -160,17 +160,21 @@ def eval_tasks(ns) -> int:
 
 
 def generate(ns) -> int:
-    """``preftune generate CONFIG --model M [--out F]``: responses to the held-out prompts as JSONL."""
-    from preftune.eval.generate import generate as run_generation
+    """``preftune generate CONFIG --model M [--out F]``: responses to the held-out prompts as JSONL, through
+    ``generation.engine``."""
+    from preftune.eval.engines import Sampling, make_engine, sample
     from preftune.eval.generate import held_out_prompts, write_jsonl
-    from preftune.model import load_for_inference, trust_options
 
     cfg = load_config(ns.config, ns.overrides)
+    engine = make_engine(cfg)  # not installed or not reachable: stops before reading data or loading a model
     rows = held_out_prompts(cfg)
-    model, tok = load_for_inference(ns.model, cfg.precision, **trust_options(cfg))
     w = cfg.eval.winrate
-    responses = run_generation(model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p,
-                               cfg.seed, cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)
+    seed = cfg.seed if engine.name == "builtin" or cfg.generation.send_seed else None
+    groups = sample(cfg, ns.model, [r.prompt for r in rows],
+                    Sampling(w.max_new_tokens, w.temperature, w.top_p, seed=seed, batch_size=cfg.eval.batch_size),
+                    engine=engine)
+    engine.close()
+    responses = [g[0].text for g in groups]
     out = Path(ns.out) if ns.out else Path(cfg.output_dir) / "generations.jsonl"
     write_jsonl(out, [{"prompt": r.prompt, "response": s, "meta": r.meta} for r, s in zip(rows, responses)])
     print(f"wrote {len(rows)} generations to {out}")

@@ -40,10 +40,10 @@ def data_synth(ns) -> int:
 
 def serve(ns) -> int:
     """``preftune serve MODEL [--host H] [--port P] [--api-key-env VAR] [--max-tokens N] [--max-queue N]
-    [--served-model-name NAME]``. Every setting is checked, and the port bound, before the model loads."""
+    [--served-model-name NAME] [--enable-lora] [--request-log FILE]``. Every setting is checked, and the port bound, before the model loads."""
     import uvicorn
 
-    from preftune.model import load_for_inference
+    from preftune.model import adapter_base, is_adapter, load_for_inference, resolve_model
     from preftune.serve import check_bind, create_app, listen
 
     api_key = os.environ.get(ns.api_key_env) or None
@@ -55,8 +55,14 @@ def serve(ns) -> int:
     name = getattr(ns, "served_model_name", None) or ns.model
     sock = listen(ns.host, ns.port)
     try:
+        folder = resolve_model(ns.model)
+        if getattr(ns, "enable_lora", False) and is_adapter(folder):
+            raise PreftuneError(f"--enable-lora loads adapters onto a full model, but {ns.model} is an adapter: "
+                                f"serve its base ({adapter_base(folder)}) or a merged model (preftune export)")
         model, tokenizer = load_for_inference(ns.model)
-        app = create_app(model, tokenizer, name, api_key, ns.max_tokens, max_queue=max_queue)
+        log = Path(ns.request_log) if getattr(ns, "request_log", None) else None
+        app = create_app(model, tokenizer, name, api_key, ns.max_tokens, max_queue=max_queue, folder=folder,
+                         enable_lora=getattr(ns, "enable_lora", False), request_log=log)
         auth = f"API key required (from ${ns.api_key_env})" if api_key else "no API key (loopback only)"
         print(f"preftune serve: {ns.model} as {name!r} at http://{ns.host}:{sock.getsockname()[1]}/v1 ; {auth}; "
               f"max_tokens cap {ns.max_tokens}; queue {max_queue}", flush=True)

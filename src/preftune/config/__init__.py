@@ -24,6 +24,7 @@ from preftune.config.schema import (
     DPOConfig,
     EvalConfig,
     EvalDatasetConfig,
+    GenerationConfig,
     HeldoutConfig,
     LoraConfig,
     RMConfig,
@@ -35,6 +36,7 @@ from preftune.config.schema import (
 
 __all__ = [
     "EMBEDDED_MODEL", "Config", "ConfigError", "DataConfig", "DPOConfig", "EvalConfig", "EvalDatasetConfig",
+    "GenerationConfig",
     "HeldoutConfig", "LoraConfig", "RMConfig", "BonConfig", "RoundsConfig", "SFTConfig", "TrainConfig", "WinrateConfig",
     "apply_overrides", "apply_shorthands", "build", "check_type", "load_raw", "merge", "nest",
     "parse_overrides", "to_dict", "to_yaml",

@@ -446,6 +446,36 @@ class RoundsConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Which engine samples (rounds, win-rate generations, ``preftune generate``, best-of-n), how the
+    round's weights reach it, and the log-prob parity check of its samples against the policy."""
+
+    engine: Literal["builtin", "vllm", "openai"] = "builtin"
+    """``builtin``: preftune's batched decode loop; ``vllm``: vLLM's ``LLM`` in this process (installed
+    beside preftune); ``openai``: an OpenAI-compatible server at ``base_url`` (``vllm serve``,
+    ``preftune serve --enable-lora``, SGLang, ...), prompts sent as token ids."""
+    base_url: str | None = None
+    """``openai``: the server's URL up to ``/v1`` (e.g. ``http://127.0.0.1:8000/v1``)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """``openai``: the environment variable holding the server's API key (never logged; unset: none sent)."""
+    served_model: str | None = None
+    """``openai``: the name of the base model on the server (null: the first model it lists)."""
+    send_seed: bool = True
+    """Send a per-request seed (prompt ``i`` gets seed + ``i``); vLLM on CPU refuses one: set false."""
+    concurrency: int = setting(8, AT_LEAST_1)
+    """``openai``: requests in flight at once (vLLM batches them: raise it for a vLLM server, e.g. 32;
+    ``preftune serve`` queues 8 by default)."""
+    timeout: float = setting(600.0, POSITIVE)
+    """``openai``: seconds a request may take."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """``vllm``: extra keyword arguments of ``vllm.LLM`` (``gpu_memory_utilization``, ``tensor_parallel_size``, ...)."""
+    parity_samples: int = setting(4, AT_LEAST_0)
+    """Completions re-scored under the policy each round (0 = no parity check)."""
+    parity_tolerance: float = setting(0.05, POSITIVE)
+    """Largest allowed mean absolute gap (nats per token) between the engine's log-probs and the policy's."""
+
+
+@dataclass
 class Config:
     model: str = EMBEDDED_MODEL
     """``embedded:smollm2-135m-instruct``, ``tiny:`` (random 2-layer Llama for tests), a local path, or a Hub name (online)."""
@@ -486,6 +516,8 @@ class Config:
     """Evaluation suite."""
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     """On-policy preference rounds after the preference stage."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """The engine everything that samples goes through, and its parity check."""
     report_to: list[str] = field(default_factory=list)
     """Trackers: tensorboard, wandb, mlflow (the ``track`` extra)."""
     push_to: str | None = None

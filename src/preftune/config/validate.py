@@ -20,6 +20,7 @@ from preftune.config.schema import (
     DPOConfig,
     EvalConfig,
     EvalDatasetConfig,
+    GenerationConfig,
     LoraConfig,
     MixtureSource,
     RMConfig,
@@ -81,6 +82,9 @@ def validate(cfg: Config) -> list[str]:
             p.append("rounds.reference: 'sft' needs lora.enabled=true (the reference is the policy with its adapters "
                      "off); use 'round_start' with full fine-tuning")
     p += _reward_model_problems(cfg)
+    g = cfg.generation
+    if isinstance(g, GenerationConfig) and g.engine == "openai" and not g.base_url:
+        p.append("generation.base_url: engine 'openai' needs the server's URL, e.g. http://127.0.0.1:8000/v1")
     if isinstance(cfg.lora, LoraConfig) and cfg.lora.quantize_4bit and not cfg.lora.enabled:
         p.append("lora.quantize_4bit: QLoRA needs lora.enabled=true")
     for t in cfg.report_to if isinstance(cfg.report_to, list) else []:

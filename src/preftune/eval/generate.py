@@ -161,17 +161,32 @@ def decode(model, prefix: tuple[torch.Tensor, object] | None, rows: list[list[in
 def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8, progress: bool = True,
              max_prompt_length: int | None = None) -> list[str]:
-    """Responses to ``prompts`` (the new text only, cut at EOS / end of turn), in the prompts' order.
+    """Responses to ``prompts`` (the new text only, cut at EOS / end of turn), in the prompts' order;
+    ``max_prompt_length`` keeps each prompt's last tokens, as training does. See :func:`generate_ids`."""
+    encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
+    new = generate_ids(model, tokenizer, encoded, max_new_tokens, temperature, top_p, seed, batch_size, progress)
+    return [response_text(tokenizer, row) for row in new]
+
+
+def response_text(tokenizer, ids: list[int]) -> str:
+    """A response's text from its new ids: special tokens dropped, outer white space stripped (the
+    same on every generation engine)."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.inference_mode()
+def generate_ids(model, tokenizer, encoded: list[list[int]], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, batch_size: int = 8, progress: bool = True) -> list[list[int]]:
+    """The new ids for each prompt of ``encoded`` (prompt ids), up to the first stop id, in order.
 
     The prefix all prompts share (a chat template's system prompt) is computed once and its KV cache
     reused by every batch. Prompts are sorted by length into batches (less padding), identical ones
     side by side (several samples of one prompt are prefilled once), and left-padded after the shared
     prefix. Batch ``k`` samples from a generator seeded ``seed + k``, so the same prompts, settings
     and seed give the same responses, and the caller's RNG state is untouched. ``temperature=0`` is
-    greedy decoding. ``max_prompt_length`` keeps each prompt's last tokens, as training does."""
-    if not prompts:
+    greedy decoding."""
+    if not encoded:
         return []
-    encoded = [prompt_ids(p, tokenizer, max_prompt_length) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), encoded[i]))
     stops = stop_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -184,14 +199,14 @@ def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 128,
         ids = torch.tensor([encoded[0][:shared]], device=device)
         _, cache = _forward(model, ids, torch.ones_like(ids), None, last_only=True)
         prefix = (torch.ones_like(ids), cache)
-    out: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in encoded]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for k, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
         gen = torch.Generator(device=device).manual_seed(seed + k) if temperature > 0 else None
         new = decode(model, prefix, [encoded[i][shared:] for i in idx], stops, pad_id, max_new_tokens,
                      temperature, top_p, gen)
         for row, i in zip(new, idx):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            out[i] = row
     model.train(was_training)
     return out
 

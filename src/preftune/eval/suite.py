@@ -19,9 +19,11 @@ from preftune.data.rows import PreferenceRow
 from preftune.data.sources import load_rows
 from preftune.env import cache_root
 from preftune.errors import MissingExtraError, PreftuneError
+from preftune.eval import engines
 from preftune.eval import generate as generation
 from preftune.eval import heldout as heldout_lm
 from preftune.eval.checks import check
+from preftune.eval.engines import Sampling
 from preftune.eval.judges import judge_pairs, make_judge
 from preftune.eval.kl import rewards_and_kl, token_kl
 from preftune.eval.prompts import draws_hh_categories, hh_category_rows
@@ -134,11 +136,18 @@ def _folder(name: str) -> str:
 
 
 def generations(cfg: Config, name: str, model, tok, rows: list[PreferenceRow]) -> list[str]:
-    """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings)."""
+    """Responses of the model to ``rows``' prompts (cached by model files, prompts and settings),
+    through ``generation.engine`` (the builtin loop uses the loaded ``model``)."""
     w = cfg.eval.winrate
     settings = {"max_new_tokens": w.max_new_tokens, "temperature": w.temperature, "top_p": w.top_p,
                 "seed": cfg.seed, "max_prompt_length": cfg.data.max_prompt_length, "precision": cfg.precision}
     key = {"model": model_fingerprint(name), "prompts": [r.key for r in rows], **settings}
+    if cfg.generation.engine != "builtin":  # another engine samples differently: its own cache entries
+        key["engine"] = cfg.generation.engine
+        seed = cfg.seed if cfg.generation.send_seed else None
+        sampling = Sampling(w.max_new_tokens, w.temperature, w.top_p, seed=seed, batch_size=cfg.eval.batch_size)
+        return cached("generations", key, lambda: [g[0].text for g in engines.sample(
+            cfg, _folder(name), [r.prompt for r in rows], sampling)], about=_folder(name))
     return cached("generations", key, lambda: generation.generate(
         model, tok, [r.prompt for r in rows], w.max_new_tokens, w.temperature, w.top_p, cfg.seed,
         cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length), about=_folder(name))
