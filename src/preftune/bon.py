@@ -84,7 +84,7 @@ def run_bon(cfg: Config, model_path: str, out: str | Path, reward_fn=None) -> di
         responses, _ = sample(cfg, engine, model_path, drawn, 0)
     finally:
         engine.close()
-    scores = reward_fn(drawn, responses) if reward_fn else score(cfg, drawn, responses, out)
+    scores = reward_fn(drawn, responses) if reward_fn else score(cfg, drawn, responses)
     write_jsonl(folder.samples, [
         {"prompt": row.prompt, "meta": row.meta, "samples": [{"response": s, "reward": x} for s, x in zip(g, sc)]}
         for row, g, sc in zip(drawn, responses, scores)])
