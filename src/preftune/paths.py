@@ -1,7 +1,7 @@
 """The run-folder layout, in one place: what a stage run, a pipeline run and a sweep hold, and where.
 Every module that reads or writes a run folder asks here; nothing here reads or writes files.
 
-    stage run     config.yaml  versions.json  data.json  metrics.jsonl  run.json
+    stage run     config.yaml  versions.json  data.json  preflight.json  metrics.jsonl  run.json
                   final/  best/  snapshots/step-N/  checkpoints/step-N/
     pipeline run  config.yaml  timings.json  done.json (in a sweep)  sft/  dpo/ (stage runs)
                   sft/merged/  eval/eval.json  eval/curve.json  report/
@@ -44,6 +44,7 @@ class StageDir(Folder):
     data = property(lambda self: self.root / "data.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     run = property(lambda self: self.root / "run.json")
+    preflight = property(lambda self: self.root / "preflight.json")
     final = property(lambda self: self.root / "final")
     best = property(lambda self: self.root / "best")
     snapshots_dir = property(lambda self: self.root / "snapshots")
