@@ -278,10 +278,13 @@ def record(checks: list[Check]) -> dict:
     return {c.name: c.record() for c in checks}
 
 
-def run(st, enabled: bool = True) -> dict:
+def run(st, enabled: bool | None = True) -> dict:
     """The preflight of a fresh stage, before its first optimizer step: log each check, write
     ``preflight.json`` and stop the run (a ``PreflightError`` naming the check) if one failed.
-    ``enabled=False`` (``--no-preflight``) records that it was skipped."""
+    ``enabled=False`` (``--no-preflight``) records that it was skipped; None leaves them to the caller
+    (``preftune check`` runs them itself, to print every outcome)."""
+    if enabled is None:
+        return {}
     if not enabled:
         result = {"skipped": "--no-preflight"}
         if st.main:

@@ -106,9 +106,14 @@ def resume_changes(out: Path, cfg, stage: str, fingerprint: str) -> list[str]:
         old_fp = json.loads((out / "data.json").read_text()).get("fingerprint")
     except (OSError, ValueError):
         old_fp = None
-    if old_fp is not None and old_fp != fingerprint:
+    if old_fp is not None and fingerprint is not None and old_fp != fingerprint:
         changes.append(f"data: the rows differ (fingerprint {old_fp} -> {fingerprint})")
     return changes
+
+
+def finished_alike(out: Path, cfg, stage: str) -> bool:
+    """Whether ``out`` holds a finished run of ``stage`` with this config (the pipeline skips it)."""
+    return StageDir(out).is_finished() and not resume_changes(out, cfg, stage, None)
 
 
 def check_resume(out: Path, cfg, stage: str, fingerprint: str, allow_changes: bool = False) -> None:

@@ -257,7 +257,8 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
              round_no, len(drawn), r.samples, record["reward_mean"] or 0.0, len(pairs), counts["ties"],
              counts["unscored"], counts["identical"])
     stage_cfg = round_config(cfg, round_dir)
-    summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir))
+    # an unfinished round (no round.json) trains on freshly sampled pairs: its stage is redone
+    summary = run_stage(stage_cfg, "dpo", round_dir / "dpo", _start_model(cfg, start, round_dir), overwrite=True)
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
                "final_model": str((round_dir / "dpo" / "final").resolve()), **_last_eval(round_dir / "dpo")}
     write_json(round_dir / "round.json", record)  # last: marks the round finished

@@ -250,7 +250,7 @@ def shard(xs: list, rank: int, world: int) -> tuple[list, list[bool]]:
 
 
 def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
-          allow_changes: bool = False, overwrite: bool = False, preflight: bool = True) -> Stage:
+          allow_changes: bool = False, overwrite: bool = False, preflight: bool | None = True) -> Stage:
     """Check the output folder, load data, tokenizer and model, pick the layout and the reference,
     build the optimizer, resume from the newest complete checkpoint when asked (refusing a changed
     config or data unless ``allow_changes``), write the run records (config, versions, data) and run the
@@ -524,6 +524,9 @@ def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, res
     time-boxed runs and resume tests. ``allow_changes`` lets ``resume`` continue with a changed config
     or data (refused otherwise); ``overwrite`` replaces a finished run in ``out_dir`` (refused otherwise);
     ``preflight=False`` skips the preflight checks. Returns the run summary also written to ``run.json``."""
+    if resume and StageDir(out_dir).is_finished():  # nothing left to run: the finished run stays as it is
+        log.info("resume: %s finished earlier; nothing to do", out_dir)
+        return json.loads(StageDir(out_dir).run.read_text())
     threads = torch.get_num_threads()  # cfg.threads applies to this stage only
     try:
         return train(setup(cfg, stage, out_dir, model_path, resume, allow_changes, overwrite, preflight), stop_at)
