@@ -8,7 +8,7 @@ is reported apart: seconds per pair precomputed, and per training step (``batch_
 
     HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py                      # tiny model, quick
     HF_HUB_OFFLINE=1 python benchmarks/dpo_throughput.py --models smollm2 --modes full,lora \\
-        --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # the README table
+        --batch-size 2 --steps 4 --warmup 1 --repeats 3                        # docs/speed.md's table
 
 Tokens are counted as TRL counts them: the non-pad tokens of chosen + rejected, prompt included in
 both. TRL runs without gradient checkpointing and without bf16 autocast (both on by default in its
@@ -80,7 +80,7 @@ def write_pairs(folder: Path, shape: str, pairs: int, seed: int = 0) -> Path:
 
 
 def preftune_config(spec: Spec, out_dir: Path):
-    from preftune.config import config_from_dict
+    from preftune.config.validate import config_from_dict
 
     return config_from_dict({
         "model": MODELS[spec.model], "seed": 0, "output_dir": str(out_dir), "threads": spec.threads,

@@ -142,7 +142,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_m
 KILLER = """
 import json, os, signal, sys
 from preftune import checkpoint
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.train import run_stage
 
 real = checkpoint.save_file

@@ -3,12 +3,14 @@ shipped YAML loads."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from preftune.config import Config, ConfigError, config_from_dict, load_config, to_yaml
+from preftune.config import Config, ConfigError, nest, to_yaml
+from preftune.config.validate import config_from_dict, load_config
 from preftune.data.formats import PREFERENCE_FORMATS
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -146,6 +148,39 @@ def test_ranges_and_non_finite_numbers_are_all_reported_by_key(tmp_path):
                  "threads: must be at least 1, got -2"):
         assert line in msg
     assert len(e.value.problems) == 10  # and data.max_prompt_length: must be 0 or more
+
+
+def _sections(cls=None, prefix=""):
+    """Every (dotted key, field) of the schema, nested sections and subclasses' own fields included."""
+    import typing
+
+    from preftune.config import schema
+    for f in dataclasses.fields(cls or schema.Config):
+        yield prefix + f.name, f
+        tp = typing.get_type_hints(cls or schema.Config)[f.name]
+        for sub in (a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)):
+            yield from _sections(sub, f"{prefix}{f.name}.")
+
+
+def test_every_range_rule_sits_on_a_number_field_and_is_enforced():
+    """A rule is the field's own metadata, so it cannot name a field that does not exist; it must also sit on
+    a field that holds numbers, and loading a value far outside it must report that very key."""
+    import typing
+
+    from preftune.config import schema
+    ruled = [(key, f) for key, f in _sections() if schema.range_rule(f) is not None]
+    assert len(ruled) >= 50
+    for key, f in ruled:
+        hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(schema) | vars(typing))
+        numeric = {int, float} & set(typing.get_args(hint) or (hint,))
+        assert numeric, f"{key}: a range rule on a field that holds no number ({f.type})"
+        bad = -(10**9) if schema.range_rule(f)(-(10**9)) else 10**9
+        assert schema.range_rule(f)(bad), f"{key}: its rule allows both -1e9 and 1e9"
+        if key.startswith("eval.datasets"):
+            continue
+        with pytest.raises(ConfigError) as e:
+            config_from_dict(nest(key, float(bad) if float in numeric else bad))
+        assert any(p.startswith(f"{key}: ") for p in e.value.problems), (key, e.value.problems)
 
 
 def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):

@@ -27,7 +27,7 @@ LAUNCHER_VARS = ("ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DE
 DRIVER = """
 import json, sys
 from pathlib import Path
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.train import run_stage
 raw, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 cfg, model = config_from_dict(raw), raw["model"]

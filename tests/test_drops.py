@@ -133,7 +133,7 @@ def hub_shp(i: int) -> dict:
 ])
 def test_shipped_configs_read_the_hub_layouts(tmp_path, tokenizer, config, records):
     """The shipped configs, pointed at a local copy in the Hub's layout (train and test files)."""
-    from preftune.config import load_config
+    from preftune.config.validate import load_config
 
     folder = tmp_path / "hub"
     folder.mkdir()

@@ -78,7 +78,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 
 def train(tmp_path: Path, model: str, **over) -> tuple[dict, list[dict]]:
     """A 3-step DPO stage through the real loop -> (summary, metrics rows)."""
-    from preftune.config import config_from_dict
+    from preftune.config.validate import config_from_dict
     from preftune.train import run_stage
 
     raw = {"model": model, "seed": 0, "output_dir": str(tmp_path / "run"),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from preftune.config import ConfigError, config_from_dict, resolved_dict
+from preftune import loss_terms
+from preftune.config import ConfigError
+from preftune.config.validate import config_from_dict, resolved_dict
 from preftune.losses import CPOParams, KTOParams, NoParams, SigmoidParams, SimPOParams
 
 
@@ -23,29 +25,29 @@ def problems(**block) -> str:
 def test_the_three_forms():
     """A name; a name with parameters (the shared dpo.beta fills a beta the entry does not set); a list
     with weights; TRL's names with dpo.loss_weights."""
-    assert [(t.name, t.weight) for t in dpo(loss="sigmoid").terms()] == [("sigmoid", 1.0)]
-    (simpo,) = dpo(loss={"name": "simpo", "beta": 2.0, "gamma": 0.5}).terms()
+    assert [(t.name, t.weight) for t in loss_terms.terms(dpo(loss="sigmoid"))] == [("sigmoid", 1.0)]
+    (simpo,) = loss_terms.terms(dpo(loss={"name": "simpo", "beta": 2.0, "gamma": 0.5}))
     assert simpo.params == SimPOParams(beta=2.0, gamma=0.5)
-    terms = dpo(loss=[{"name": "sigmoid", "weight": 0.8}, {"name": "sft", "weight": 0.2}], beta=0.3).terms()
+    terms = loss_terms.terms(dpo(loss=[{"name": "sigmoid", "weight": 0.8}, {"name": "sft", "weight": 0.2}], beta=0.3))
     assert [(t.name, t.weight) for t in terms] == [("sigmoid", 0.8), ("sft", 0.2)]
     assert terms[0].params == SigmoidParams(beta=0.3) and terms[1].params == NoParams()
-    terms = dpo(loss=["sigmoid", "cpo"], loss_weights=[1, 0.5]).terms()
+    terms = loss_terms.terms(dpo(loss=["sigmoid", "cpo"], loss_weights=[1, 0.5]))
     assert [t.weight for t in terms] == [1.0, 0.5] and terms[1].params == CPOParams()
-    assert dpo(loss=["sigmoid", "sft"]).loss_name == "sigmoid+sft"
+    assert loss_terms.loss_name(dpo(loss=["sigmoid", "sft"])) == "sigmoid+sft"
 
 
 def test_older_flat_keys_keep_working():
     """dpo.gamma / label_smoothing / ipo_normalize / orpo_lambda fill the parameter of that name;
     sft_weight appends an sft term; saved configs carry the old defaults for every loss, which a loss
     without that parameter ignores."""
-    (t,) = dpo(loss="simpo", beta=2.0, gamma=1.0, label_smoothing=0.1).terms()
+    (t,) = loss_terms.terms(dpo(loss="simpo", beta=2.0, gamma=1.0, label_smoothing=0.1))
     assert t.params == SimPOParams(beta=2.0, gamma=1.0, label_smoothing=0.1)
-    assert dpo(loss="orpo", orpo_lambda=0.3).terms()[0].params.lambda_ == 0.3
-    assert dpo(loss="ipo", ipo_normalize="sum").terms()[0].params.normalize == "sum"
-    terms = dpo(loss="sigmoid", sft_weight=0.5).terms()
+    assert loss_terms.terms(dpo(loss="orpo", orpo_lambda=0.3))[0].params.lambda_ == 0.3
+    assert loss_terms.terms(dpo(loss="ipo", ipo_normalize="sum"))[0].params.normalize == "sum"
+    terms = loss_terms.terms(dpo(loss="sigmoid", sft_weight=0.5))
     assert [(t.name, t.weight) for t in terms] == [("sigmoid", 1.0), ("sft", 0.5)]
     saved = dict(loss="hinge", label_smoothing=0.0, ipo_normalize="mean", gamma=0.5, orpo_lambda=0.1, sft_weight=0.0)
-    assert [t.name for t in dpo(**saved).terms()] == ["hinge"]
+    assert [t.name for t in loss_terms.terms(dpo(**saved))] == ["hinge"]
 
 
 def test_config_show_form_is_resolved_and_loads_back():
@@ -58,7 +60,7 @@ def test_config_show_form_is_resolved_and_loads_back():
         {"name": "sft", "weight": 0.5},
     ]
     assert out["gamma"] is None and out["sft_weight"] is None
-    assert config_from_dict({"dpo": out}).dpo.terms() == cfg.dpo.terms()
+    assert loss_terms.terms(config_from_dict({"dpo": out}).dpo) == loss_terms.terms(cfg.dpo)
 
 
 def test_unknown_loss_names_the_key_with_did_you_mean():
@@ -93,7 +95,7 @@ def test_kto_on_paired_data_needs_the_split_option():
         "pair into a desirable and an undesirable row, or use kto data"]
     cfg = config_from_dict({"dpo": {"loss": {"name": "kto", "desirable_weight": 1.5}, "unpair": True},
                             "data": {"format": "hh"}})
-    assert cfg.dpo.terms()[0].params == KTOParams(desirable_weight=1.5) and cfg.dpo.unpaired()
+    assert loss_terms.terms(cfg.dpo)[0].params == KTOParams(desirable_weight=1.5) and loss_terms.unpaired(cfg.dpo)
     assert problems(loss="sigmoid", unpair=True).startswith("dpo.unpair: only for the unpaired losses")
     assert problems(loss="kto", unpair=True, ld_alpha=0.5).startswith("dpo.ld_alpha: works on pairs")
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from preftune import loss_terms
 from preftune.config import DPOConfig
 from preftune.errors import PreftuneError
 from preftune.losses import (
@@ -253,20 +254,20 @@ def test_kto_and_apo_zero_unpaired_hand_values():
 
 
 def test_loss_table_lists_every_loss_with_parameters():
-    """``preftune losses`` and the README's table come from the table: one row per loss with its
-    parameters and defaults; the README holds exactly that table."""
+    """``preftune losses`` and the methods page's table come from the table: one row per loss with its
+    parameters and defaults; docs/methods.md holds exactly that table."""
     from pathlib import Path
 
     md = loss_table(markdown=True)
     for name in LOSSES:
         assert f"| `{name}` |" in md
     assert "`gamma`=0.5" in md and "`lambda`=0.1" in md
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert md in readme, "README's methods table is stale: paste `preftune losses --markdown`"
+    page = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    assert md in page, "docs/methods.md's loss table is stale: paste `preftune losses --markdown`"
 
 
 def test_dpo_config_default_still_resolves_to_sigmoid():
-    (term,) = DPOConfig().terms()
+    (term,) = loss_terms.terms(DPOConfig())
     assert term.name == "sigmoid" and term.weight == 1.0 and term.params == SigmoidParams(beta=0.1)
 
 

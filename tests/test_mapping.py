@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from preftune.config import ConfigError, DataConfig, load_config
+from preftune.config import ConfigError, DataConfig
+from preftune.config.validate import load_config
 from preftune.data.mapping import apply_columns, apply_roles
 from preftune.data.sources import load_rows
 from preftune.errors import DataError

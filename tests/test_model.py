@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.errors import PreftuneError
 from preftune.model import load_for_inference, load_model, resolve_model
 from test_checkpoint import Payload

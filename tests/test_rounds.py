@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 
-from preftune.config import ConfigError, load_config
+from preftune import loss_terms
+from preftune.config import ConfigError
+from preftune.config.validate import load_config
 from preftune.data.rows import PreferenceRow
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check
@@ -173,9 +175,9 @@ def test_the_rounds_stage_takes_the_rounds_loss_lr_and_epochs(tmp_path):
     cfg = load_config(None, ["dpo.loss=sigmoid", "dpo.lr=1e-4", "rounds.lr=4e-4", "rounds.epochs=3",
                              'rounds.loss=[{"name": "sigmoid"}, {"name": "sft", "weight": 1.0}]'])
     stage = round_config(cfg, tmp_path).dpo
-    assert [(t.name, t.weight) for t in stage.terms()] == [("sigmoid", 1.0), ("sft", 1.0)]
+    assert [(t.name, t.weight) for t in loss_terms.terms(stage)] == [("sigmoid", 1.0), ("sft", 1.0)]
     assert (stage.lr, stage.epochs, stage.eval_every, stage.early_stopping) == (4e-4, 3, 0, False)
-    assert [t.name for t in cfg.dpo.terms()] == ["sigmoid"]
+    assert [t.name for t in loss_terms.terms(cfg.dpo)] == ["sigmoid"]
     assert round_config(load_config(None, []), tmp_path).dpo.loss == "sigmoid"  # null: dpo.loss
 
 

@@ -12,7 +12,7 @@ import pytest
 import preftune.eval.generate
 import preftune.eval.heldout
 from preftune.cli import main as cli_main
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.embedded import tiny_llama
 from preftune.eval.suite import evaluate_models, winrate_rows
 

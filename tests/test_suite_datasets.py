@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.data.sources import load_rows
 from preftune.errors import PreftuneError
 from preftune.eval.checks import check

@@ -275,7 +275,7 @@ def test_packed_estimates_count_the_loops_bins(tmp_path, monkeypatch):
     estimate of as many steps as there are bins is exactly one epoch's tokens."""
     import math
 
-    from preftune.config import config_from_dict
+    from preftune.config.validate import config_from_dict
     from preftune.data.stage import load_stage_data, packed_bins
     from preftune.sweep import _item_tokens, _tokenizer, stage_tokens
 

@@ -75,7 +75,7 @@ def test_without_lm_eval_names_the_extra(tiny, monkeypatch):
 
 @pytest.mark.e2e
 def test_shipped_task_runs_from_the_lm_eval_cli_in_another_folder(tiny_model_dir, tmp_path):
-    """The README's command: plain ``lm_eval`` with ``--include_path`` at the shipped folder, run from
+    """docs/evaluation.md's command: plain ``lm_eval`` with ``--include_path`` at the shipped folder, run from
     an unrelated working folder, scores the 60 questions (limited here to 6) on a saved model."""
     if not LM_EVAL.is_file():
         pytest.skip("the lm_eval command is not installed beside this Python")

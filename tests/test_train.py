@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import config_from_dict
+from preftune.config.validate import config_from_dict
 from preftune.train import EarlyStopping, lr_at, run_stage
 
 LN2 = math.log(2)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from preftune.cli import main
-from preftune.config import ConfigError, config_from_dict, load_config
+from preftune.config import ConfigError
+from preftune.config.validate import config_from_dict, load_config
 from preftune.trl_names import NAMES, convert, hint
 
 # A DPO recipe as TRL's scripts take it: DPOConfig (TrainingArguments) + ModelConfig + ScriptArguments keys.

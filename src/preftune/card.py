@@ -11,7 +11,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from preftune import embedded
-from preftune.config import Config, config_from_dict
+from preftune.config import Config
+from preftune.config.validate import config_from_dict
 from preftune.losses import LOSSES
 from preftune.paths import RunDir, StageDir
 from preftune.report.table import CARD, markdown_table, results_table

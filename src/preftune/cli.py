@@ -60,7 +60,7 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
               (CONFIG, OVERRIDES)),
     "losses": ("preftune.commands.training:losses_show",
                "the loss table: every dpo.loss with its parameters and reference need",
-               ((("--markdown",), dict(action="store_true", help="print the README's methods table")),)),
+               ((("--markdown",), dict(action="store_true", help="print the loss table of docs/methods.md")),)),
     "orpo": ("preftune.commands.training:orpo", "ORPO: preference optimisation without a reference",
              TRAIN),
     "pipeline": ("preftune.commands.training:pipeline",

@@ -10,8 +10,8 @@ detached and follow TRL 1.16's convention for that loss, so logged metrics compa
 ``h`` below is the DPO margin ``(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))``.
 
 Adding a loss: write its function and its parameter dataclass, add one ``Loss`` entry to ``LOSSES``
-and its hand-computed test in tests/test_losses.py. Config checking, the CLI help, the README table,
-model-card tags and the evaluation suite all read the table.
+and its hand-computed test in tests/test_losses.py. Config checking, the CLI help, the loss table of
+docs/methods.md, model-card tags and the evaluation suite all read the table.
 """
 
 from __future__ import annotations
@@ -679,7 +679,7 @@ class Loss:
     tag: str
     """The Hub/model-card tag of the method family."""
     summary: str
-    """One line for the CLI help and the README."""
+    """One line for the CLI help and the loss table of docs/methods.md."""
     unpaired: bool = False
     """Reads an unpaired batch (rows with labels and mismatched KL completions) instead of pairs."""
     per_pair: bool = True
@@ -822,7 +822,7 @@ def get_loss(name: str) -> Loss:
 
 def loss_table(markdown: bool = False) -> str:
     """Every loss of the table with its parameters (and defaults), its reference need and its summary:
-    ``preftune losses``, and with ``markdown`` the README's methods table."""
+    ``preftune losses``, and with ``markdown`` the loss table of docs/methods.md."""
     rows = []
     for name, spec in LOSSES.items():
         params = ", ".join(f"`{param_key(f.name)}`={f.default!r}" for f in dataclasses.fields(spec.params)) or "-"

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from preftune import loss_terms
 from preftune.config import DPOConfig, SFTConfig
 from preftune.errors import PreftuneError
 from preftune.logprobs import SequenceLogps
@@ -162,7 +163,7 @@ def unpaired_metrics(
 
 
 def dpo_needs_reference(cfg: DPOConfig) -> bool:
-    return cfg.needs_reference()
+    return loss_terms.needs_reference(cfg)
 
 
 def policy_logps(policy: SequenceLogps, batch: dict, cfg: DPOConfig) -> tuple[SeqLogps, Tensor | None]:
@@ -207,7 +208,7 @@ def dpo_step(
     mean(losses_k)`` over the ``dpo.loss`` terms (TRL's ``loss_type`` list with ``loss_weights``),
     each pair's loss times its WPO weight under ``dpo.wpo``. ``rewards/*`` come from the first term
     that is not ``sft``; ``loss/<name>`` is logged per term when there are several, ``nll_loss`` for ``sft``."""
-    terms = cfg.terms()
+    terms = loss_terms.terms(cfg)
     specs = [LOSSES[t.name] for t in terms]
     pol, weights = policy_logps(policy, batch, cfg)
     ref = None

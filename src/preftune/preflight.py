@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from preftune.config import DPOConfig
+from preftune import loss_terms
 from preftune.data import collate as collation
 from preftune.data.stage import epoch_plan
 from preftune.data.tokenize import _adds_bos, encode_prompt
@@ -240,11 +241,11 @@ def ignored_options(st) -> tuple[list[str], list[str]]:
     if not isinstance(s, DPOConfig):
         return own, other
     if st.ref_strategy == "none" and _changed(s, "reference"):
-        own.append(f"{st.name}.reference={s.reference}: the loss ({s.loss_name}) uses no reference model")
+        own.append(f"{st.name}.reference={s.reference}: the loss ({loss_terms.loss_name(s)}) uses no reference model")
     if not s.sync_ref_model:
         own += [f"{st.name}.{k}: TR-DPO is off ({st.name}.sync_ref_model=false)"
                 for k in ("ref_model_sync_steps", "ref_model_mixup_alpha") if _changed(s, k)]
-    if s.ld_alpha is not None and all(LOSSES[t.name].reads == "means" for t in s.terms()):
+    if s.ld_alpha is not None and all(LOSSES[t.name].reads == "means" for t in loss_terms.terms(s)):
         own.append(f"{st.name}.ld_alpha: LD-DPO reweights summed log-probs, and every loss term here reads "
                    "per-token means")
     return own, other

@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune import embedded
+from preftune import embedded, loss_terms
 from preftune.config import (
     Config,
     ConfigError,
     TrainConfig,
     apply_overrides,
     apply_shorthands,
-    config_from_dict,
     load_raw,
     merge,
     nest,
     to_dict,
 )
+from preftune.config.validate import config_from_dict
 from preftune.data.stage import (
     epoch_plan,
     load_stage_data,
@@ -260,7 +260,7 @@ def stage_tokens(cfg: Config, stage: str, tokenizer, memo: dict) -> int:
     layout = "packed" if getattr(s, "layout", None) == "packed" else "padded"  # auto never packs
     key = json.dumps([cfg.tokenizer or cfg.model, stage, to_dict(data_cfg), cfg.seed], sort_keys=True, default=str)
     if key not in memo:
-        memo[key] = load_stage_data(cfg, stage, tokenizer).train
+        memo[key] = load_stage_data(cfg, stage, tokenizer, unpaired=stage == "dpo" and loss_terms.unpaired(cfg.dpo)).train
     items = memo[key]
     n_micro = len(epoch_plan(stage_bins(items, s, layout), len(items), s.batch_size, cfg.seed, 0))
     per_epoch = steps_per_epoch(n_micro, s.grad_accum, s.drop_last)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 import preftune
 from preftune import checkpoint as ckpt
 from preftune import distributed as dist
+from preftune import loss_terms
 from preftune import preflight as checks
 from preftune import reference as refs
 from preftune.attention import choose_layout
@@ -206,7 +207,7 @@ def collate_for(stage_cfg: TrainConfig, layout: str, pad_id: int, completion_onl
     the model side builds its mask (attention.py)."""
     if not isinstance(stage_cfg, DPOConfig):
         return lambda items: collation.collate_sft(items, pad_id, completion_only=completion_only)
-    if stage_cfg.unpaired():
+    if loss_terms.unpaired(stage_cfg):
         return lambda items: collation.collate_unpaired(items, pad_id, collation.LAYOUTS[layout])
     return lambda items: collation.LAYOUTS[layout](items, pad_id)
 
@@ -219,7 +220,7 @@ def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, 
     if not method.needs_reference(stage_cfg):
         return refs.NoReference(), "none"
     lora = cfg.lora.enabled or is_adapter(model_path)
-    strategy = refs.resolve_strategy(stage_cfg.reference, True, lora, stage_cfg.loss_name)
+    strategy = refs.resolve_strategy(stage_cfg.reference, True, lora, loss_terms.loss_name(stage_cfg))
     disable = getattr(model, "disable_adapter", None) if cfg.lora.enabled else None
     if strategy == "adapter":
         return refs.ModelReference(policy, "adapter", disable), strategy
@@ -267,7 +268,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    data = load_stage_data(cfg, stage, tokenizer)
+    data = load_stage_data(cfg, stage, tokenizer, unpaired=stage == "dpo" and loss_terms.unpaired(cfg.dpo))
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
     with dist.whole_weights(accelerator):
@@ -486,9 +487,9 @@ def save_between_steps(st: Stage, step: int) -> None:
 def summary(st: Stage, stopped_early: bool) -> dict:
     """The run summary written to ``run.json``."""
     cfg, s = st.cfg, st.stage_cfg
-    loss = s.loss_name if isinstance(s, DPOConfig) else None
+    loss = loss_terms.loss_name(s) if isinstance(s, DPOConfig) else None
     return {
-        "stage": st.name, "method": loss or st.name, "loss": loss, "beta": s.loss_beta if loss else None,
+        "stage": st.name, "method": loss or st.name, "loss": loss, "beta": loss_terms.loss_beta(s) if loss else None,
         "steps": st.state["step"], "total_steps": st.total_steps, "tokens_seen": st.state["tokens_seen"],
         "pairs_seen": st.state["pairs_seen"], "skipped_steps": st.state["skipped_steps"],
         "dropped_rows": st.state.get("dropped_rows", 0),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from preftune.config import Config, load_config, to_dict
+from preftune.config import Config, to_dict
+from preftune.config.validate import load_config
 from preftune.errors import PreftuneError
 from preftune.eval import suite
 from preftune.files import write_json

@@ -95,7 +95,7 @@ def from_trl(ns) -> int:
 
     import yaml
 
-    from preftune.config import config_from_dict
+    from preftune.config.validate import config_from_dict
     from preftune.trl_names import convert, read_flat
 
     tree, unmapped = convert(read_flat(ns.file), ns.kind)

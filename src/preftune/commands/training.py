@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from preftune.commands import setup_logging
-from preftune.config import ConfigError, apply_overrides, load_config, load_raw, resolved_dict
+from preftune.config import ConfigError, apply_overrides, load_raw
+from preftune.config.validate import load_config, resolved_dict
 
 
 def config_show(ns) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from preftune import embedded
-from preftune.config import Config, DataConfig, load_config
+from preftune.config import Config, DataConfig
+from preftune.config.validate import load_config
 from preftune.data import drops
 from preftune.data.prepare import tokenize_splits
 from preftune.data.sources import detect_kind, load_rows

@@ -30,12 +30,12 @@ def stage_data_config(cfg: Config, stage: str) -> DataConfig:
     return cfg.sft.data if stage == "sft" and cfg.sft.data is not None else cfg.data
 
 
-def load_stage_data(cfg: Config, stage: str, tokenizer) -> StageData:
+def load_stage_data(cfg: Config, stage: str, tokenizer, unpaired: bool = False) -> StageData:
     """Train and held-out items of ``stage``: SFT reads ``sft.data`` when set, else the chosen
     responses of the preference data; a preference stage reads ``data`` as pairs, or as unpaired rows
-    for KTO (pairs split with ``dpo.unpair``)."""
+    when ``unpaired`` (the losses read them, as KTO's: pairs split with ``dpo.unpair``)."""
     data_cfg = stage_data_config(cfg, stage)
-    if stage == "dpo" and cfg.dpo.unpaired():
+    if unpaired:
         train_rows, test_rows, read = load_unpaired(data_cfg, cfg.dpo.unpair, cfg.seed)
         (train, tok_train), (test, tok_test) = (tokenize_unpaired(r, tokenizer, data_cfg) for r in (train_rows, test_rows))
         # split pairs do not fit the read = kept + dropped account, so the unpaired report keeps its parts
