@@ -188,6 +188,8 @@ def check_template(st, items: list) -> Check:
         log.debug("preflight: the template renders no system turn (%s)", e)
     if ids is not None and tok.decode(ids).count("PREFLIGHT-SYSTEM") != 1:
         problems.append(f"the system prompt is rendered {tok.decode(ids).count('PREFLIGHT-SYSTEM')} times")
+    if ids is not None and (doubled := _doubled_specials(ids, special)):  # rows' prompts may be cut at the front
+        problems.append(f"the chat template renders special token {names(doubled)} doubled")
     eos = tok.eos_token_id
     for it in items:
         completions = [it.chosen_ids, it.rejected_ids] if hasattr(it, "chosen_ids") else [it.completion_ids]
@@ -263,15 +265,20 @@ def check_ignored(st) -> Check:
 # ---------------------------------------------------------------- running them
 
 
-CHECKS = ("step0", "reference", "layout", "template", "truncation", "ignored_options")
+CHECKS = ("truncation", "template", "ignored_options", "reference", "step0", "layout")
+"""In the order they run: the data's checks first (a model check on broken rows would only repeat
+them), then the reference before step 0's value (the cause before its symptom)."""
 
 
 def run_checks(st) -> list[Check]:
-    """Every check on the stage's first micro-batch of step 0, in ``CHECKS`` order."""
+    """Every check on the stage's first micro-batch of step 0, in ``CHECKS`` order; the model's checks
+    only when the data's passed."""
     items = first_items(st)
+    checks = [check_truncation(st), check_template(st, items), check_ignored(st)]
+    if not all(c.ok for c in checks):
+        return checks
     batch = st.collate(items)
-    return [check_step0(st, batch), check_reference(st, batch), check_layout(st, items), check_template(st, items),
-            check_truncation(st), check_ignored(st)]
+    return checks + [check_reference(st, batch), check_step0(st, batch), check_layout(st, items)]
 
 
 def record(checks: list[Check]) -> dict:
@@ -279,13 +286,21 @@ def record(checks: list[Check]) -> dict:
     return {c.name: c.record() for c in checks}
 
 
+def _log(checks: list[Check]) -> None:
+    for c in checks:
+        (log.info if c.ok and not c.detail else log.warning if c.ok else log.error)(
+            "preflight %s: %s (value %s, tolerance %s)%s", c.name, "ok" if c.ok else "FAILED", c.value,
+            c.tolerance, f": {c.detail}" if c.detail else "")
+
+
 def run(st, enabled: bool | None = True) -> dict:
     """The preflight of a fresh stage, before its first optimizer step: log each check, write
-    ``preflight.json`` and stop the run (a ``PreflightError`` naming the check) if one failed.
+    ``preflight.json`` and stop the run (a ``PreflightError`` naming every failed check) if one failed.
     ``enabled=False`` (``--no-preflight``) records that it was skipped; None leaves them to the caller
     (``preftune check`` runs them itself, to print every outcome)."""
     if enabled is None:
         return {}
+    checks: list[Check] = []
     if not enabled:
         result = {"skipped": "--no-preflight"}
         if st.main:
@@ -295,19 +310,18 @@ def run(st, enabled: bool | None = True) -> dict:
         checks = run_checks(st)
         result = record(checks) | {"seconds": round(time.perf_counter() - t0, 2)}
         if st.main:
-            for c in checks:
-                (log.info if c.ok and not c.detail else log.warning if c.ok else log.error)(
-                    "preflight %s: %s (value %s, tolerance %s)%s", c.name, "ok" if c.ok else "FAILED", c.value,
-                    c.tolerance, f": {c.detail}" if c.detail else "")
+            _log(checks)
     if st.main:
         st.out.root.mkdir(parents=True, exist_ok=True)
         st.out.preflight.write_text(json.dumps(result, indent=1))
-    failed = [c for c in checks if not c.ok] if enabled else []
+    failed = [c for c in checks if not c.ok]
     failed_anywhere = st.accelerator.reduce(torch.tensor(float(len(failed)), device=st.accelerator.device), "sum")
     if failed or float(failed_anywhere) > 0:
-        c = failed[0] if failed else Check("preflight", False, detail="a check failed on another rank")
-        raise PreflightError(f"preflight check '{c.name}' failed (value {c.value}, tolerance {c.tolerance}): "
-                             f"{c.detail}. The run stopped before its first step; --no-preflight skips the checks")
+        failed = failed or [Check("preflight", False, detail="a check failed on another rank")]
+        lines = "\n".join(f"  - {c.name}: value {c.value}, tolerance {c.tolerance}: {c.detail}" for c in failed)
+        raise PreflightError(f"preflight check{'s' if len(failed) > 1 else ''} "
+                             f"{', '.join(repr(c.name) for c in failed)} failed:\n{lines}\nThe run stopped before "
+                             f"its first step ({st.out.preflight} has every check); --no-preflight skips them")
     return result
 
 
