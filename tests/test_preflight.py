@@ -43,14 +43,16 @@ def _variant(st, loss: str | None = None, layout: str | None = None):
 
 
 # (strategy, settings, the variants it runs: (loss, layout) pairs). A precomputed reference is built per
-# layout: in bf16 it is computed on, and keyed by, the run's own micro-batches.
+# layout: in bf16 it is computed on, and keyed by, the run's own micro-batches. Every paired loss runs on
+# the default layout; the others' paths do not depend on the loss.
 CASES = {
     **{f"precomputed-{lay}": ({"dpo.reference": "precomputed", "lora.enabled": False, "dpo.layout": lay},
-                              [(loss, None) for loss in PAIRED]) for lay in LAYOUTS},
+                              [(loss, None) for loss in (PAIRED if lay == "prefix_shared" else ["sigmoid"])])
+       for lay in LAYOUTS},
     "copy": ({"dpo.reference": "copy", "lora.enabled": False}, [("sigmoid", lay) for lay in LAYOUTS]),
     "adapter": ({"dpo.reference": "adapter", "lora.enabled": True}, [("sigmoid", lay) for lay in LAYOUTS]),
     "none": ({"dpo.loss": "simpo", "lora.enabled": False}, [(loss, lay) for loss in REFERENCE_FREE for lay in LAYOUTS]),
-    "unpaired": ({"dpo.loss": "kto", "dpo.reference": "copy", "lora.enabled": False},
+    "unpaired": ({"dpo.loss": "kto", "dpo.unpair": True, "dpo.reference": "copy", "lora.enabled": False},
                  [(loss, lay) for loss in UNPAIRED for lay in LAYOUTS]),
 }
 
