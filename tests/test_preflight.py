@@ -173,3 +173,118 @@ def test_results_reach_run_json_and_the_model_card(tmp_path, tiny_model_dir, mon
     assert metrics(out)[0]["loss"] == pytest.approx(record["step0"]["value"], abs=1e-5)
     update_card(out)
     assert "**Preflight:** 6 of 6 checks passed (truncation, template" in (out / "final" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------- a finished run is never lost
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_config(tmp_path: Path, model: Path, output_dir: str) -> Path:
+    cfg = make_cfg(tmp_path, str(model), **{"dpo.max_steps": 1, "lora.enabled": True})
+    from preftune.config import to_yaml
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(to_yaml(dataclasses.replace(cfg, output_dir=output_dir)))
+    return path
+
+
+def test_a_second_run_into_a_finished_folder_stops_unless_overwrite_or_resume(tmp_path, tiny_model_dir, monkeypatch,
+                                                                               capsys):
+    from preftune.cli import main
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    config = str(_write_config(tmp_path, tiny_model_dir, str(out)))
+    assert main(["dpo", config]) == 0
+    first = _tree_bytes(out / "final")
+    capsys.readouterr()
+    assert main(["dpo", config, "dpo.lr=0.02"]) == 2  # another learning rate, the same folder
+    err = capsys.readouterr().err
+    assert str(out) in err and "finished at" in err and "--overwrite" in err and "--resume" in err
+    assert _tree_bytes(out / "final") == first
+    assert main(["dpo", config, "--resume"]) == 0  # finished: resuming has nothing left to do
+    assert _tree_bytes(out / "final") == first
+    assert main(["dpo", config, "dpo.lr=0.02", "--overwrite"]) == 0
+    assert _tree_bytes(out / "final") != first
+    assert json.loads((out / "run.json").read_text())["steps"] == 1
+
+
+def test_an_output_dir_pattern_gives_each_run_its_own_folder(tmp_path, tiny_model_dir, monkeypatch):
+    from preftune.cli import main
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    config = str(_write_config(tmp_path, tiny_model_dir, str(tmp_path / "runs" / "{name}-{n}")))
+    assert main(["dpo", config]) == 0 and main(["dpo", config]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo-1", "demo-2"]
+    assert all((tmp_path / "runs" / n / "final").is_dir() for n in ("demo-1", "demo-2"))
+
+
+# ---------------------------------------------------------------- preftune check, and what runs print
+
+
+@pytest.mark.e2e
+def test_check_prints_the_table_of_the_demo_config(tmp_path, monkeypatch, capsys):
+    """The shipped demo config (its tiny stand-in model): data and preflight of SFT (and DPO, turned on),
+    without training: nothing is written to its output_dir."""
+    from preftune.cli import main
+    from preftune.pipeline import QUICKSTART
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "never"
+    rc = main(["check", str(QUICKSTART), "model=tiny", "dpo.enabled=true", f"output_dir={out}", "data.max_rows=16",
+               "data.max_eval_rows=8"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and not out.exists()
+    lines = printed.splitlines()
+    assert lines[0].split() == ["stage", "check", "ok", "value", "tolerance", "note"]
+    for stage in ("sft", "dpo"):
+        assert [ln.split()[1] for ln in lines if ln.startswith(stage + " ")] == ["data", *preflight.CHECKS]
+    step0 = next(ln for ln in lines if ln.startswith("dpo ") and ln.split()[1] == "step0")
+    assert step0.split()[2] == "ok" and step0.split()[3] == "0.693"
+    assert any(ln.startswith("eval ") and "winrate" in ln for ln in lines)
+    assert f"{len(lines) - 3} of {len(lines) - 3} checks passed" in printed
+
+
+@pytest.mark.e2e
+def test_a_plain_run_prints_no_deepspeed_banner(tmp_path, tiny_model_dir):
+    """accelerate imports DeepSpeed (when installed) to unwrap a model, and DeepSpeed then announced the
+    accelerator it guessed, in the middle of the progress bar."""
+    import os
+    import subprocess
+    import sys
+
+    config = _write_config(tmp_path, tiny_model_dir, str(tmp_path / "run"))
+    env = os.environ | {"PREFTUNE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "preftune.cli", "dpo", str(config)], capture_output=True, text=True,
+                       env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "real_accelerator" not in r.stderr + r.stdout and "Setting accelerator" not in r.stderr + r.stdout
+    assert "fatal:" not in r.stderr + r.stdout
+
+
+@pytest.mark.e2e
+def test_a_pipeline_whose_rule_judge_can_score_no_row_generates_nothing_for_it(tmp_path, tiny_model_dir, monkeypatch,
+                                                                               caplog):
+    """Arithmetic pairs without a checkable answer in their meta (like real HH rows) and the default
+    ``rule`` judge: said before training, and no model generates for the win-rate."""
+    import logging
+
+    from preftune.eval import suite
+    from preftune.pipeline import run_pipeline
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    generated = []
+    monkeypatch.setattr(suite, "generations", lambda *a, **k: generated.append(a) or [])
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"sft.enabled": False, "dpo.max_steps": 1, "rounds.n": 0,
+                                                     "eval.heldout.enabled": False, "eval.tasks": [],
+                                                     "eval.winrate.judge": "rule"})
+    with caplog.at_level(logging.WARNING, logger="preftune"):
+        run_pipeline(cfg)
+    said = [r.getMessage() for r in caplog.records if "win-rate" in r.getMessage()]
+    assert said and "the rule judge can score none of the" in said[0] and "eval.winrate.judge" in said[0]
+    assert generated == []
+    models = json.loads((Path(cfg.output_dir) / "eval" / "eval.json").read_text())["models"]
+    assert set(models) == {"base", "dpo"} and not any("winrate" in m for m in models.values())
