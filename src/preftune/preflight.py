@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,6 +119,9 @@ def check_step0(st, batch: dict) -> Check:
     loss, expected = float(loss), float(expected)
     reward = max(abs(float(metrics.get(k, 0.0))) for k in ("rewards/chosen", "rewards/rejected"))
     ok = abs(loss - expected) <= tol and reward <= tol
+    if not math.isfinite(loss):
+        return Check("step0", False, loss, tol, f"the step-0 loss is {loss} before any update: check the data "
+                     "(empty rows), the precision (compare with fp32) and the loss's parameters")
     detail = "" if ok else (
         f"step-0 loss {loss:.6f} vs {expected:.6f} (the loss with the policy as its own reference), largest "
         f"|reward| {reward:.3g}: the reference ({st.ref_strategy}) does not compute what the policy computes "
