@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import make_cfg, metrics
 
 from preftune import preflight
 from preftune.data import collate as collation
@@ -21,6 +20,7 @@ from preftune.data.stage import stage_bins
 from preftune.losses import LOSSES
 from preftune.reference import read_table, write_table
 from preftune.train import collate_for, run_stage, setup
+from test_train import make_cfg, metrics
 
 PAIRED = [n for n, spec in LOSSES.items() if not spec.unpaired]
 UNPAIRED = [n for n, spec in LOSSES.items() if spec.unpaired]

@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from preftune import preflight
 from preftune.card import update_card
 from preftune.checkpoint import clean_stale
 from preftune.config import Config, to_yaml
@@ -18,7 +19,6 @@ from preftune.eval.suite import evaluate_models, heldout_rows, winrate_problem, 
 from preftune.files import write_json
 from preftune.model import is_adapter, merge_adapter, resolve_model
 from preftune.paths import STAGES, RunDir
-from preftune import preflight
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
 from preftune.resume import check_writable, finished_alike

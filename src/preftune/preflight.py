@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from preftune.config import DPOConfig
 from preftune import loss_terms
+from preftune.config import DPOConfig
 from preftune.data import collate as collation
 from preftune.data.stage import epoch_plan
 from preftune.data.tokenize import _adds_bos, encode_prompt
