@@ -292,7 +292,7 @@ def record(checks: list[Check]) -> dict:
 
 def _log(checks: list[Check]) -> None:
     for c in checks:
-        (log.info if c.ok and not c.detail else log.warning if c.ok else log.error)(
+        (log.info if c.ok and (not c.detail or c.value is None) else log.warning if c.ok else log.error)(
             "preflight %s: %s (value %s, tolerance %s)%s", c.name, "ok" if c.ok else "FAILED", c.value,
             c.tolerance, f": {c.detail}" if c.detail else "")
 
