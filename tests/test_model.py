@@ -97,3 +97,61 @@ def test_model_paths_that_are_not_model_folders(tmp_path, tiny_model_dir):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(PreftuneError, match="the seed after 'tiny:' is a number"):
         resolve_model("tiny:abc")
+
+
+# ---------------------------------------------------------------- model_revision
+
+MAIN, V1 = "a" * 40, "b" * 40
+
+
+@pytest.fixture
+def hub_repo(tmp_path, tiny_model_dir, tuned_dir, monkeypatch):
+    """A Hugging Face cache (the layout the Hub client writes) holding the repo ``preftune-test/tiny`` at
+    two revisions: ``main`` (the tiny model) and the tag ``v1`` (another seed, with its own chat template)."""
+    import huggingface_hub
+    from transformers import AutoTokenizer
+
+    repo = tmp_path / "hub" / "models--preftune-test--tiny"
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit, src in (("main", MAIN, tiny_model_dir), ("v1", V1, tuned_dir)):
+        shutil.copytree(src, repo / "snapshots" / commit)
+        (repo / "refs" / ref).write_text(commit)
+    tok = AutoTokenizer.from_pretrained(repo / "snapshots" / V1)
+    tok.chat_template = "V1 {{ messages[0]['content'] }}"
+    tok.save_pretrained(repo / "snapshots" / V1)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return "preftune-test/tiny"
+
+
+def test_model_revision_picks_the_snapshot_every_load_reads(hub_repo, tiny_model_dir, tuned_dir):
+    """The model and its tokenizer both come from the pinned revision's files; without one, from main."""
+    from safetensors.torch import load_file
+
+    from preftune.model import load_tokenizer
+
+    pinned, main = resolve_model(hub_repo, "v1"), resolve_model(hub_repo)
+    assert (Path(pinned).name, Path(main).name) == (V1, MAIN)
+    assert load_tokenizer(pinned).chat_template.startswith("V1")
+    assert not (load_tokenizer(main).chat_template or "").startswith("V1")
+    cfg = config_from_dict({"model": hub_repo, "model_revision": "v1", "lora": {"enabled": False}})
+    model = load_model(cfg, pinned, trainable=False)
+    want = load_file(str(tuned_dir / "model.safetensors"))
+    name = next(k for k in want if k.endswith("q_proj.weight"))
+    assert torch.equal(model.state_dict()[name], want[name])
+    with pytest.raises(PreftuneError, match="at revision 'v2'.*check model_revision"):
+        resolve_model(hub_repo, "v2")
+
+
+def test_model_revision_is_recorded_in_run_json_and_the_card(hub_repo, tmp_path, monkeypatch):
+    from preftune.card import lineage
+    from preftune.model import model_folder
+    from preftune.train import run_stage
+    from test_train import make_cfg
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, hub_repo, **{"model_revision": "v1", "dpo.max_steps": 1})
+    summary = run_stage(cfg, "dpo", Path(cfg.output_dir), model_folder(cfg))
+    run = json.loads((Path(cfg.output_dir) / "run.json").read_text())
+    assert run["model_revision"] == summary["model_revision"] == "v1"
+    assert Path(run["base_model"]).name == V1
+    assert "`preftune-test/tiny` at revision `v1`" in lineage(cfg, run)

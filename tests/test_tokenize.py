@@ -18,6 +18,7 @@ from preftune.data.tokenize import (
     tokenize_rows,
     tokenize_sft,
 )
+from preftune.errors import PreftuneError
 
 EOS = 2  # <|im_end|>
 BOS = 1  # <|im_start|>
@@ -235,3 +236,40 @@ def test_unpaired_rows_tokenize_through_the_sft_path(tokenizer):
     row = UnpairedRow("Say hi", "Hi!", False)
     t = tokenize_sft(row, tokenizer, 64, 48)
     assert t.completion_ids == tokenizer.encode("Hi!", add_special_tokens=False) + [EOS] and t.key == row.key
+
+
+# ---------------------------------------------------------------- data.chat_template
+
+BRACKETS = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_chat_template_setting_renders_rows_by_the_given_template(tmp_path, as_file):
+    """``data.chat_template`` (text or a file) replaces the model's template: a row's prompt ids are the
+    given template's text, not ChatML; generation's prompt ids are the same; a saved folder keeps it."""
+    from preftune import embedded
+    from preftune.eval.generate import prompt_ids
+    from preftune.model import load_tokenizer
+
+    setting = BRACKETS
+    if as_file:
+        (tmp_path / "template.jinja").write_text(BRACKETS)
+        setting = str(tmp_path / "template.jinja")
+    tok = load_tokenizer(str(embedded.tokenizer_dir()), chat_template=setting)
+    row = PreferenceRow([{"role": "user", "content": "What is 2+2?"}], "4", "5")
+    pair = tokenize_pair(row, tok, 128, 64)
+    expected = tok.encode("[user] What is 2+2?\n[assistant] ", add_special_tokens=False)
+    assert pair.prompt_ids == expected
+    model_own = load_tokenizer(str(embedded.tokenizer_dir()))
+    assert tokenize_pair(row, model_own, 128, 64).prompt_ids != expected  # ChatML without the setting
+    assert prompt_ids(row.prompt, tok, 64) == pair.prompt_ids  # generation renders as training did
+    tok.save_pretrained(tmp_path / "saved")
+    assert tokenize_pair(row, load_tokenizer(str(tmp_path / "saved")), 128, 64).prompt_ids == expected
+
+
+def test_chat_template_that_is_neither_text_nor_a_file_is_a_clear_error(tmp_path):
+    from preftune.data.tokenize import chat_template_text
+
+    with pytest.raises(PreftuneError, match="data.chat_template: .*neither a Jinja template"):
+        chat_template_text(str(tmp_path / "missing.jinja"))

@@ -341,3 +341,84 @@ def test_a_stage_restores_the_thread_count(tmp_path, tiny_model_dir, monkeypatch
     cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 1, "threads": before + 1})
     run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
     assert torch.get_num_threads() == before
+
+
+# ---------------------------------------------------------------- transformers' schedules, AdamW variants
+
+HF_CASES = [
+    ("constant_with_warmup", {}), ("inverse_sqrt", {}), ("inverse_sqrt", {"timescale": 3}),
+    ("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("cosine_with_min_lr", {"min_lr": 0.01}),
+    ("polynomial", {"lr_end": 1e-3, "power": 2.0}),
+    ("warmup_stable_decay", {"num_decay_steps": 6, "min_lr_ratio": 0.05}),
+    ("warmup_stable_decay", {"num_decay_steps": 4, "decay_type": "1-sqrt"}),
+]
+
+
+@pytest.mark.parametrize("schedule, kwargs", HF_CASES)
+def test_each_new_schedule_matches_transformers_step_by_step(schedule, kwargs):
+    """The learning rate a transformers scheduler gives optimizer step k (a real optimizer stepped
+    through ``get_scheduler``) is base lr x ``lr_at(k, ...)``, for every step."""
+    import transformers
+
+    total, warmup, base = 20, 3, 0.5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    scheduler = transformers.get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total,
+                                           scheduler_specific_kwargs=dict(kwargs))
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    ours = [base * lr_at(k, total, warmup, schedule, kwargs, base) for k in range(total)]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+    assert len(set(ours)) > 2  # the schedule moves (warm-up and decay are exercised)
+
+
+def test_a_run_follows_inverse_sqrt(tmp_path, tiny_model_dir, monkeypatch):
+    """The loop sets each step's learning rate from the schedule: metrics.jsonl's lr column is
+    transformers' inverse_sqrt (with 2 warm-up steps, ``dpo.warmup_steps``), step by step."""
+    import transformers
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.schedule": "inverse_sqrt", "dpo.warmup_steps": 2,
+                                                     "dpo.max_steps": 4, "dpo.schedule_kwargs": {"timescale": 1}})
+    run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.dpo.lr)
+    ref = transformers.get_scheduler("inverse_sqrt", opt, num_warmup_steps=2, scheduler_specific_kwargs={"timescale": 1})
+    expected = []
+    for _ in range(4):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert [m["lr"] for m in metrics(Path(cfg.output_dir))] == pytest.approx(expected)
+
+
+def test_bitsandbytes_optimizers_are_refused_on_a_cpu(tmp_path, tiny_model_dir):
+    from preftune.errors import PreftuneError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: bitsandbytes optimizers are allowed")
+    cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.optimizer": "paged_adamw_32bit"})
+    with pytest.raises(PreftuneError, match="optimizer 'paged_adamw_32bit' is bitsandbytes' PagedAdamW32bit.*CUDA GPU "
+                                            "only.*Use optimizer adamw"):
+        run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_adamw_fused_is_torchs_fused_adamw_with_the_same_steps():
+    """``adamw_fused`` builds torch's fused AdamW where torch has one for the device; it steps like AdamW."""
+    from preftune.config.schema import DPOConfig
+    from preftune.train import build_optimizer
+
+    torch.manual_seed(0)
+    start = torch.randn(8)
+    results = {}
+    for name in ("adamw", "adamw_fused"):
+        p = torch.nn.Parameter(start.clone())
+        opt = build_optimizer([p], DPOConfig(optimizer=name, lr=0.1, weight_decay=0.01))
+        assert opt.defaults.get("fused") is (True if name == "adamw_fused" else None)
+        for _ in range(3):
+            p.grad = torch.ones(8) * p.detach()
+            opt.step()
+        results[name] = p.detach().clone()
+    assert torch.allclose(results["adamw"], results["adamw_fused"], atol=1e-6)

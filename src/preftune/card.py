@@ -219,7 +219,7 @@ def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:
 
 def lineage(cfg: Config, summary: dict, base_repo: str | None = None) -> str:
     """One sentence naming the weights this model was trained from, truly (a card's first line)."""
-    origin = HUB_IDS.get(cfg.model, cfg.model)
+    origin = HUB_IDS.get(cfg.model, cfg.model) + (f"` at revision `{cfg.model_revision}" if cfg.model_revision else "")
     parent = parent_stage(summary)
     if parent is None:
         converted = " (converted from its Q4_1 GGUF)" if cfg.model == embedded.SMOLLM2 else ""

@@ -25,10 +25,28 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
     "config show": ("preftune.commands.training:config_show", "print the resolved config", (CONFIG, OVERRIDES)),
     "config from-trl": (
         "preftune.commands.tools:from_trl",
-        "convert a TRL DPOConfig/SFTConfig YAML or JSON into a preftune config; list what could not be mapped",
+        "convert a TRL / alignment-handbook recipe (YAML or JSON) into a preftune config; list what could not be mapped",
         (
-            (("file",), dict(help="TRL config (YAML or JSON)")),
-            (("--kind",), dict(choices=["dpo", "sft"], default=None, help="DPOConfig or SFTConfig (default: guessed)")),
+            (("file",), dict(help="TRL recipe (YAML or JSON)")),
+            (("--kind",), dict(choices=["dpo", "orpo", "cpo", "simpo", "kto", "sft", "rm"], default=None,
+                                help="TRL's trainer (default: guessed from the keys; an assumption is said)")),
+            (("--out",), dict(default=None, help="write the preftune config here (default: print it)")),
+        ),
+    ),
+    "config from-axolotl": (
+        "preftune.commands.tools:from_axolotl",
+        "convert an axolotl config (DPO, IPO, ORPO, KTO, SimPO or SFT) into a preftune config",
+        (
+            (("file",), dict(help="axolotl config YAML")),
+            (("--out",), dict(default=None, help="write the preftune config here (default: print it)")),
+        ),
+    ),
+    "config from-llamafactory": (
+        "preftune.commands.tools:from_llamafactory",
+        "convert a LLaMA-Factory config (stage sft, dpo or kto) into a preftune config",
+        (
+            (("file",), dict(help="LLaMA-Factory config YAML")),
+            (("--dataset-info",), dict(default=None, help="its dataset_info.json (default: dataset_dir beside the file)")),
             (("--out",), dict(default=None, help="write the preftune config here (default: print it)")),
         ),
     ),

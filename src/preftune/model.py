@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from preftune import embedded
 from preftune.config import Config
+from preftune.data.tokenize import use_chat_template
 from preftune.env import offline
 from preftune.errors import PreftuneError
 from preftune.files import atomic_dir
@@ -39,8 +40,10 @@ def resolve_run(path: Path) -> Path:
     return path
 
 
-def resolve_model(name: str) -> str:
-    """``embedded:...``, ``tiny[:SEED]``, a local model/adapter/run folder, or a Hub name -> a local folder."""
+def resolve_model(name: str, revision: str | None = None) -> str:
+    """``embedded:...``, ``tiny[:SEED]``, a local model/adapter/run folder, or a Hub name -> a local folder.
+    A Hub name resolves to the snapshot of ``revision`` (a branch, tag or commit; None: main), so every
+    later ``from_pretrained`` of the model and its tokenizer reads that revision's files."""
     if name == embedded.SMOLLM2:
         return str(embedded.model_dir())
     if name == "tiny" or name.startswith("tiny:"):
@@ -63,13 +66,25 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PreftuneError(f"model folder not found: {name}")
     try:
-        return snapshot_download(name, local_files_only=offline())
+        return snapshot_download(name, revision=revision, local_files_only=offline())
     except Exception as e:
         how = "offline (HF_HUB_OFFLINE=1)" if offline() else f"could not be fetched ({type(e).__name__})"
+        at = f" at revision {revision!r}" if revision else ""
         raise PreftuneError(
-            f"model {name!r} is not a local folder and is not in the Hugging Face cache; {how}. "
-            "Pass a local path to a model folder."
+            f"model {name!r}{at} is not a local folder and is not in the Hugging Face cache; {how}. "
+            "Pass a local path to a model folder" + (", or check model_revision." if revision else ".")
         ) from None
+
+
+def model_folder(cfg: Config) -> str:
+    """The configured model as a local folder: ``cfg.model`` at ``cfg.model_revision``."""
+    return resolve_model(cfg.model, cfg.model_revision)
+
+
+def pinned_model(cfg: Config) -> str:
+    """What evaluation and the pipeline name the base model by: ``cfg.model``, or with a
+    ``model_revision`` the local snapshot folder of that revision (so no later load reads main)."""
+    return model_folder(cfg) if cfg.model_revision else cfg.model
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -110,8 +125,10 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "adapter_model.bin")
 
 
 def trust_options(cfg: Config) -> dict:
-    """The config's opt-ins for :func:`load_for_inference` and :func:`load_tokenizer` (both off by default)."""
-    return {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle}
+    """The config's opt-ins for :func:`load_for_inference` (both off by default), with the chat
+    template the config renders prompts with (``data.chat_template``; null keeps the model's)."""
+    return {"trust_remote_code": cfg.trust_remote_code, "allow_pickle": cfg.allow_pickle,
+            "chat_template": cfg.data.chat_template}
 
 
 def check_weights(folder: str | Path, allow_pickle: bool = False) -> None:
@@ -146,12 +163,15 @@ def _hf_errors(folder: str | Path):
         ) from None
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer of a resolved folder (an adapter's base when the adapter has none); ``chat_template``
+    (``data.chat_template``: Jinja text or a file) replaces its own template (tokenize.use_chat_template)."""
     folder = Path(path)
     if is_adapter(folder) and not (folder / "tokenizer_config.json").is_file():
         folder = Path(adapter_base(folder))
     with _hf_errors(folder):
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    use_chat_template(tok, chat_template)
     if tok.pad_token_id is None:
         # Batches mark padding by length, never by pad id, so reusing EOS is safe here.
         tok.pad_token = tok.eos_token
@@ -219,14 +239,14 @@ def load_model(cfg: Config, path: str, trainable: bool = True, gradient_checkpoi
 
 
 def load_for_inference(path_or_run: str, precision: str = "fp32", trust_remote_code: bool = False,
-                       allow_pickle: bool = False, merge: bool = False):
+                       allow_pickle: bool = False, merge: bool = False, chat_template: str | None = None):
     """(model in eval mode, tokenizer) for generation and scoring: a run folder, an adapter (kept
     unmerged, so that it can be switched off; ``merge=True`` folds it into its base, for faster
-    generation), a full model folder, or an embedded/tiny/Hub name. The opt-ins come from
-    :func:`trust_options`."""
+    generation), a full model folder, or an embedded/tiny/Hub name. The opt-ins and
+    ``data.chat_template`` come from :func:`trust_options`."""
     path = resolve_model(path_or_run)
     check_weights(path, allow_pickle)
-    tok = load_tokenizer(path, trust_remote_code)
+    tok = load_tokenizer(path, trust_remote_code, chat_template)
     dtype = DTYPES.get(precision, torch.float32)
     if is_adapter(path):
         base_path = adapter_base(path)

@@ -17,7 +17,7 @@ from preftune.config import Config, to_yaml
 from preftune.eval.curve import evaluate_curve
 from preftune.eval.suite import evaluate_models, heldout_rows, winrate_problem, winrate_rows
 from preftune.files import write_json
-from preftune.model import is_adapter, merge_adapter, resolve_model
+from preftune.model import is_adapter, merge_adapter, model_folder, pinned_model
 from preftune.paths import STAGES, RunDir
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
@@ -36,7 +36,7 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
     it finished with this config (``stage_options``: run_stage's ``overwrite`` and ``preflight``).
     Returns the model DPO started from (its reference) and the timings."""
     timings: dict[str, float] = {}
-    base = resolve_model(cfg.model)
+    base = model_folder(cfg)
     dpo_base = base
     if cfg.sft.enabled:
         t = time.time()
@@ -82,8 +82,8 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False,
         timings["rounds"] = round(time.time() - t, 1)
 
     t = time.time()
-    models = {"base": cfg.model} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
-    reference_for = {"dpo": dpo_base, "sft": resolve_model(cfg.model)}
+    models = {"base": pinned_model(cfg)} | {s: str(run.stage(s).root) for s in STAGES if getattr(cfg, s).enabled}
+    reference_for = {"dpo": dpo_base, "sft": model_folder(cfg)}
     for rec in records:  # every round is measured against the SFT model, like the offline stage
         name = f"round-{rec['round']}"
         models[name] = str(Path(rec["final_model"]).parent)
@@ -114,7 +114,7 @@ def check_stages(cfg: Config) -> list[list[str]]:
     model does not exist yet) and whether the win-rate's judge can score its rows. One row per check:
     ``[stage, check, ok|warn|FAILED, value, tolerance, note]``."""
     rows = []
-    base = resolve_model(cfg.model)
+    base = model_folder(cfg)
     for stage in (s for s in STAGES if getattr(cfg, s).enabled):
         with tempfile.TemporaryDirectory(prefix=f"preftune-check-{stage}-") as tmp:
             st = setup(cfg, stage, tmp, base, preflight=None)

@@ -192,7 +192,7 @@ def sample(cfg: Config, model_path: str, rows: list[PreferenceRow], round_no: in
     """``rounds.samples`` completions per prompt from the model, batched through the evaluation's
     generation path, seeded by the run's seed and the round."""
     r = cfg.rounds
-    model, tok = load_for_inference(model_path, cfg.precision, merge=True)
+    model, tok = load_for_inference(model_path, cfg.precision, merge=True, chat_template=cfg.data.chat_template)
     prompts = [row.prompt for row in rows for _ in range(r.samples)]
     flat = generate(model, tok, prompts, r.max_new_tokens, r.temperature, r.top_p, seed=cfg.seed + 1000 * round_no,
                     batch_size=r.batch_size, max_prompt_length=cfg.data.max_prompt_length)

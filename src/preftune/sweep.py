@@ -239,9 +239,10 @@ def sft_key(cfg: Config) -> str | None:
 
 def _tokenizer(cfg: Config):
     name = cfg.tokenizer or cfg.model
+    template = cfg.data.chat_template
     if name == embedded.SMOLLM2:  # the tokenizer alone, without converting the model
-        return load_tokenizer(str(embedded.tokenizer_dir()))
-    return load_tokenizer(resolve_model(name))
+        return load_tokenizer(str(embedded.tokenizer_dir()), chat_template=template)
+    return load_tokenizer(resolve_model(name, cfg.model_revision if name == cfg.model else None), chat_template=template)
 
 
 def _item_tokens(item) -> int:

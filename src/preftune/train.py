@@ -8,6 +8,7 @@ paths.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -62,9 +63,32 @@ log = logging.getLogger("preftune")
 # ---------------------------------------------------------------- schedule and early stopping
 
 
-def lr_at(step: int, total: int, warmup: int, schedule: str) -> float:
+def warmup_steps(s: TrainConfig, total: int) -> int:
+    """Warm-up steps of a stage: ``warmup_steps`` when set, else ``warmup_ratio`` of the total."""
+    return s.warmup_steps if s.warmup_steps is not None else int(s.warmup_ratio * total)
+
+
+HF_SCHEDULES = ("constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "polynomial")
+"""Schedules computed by transformers' own scheduler functions (``get_scheduler``), as TRL recipes set them."""
+
+
+@functools.lru_cache(maxsize=16)
+def hf_schedule(schedule: str, total: int, warmup: int, kwargs: tuple = (), lr: float = 1.0) -> Callable[[int], float]:
+    """transformers' multiplier function for ``schedule`` (``kwargs``: ``lr_scheduler_kwargs`` as sorted
+    items; ``lr``: the peak, which polynomial's ``lr_end`` and ``min_lr`` are absolute against): the
+    LambdaLR's own lambda, so step ``k`` gets exactly the factor a Trainer uses at step ``k``."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = transformers.get_scheduler(schedule, probe, num_warmup_steps=warmup, num_training_steps=total,
+                                           scheduler_specific_kwargs=dict(kwargs))
+    return scheduler.lr_lambdas[0]
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str, kwargs: dict | None = None, lr: float = 1.0) -> float:
     """Learning-rate multiplier for optimizer step ``step`` (0-based): linear warm-up from 0 over
-    ``warmup`` steps, then cosine or linear decay to 0 at ``total``, or constant."""
+    ``warmup`` steps, then cosine or linear decay to 0 at ``total``, or constant. The HF_SCHEDULES are
+    transformers' functions of the step (with ``kwargs``, such as ``min_lr_rate``, and the peak ``lr``)."""
+    if schedule in HF_SCHEDULES:
+        return hf_schedule(schedule, total, warmup, tuple(sorted((kwargs or {}).items())), lr)(step)
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant" or total <= warmup:
@@ -250,6 +274,34 @@ def shard(xs: list, rank: int, world: int) -> tuple[list, list[bool]]:
     return mine + [xs[0]] * pad, [True] * len(mine) + [False] * pad
 
 
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit", "paged_adamw_32bit": "PagedAdamW32bit"}
+"""``optimizer`` names that are bitsandbytes' AdamW classes (CUDA only)."""
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse, before any loading, an optimizer this machine cannot run (bitsandbytes' on a CPU)."""
+    if name in BNB_OPTIMIZERS and not torch.cuda.is_available():
+        raise PreftuneError(f"optimizer {name!r} is bitsandbytes' {BNB_OPTIMIZERS[name]}, which runs on a CUDA GPU "
+                            "only; there is none here. Use optimizer adamw (or adamw_fused) on this machine")
+
+
+def build_optimizer(params: list, s: TrainConfig):
+    """AdamW as ``s.optimizer`` names it: torch's (``adamw_fused``: its fused kernel where torch has one
+    for the parameters' device, else plain, said in the log) or bitsandbytes' 8-bit or paged AdamW."""
+    if s.optimizer in BNB_OPTIMIZERS:
+        try:
+            import bitsandbytes  # here: an optional, CUDA-only extra
+        except ImportError:
+            raise PreftuneError(f"optimizer {s.optimizer!r} needs bitsandbytes: pip install bitsandbytes") from None
+        return getattr(bitsandbytes.optim, BNB_OPTIMIZERS[s.optimizer])(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "adamw_fused":
+        try:
+            return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, fused=True)
+        except RuntimeError as e:
+            log.info("optimizer adamw_fused: torch has no fused AdamW here (%s); using plain AdamW", e)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
 def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
           allow_changes: bool = False, overwrite: bool = False, preflight: bool | None = True) -> Stage:
     """Check the output folder, load data, tokenizer and model, pick the layout and the reference,
@@ -258,6 +310,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     preflight checks (preflight.py). A finished run in ``out_dir`` is refused unless ``resume`` or ``overwrite``."""
     stage_cfg: TrainConfig = getattr(cfg, stage)
     method = METHODS[stage]
+    check_optimizer(stage_cfg.optimizer)
     accelerator = dist.make_accelerator(cfg.precision, stage_cfg.grad_accum)
     if accelerator.is_main_process:  # before any data, model or reference work
         check_finished(Path(out_dir), resume, overwrite)
@@ -267,7 +320,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.data.chat_template)
     data = load_stage_data(cfg, stage, tokenizer, unpaired=stage == "dpo" and loss_terms.unpaired(cfg.dpo))
     if resume:
         check_resume(Path(out_dir), cfg, stage, data.fingerprint, allow_changes)
@@ -288,11 +341,10 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     eval_chunks, eval_keep = shard(chunks, rank, world) if chunks else ([], [])
 
     policy, optimizer, params = dist.prepare(
-        accelerator, policy, lambda ps: torch.optim.AdamW(ps, lr=stage_cfg.lr, weight_decay=stage_cfg.weight_decay),
-        stage_cfg.batch_size, stage_cfg.max_grad_norm)
+        accelerator, policy, lambda ps: build_optimizer(ps, stage_cfg), stage_cfg.batch_size, stage_cfg.max_grad_norm)
     st = Stage(stage, cfg, stage_cfg, method, StageDir(out_dir), model_path, accelerator, tokenizer, data, model,
                policy, optimizer, params, layout, reference, strategy, collate, bins, per_epoch, total,
-               int(stage_cfg.warmup_ratio * total), [collate(c) for c in eval_chunks], eval_keep,
+               warmup_steps(stage_cfg, total), [collate(c) for c in eval_chunks], eval_keep,
                EarlyStopping(stage_cfg.early_stopping_mode, stage_cfg.patience, stage_cfg.min_delta))
     latest = _resume(st, resume)
     _write_records(st, fresh=latest is None)
@@ -403,7 +455,7 @@ def train_step(st: Stage) -> dict | None:
     acc, cfg = st.accelerator, st.stage_cfg
     step = st.state["step"]
     for group in st.optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule)
+        group["lr"] = cfg.lr * lr_at(step, st.total_steps, st.warmup, cfg.schedule, cfg.schedule_kwargs, cfg.lr)
     t0 = time.perf_counter()
     means, finite, tokens, pairs = accumulate(st, *step_micro_batches(st, step))
     if acc.reduce(torch.tensor(float(not finite), device=acc.device), "sum").item() > 0:
@@ -495,7 +547,7 @@ def summary(st: Stage, stopped_early: bool) -> dict:
         "dropped_rows": st.state.get("dropped_rows", 0),
         "best_step": st.stopper.best_step, "best_metric": st.stopper.best, "stopped_early": stopped_early,
         "early_stopping_metric": s.early_stopping_metric, "wall_time_s": round(time.time() - st.started, 2),
-        "base_model": st.model_path, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
+        "base_model": st.model_path, "model_revision": cfg.model_revision, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
         "precision": cfg.precision, "train_rows": len(st.data.train), "test_rows": len(st.data.test),
         "data_fingerprint": st.data.fingerprint, "resumed_from": st.resumed_from,
         "distributed": dist.describe(st.accelerator), "preflight": checks.recorded(st.out),

@@ -1,19 +1,12 @@
 """TRL's and axolotl's config names -> preftune's dotted keys, used two ways: the unknown-key error
-names the right key ("TRL's `learning_rate` is `dpo.lr` here"), and ``preftune config from-trl FILE``
-converts a TRL ``DPOConfig``/``SFTConfig`` (with the ``ModelConfig`` and script arguments of TRL's
-scripts) YAML or JSON into a preftune config, listing what it could not map. Nothing here loads models."""
+names the right key ("TRL's `learning_rate` is `dpo.lr` here"), and the recipe converters
+(recipes.py, ``preftune config from-trl``) map every key a recipe sets through this table."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-import yaml
-
-from preftune.errors import PreftuneError
 
 STAGE = "{stage}"
 """Placeholder in a key for the stage a training argument belongs to (``sft`` or ``dpo``)."""
@@ -43,23 +36,59 @@ def _steps(v):
     return int(v)
 
 
-def _warmup(v):
-    if not 0 <= float(v) < 1:
-        raise Unmappable(f"{v} steps; preftune warms up by warmup_ratio, a fraction of the steps")
-    return float(v)
+def _warmup_steps(v):
+    if float(v) != int(v):
+        raise Unmappable(f"{v} is neither a step count nor a fraction below 1")
+    return int(v)
 
 
 def _max_steps(v):
     return None if int(v) <= 0 else int(v)
 
 
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant",
+             "constant_with_warmup": "constant_with_warmup", "inverse_sqrt": "inverse_sqrt",
+             "cosine_with_min_lr": "cosine_with_min_lr", "warmup_stable_decay": "warmup_stable_decay",
+             "polynomial": "polynomial"}
+"""transformers' ``lr_scheduler_type`` -> preftune's ``schedule`` (the last five run transformers' own functions)."""
 
 
 def _schedule(v):
     if v not in SCHEDULES:
         raise Unmappable(f"scheduler {v!r}; preftune has {', '.join(sorted(set(SCHEDULES.values())))}")
     return SCHEDULES[v]
+
+
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "adamw_torch_fused": "adamw_fused",
+              "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+              "paged_adamw_32bit": "paged_adamw_32bit"}
+"""transformers' ``optim`` (and axolotl's ``optimizer``) -> preftune's ``optimizer``."""
+
+
+def _optimizer(v):
+    if v not in OPTIMIZERS:
+        raise Unmappable(f"optimizer {v!r}; preftune trains with AdamW: {', '.join(sorted(set(OPTIMIZERS.values())))}")
+    return OPTIMIZERS[v]
+
+
+def _eval_strategy(v):
+    if v == "epoch":
+        raise Unmappable("evaluating once per epoch; preftune evaluates every eval_every steps (and at the end)")
+    return 0 if v == "no" else None  # "steps": eval_steps says how often
+
+
+def _flash(v):
+    return "flash_attention_2" if v else None
+
+
+def _reentrant(v):
+    if isinstance(v, dict) and v.get("use_reentrant", False):
+        raise Unmappable("use_reentrant: true; preftune checkpoints with use_reentrant: false")
+    return None
+
+
+def _revision(v):
+    return None if v in (None, "main") else str(v)
 
 
 def _bf16(v):
@@ -161,7 +190,8 @@ NAMES: dict[str, Name] = {
     "metric_for_best_model": Name(f"{STAGE}.early_stopping_metric", "TRL", _metric),
     "greater_is_better": Name(f"{STAGE}.early_stopping_mode", "TRL", _mode),
     "load_best_model_at_end": Name(None, "TRL", note="preftune always keeps best/ by the early-stopping metric"),
-    "eval_strategy": Name(None, "TRL", note="preftune evaluates every eval_every steps and at the end"),
+    "eval_strategy": Name(f"{STAGE}.eval_every", "TRL", _eval_strategy, "steps: eval_steps is dpo.eval_every"),
+    "evaluation_strategy": Name(f"{STAGE}.eval_every", "TRL", _eval_strategy, "steps: eval_steps is dpo.eval_every"),
     "save_strategy": Name(None, "TRL", note="preftune saves every save_every steps and at the end"),
     "seed": Name("seed", "TRL/axolotl", int),
     "output_dir": Name("output_dir", "TRL/axolotl", str),
@@ -169,8 +199,17 @@ NAMES: dict[str, Name] = {
     "fp16": Name("precision", "TRL/axolotl", _fp16, "preftune has fp32, bf16 and bf16-mixed"),
     "use_cpu": Name(None, "TRL", note="preftune (through accelerate) uses a GPU when there is one"),
     "report_to": Name("report_to", "TRL", _report_to),
-    "optim": Name(None, "TRL", note="preftune trains with AdamW"),
-    "warmup_steps": Name(f"{STAGE}.warmup_ratio", "TRL/axolotl", _warmup, "a fraction of the steps"),
+    "optim": Name(f"{STAGE}.optimizer", "TRL", _optimizer),
+    "lr_scheduler_kwargs": Name(f"{STAGE}.schedule_kwargs", "TRL", dict),
+    "gradient_checkpointing_kwargs": Name(f"{STAGE}.gradient_checkpointing", "TRL", _reentrant,
+                                          "preftune checkpoints with use_reentrant: false"),
+    "push_to_hub": Name(None, "TRL", note="set push_to to the Hub repo id (TRL's hub_model_id) to push after training"),
+    "hub_model_id": Name("push_to", "TRL", str, "the model is pushed there after training"),
+    "preprocessing_num_workers": Name("data.num_proc", "TRL", int),
+    "dataset_num_proc": Name("data.num_proc", "TRL", int),
+    "chat_template": Name("data.chat_template", "TRL/axolotl", str),
+    "chat_template_path": Name("data.chat_template", "TRL", str),
+    "warmup_steps": Name(f"{STAGE}.warmup_steps", "TRL/axolotl", _warmup_steps, "below 1 it is a fraction: dpo.warmup_ratio"),
     # DPOConfig (and older TRL names)
     "beta": Name("dpo.beta", "TRL", float),
     "loss_type": Name("dpo.loss", "TRL", _loss),
@@ -193,6 +232,8 @@ NAMES: dict[str, Name] = {
     "dtype": Name("precision", "TRL", _dtype, "bfloat16 is precision: bf16"),
     "torch_dtype": Name("precision", "TRL", _dtype, "bfloat16 is precision: bf16"),
     "attn_implementation": Name("attn_implementation", "TRL", str),
+    "use_flash_attention_2": Name("attn_implementation", "TRL", _flash, "true is attn_implementation: flash_attention_2"),
+    "model_revision": Name("model_revision", "TRL", _revision),
     "use_peft": Name("lora.enabled", "TRL", bool, "preftune trains LoRA unless lora.enabled: false"),
     "lora_r": Name("lora.r", "TRL/axolotl", int),
     "lora_alpha": Name("lora.alpha", "TRL/axolotl", int),
@@ -209,6 +250,7 @@ NAMES: dict[str, Name] = {
     "eval_batch_size": Name(f"{STAGE}.eval_batch_size", "axolotl", int),
     "num_epochs": Name(f"{STAGE}.epochs", "axolotl", float),
     "lr_scheduler": Name(f"{STAGE}.schedule", "axolotl", _schedule),
+    "optimizer": Name(f"{STAGE}.optimizer", "axolotl", _optimizer),
     "sequence_len": Name("data.max_length", "axolotl", int),
     "val_set_size": Name("data.test_size", "axolotl", _ratio_or_rows),
     "rl": Name("dpo.loss", "axolotl", _rl),
@@ -217,10 +259,6 @@ NAMES: dict[str, Name] = {
     "orpo_alpha": Name("dpo.orpo_lambda", "axolotl", float),
 }
 """Foreign name -> its preftune meaning. ``{stage}`` in a key is ``dpo`` or ``sft``."""
-
-DPO_ONLY = frozenset({"beta", "label_smoothing", "rpo_alpha", "max_prompt_length",
-                      "precompute_ref_log_probs", "simpo_gamma", "loss_weights", "rl", "rl_beta"})
-SFT_ONLY = frozenset({"packing", "completion_only_loss", "assistant_only_loss", "dataset_text_field"})
 
 
 def preftune_key(name: str, stage: str) -> str | None:
@@ -246,90 +284,3 @@ def hint(key: str, prefix: str = "") -> str | None:
     else:
         keys = f"`{entry.key.replace(STAGE, section if section in ('sft', 'dpo') else 'dpo')}`"
     return f"{who} `{key}` is {keys} here" + (f"; {entry.note}" if entry.note else "")
-
-
-# ---------------------------------------------------------------- preftune config from-trl
-
-
-def guess_kind(raw: dict) -> str:
-    """``dpo`` or ``sft``: which TRL config a flat mapping is, from the names only one of them has."""
-    if raw.keys() & SFT_ONLY and not raw.keys() & DPO_ONLY:
-        return "sft"
-    return "dpo"
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-    tree[leaf] = value
-
-
-def _sft_weight(raw: dict) -> float | None:
-    """TRL 1.x writes RPO as ``loss_type: [sigmoid, sft]`` with ``loss_weights``: the sft entry's weight."""
-    losses = raw.get("loss_type")
-    if not isinstance(losses, list) or "sft" not in losses:
-        return None
-    weights = raw.get("loss_weights") or [1.0] * len(losses)
-    return float(weights[losses.index("sft")])
-
-
-def convert(raw: dict, kind: str | None = None) -> tuple[dict, list[str]]:
-    """A flat TRL (or axolotl) mapping -> (a preftune config mapping, the lines it could not map).
-
-    A ``DPOConfig`` becomes a DPO-only run (``sft.enabled: false``: TRL's DPO starts from a model that
-    is already fine-tuned), an ``SFTConfig`` an SFT-only one. TRL trains all weights unless
-    ``use_peft`` is set, so LoRA is off unless the file asks for it. Keys preftune has no setting for,
-    and values it cannot express, are listed (``key: why``), never guessed."""
-    kind = kind or guess_kind(raw)
-    if kind not in ("dpo", "sft"):
-        raise PreftuneError(f"config from-trl: --kind must be dpo or sft, got {kind!r}")
-    out: dict = {"sft": {"enabled": kind == "sft"}, "dpo": {"enabled": kind == "dpo"}}
-    lora_keys = {"use_peft", "adapter"} | {k for k in raw if k.startswith("lora_")}
-    if not raw.keys() & lora_keys:
-        _set(out, "lora.enabled", False)
-    unmapped: list[str] = []
-    sft_data = kind == "sft" and "dataset_name" in raw
-    for name, value in raw.items():
-        entry = NAMES.get(name)
-        if entry is None:
-            unmapped.append(f"{name}: not a setting preftune knows")
-            continue
-        if kind == "sft" and name == "loss_type":  # SFTConfig's loss_type: nll is preftune's SFT loss
-            if value not in ("nll", ["nll"]):
-                unmapped.append(f"{name}: {value!r}; preftune's SFT loss is the token-mean NLL ('nll')")
-            continue
-        if entry.key is None:
-            if name != "loss_weights":
-                unmapped.append(f"{name}: {entry.note}")
-            continue
-        try:
-            new = entry.convert(value) if entry.convert else value
-        except Unmappable as e:
-            unmapped.append(f"{name}: {e}")
-            continue
-        except (TypeError, ValueError):
-            unmapped.append(f"{name}: {value!r} is not a valid value")
-            continue
-        if new is not None:
-            key = entry.key.replace(STAGE, kind)
-            if sft_data and key.startswith("data."):
-                key = "sft." + key  # an SFT dataset is sft.data (data is the preference data)
-            _set(out, key, new)
-    if (w := _sft_weight(raw)) is not None:
-        _set(out, "dpo.sft_weight", w)
-    return out, unmapped
-
-
-def read_flat(path: str | Path) -> dict:
-    """A TRL config file (YAML or JSON) as one flat mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise PreftuneError(f"config from-trl: file not found: {p}")
-    try:
-        raw = json.loads(p.read_text()) if p.suffix == ".json" else yaml.safe_load(p.read_text())
-    except (ValueError, yaml.YAMLError) as e:
-        raise PreftuneError(f"config from-trl: {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
-    if not isinstance(raw, dict):
-        raise PreftuneError(f"config from-trl: {p} must hold a mapping of TRL argument names to values")
-    return raw

@@ -4,7 +4,8 @@
 
   training.py    config show, losses, sft, dpo, orpo, merge, pipeline, quickstart, iterate, sweep
   evaluation.py  eval and its parts, generate, chat, report
-  tools.py       data inspect, data synth, serve, push, export, config from-trl
+  tools.py       data inspect, data synth, serve, push, export, config from-trl / from-axolotl /
+                 from-llamafactory
 """
 
 from __future__ import annotations

@@ -24,15 +24,18 @@ def results_text(results: dict) -> str:
 def default_models(cfg: Config) -> tuple[dict[str, str], dict[str, str]]:
     """base = cfg.model, plus sft/ and dpo/ of ``cfg.output_dir`` when those runs exist; and each
     one's reward reference (sft -> base; dpo -> the SFT model it started from, else base)."""
+    from preftune.model import pinned_model
+
     run = RunDir(cfg.output_dir)
     sft, dpo = run.stage("sft"), run.stage("dpo")
-    models, refs = {"base": cfg.model}, {}
+    base = pinned_model(cfg)  # cfg.model, at model_revision when one is set
+    models, refs = {"base": base}, {}
     if sft.is_finished():
-        models["sft"], refs["sft"] = str(sft.root), cfg.model
+        models["sft"], refs["sft"] = str(sft.root), base
     if dpo.is_finished():
         models["dpo"] = str(dpo.root)
         sft_ref = run.merged_sft if (run.merged_sft / "config.json").is_file() else sft.root
-        refs["dpo"] = str(sft_ref) if "sft" in models else cfg.model
+        refs["dpo"] = str(sft_ref) if "sft" in models else base
     return models, refs
 
 

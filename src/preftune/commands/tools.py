@@ -1,4 +1,5 @@
-"""Data, serving and publishing commands: data inspect, data synth, serve, push, export, config from-trl."""
+"""Data, serving and publishing commands: data inspect, data synth, serve, push, export, config from-trl /
+from-axolotl / from-llamafactory."""
 
 from __future__ import annotations
 
@@ -88,24 +89,50 @@ def export(ns) -> int:
     return 0
 
 
-def from_trl(ns) -> int:
-    """``preftune config from-trl FILE [--kind dpo|sft] [--out CONFIG]``: print or write the preftune
-    config, checked as ``config show`` would; what could not be mapped goes to stderr."""
+def _write_conversion(ns, conv, command: str) -> int:
+    """Check the converted config as ``config show`` would, then print or write it; the notes (an
+    assumed trainer) and what could not be mapped go to stderr as well as into the file's header."""
     import sys
 
-    import yaml
-
     from preftune.config.validate import config_from_dict
-    from preftune.trl_names import convert, read_flat
 
-    tree, unmapped = convert(read_flat(ns.file), ns.kind)
-    config_from_dict(tree, f"{ns.file} (converted)")  # the converted config must load
-    text = f"# converted by `preftune config from-trl {ns.file}`\n" + yaml.safe_dump(tree, sort_keys=False)
+    config_from_dict(conv.tree, f"{ns.file} (converted)")  # the converted config must load
+    text = conv.text(command)
     if ns.out:
         Path(ns.out).write_text(text)
-        print(f"wrote {ns.out}", file=sys.stderr)
+        print(f"wrote {ns.out} ({conv.kind})", file=sys.stderr)
     else:
         print(text, end="")
-    for line in unmapped:
+    for line in conv.notes:
+        print(f"NOTE: {line}", file=sys.stderr)
+    for line in conv.unmapped:
         print(f"not mapped: {line}", file=sys.stderr)
     return 0
+
+
+def from_trl(ns) -> int:
+    """``preftune config from-trl FILE [--kind dpo|orpo|cpo|simpo|kto|sft|rm] [--out CONFIG]``: a TRL or
+    alignment-handbook recipe as a preftune config, with TRL's defaults for what it leaves out."""
+    from preftune.recipes import convert_trl, read_recipe
+
+    conv = convert_trl(read_recipe(ns.file, "from-trl"), ns.kind)
+    kind = f" --kind {ns.kind}" if ns.kind else ""
+    return _write_conversion(ns, conv, f"preftune config from-trl {ns.file}{kind}")
+
+
+def from_axolotl(ns) -> int:
+    """``preftune config from-axolotl FILE [--out CONFIG]``: an axolotl config as a preftune config."""
+    from preftune.recipes import convert_axolotl, read_recipe
+
+    return _write_conversion(ns, convert_axolotl(read_recipe(ns.file, "from-axolotl")),
+                             f"preftune config from-axolotl {ns.file}")
+
+
+def from_llamafactory(ns) -> int:
+    """``preftune config from-llamafactory FILE [--dataset-info JSON] [--out CONFIG]``: a LLaMA-Factory
+    config (its dataset names looked up in dataset_info.json) as a preftune config."""
+    from preftune.recipes import convert_llamafactory, read_recipe
+
+    info = Path(ns.dataset_info) if ns.dataset_info else None
+    conv = convert_llamafactory(read_recipe(ns.file, "from-llamafactory"), info, Path(ns.file).parent)
+    return _write_conversion(ns, conv, f"preftune config from-llamafactory {ns.file}")

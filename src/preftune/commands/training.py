@@ -42,18 +42,28 @@ def _stage_options(ns) -> dict:
 
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     from preftune.card import update_card
-    from preftune.model import resolve_model
+    from preftune.model import model_folder
     from preftune.train import run_stage
 
     setup_logging()
     cfg = _config(ns, extra)
     out = Path(cfg.output_dir)
-    summary = run_stage(cfg, stage, out, resolve_model(cfg.model), resume=ns.resume,
+    summary = run_stage(cfg, stage, out, model_folder(cfg), resume=ns.resume,
                         allow_changes=getattr(ns, "allow_changes", False), **_stage_options(ns))
     if int(os.environ.get("RANK", "0")) == 0:
         update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
         print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {out / 'final'}")
+        _push_after(cfg, out)
     return 0
+
+
+def _push_after(cfg, run: Path) -> None:
+    """``push_to``: upload the finished run's model with its card, as ``preftune push`` does."""
+    if cfg.push_to:
+        from preftune.export import push_model
+
+        folder, url, base = push_model(run, cfg.push_to)
+        print(f"pushed {folder} -> {url}" + (f" (its base -> {base})" if base else ""))
 
 
 def sft(ns) -> int:
@@ -103,6 +113,7 @@ def pipeline(ns) -> int:
     print(headline(result))
     print(f"\ntimings (s): {result['timings']}")
     print(f"report: {result['report']}")
+    _push_after(cfg, Path(cfg.output_dir))
     return 0
 
 
@@ -126,7 +137,7 @@ def sweep(ns) -> int:
 def iterate(ns) -> int:
     """``preftune iterate CONFIG``: on-policy rounds from the run folder's newest policy (its DPO stage,
     else its SFT model, else ``model``)."""
-    from preftune.model import resolve_model
+    from preftune.model import model_folder
     from preftune.paths import RunDir
     from preftune.pipeline import rounds_table
     from preftune.rounds import run_rounds
@@ -140,6 +151,6 @@ def iterate(ns) -> int:
     newest = (run.stage("dpo").final, run.merged_sft, run.stage("sft").final)
     start = next((str(p.resolve()) for p in newest
                   if (p / "config.json").is_file() or (p / "adapter_config.json").is_file()), None)
-    records = run_rounds(cfg, run.root, start or resolve_model(cfg.model))
+    records = run_rounds(cfg, run.root, start or model_folder(cfg))
     print("\n".join(rounds_table(records)).strip())
     return 0

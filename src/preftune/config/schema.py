@@ -109,6 +109,34 @@ class DataConfig:
     ``source``; on-policy rounds use it to train on their own pairs and evaluate on the run's held-out rows."""
     num_proc: int | None = None
     """Processes that tokenize (null: the cores, at most 8; 1: this process only)."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Several sources instead of ``source`` (the alignment-handbook's ``dataset_mixer``): each entry's
+    first ``fraction`` of its training rows, and its ``test_split`` rows when it has them (else
+    ``test_size`` is carved off the mixed rows)."""
+    chat_template: str | None = None
+    """A Jinja chat template (the text, or the path of a file holding it) that replaces the tokenizer's,
+    for training's tokenization and generation alike (top-level ``data`` only; it serves every stage)."""
+
+
+@dataclass
+class MixtureSource:
+    """One source of ``data.mixture``: where, how much, and (where it differs from ``data``'s) its
+    split, format and column and role mapping."""
+
+    source: str = ""
+    """A local file or folder, ``embedded:NAME`` or a Hub dataset (required)."""
+    fraction: float = setting(1.0, UNIT_INTERVAL)
+    """Share of its training rows used: the first ``round_down(fraction * rows)``, as the handbook takes them."""
+    subset: str | None = None
+    """Hub dataset configuration name."""
+    split: str | None = None
+    """Its training split (null: ``data.split``)."""
+    format: str | None = None
+    """Its row format (null: ``data.format``)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Its ``data.columns`` (empty: ``data``'s)."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Its ``data.roles`` (empty: ``data``'s)."""
 
 
 @dataclass
@@ -141,10 +169,22 @@ class TrainConfig:
     drop_last: bool = False
     """Drop an epoch's last incomplete optimizer step (its rows are counted in the log) instead of
     taking it with fewer micro-batches, weighted by the rows it holds."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Learning-rate decay after warm-up."""
+    schedule: Literal["cosine", "linear", "constant", "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr",
+                      "warmup_stable_decay", "polynomial"] = "cosine"
+    """Learning-rate decay after warm-up: preftune's cosine, linear or constant, or one of transformers'
+    schedules computed by its own functions (constant_with_warmup, inverse_sqrt, cosine_with_min_lr,
+    warmup_stable_decay, polynomial)."""
+    schedule_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Arguments of a transformers schedule (TRL's ``lr_scheduler_kwargs``): ``min_lr_rate`` or ``min_lr``
+    (cosine_with_min_lr), ``num_decay_steps``, ``decay_type``, ``min_lr_ratio`` (warmup_stable_decay),
+    ``lr_end``, ``power`` (polynomial), ``timescale`` (inverse_sqrt)."""
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
+    """AdamW: torch's (``adamw_fused``: its fused kernel where torch has one) or bitsandbytes' 8-bit or
+    paged variants (CUDA only; refused on a CPU)."""
     warmup_ratio: float = setting(0.1, FRACTION)
     """Fraction of the steps spent warming up linearly from 0."""
+    warmup_steps: int | None = setting(None, AT_LEAST_0)
+    """Warm-up length in optimizer steps (TRL's ``warmup_steps``); set, it replaces ``warmup_ratio``."""
     weight_decay: float = setting(0.0, AT_LEAST_0)
     """AdamW weight decay."""
     max_grad_norm: float | None = setting(1.0, POSITIVE)
@@ -361,6 +401,9 @@ class RoundsConfig:
 class Config:
     model: str = EMBEDDED_MODEL
     """``embedded:smollm2-135m-instruct``, ``tiny:`` (random 2-layer Llama for tests), a local path, or a Hub name (online)."""
+    model_revision: str | None = None
+    """A Hub model's revision (branch, tag or commit; null: main): model and tokenizer load from that
+    snapshot; recorded in run.json and the model card."""
     tokenizer: str | None = None
     """Tokenizer path when it differs from the model's."""
     precision: Literal["fp32", "bf16", "bf16-mixed"] = "fp32"
@@ -393,6 +436,8 @@ class Config:
     """On-policy preference rounds after the preference stage."""
     report_to: list[str] = field(default_factory=list)
     """Trackers: tensorboard, wandb, mlflow (the ``track`` extra)."""
+    push_to: str | None = None
+    """Hub repo id the finished run's model is pushed to with its card (as ``preftune push`` does); null: no push."""
     sweep: dict[str, Any] = field(default_factory=dict)
     """Sweep axes (``preftune sweep``): dotted key -> list of values, or ``variants: [...]``."""
 

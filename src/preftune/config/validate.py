@@ -13,6 +13,7 @@ from typing import Any
 
 from preftune.config.load import apply_overrides, build, load_raw, to_dict
 from preftune.config.schema import (
+    UNIT_INTERVAL,
     Config,
     ConfigError,
     DataConfig,
@@ -20,11 +21,12 @@ from preftune.config.schema import (
     EvalConfig,
     EvalDatasetConfig,
     LoraConfig,
+    MixtureSource,
     RoundsConfig,
     WinrateConfig,
     range_rule,
 )
-from preftune.data.formats import PREFERENCE_FORMATS
+from preftune.data.formats import FORMATS, PREFERENCE_FORMATS
 from preftune.data.mapping import mapping_problems
 from preftune.loss_terms import LEGACY_LOSS_KEYS, loss_problems, resolve_loss
 
@@ -48,6 +50,7 @@ def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     p += _range_problems(cfg, "")
     p += _model_problems(cfg.model)
+    p += _recipe_problems(cfg)
     d = cfg.dpo
     if isinstance(d, DPOConfig):
         p += loss_problems(d, cfg.data)
@@ -90,6 +93,49 @@ def _data_problems(dc: DataConfig, name: str) -> list[str]:
         p.append(f"{name}.max_drop_fraction: must be in [0, 1], got {dc.max_drop_fraction}")
     if isinstance(dc.columns, dict) and isinstance(dc.roles, dict):
         p += mapping_problems(dc.columns, dc.roles, name)
+    for i, m in enumerate(dc.mixture if isinstance(dc.mixture, list) else []):
+        key = f"{name}.mixture[{i}]"
+        if not isinstance(m, MixtureSource):
+            continue
+        if not m.source:
+            p.append(f"{key}.source: required (a local file or folder, embedded:NAME, or a Hub dataset)")
+        if isinstance(m.fraction, (int, float)) and (why := UNIT_INTERVAL(m.fraction)):
+            p.append(f"{key}.fraction: {why}, got {m.fraction!r}")
+        if m.format is not None and m.format != "auto" and m.format not in FORMATS:
+            close = difflib.get_close_matches(str(m.format), list(FORMATS), n=1)
+            p.append(f"{key}.format: unknown format {m.format!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if isinstance(m.columns, dict) and isinstance(m.roles, dict):
+            p += mapping_problems(m.columns, m.roles, key)
+    if dc.mixture and dc.test_source:
+        p.append(f"{name}.test_source: with {name}.mixture the held-out rows are each source's test_split (or "
+                 "test_size carved off); remove one")
+    return p
+
+
+HF_SCHEDULE_NEEDS = {"cosine_with_min_lr": ("min_lr", "min_lr_rate"), "warmup_stable_decay": ("num_decay_steps",)}
+"""transformers' schedules that need an argument in ``schedule_kwargs`` (any one of these)."""
+
+
+def _recipe_problems(cfg: Config) -> list[str]:
+    """The settings recipes from other tools bring: the pinned revision, the chat template, the schedules."""
+    p = []
+    if cfg.model_revision and isinstance(cfg.model, str) and (
+            cfg.model.startswith(("embedded:", "tiny")) or Path(cfg.model).expanduser().exists()):
+        p.append(f"model_revision: {cfg.model_revision!r} pins a Hub model's revision, but model {cfg.model!r} is "
+                 "local; remove model_revision or name the Hub model")
+    if isinstance(cfg.sft.data, DataConfig) and cfg.sft.data.chat_template:
+        p.append("sft.data.chat_template: one template serves every stage (the tokenizer's); set data.chat_template")
+    for stage in ("sft", "dpo"):
+        s = getattr(cfg, stage)
+        if not isinstance(s.schedule_kwargs, dict):
+            continue
+        needs = HF_SCHEDULE_NEEDS.get(s.schedule, ())
+        if needs and not s.schedule_kwargs.keys() & set(needs):
+            p.append(f"{stage}.schedule_kwargs: schedule {s.schedule!r} needs {' or '.join(needs)} (transformers' "
+                     f"lr_scheduler_kwargs), e.g. {stage}.schedule_kwargs={{{needs[0]}: 0.1}}")
+        if s.schedule_kwargs and s.schedule in ("cosine", "linear", "constant"):
+            p.append(f"{stage}.schedule_kwargs: preftune's {s.schedule!r} takes no arguments; they are for "
+                     "transformers' schedules (inverse_sqrt, cosine_with_min_lr, ...)")
     return p
 
 

@@ -11,7 +11,7 @@ from preftune.errors import DataError
 QUALITY = frozenset({"empty_completion", "empty_prompt", "chosen_equals_rejected", "prompt_mismatch",
                      "prompt_too_long"})
 """Data-quality drops: the row is well formed but unusable. Always counted, never fatal on their own."""
-FILTERS = frozenset({"score_ratio", "max_rows", "max_eval_rows"})
+FILTERS = frozenset({"score_ratio", "max_rows", "max_eval_rows", "mixture_fraction"})
 """Rows left out because the config asked for it; not counted against ``max_drop_fraction``."""
 
 

@@ -17,6 +17,7 @@ from preftune.config.validate import load_config
 from preftune.data import drops
 from preftune.data.prepare import tokenize_splits
 from preftune.data.sources import detect_kind, load_rows
+from preftune.data.tokenize import use_chat_template
 from preftune.model import load_tokenizer, resolve_model
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -47,8 +48,11 @@ def load_tokenizer_for(cfg: Config):
     share the SmolLM2 tokenizer (no model conversion needed)."""
     name = cfg.tokenizer or cfg.model
     if name.startswith(("embedded:", "tiny")):
-        return AutoTokenizer.from_pretrained(embedded.tokenizer_dir())
-    return load_tokenizer(resolve_model(name))
+        tok = AutoTokenizer.from_pretrained(embedded.tokenizer_dir())
+        use_chat_template(tok, cfg.data.chat_template)
+        return tok
+    return load_tokenizer(resolve_model(name, cfg.model_revision if name == cfg.model else None),
+                          chat_template=cfg.data.chat_template)
 
 
 def _show(tokenizer, ids: list[int]) -> str:

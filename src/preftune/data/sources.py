@@ -463,6 +463,8 @@ def _convert(data, split: str, kind: str, fmt: str) -> tuple[list, DataReport]:
 def detect_kind(data, kind: str) -> str:
     """``kind``, or ``"unpaired"`` when the data is KTO rows (``data.format: kto``, or an undetectable
     ``kind`` whose first record fits ``kto``), so that inspecting a KTO file needs no flag."""
+    if data.mixture:  # the first source stands for the mixture
+        data = mixture_source(data, data.mixture[0])
     if data.format in KIND_FORMATS["unpaired"]:
         return "unpaired"
     if data.format != "auto" or kind == "unpaired":
@@ -505,6 +507,39 @@ def _cap(rows: list, cap: int | None, seed: int, report: DataReport, reason: str
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def mixture_source(data, m):
+    """One ``data.mixture`` entry as a DataConfig: ``data`` with the entry's source, subset, split,
+    format, columns and roles where it sets them."""
+    return dataclasses.replace(data, source=m.source, subset=m.subset, split=m.split or data.split, mixture=[],
+                               format=m.format or data.format, columns=m.columns or data.columns,
+                               roles=m.roles or data.roles)
+
+
+def _mixture_rows(data, kind: str) -> tuple[list, list, DataReport]:
+    """``data.mixture``: each source's training split (its own, else ``data.split``) read with its own
+    format and mapping (else ``data``'s), of which the first ``fraction`` of the rows is kept (the
+    alignment-handbook's ``dataset_mixer``); each source's ``data.test_split``, when it has one, joins
+    the held-out rows whole. Returns (train rows, held-out rows, their report)."""
+    train: list = []
+    heldout: list = []
+    report = None
+    for i, m in enumerate(data.mixture):
+        d = mixture_source(data, m)
+        _check_format(d.format, kind)
+        rows, part = _convert(d, d.split, kind, d.format)
+        if part.rows_read == 0:
+            raise DataError(f"no records in split {d.split!r}", d.source, field=f"data.mixture[{i}].source")
+        keep = int(m.fraction * len(rows))
+        part.drop("mixture_fraction", len(rows) - keep)
+        train += rows[:keep]
+        if d.test_split and d.test_split != d.split and has_split(d.source, d.test_split, d.subset):
+            held, held_report = _convert(d, d.test_split, kind, part.format or d.format)
+            heldout += held
+            part = part.merge(held_report)
+        report = part if report is None else report.merge(part)
+    return train, heldout, report
+
+
 def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
     """Rows of ``data`` (a DataConfig) as ``(train rows, held-out rows, DataReport)``.
 
@@ -513,6 +548,11 @@ def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
     random subset (the rest is counted as dropped under those names). ``kind="sft"`` also accepts
     preference data (each pair's prompt and chosen); ``kind="unpaired"`` reads KTO rows."""
     fmt = data.format
+    if data.mixture:
+        train, heldout, report = _mixture_rows(data, kind)
+        if not heldout:
+            train, heldout = _carve(train, data.test_size, seed)
+        return _capped(data, train, heldout, report, seed)
     _check_format(fmt, kind)
     train, report = _convert(data, data.split, kind, fmt)
     if report.rows_read == 0:
@@ -527,6 +567,11 @@ def load_rows(data, kind: str, seed: int) -> tuple[list, list, DataReport]:
         report = report.merge(test_report)
     else:
         train, heldout = _carve(train, data.test_size, seed)
+    return _capped(data, train, heldout, report, seed)
+
+
+def _capped(data, train: list, heldout: list, report: DataReport, seed: int) -> tuple[list, list, DataReport]:
+    """``max_rows`` / ``max_eval_rows`` applied (a seeded subset, the rest counted)."""
     train = _cap(train, data.max_rows, seed, report, "max_rows")
     heldout = _cap(heldout, data.max_eval_rows, seed + 1, report, "max_eval_rows")
     report.rows_kept = len(train) + len(heldout)

@@ -35,6 +35,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +55,27 @@ class TokenizationInvariantError(RuntimeError):
 
 
 # ---------------------------------------------------------------- rendering
+
+
+def chat_template_text(setting: str) -> str:
+    """``data.chat_template`` as Jinja text: text holding ``{{`` or ``{%`` is the template itself,
+    anything else is the path of a file that holds it (UTF-8)."""
+    if "{{" in setting or "{%" in setting:
+        return setting
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise PreftuneError(f"data.chat_template: {setting!r} is neither a Jinja template (no '{{{{' or '{{%') nor a "
+                            "file; give the template text itself or the path of a file that holds it")
+    return path.read_text(encoding="utf-8")
+
+
+def use_chat_template(tokenizer, setting: str | None) -> None:
+    """Make ``data.chat_template`` the tokenizer's template (null keeps its own). Training's row -> ids
+    functions here and generation's prompts (``render_prompt``) both read ``tokenizer.chat_template``,
+    and a saved model folder keeps it, so a row renders the same for training and for generation."""
+    if setting:
+        tokenizer.chat_template = chat_template_text(setting)
+
 
 
 def _check_messages(messages: list, where: str = "prompt") -> None:
