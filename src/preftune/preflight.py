@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,6 @@ from preftune.errors import PreftuneError
 from preftune.losses import LOSSES
 from preftune.methods import reference_logps_of, sequence_logps_of
 from preftune.model import is_adapter
-from preftune.reference import ModelReference
 
 log = logging.getLogger("preftune")
 
@@ -104,9 +103,20 @@ def _mean_gap(a: dict, b: dict) -> tuple[float, int]:
 # ---------------------------------------------------------------- the checks
 
 
-def check_step0(st, batch: dict) -> Check:
+def live_reference(st, batch: dict) -> dict | None:
+    """Reference log-probs computed now, as the run's reference would be if it were live: the policy
+    with its adapters off (before the first update, the model as it came in). None without a reference."""
+    if st.ref_strategy == "none":
+        return None
+    disable = _disable_adapter(st)
+    with _as_training_computes(st), disable() if disable else nullcontext():
+        return reference_logps_of(st.policy, batch, st.stage_cfg.chunked_logps)
+
+
+def check_step0(st, batch: dict, live: dict | None) -> Check:
     """With the policy equal to its reference, the loss takes its table value (the loss of a zero
-    margin: ln 2 for sigmoid) and every reward is 0."""
+    margin: ln 2 for sigmoid) and every reward is 0. ``live``: :func:`live_reference` of the batch, the
+    policy's own log-probs at step 0."""
     tol = STEP0_TOLERANCE[st.cfg.precision]
     if st.method.data != "preference" or not st.method.needs_reference(st.stage_cfg):
         return Check("step0", True, None, tol, "no reference: the loss has no known step-0 value")
@@ -114,8 +124,7 @@ def check_step0(st, batch: dict) -> Check:
         return Check("step0", True, None, tol, "the reference is the adapter's base, not the starting policy")
     with _as_training_computes(st):
         loss, metrics = st.method.step(st.policy, batch, st.stage_cfg, st.reference.logps(batch))
-        own = reference_logps_of(st.policy, batch, st.stage_cfg.chunked_logps)
-        expected, _ = st.method.step(st.policy, batch, st.stage_cfg, own)
+        expected, _ = st.method.step(st.policy, batch, st.stage_cfg, live)
     loss, expected = float(loss), float(expected)
     reward = max(abs(float(metrics.get(k, 0.0))) for k in ("rewards/chosen", "rewards/rejected"))
     ok = abs(loss - expected) <= tol and reward <= tol
@@ -129,7 +138,7 @@ def check_step0(st, batch: dict) -> Check:
     return Check("step0", ok, round(loss, 6), tol, detail)
 
 
-def check_reference(st, batch: dict) -> Check:
+def check_reference(st, batch: dict, live: dict | None) -> Check:
     """The configured reference (a cache, a frozen copy, disabled adapters) equals a live computation
     on the same rows: the policy with its adapters off, as it is before the first update."""
     tol = STEP0_TOLERANCE[st.cfg.precision] * 10
@@ -137,7 +146,6 @@ def check_reference(st, batch: dict) -> Check:
         return Check("reference", True, None, tol, "no reference")
     with _as_training_computes(st):
         used = st.reference.logps(batch)
-        live = ModelReference(st.policy, "live", _disable_adapter(st)).logps(batch)
     gap, row = _mean_gap(used, live)
     if gap <= tol:
         return Check("reference", True, round(gap, 8), tol)
@@ -289,7 +297,8 @@ def run_checks(st) -> list[Check]:
     if not all(c.ok for c in checks):
         return checks
     batch = st.collate(items)
-    return checks + [check_reference(st, batch), check_step0(st, batch), check_layout(st, items)]
+    live = live_reference(st, batch)
+    return checks + [check_reference(st, batch, live), check_step0(st, batch, live), check_layout(st, items)]
 
 
 def record(checks: list[Check]) -> dict:
