@@ -4,8 +4,8 @@ Generation, win-rate and held-out loss live elsewhere in ``preftune.eval``."""
 
 from __future__ import annotations
 
+import importlib
 import logging
-import sys
 from pathlib import Path
 
 import yaml
@@ -112,7 +112,7 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     quiet.setLevel(logging.ERROR)
     # lm-eval records the git commit of the working folder by running `git describe`, whose "fatal: not a
     # git repository" lands on the terminal outside a repository; the results do not need it
-    evaluator = sys.modules["lm_eval.evaluator"]
+    evaluator = importlib.import_module("lm_eval.evaluator")
     git_hash = evaluator.get_git_commit_hash
     evaluator.get_git_commit_hash = lambda: None
     try:
