@@ -32,7 +32,7 @@ from preftune.train import run_stage
 raw, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 cfg, model = config_from_dict(raw), raw["model"]
 if cfg.sft.enabled:
-    run_stage(cfg, "sft", out / "sft", model)
+    run_stage(cfg, "sft", out / "sft", model, resume=sys.argv[4] == "1")  # relaunched: finished, nothing to do
     model = str(out / "sft" / "final")
 run_stage(cfg, "dpo", out / "dpo", model, resume=sys.argv[4] == "1", stop_at=int(sys.argv[3]) or None)
 """
