@@ -181,7 +181,7 @@ def test_two_processes_match_one(full_one, tiny_model_dir, config, kind, extra):
     from transformers import AutoModelForCausalLM
 
     tmp = full_one
-    out = tmp / kind.lower()
+    out = tmp / Path(config).stem  # one folder per launcher config: the two DeepSpeed ones would share "deepspeed"
     _launch(tmp, _config(tmp, tiny_model_dir, lora=False, batch=2), out, _accelerate(config, *extra))
     for stage, steps in (("sft", 2), ("dpo", 3)):
         _same_trajectory(tmp / "one" / stage, out / stage, steps)
