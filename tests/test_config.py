@@ -4,6 +4,8 @@ shipped YAML loads."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,17 @@ def test_cli_overrides_and_sweeps_deep_merge_the_same_way(tmp_path):
     raw = yaml.safe_load(path.read_text()) | {"sweep": {"variants": [{"name": "a", "lora": {"r": 8}}]}}
     (run,) = plan(raw)
     assert (run.cfg.lora.enabled, run.cfg.lora.r, run.cfg.lora.alpha) == (False, 8, 16)
+
+
+@pytest.mark.parametrize("yaml_text,override,got", [("dpo:\n  beta: high\n", [], "'high'"),
+                                                    ("dpo:\n  beta: 0.1\n", ["dpo.beta.x=1"], "{'x': 1}")])
+def test_a_mistyped_number_is_a_message_naming_it_not_an_internal_error(tmp_path, yaml_text, override, got):
+    """The loss checks used to compare the raw value with 0 (``TypeError: '>' not supported``)."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, override)
+    assert e.value.problems == [f"dpo.beta: expected a number, got {got}"]
+    r = subprocess.run([sys.executable, "-m", "preftune.cli", "config", "show", str(p), *override],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "internal error" not in r.stderr and "dpo.beta: expected a number" in r.stderr

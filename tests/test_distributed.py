@@ -32,7 +32,7 @@ from preftune.train import run_stage
 raw, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
 cfg, model = config_from_dict(raw), raw["model"]
 if cfg.sft.enabled:
-    run_stage(cfg, "sft", out / "sft", model)
+    run_stage(cfg, "sft", out / "sft", model, resume=sys.argv[4] == "1")  # relaunched: finished, nothing to do
     model = str(out / "sft" / "final")
 run_stage(cfg, "dpo", out / "dpo", model, resume=sys.argv[4] == "1", stop_at=int(sys.argv[3]) or None)
 """
@@ -181,7 +181,7 @@ def test_two_processes_match_one(full_one, tiny_model_dir, config, kind, extra):
     from transformers import AutoModelForCausalLM
 
     tmp = full_one
-    out = tmp / kind.lower()
+    out = tmp / Path(config).stem  # one folder per launcher config: the two DeepSpeed ones would share "deepspeed"
     _launch(tmp, _config(tmp, tiny_model_dir, lora=False, batch=2), out, _accelerate(config, *extra))
     for stage, steps in (("sft", 2), ("dpo", 3)):
         _same_trajectory(tmp / "one" / stage, out / stage, steps)

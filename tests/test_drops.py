@@ -88,8 +88,8 @@ def test_filters_do_not_count_against_the_limit():
 
     account = drops.combine(Read(), Tok())
     assert account["bad"] == 1 and account["bad_fraction"] == 0.1 and not drops.over_limit(account, 0.1)
-    assert drops.summary_line(account) == ("data: read 10 rows, kept 1, dropped 9 (score_ratio=6, max_rows=2, "
-                                           "empty_completion=1); 10.0% bad data or malformed")
+    assert drops.summary_line(account) == ("data: read 10 rows, kept 1, left out 8 by the config (score_ratio=6, "
+                                           "max_rows=2), dropped 1 (empty_completion=1); 10.0% bad data or malformed")
 
 
 def test_stage_loading_logs_the_summary_and_writes_truncation(tmp_path, tokenizer, caplog):

@@ -43,7 +43,7 @@ def test_crafted_pickle_in_the_cache_never_runs(tmp_path, tiny_model_dir, monkey
     for path in (cache, cache.with_suffix(".pt")):
         torch.save({"evil": Payload(marker)}, path)
     with pytest.raises(PreftuneError, match=f"reference cache {cache} is damaged.*delete it to recompute"):
-        run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+        run_stage(cfg, "dpo", tmp_path / "second", str(tiny_model_dir))  # the first run's folder is finished
     assert not marker.exists()
 
 

@@ -3,6 +3,7 @@ offline Hub error."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from pathlib import Path
@@ -222,3 +223,34 @@ def test_report_merge_and_dict():
     b = DataReport(4, 3, {"bad_json": 1, "score_ratio": 0})
     m = a.merge(b)
     assert m.to_dict() == {"rows_read": 7, "rows_kept": 5, "dropped": {"bad_json": 2}, "format": "hh", "notes": []}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_utf16_and_utf32_files_are_read_as_what_they_are(tmp_path, encoding, suffix):
+    """What some Windows editors save: with a byte-order mark (utf-16, utf-32) or without one (-le, -be).
+    Read before as 7 rows of bad JSON; now the same rows as the file's UTF-8 twin, non-ASCII text included."""
+    rows = [{"prompt": f"Combien font {i}+{i} ? é ü 漢", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
+            for i in range(1, 4)]
+    utf8 = tmp_path / f"utf8{suffix}"
+    if suffix == ".jsonl":
+        utf8.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif suffix == ".json":
+        utf8.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        with open(utf8, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    wide = tmp_path / f"wide{suffix}"
+    wide.write_bytes(utf8.read_text(encoding="utf-8").encode(encoding))
+    assert [r for r, _, _ in read_records(str(wide), "train")] == [r for r, _, _ in read_records(str(utf8), "train")]
+    assert [r for r, _, _ in read_records(str(wide), "train")][0]["prompt"] == rows[0]["prompt"]
+
+
+def test_a_file_that_starts_as_utf16_but_is_not_is_named(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(codecs.BOM_UTF16_LE + b"{\x00\xd8")  # a lone high surrogate, then the file ends
+    with pytest.raises(DataError) as e:
+        list(read_records(str(f), "train"))
+    assert e.value.file == str(f) and "UTF-16" in str(e.value) and "save it as UTF-8" in str(e.value)

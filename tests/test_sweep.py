@@ -151,8 +151,9 @@ def _write_data(path: Path) -> Path:
     with open(path, "w") as f:
         for i in range(24):
             p, c, r = PAIRS[i % len(PAIRS)]
+            # a checkable answer, so that the default rule judge has rows to score (else the win-rate is skipped)
             f.write(json.dumps({"prompt": f"Write about {p} ({i}).", "chosen": c, "rejected": r,
-                                "category": ["a", "b"][i % 2]}) + "\n")
+                                "category": ["a", "b"][i % 2], "check": "contains", "answer": p.split()[-1]}) + "\n")
     return path
 
 

@@ -35,10 +35,12 @@ def test_embedded_questions_are_well_formed():
     assert read_task_yaml(TASKS_DIR / "preftune_mc.yaml")["task"] == "preftune_mc"
 
 
-def test_embedded_task_runs_offline(tiny, tmp_path, monkeypatch):
+def test_embedded_task_runs_offline(tiny, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)  # the data path must not depend on the working directory
     model, tok = tiny
     out = run_tasks(model, tok, ["embedded:mc"], limit=8, batch_size=8)
+    # outside a git repository lm-eval's `git describe` printed "fatal: not a git repository"
+    assert "fatal:" not in capfd.readouterr().err
     r = out["embedded:mc"]
     assert r["n"] == 8 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
     assert r["acc"] * 8 == int(r["acc"] * 8)  # a fraction of the 8 questions

@@ -219,8 +219,10 @@ def test_nan_loss_skips_then_aborts(tmp_path, tiny_model_dir, monkeypatch):
 
     monkeypatch.setitem(METHODS, "dpo", Method(step=nan_step, needs_reference=real.needs_reference))
     cfg = make_cfg(tmp_path, str(tiny_model_dir), **{"dpo.max_steps": 10, "dpo.nan_tolerance": 3})
-    with pytest.raises(PreftuneError, match="3 consecutive steps"):
+    with pytest.raises(PreftuneError, match="(?s)'step0' failed.*step-0 loss is nan"):  # the preflight sees it first
         run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir))
+    with pytest.raises(PreftuneError, match="3 consecutive steps"):
+        run_stage(cfg, "dpo", Path(cfg.output_dir), str(tiny_model_dir), preflight=False)
 
 
 def test_early_stopping_in_the_loop_keeps_the_peak_as_best(tmp_path, tiny_model_dir, monkeypatch):

@@ -202,7 +202,19 @@ def _training_lines(summary: dict) -> list[str]:
         f"- **Best step:** {best if best is not None else '-'}"
         + (f" by `{metric}` = {_fmt(summary.get('best_metric'))}" if best is not None and metric else ""),
         f"- **Wall time:** {summary.get('wall_time_s', '-')} s",
+        f"- **Preflight:** {_preflight(summary.get('preflight'))}",
     ]
+
+
+def _preflight(record: dict | None) -> str:
+    """run.json's ``preflight`` in one line: which checks passed before the first step, or why none ran."""
+    if not record:
+        return "-"
+    if "skipped" in record:
+        return f"skipped ({record['skipped']})"
+    checks = {k: v for k, v in record.items() if isinstance(v, dict)}
+    passed = [k for k, v in checks.items() if v.get("ok")]
+    return f"{len(passed)} of {len(checks)} checks passed ({', '.join(passed)})"
 
 
 def _eval_lines(eval_results: dict, model_name: str | None) -> list[str]:

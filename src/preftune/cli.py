@@ -14,6 +14,9 @@ OVERRIDES = (("overrides",), dict(nargs="*", help="dotted key=value overrides, e
 RESUME = (("--resume",), dict(action="store_true", help="continue from the newest complete checkpoint in output_dir"))
 ALLOW_CHANGES = (("--allow-changes",), dict(action="store_true",
                                             help="with --resume: continue even if the config or data changed"))
+OVERWRITE = (("--overwrite",), dict(action="store_true", help="replace a finished run in output_dir"))
+NO_PREFLIGHT = (("--no-preflight",), dict(action="store_true", help="skip the checks run before the first step"))
+TRAIN = (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES, OVERWRITE, NO_PREFLIGHT)
 MODEL = (("--model",), dict(required=True, help="run folder, model/adapter folder, or embedded: name"))
 OUT = (("--out",), dict(required=True, help="output path"))
 
@@ -67,26 +70,28 @@ COMMANDS: dict[str, tuple[str, str, tuple]] = {
             (("--out",), dict(required=True, help="output .jsonl")),
         ),
     ),
-    "sft": ("preftune.commands.training:sft", "supervised fine-tuning", (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+    "sft": ("preftune.commands.training:sft", "supervised fine-tuning", TRAIN),
     "dpo": ("preftune.commands.training:dpo", "preference training with any dpo.loss (`preftune losses` lists them)",
-            (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+            TRAIN),
     "rm": ("preftune.commands.training:rm",
-           "a Bradley-Terry reward model (a one-label sequence classifier) on the preference data",
-           (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+           "a Bradley-Terry reward model (a one-label sequence classifier) on the preference data", TRAIN),
     "bon": ("preftune.commands.training:bon",
             "best-of-n: sample rounds.samples answers per prompt, score them, write the best as SFT and best vs worst",
             (CONFIG, OVERRIDES, (("--model",), dict(default=None, help="policy to sample (default: the run's SFT model)")))),
+    "check": ("preftune.commands.training:check",
+              "data inspection and the preflight checks of every enabled stage, without training: one table",
+              (CONFIG, OVERRIDES)),
     "losses": ("preftune.commands.training:losses_show",
                "the loss table: every dpo.loss with its parameters and reference need",
                ((("--markdown",), dict(action="store_true", help="print the loss table of docs/methods.md")),)),
     "orpo": ("preftune.commands.training:orpo", "ORPO: preference optimisation without a reference",
-             (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+             TRAIN),
     "pipeline": ("preftune.commands.training:pipeline",
-                 "SFT, then DPO with the SFT model as reference, then evaluation and a report",
-                 (CONFIG, OVERRIDES, RESUME, ALLOW_CHANGES)),
+                 "SFT, then DPO with the SFT model as reference, then evaluation and a report", TRAIN),
     "iterate": ("preftune.commands.training:iterate", "on-policy preference rounds: sample, score, pair best vs worst, train",
                 (CONFIG, OVERRIDES)),
-    "quickstart": ("preftune.commands.training:quickstart", "the embedded demo: configs/quickstart.yaml", (OVERRIDES,)),
+    "quickstart": ("preftune.commands.training:quickstart", "the embedded demo: configs/quickstart.yaml",
+                   (OVERRIDES, OVERWRITE, NO_PREFLIGHT)),
     "merge": (
         "preftune.commands.training:merge",
         "merge a LoRA adapter into its base model",

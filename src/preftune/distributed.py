@@ -34,6 +34,18 @@ from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
 
+
+class _NoAcceleratorGuess(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" banner: accelerate imports DeepSpeed whenever it is
+    installed to unwrap a model, so every run printed it, with or without DeepSpeed (``describe`` says
+    which engine a run used)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+logging.getLogger("DeepSpeed").addFilter(_NoAcceleratorGuess())
+
 TYPES = ("NO", "DDP", "FSDP", "DEEPSPEED")
 """What a run is asked to be and reports it was: one process, data parallel, sharded, DeepSpeed ZeRO."""
 

@@ -1,7 +1,8 @@
 """The run-folder layout, in one place: what a stage run, a pipeline run and a sweep hold, and where.
-Every module that reads or writes a run folder asks here; nothing here reads or writes files.
+Every module that reads or writes a run folder asks here; nothing here reads or writes files (an
+``output_dir`` pattern looks at which folders exist).
 
-    stage run     config.yaml  versions.json  data.json  metrics.jsonl  run.json
+    stage run     config.yaml  versions.json  data.json  preflight.json  metrics.jsonl  run.json
                   final/  best/  snapshots/step-N/  checkpoints/step-N/
     pipeline run  config.yaml  timings.json  done.json (in a sweep)  sft/  dpo/ (stage runs)
                   sft/merged/  eval/eval.json  eval/curve.json  report/  rounds/round-K/
@@ -13,12 +14,38 @@ Every module that reads or writes a run folder asks here; nothing here reads or 
 
 from __future__ import annotations
 
+import glob
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 STAGES = ("sft", "dpo")
 """Stage folders of a pipeline run, in training order."""
+
+OUTPUT_DIR_FIELDS = re.compile(r"\{(name|time|n)\}")
+"""An ``output_dir`` pattern's fields: ``{name}`` the config file's name without its extension, ``{time}``
+the start time (UTC, ``20261207-204133``), ``{n}`` a counter (1, 2, ... the first folder not there)."""
+
+
+def output_dir_for(pattern: str, name: str, new: bool = True, now: float | None = None) -> str:
+    """The folder an ``output_dir`` pattern names: for a new run its own folder; for one that goes on
+    (``--resume``, evaluation) the newest existing folder it matches (the new one when none does). A
+    plain ``output_dir`` is itself."""
+    if not OUTPUT_DIR_FIELDS.search(pattern):
+        return pattern
+    named = pattern.replace("{name}", name)
+    if not new:
+        found = [p for p in glob.glob(OUTPUT_DIR_FIELDS.sub("*", glob.escape(named))) if os.path.isdir(p)]
+        if found:
+            return max(found, key=os.path.getmtime)
+    out = named.replace("{time}", time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)))
+    n = 1
+    while "{n}" in out and os.path.exists(out.replace("{n}", str(n))):
+        n += 1
+    return out.replace("{n}", str(n))
+
 
 _STEP = re.compile(r"step-(\d+)")
 
@@ -47,6 +74,7 @@ class StageDir(Folder):
     data = property(lambda self: self.root / "data.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     run = property(lambda self: self.root / "run.json")
+    preflight = property(lambda self: self.root / "preflight.json")
     final = property(lambda self: self.root / "final")
     best = property(lambda self: self.root / "best")
     snapshots_dir = property(lambda self: self.root / "snapshots")

@@ -7,9 +7,12 @@ the shipped ``configs/quickstart.yaml``."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import tempfile
 import time
 from pathlib import Path
 
+from preftune import preflight
 from preftune.bon import run_bon
 from preftune.card import update_card
 from preftune.checkpoint import clean_stale
@@ -19,22 +22,26 @@ from preftune.eval.curve import evaluate_curve
 from preftune.eval.engines import make_engine
 from preftune.eval.judges import preflight as preflight_judge
 from preftune.eval.reward_model import evaluate_reward_model
-from preftune.eval.suite import evaluate_models
+from preftune.eval.suite import evaluate_models, heldout_rows, winrate_problem, winrate_rows
 from preftune.files import write_json
 from preftune.model import is_adapter, merge_adapter, model_folder, pinned_model
 from preftune.paths import STAGES, RunDir
 from preftune.report.report import write_report
 from preftune.report.table import HEADLINE, comparison_lines, results_table, text_table
-from preftune.resume import check_writable
+from preftune.resume import check_writable, finished_alike
 from preftune.reward import load_reward_model
 from preftune.rounds import run_rounds
-from preftune.train import run_stage
+from preftune.train import run_stage, setup
+
+log = logging.getLogger("preftune")
 
 QUICKSTART = Path(__file__).parent / "resources" / "quickstart.yaml"
 
 
-def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = False) -> tuple[str, dict[str, float]]:
-    """SFT (when enabled), then DPO from the SFT model; a finished stage is skipped on ``resume``.
+def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = False,
+                 **stage_options) -> tuple[str, dict[str, float]]:
+    """SFT (when enabled), then DPO from the SFT model; a finished stage is skipped on ``resume`` or when
+    it finished with this config (``stage_options``: run_stage's ``overwrite`` and ``preflight``).
     Returns the model DPO started from (its reference) and the timings."""
     timings: dict[str, float] = {}
     base = model_folder(cfg)
@@ -42,8 +49,8 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
     if cfg.sft.enabled:
         t = time.time()
         sft = run.stage("sft")
-        if not (resume and sft.is_finished()):
-            run_stage(cfg, "sft", sft.root, base, resume=resume, allow_changes=allow_changes)
+        if not (resume and sft.is_finished() or finished_alike(sft.root, cfg, "sft")):
+            run_stage(cfg, "sft", sft.root, base, resume=resume, allow_changes=allow_changes, **stage_options)
         if is_adapter(sft.final):
             # DPO's policy and reference both start from the SFT model: merge the SFT adapter into its
             # base so that fresh DPO adapters (or a disabled-adapter reference) sit on top of it.
@@ -61,8 +68,8 @@ def train_stages(cfg: Config, run: RunDir, resume: bool, allow_changes: bool = F
     if cfg.dpo.enabled:
         t = time.time()
         dpo = run.stage("dpo")
-        if not (resume and dpo.is_finished()):
-            run_stage(cfg, "dpo", dpo.root, dpo_base, resume=resume, allow_changes=allow_changes)
+        if not (resume and dpo.is_finished() or finished_alike(dpo.root, cfg, "dpo")):
+            run_stage(cfg, "dpo", dpo.root, dpo_base, resume=resume, allow_changes=allow_changes, **stage_options)
         timings["dpo"] = round(time.time() - t, 1)
     return dpo_base, timings
 
@@ -96,17 +103,21 @@ def with_reward_model(cfg: Config, run: RunDir) -> Config:
     return cfg
 
 
-def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False) -> dict:
+def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False, **stage_options) -> dict:
     """Run every enabled stage (and the on-policy rounds) into ``cfg.output_dir``, evaluate, refresh the
-    model cards and write the report; return the timings, the report's path, the evaluation and the rounds."""
+    model cards and write the report; return the timings, the report's path, the evaluation and the rounds.
+    ``stage_options``: run_stage's ``overwrite`` and ``preflight``."""
     run = RunDir(cfg.output_dir)
     check_writable(run.root)
     clean_stale(run.root)
+    if cfg.eval.winrate.enabled and (problem := winrate_problem(cfg, winrate_rows(heldout_rows(cfg),
+                                                                                  cfg.eval.winrate.per_category))):
+        log.warning("win-rate will be skipped: %s", problem)  # said before training, not after it
     run.config.write_text(to_yaml(cfg))
     preflight_judge(cfg.eval.winrate)  # an unusable LLM judge stops the run before any training
     if cfg.generation.engine != "builtin":
         make_engine(cfg).close()  # an engine not installed or not reachable stops here, before any training
-    dpo_base, timings = train_stages(cfg, run, resume, allow_changes)
+    dpo_base, timings = train_stages(cfg, run, resume, allow_changes, **stage_options)
     cfg = with_reward_model(cfg, run)
 
     records = []
@@ -136,6 +147,36 @@ def run_pipeline(cfg: Config, resume: bool = False, allow_changes: bool = False)
     timings["report"] = round(time.time() - t, 1)
     write_json(run.timings, timings)
     return {"timings": timings, "report": str(report), "eval": results, "rounds": records}
+
+
+def _short(value) -> str:
+    text = "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def check_stages(cfg: Config) -> list[list[str]]:
+    """``preftune check``: each enabled stage's data, model and preflight checks on its first batch,
+    without training (a stage's folder is a temporary one; DPO starts from ``model`` here, as the SFT
+    model does not exist yet) and whether the win-rate's judge can score its rows. One row per check:
+    ``[stage, check, ok|warn|FAILED, value, tolerance, note]``."""
+    rows = []
+    base = model_folder(cfg)
+    for stage in (s for s in STAGES if getattr(cfg, s).enabled):
+        with tempfile.TemporaryDirectory(prefix=f"preftune-check-{stage}-") as tmp:
+            st = setup(cfg, stage, tmp, base, preflight=None)
+            account = st.data.report.get("drops", {})
+            rows.append([stage, "data", "ok", f"{len(st.data.train)} train / {len(st.data.test)} held-out",
+                         "", f"{account.get('rows_read', '?')} read, {account.get('bad', 0)} bad"])
+            for c in preflight.run_checks(st):
+                verdict = "FAILED" if not c.ok else "n/a" if c.value is None else "warn" if c.detail else "ok"
+                rows.append([stage, c.name, verdict, _short(c.value),
+                             _short(c.tolerance), c.detail])
+            del st
+    if cfg.eval.winrate.enabled:
+        problem = winrate_problem(cfg, winrate_rows(heldout_rows(cfg), cfg.eval.winrate.per_category))
+        rows.append(["eval", "winrate", "warn" if problem else "ok", cfg.eval.winrate.judge, "",
+                     f"skipped: {problem}" if problem else ""])
+    return rows
 
 
 def headline(result: dict) -> str:

@@ -68,8 +68,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
-def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint: str) -> str:
-    """Everything the reference log-probs depend on; beta, loss and learning rate are not in it."""
+def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint: str, batching=None) -> str:
+    """Everything the reference log-probs depend on; beta, loss and learning rate are not in it.
+    ``batching`` (batch size, seed, layout: the micro-batches they were computed on) counts in bf16,
+    where a row's log-probs move with its batch's shapes; in fp32 it is None and runs share the cache."""
     blob = {
         "model": content_digest(resolve_model(model_path)),
         "tokenizer": [tokenizer_fingerprint(tokenizer), tokenizer.eos_token_id],
@@ -78,7 +80,7 @@ def cache_key(model_path: str, tokenizer, data_cfg, precision: str, fingerprint:
         "precision": precision,
         "data": fingerprint,
         "fields": "sums, means, tails",  # what methods.reference_logps_of stores per row
-    }
+    } | ({"batching": batching} if batching is not None else {})
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -1,5 +1,6 @@
-"""What a run folder must satisfy before a stage trains into it: writable (checked before any data or
-model is loaded), and on ``--resume`` the same setup as the run that wrote its checkpoints (config and
+"""What a run folder must satisfy before a stage trains into it: no finished run that this one would
+replace (unless ``--overwrite`` or ``--resume``), writable (both checked before any data or model is
+loaded), and on ``--resume`` the same setup as the run that wrote its checkpoints (config and
 data fingerprint), so that one ``metrics.jsonl`` never mixes two runs. Also the tolerant trim of
 ``metrics.jsonl`` back to the checkpoint's step."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -26,6 +29,27 @@ STAGE_NOT_COMPARED = ("enabled", "eval_every", "eval_batch_size", "log_every", "
                       "nan_tolerance", "early_stopping", "early_stopping_metric", "early_stopping_mode", "patience",
                       "min_delta", "gradient_checkpointing", "chunked_logps")
 """Keys of the stage's own section that a resume may change."""
+
+
+def check_finished(out: Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to train into a folder that holds a finished run (``final/`` or ``run.json``), naming it
+    and when it finished, unless ``resume`` (it then stays finished) or ``overwrite`` (its final model
+    and summary are removed first, so a crash cannot leave the old model beside new records)."""
+    folder = StageDir(out)
+    done = [p for p in (folder.run, folder.final) if p.exists()]
+    if not done or resume:
+        return
+    if overwrite:
+        log.warning("--overwrite: replacing the finished run in %s", folder.root)
+        shutil.rmtree(folder.final, ignore_errors=True)
+        shutil.rmtree(folder.best, ignore_errors=True)
+        folder.run.unlink(missing_ok=True)
+        return
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(p.stat().st_mtime for p in done)))
+    raise PreftuneError(
+        f"{folder.root} holds a run that finished at {when} ({folder.final.name}/ is its model); this run would "
+        "replace it. Choose another output_dir (e.g. output_dir=runs/{name}-{time} gives each run its own "
+        "folder), pass --overwrite to replace it, or --resume to continue its checkpoints.")
 
 
 def check_writable(out: Path) -> None:
@@ -82,9 +106,14 @@ def resume_changes(out: Path, cfg, stage: str, fingerprint: str) -> list[str]:
         old_fp = json.loads(run.data.read_text()).get("fingerprint")
     except (OSError, ValueError):
         old_fp = None
-    if old_fp is not None and old_fp != fingerprint:
+    if old_fp is not None and fingerprint is not None and old_fp != fingerprint:
         changes.append(f"data: the rows differ (fingerprint {old_fp} -> {fingerprint})")
     return changes
+
+
+def finished_alike(out: Path, cfg, stage: str) -> bool:
+    """Whether ``out`` holds a finished run of ``stage`` with this config (the pipeline skips it)."""
+    return StageDir(out).is_finished() and not resume_changes(out, cfg, stage, None)
 
 
 def check_resume(out: Path, cfg, stage: str, fingerprint: str, allow_changes: bool = False) -> None:

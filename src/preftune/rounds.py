@@ -245,7 +245,8 @@ def run_round(cfg: Config, round_no: int, start: str, train_rows: list[Preferenc
              counts["unscored"], counts["identical"])
     stage_cfg = round_config(cfg, round_dir)
     stage = round_dir.stage
-    summary = run_stage(stage_cfg, "dpo", stage.root, _start_model(cfg, start, round_dir))
+    # an unfinished round (no round.json) trains on freshly sampled pairs: its stage is redone
+    summary = run_stage(stage_cfg, "dpo", stage.root, _start_model(cfg, start, round_dir), overwrite=True)
     record |= {"stage": {k: summary.get(k) for k in ("steps", "pairs_seen", "tokens_seen", "best_step")},
                "final_model": str(stage.final.resolve()), **_last_eval(stage)}
     write_json(round_dir.record, record)  # last: marks the round finished

@@ -34,6 +34,7 @@ import preftune
 from preftune import checkpoint as ckpt
 from preftune import distributed as dist
 from preftune import loss_terms
+from preftune import preflight as checks
 from preftune import reference as refs
 from preftune.config import Config, TrainConfig, to_yaml
 from preftune.data.stage import (
@@ -51,7 +52,7 @@ from preftune.logprobs import SequenceLogps
 from preftune.methods import METHODS, Method
 from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
 from preftune.paths import StageDir
-from preftune.resume import check_resume, check_writable, trim_metrics
+from preftune.resume import check_finished, check_resume, check_writable, trim_metrics
 from preftune.reward import (
     RECORD,
     SequenceRewards,
@@ -253,8 +254,10 @@ class Stage:
 
 
 def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, policy, data: StageData,
-                    collate, model_path: str, tokenizer, accelerator) -> tuple[Any, str]:
-    """The reference strategy (reference.py), decided before any update: the model as it came in."""
+                    collate, model_path: str, tokenizer, accelerator, layout: str = "padded") -> tuple[Any, str]:
+    """The reference strategy (reference.py), decided before any update: the model as it came in.
+    Precomputed log-probs are computed as the policy's are: on epoch 0's micro-batches (in bf16 a row's
+    log-probs move with its batch's shapes) and under the run's autocast."""
     if not method.needs_reference(stage_cfg):
         return refs.NoReference(), "none"
     lora = cfg.lora.enabled or is_adapter(model_path)
@@ -266,11 +269,17 @@ def build_reference(cfg: Config, stage_cfg: TrainConfig, method: Method, model, 
         with dist.whole_weights(accelerator):
             frozen = load_model(cfg, model_path, trainable=False)
         return refs.ModelReference(SequenceLogps(frozen), "copy"), strategy
-    items, bs = data.train + data.test, stage_cfg.eval_batch_size
-    key = refs.cache_key(model_path, tokenizer, cfg.data, cfg.precision, data.fingerprint)
-    batches = lambda: [collate(items[i : i + bs]) for i in range(0, len(items), bs)]  # noqa: E731
-    table = refs.load_or_precompute(key, lambda: refs.precompute(policy, batches(), disable,
-                                                                 progress=accelerator.is_main_process), accelerator)
+    plan = epoch_plan(stage_bins(data.train, stage_cfg, layout), len(data.train), stage_cfg.batch_size, cfg.seed, 0)
+    bs = stage_cfg.eval_batch_size
+    groups = [[data.train[j] for j in idx] for idx in plan] + [data.test[i : i + bs] for i in range(0, len(data.test), bs)]
+    batching = None if cfg.precision == "fp32" else [stage_cfg.batch_size, cfg.seed, layout, bs]
+    key = refs.cache_key(model_path, tokenizer, cfg.data, cfg.precision, data.fingerprint, batching)
+
+    def compute():
+        with accelerator.autocast():
+            return refs.precompute(policy, map(collate, groups), disable, progress=accelerator.is_main_process)
+
+    table = refs.load_or_precompute(key, compute, accelerator)
     return table, strategy
 
 
@@ -311,15 +320,17 @@ def build_optimizer(params: list, s: TrainConfig):
 
 
 def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
-          allow_changes: bool = False) -> Stage:
+          allow_changes: bool = False, overwrite: bool = False, preflight: bool | None = True) -> Stage:
     """Check the output folder, load data, tokenizer and model, pick the layout and the reference,
     build the optimizer, resume from the newest complete checkpoint when asked (refusing a changed
-    config or data unless ``allow_changes``), and write the run records (config, versions, data)."""
+    config or data unless ``allow_changes``), write the run records (config, versions, data) and run the
+    preflight checks (preflight.py). A finished run in ``out_dir`` is refused unless ``resume`` or ``overwrite``."""
     stage_cfg: TrainConfig = getattr(cfg, stage)
     method = METHODS[stage]
     check_optimizer(stage_cfg.optimizer)
     accelerator = dist.make_accelerator(cfg.precision, stage_cfg.grad_accum)
     if accelerator.is_main_process:  # before any data, model or reference work
+        check_finished(Path(out_dir), resume, overwrite)
         check_writable(Path(out_dir))
         ckpt.clean_stale(Path(out_dir))
     if cfg.threads:  # run_stage restores the process's count
@@ -343,7 +354,7 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     if reward and stage_cfg.margin_column:  # every row's margin checked before any training
         margins(data.train + data.test, stage_cfg.margin_column)
     reference, strategy = build_reference(cfg, stage_cfg, method, model, policy, data, collate, model_path,
-                                          tokenizer, accelerator)
+                                          tokenizer, accelerator, layout)
     world, rank = accelerator.num_processes, accelerator.process_index
     bins = stage_bins(data.train, stage_cfg, layout)
     per_epoch = steps_per_epoch(len(epoch_plan(bins, len(data.train), stage_cfg.batch_size, cfg.seed, 0)),
@@ -365,6 +376,8 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
     latest = _resume(st, resume)
     _write_records(st, fresh=latest is None)
     st.metrics_log = MetricsLog(st.out.metrics, cfg, st.main, st.state.step if latest else None)
+    if latest is None:  # resumed: the policy is no longer its reference; the first run's checks stand
+        checks.run(st, preflight)
     if st.main:
         n_train, n_total = trainable_parameters(model)
         log.info("%s: %d train / %d held-out %s, layout=%s, reference=%s, trainable %.2fM of %.1fM params, "
@@ -445,10 +458,10 @@ def accumulate(st: Stage, micro: list[list[int]], keep: list[bool]) -> tuple[Wei
     total = float(acc.reduce(torch.tensor(float(sum(units)), device=acc.device), "sum").item()) or 1.0
     means, finite, tokens, pairs = WeightedMeans(), True, 0, 0
     for i, batch in enumerate(batches):
-        ref = st.reference.logps(batch)
         sync = acc.no_sync(st.policy) if i < len(batches) - 1 and st.world > 1 else nullcontext()
         with sync:
-            with acc.autocast():
+            with acc.autocast():  # the reference too: at step 0 both sides must compute alike
+                ref = st.reference.logps(batch)
                 loss, metrics = method.step(st.policy, batch, st.stage_cfg, ref)
             # Backward even on NaN so every rank makes the same collective calls; the step is dropped
             # after. accelerate divides by its gradient_accumulation_steps; the weights already sum to 1.
@@ -567,7 +580,7 @@ def summary(st: Stage, stopped_early: bool) -> dict:
         "base_model": st.model_path, "model_revision": cfg.model_revision, "layout": st.layout, "reference": st.ref_strategy, "lora": cfg.lora.enabled,
         "precision": cfg.precision, "train_rows": len(st.data.train), "test_rows": len(st.data.test),
         "data_fingerprint": st.data.fingerprint, "resumed_from": st.resumed_from,
-        "distributed": dist.describe(st.accelerator),
+        "distributed": dist.describe(st.accelerator), "preflight": checks.recorded(st.out),
         **({"eval_accuracy": st.last_eval.get("eval/accuracy")} if st.method.model == "reward" else {}),
     }
 
@@ -596,15 +609,20 @@ def finish(st: Stage, stopped_early: bool) -> dict:
 
 
 def run_stage(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume: bool = False,
-              stop_at: int | None = None, allow_changes: bool = False) -> dict:
+              stop_at: int | None = None, allow_changes: bool = False, overwrite: bool = False,
+              preflight: bool = True) -> dict:
     """Train one stage (``sft`` or ``dpo``) of ``cfg`` from ``model_path`` into ``out_dir``.
 
     ``stop_at`` ends the process after that step's checkpoint as a kill would (no final model):
     time-boxed runs and resume tests. ``allow_changes`` lets ``resume`` continue with a changed config
-    or data (refused otherwise). Returns the run summary also written to ``run.json``."""
+    or data (refused otherwise); ``overwrite`` replaces a finished run in ``out_dir`` (refused otherwise);
+    ``preflight=False`` skips the preflight checks. Returns the run summary also written to ``run.json``."""
+    if resume and StageDir(out_dir).is_finished():  # nothing left to run: the finished run stays as it is
+        log.info("resume: %s finished earlier; nothing to do", out_dir)
+        return json.loads(StageDir(out_dir).run.read_text())
     threads = torch.get_num_threads()  # cfg.threads applies to this stage only
     try:
-        return train(setup(cfg, stage, out_dir, model_path, resume, allow_changes), stop_at)
+        return train(setup(cfg, stage, out_dir, model_path, resume, allow_changes, overwrite, preflight), stop_at)
     finally:
         torch.set_num_threads(threads)
 

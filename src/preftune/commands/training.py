@@ -1,7 +1,9 @@
-"""Training commands: config show, losses, sft, dpo, rm, bon, orpo, merge, pipeline, quickstart, iterate, sweep, study."""
+"""Training commands: config show, losses, sft, dpo, rm, bon, orpo, check, merge, pipeline, quickstart, iterate, sweep,
+study."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -25,6 +27,20 @@ def losses_show(ns) -> int:
     return 0
 
 
+def _config(ns, extra: tuple[str, ...] = ()):
+    """The command's config, its ``output_dir`` pattern (``runs/{name}-{time}``) made a folder: a new
+    one, or with ``--resume`` the newest it matches."""
+    from preftune.paths import output_dir_for
+
+    cfg = load_config(ns.config, [*extra, *ns.overrides])
+    out = output_dir_for(cfg.output_dir, Path(str(ns.config)).stem, new=not getattr(ns, "resume", False))
+    return dataclasses.replace(cfg, output_dir=out)
+
+
+def _stage_options(ns) -> dict:
+    return {"overwrite": getattr(ns, "overwrite", False), "preflight": not getattr(ns, "no_preflight", False)}
+
+
 def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     from preftune.card import update_card
     from preftune.model import model_folder
@@ -32,10 +48,10 @@ def _train(ns, stage: str, extra: tuple[str, ...] = ()) -> int:
     from preftune.train import run_stage
 
     setup_logging()
-    cfg = load_config(ns.config, [*extra, *ns.overrides])
+    cfg = _config(ns, extra)
     out = Path(cfg.output_dir)
     summary = run_stage(cfg, stage, out, model_folder(cfg), resume=ns.resume,
-                        allow_changes=getattr(ns, "allow_changes", False))
+                        allow_changes=getattr(ns, "allow_changes", False), **_stage_options(ns))
     if int(os.environ.get("RANK", "0")) == 0:
         update_card(out)  # final/ and best/ get a card (the pipeline refreshes it with eval figures)
         print(f"{stage}: {summary['steps']} steps, {summary['tokens_seen']} tokens -> {StageDir(out).final}")
@@ -91,6 +107,21 @@ def orpo(ns) -> int:
     return _train(ns, "dpo", ("dpo.loss=orpo",))
 
 
+def check(ns) -> int:
+    """``preftune check CONFIG``: read and tokenize each enabled stage's data, load its model and run the
+    preflight checks on its first batch, without training; one table. Exit 2 when a check failed."""
+    from preftune.pipeline import check_stages
+    from preftune.report.table import text_table
+
+    setup_logging()
+    rows = check_stages(load_config(ns.config, ns.overrides))
+    print(text_table(["stage", "check", "ok", "value", "tolerance", "note"], rows))
+    failed = [r for r in rows if r[2] == "FAILED"]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed" + (": the run would stop at "
+          f"{failed[0][0]} {failed[0][1]}" if failed else ""))
+    return 2 if failed else 0
+
+
 def merge(ns) -> int:
     from preftune.card import write_merged_card
     from preftune.model import merge_adapter, resolve_model
@@ -105,8 +136,9 @@ def pipeline(ns) -> int:
     from preftune.pipeline import headline, run_pipeline
 
     setup_logging()
-    cfg = load_config(ns.config, ns.overrides)
-    result = run_pipeline(cfg, resume=getattr(ns, "resume", False), allow_changes=getattr(ns, "allow_changes", False))
+    cfg = _config(ns)
+    result = run_pipeline(cfg, resume=getattr(ns, "resume", False), allow_changes=getattr(ns, "allow_changes", False),
+                          **_stage_options(ns))
     print(headline(result))
     print(f"\ntimings (s): {result['timings']}")
     print(f"report: {result['report']}")

@@ -122,7 +122,12 @@ def _build(cls: type, raw: dict, prefix: str, problems: list[str]):
             hint = f" ({foreign})" if foreign else f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             problems.append(f"unknown key '{prefix}{k}'{hint}")
             continue
-        kwargs[k] = check_type(v, hints[k], prefix + k, problems)
+        before = len(problems)
+        value = check_type(v, hints[k], prefix + k, problems)
+        # a mistyped value is reported and its field keeps its default, so that the checks after this one
+        # never meet it (beta > 0 on a str); a section or list whose parts were reported keeps the rest
+        if not any(m.startswith(f"{prefix}{k}: ") for m in problems[before:]):
+            kwargs[k] = value
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - guarded by the checks above

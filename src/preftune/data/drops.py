@@ -38,10 +38,13 @@ def _reasons(dropped: dict[str, int]) -> str:
 
 
 def summary_line(account: dict[str, Any]) -> str:
-    """``read 2312 rows, kept 2290, dropped 22 (empty_completion=13, prompt_mismatch=9); 1.0% bad``."""
-    n_dropped = sum(account["dropped"].values())
-    return (f"data: read {account['rows_read']} rows, kept {account['rows_kept']}, dropped {n_dropped} "
-            f"({_reasons(account['dropped'])}); {100 * account['bad_fraction']:.1f}% bad data or malformed")
+    """``read 2312 rows, kept 128, left out 2184 by the config (max_rows=2184), dropped 0 (none); 0.0% bad``:
+    rows the config's limits and filters left out are counted apart from those dropped as unusable."""
+    asked = {k: v for k, v in account["dropped"].items() if k in FILTERS}
+    dropped = {k: v for k, v in account["dropped"].items() if k not in FILTERS}
+    left_out = f", left out {sum(asked.values())} by the config ({_reasons(asked)})" if asked else ""
+    return (f"data: read {account['rows_read']} rows, kept {account['rows_kept']}{left_out}, dropped "
+            f"{sum(dropped.values())} ({_reasons(dropped)}); {100 * account['bad_fraction']:.1f}% bad data or malformed")
 
 
 def over_limit(account: dict[str, Any], max_drop_fraction: float) -> bool:

@@ -9,6 +9,7 @@ import codecs
 import csv
 import dataclasses
 import importlib.resources
+import io
 import json
 import logging
 import os
@@ -98,10 +99,49 @@ def check_values(rec: dict) -> None:
                                "file's encoding", str(top), "bad_encoding") from None
 
 
+WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+             (codecs.BOM_UTF16_BE, "utf-16"))
+"""UTF-32 before UTF-16: the UTF-32-LE mark starts with the UTF-16-LE one."""
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """``utf-16``/``utf-32`` (the codec reads the byte order from the mark), ``utf-16-le``/``-be`` for
+    text without a mark whose ASCII characters alternate with zero bytes, or None (UTF-8 or other)."""
+    for bom, name in WIDE_BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 4 and head[1] == head[3] == 0 and head[0] and head[2]:
+        return "utf-16-le"
+    if len(head) >= 4 and head[0] == head[2] == 0 and head[1] and head[3]:
+        return "utf-16-be"
+    return None
+
+
+def _utf8_bytes(path: Path) -> bytes | None:
+    """A UTF-16 or UTF-32 text file (what some Windows editors save) as UTF-8 bytes; None for others."""
+    with open(path, "rb") as f:
+        encoding = wide_encoding(f.read(4))
+    if encoding is None:
+        return None
+    try:
+        text = path.read_bytes().decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(f"starts as {encoding.upper()} text but is not valid {encoding.upper()} at byte {e.start}; "
+                        "save it as UTF-8", str(path)) from None
+    log.info("%s is %s text: read as such", path, encoding.upper())
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _open_utf8(path: Path):
+    wide = _utf8_bytes(path)
+    return open(path, "rb") if wide is None else io.BytesIO(wide)
+
+
 def _read_jsonl(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
     """One JSON object per line; bytes that are not UTF-8 are kept as lone surrogates for
-    :func:`check_values` to name (a JSON error only when they fall outside a string)."""
-    with open(path, "rb") as f:
+    :func:`check_values` to name (a JSON error only when they fall outside a string). UTF-16 and
+    UTF-32 files are read as what they are."""
+    with _open_utf8(path) as f:
         for line_no, raw in enumerate(f, 1):
             line = raw.removeprefix(BOM if line_no == 1 else b"").decode("utf-8", "surrogateescape")
             if not line.strip():
@@ -121,7 +161,8 @@ def _read_jsonl(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
 
 def _read_json(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
     try:
-        value = json.loads(path.read_bytes().removeprefix(BOM).decode("utf-8", "surrogateescape"))
+        with _open_utf8(path) as f:
+            value = json.loads(f.read().removeprefix(BOM).decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e.msg} at line {e.lineno}); for one object per line name the file .jsonl",
                         str(path)) from None
@@ -164,7 +205,7 @@ CSV_FIELD_LIMIT = 1 << 30
 
 def _read_csv(path: Path, on_bad: OnBad) -> Iterator[tuple[dict, int]]:
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    with io.TextIOWrapper(_open_utf8(path), encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames or []

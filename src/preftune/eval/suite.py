@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -256,6 +257,20 @@ def rewards_kl_entries(cfg: Config, name: str, model, tok, reference: str, rows:
 
 # ---------------------------------------------------------------- extra evaluation datasets
 
+log = logging.getLogger("preftune")
+
+
+def winrate_problem(cfg: Config, rows: list[PreferenceRow]) -> str | None:
+    """Why the configured judge can score none of the win-rate ``rows`` (None: it can score some, or
+    only trying tells): the ``rule`` judge needs rows whose ``meta`` holds a checkable answer. Known
+    before anything is generated, or trained."""
+    w = cfg.eval.winrate
+    if not (w.enabled and w.judge == "rule" and rows) or any(check(r.meta, "") is not None for r in rows):
+        return None
+    return (f"the rule judge can score none of the {len(rows)} win-rate rows (none has a checkable answer in its "
+            "meta); set eval.winrate.judge to openai or hf (with judge_model), or eval.winrate.enabled=false")
+
+
 DatasetInputs = tuple[str, Config, list[PreferenceRow], list[PreferenceRow]]
 """(name, the config with that dataset as its ``data``, held-out rows, win-rate rows)."""
 
@@ -347,6 +362,9 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
     need_rows = ev.rewards or ev.winrate.enabled or ev.kl
     rows = heldout_rows(cfg) if need_rows else []
     wr_rows = judged_rows(ev, cfg.data, rows, cfg.seed)
+    if problem := winrate_problem(cfg, wr_rows):
+        log.warning("win-rate skipped: %s", problem)
+        wr_rows = []
     results: dict = {"models": {}, "comparisons": {}, "config": to_dict(ev)}
     do_tasks = bool(ev.tasks) and _has_lm_eval(results)
     sets = dataset_inputs(cfg)
@@ -363,7 +381,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             entry["rewards"] = rewards_entry(cfg, str(path), model, tok, reference_for[name], rows)
         elif ev.kl and reference_for.get(name) and rows:
             entry["kl"] = kl_entry(cfg, str(path), model, tok, reference_for[name], rows)
-        if ev.winrate.enabled:
+        if wr_rows:
             responses = generations(cfg, str(path), model, tok, wr_rows)
             run = judge(cfg, judge_items(wr_rows, responses, [r.chosen for r in wr_rows]))
             entry["winrate"] = winrate_entry(run, "chosen")

@@ -4,6 +4,7 @@ Generation, win-rate and held-out loss live elsewhere in ``preftune.eval``."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -116,6 +117,11 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     quiet = logging.getLogger("lm_eval.api.task")  # its note on custom_dataset kwargs (the shipped task has none)
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # lm-eval records the git commit of the working folder by running `git describe`, whose "fatal: not a
+    # git repository" lands on the terminal outside a repository; the results do not need it
+    evaluator = importlib.import_module("lm_eval.evaluator")
+    git_hash = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
     try:
         results = lm_eval.simple_evaluate(
             model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False,
@@ -131,4 +137,5 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
     finally:
         tokenizer.padding_side = padding_side
         quiet.setLevel(level)
+        evaluator.get_git_commit_hash = git_hash
     return {spec: _metrics(results, name) for spec, name in zip(tasks, names)}
