@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from preftune.config.load import apply_overrides, build, load_raw, to_dict
+from preftune.config.rules import UNIT_INTERVAL
 from preftune.config.schema import (
-    UNIT_INTERVAL,
     Config,
     ConfigError,
     DataConfig,
