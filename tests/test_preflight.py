@@ -19,7 +19,7 @@ from preftune.data import collate as collation
 from preftune.data.stage import stage_bins
 from preftune.losses import LOSSES
 from preftune.reference import read_table, write_table
-from preftune.train import collate_for, run_stage, setup
+from preftune.train import run_stage, setup
 from test_train import make_cfg, metrics
 
 PAIRED = [n for n, spec in LOSSES.items() if not spec.unpaired]
@@ -39,7 +39,7 @@ def _variant(st, loss: str | None = None, layout: str | None = None):
     s = st.stage_cfg if loss is None else dataclasses.replace(st.stage_cfg, loss=loss)
     layout = layout or st.layout
     return dataclasses.replace(st, stage_cfg=s, layout=layout, bins=stage_bins(st.data.train, s, layout),
-                               collate=collate_for(s, layout, st.tokenizer.pad_token_id))
+                               collate=st.method.collate(s, layout, st.tokenizer.pad_token_id))
 
 
 # (strategy, settings, the variants it runs: (loss, layout) pairs). A precomputed reference is built per
