@@ -234,7 +234,10 @@ def file_level_cases() -> list[Case]:
         Case("csv-header-only", raw("d.csv", b"prompt,chosen,rejected\n"), file_error="no records"),
         Case("csv-duplicate-header", raw("d.csv", b"prompt,chosen,chosen\na,b,c\n"), file_error="twice"),
         Case("csv-nul-byte", raw("d.csv", b"prompt,chosen,rejected\na,b\x00,c\n"), records=1),
-        Case("csv-binary", raw("d.csv", b"\xff\xfe\x00junk,\x80\n\x81,\x82\n"), records=1, bad={1: ANY}),
+        Case("csv-binary", raw("d.csv", b"\xfe\x00junk,\x80\n\x81,\x82\n"), records=1, bad={1: ANY}),
+        # a UTF-16 byte-order mark makes it UTF-16 text (data/sources.py): this one decodes to a header alone
+        Case("csv-utf16-mark-then-binary", raw("d.csv", b"\xff\xfe\x00junk,\x80\n\x81,\x82\n"),
+             file_error="no records"),
         Case("parquet-empty", raw("d.parquet", b""), file_error="not a readable Parquet file"),
         Case("parquet-noise", raw("d.parquet", noise), file_error="not a readable Parquet file"),
         Case("parquet-magic-only", raw("d.parquet", b"PAR1" + noise + b"PAR1"), file_error="not a readable Parquet"),

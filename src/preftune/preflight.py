@@ -121,7 +121,7 @@ def check_step0(st, batch: dict, live: dict | None) -> Check:
     tol = STEP0_TOLERANCE[st.cfg.precision]
     if st.method.data != "preference" or not st.method.needs_reference(st.stage_cfg):
         return Check("step0", True, None, tol, "no reference: the loss has no known step-0 value")
-    if is_adapter(st.model_path) and st.ref_strategy == "adapter":
+    if is_adapter(st.model_path) and st.ref_strategy in ("adapter", "precomputed"):  # adapters off: its base
         return Check("step0", True, None, tol, "the reference is the adapter's base, not the starting policy")
     with _as_training_computes(st):
         loss, metrics = st.method.step(st.policy, batch, st.stage_cfg, st.reference.logps(batch))
