@@ -362,6 +362,20 @@ def _map_names(raw: dict, kind: str, stage: str, skip: frozenset | set, conv: Co
 # ---------------------------------------------------------------- config from-axolotl
 
 
+def put_sources(conv: Conversion, sources: list[dict], stage: str) -> str:
+    """A recipe's datasets as the data section (``sft.data`` for an SFT recipe): one source as it is,
+    several as a mixture, each whole. Returns the section's key."""
+    data = "sft.data" if stage == "sft" and sources else "data"
+    if len(sources) == 1:
+        for k, v in sources[0].items():
+            put(conv.tree, f"{data}.{k}", v)
+    elif sources:
+        put(conv.tree, f"{data}.mixture", [s | {"fraction": 1.0} for s in sources])
+    return data
+
+
+
+
 AXOLOTL_RL = {"dpo": "dpo", "ipo": "dpo", "orpo": "orpo", "kto": "kto", "simpo": "simpo"}
 AXOLOTL_ROWS = {
     "intel": ("standard", {"prompt": "question"}), "icr": ("standard", {"prompt": "input"}),
@@ -494,12 +508,7 @@ def convert_axolotl(raw: dict) -> Conversion:
                                                    "kto_desirable_weight", "kto_undesirable_weight", "datasets"}
     sources = [e for i, d in enumerate(raw.get("datasets") or [])
                if (e := _axolotl_dataset(d, i, kind, conv.unmapped)) is not None]
-    data = "sft.data" if stage == "sft" and sources else "data"
-    if len(sources) == 1:
-        for k, v in sources[0].items():
-            put(conv.tree, f"{data}.{k}", v)
-    elif sources:
-        put(conv.tree, f"{data}.mixture", [s | {"fraction": 1.0} for s in sources])
+    data = put_sources(conv, sources, stage)
     for name, value in raw.items():
         if name in read or value is None:
             continue
@@ -685,12 +694,7 @@ def convert_llamafactory(raw: dict, dataset_info: Path | None, recipe_dir: Path)
                             "declared there. Pass --dataset-info PATH/dataset_info.json")
     info = json.loads(info_file.read_text()) if names else {}
     sources = [e for n in names if (e := _lf_entry(n, info, folder, kind, conv.unmapped)) is not None]
-    data = "sft.data" if stage == "sft" and sources else "data"
-    if len(sources) == 1:
-        for k, v in sources[0].items():
-            put(conv.tree, f"{data}.{k}", v)
-    elif sources:
-        put(conv.tree, f"{data}.mixture", [s | {"fraction": 1.0} for s in sources])
+    data = put_sources(conv, sources, stage)
     if "val_size" in raw:
         put(conv.tree, f"{data}.test_split", None)  # LLaMA-Factory carves val_size off the training rows
     if raw.get("eval_dataset"):
