@@ -49,6 +49,29 @@ def test_the_precision_plan_trains_sft_once_and_counts_steps_by_the_loop(capsys,
     assert any("win-rate (openai judge, gpt-4): 2 x 256 (helpful, harmless) prompts" in line for line in lines)
 
 
+def test_the_embedded_plan_trains_its_judge_first_and_every_winrate_uses_it(capsys, monkeypatch, tmp_path):
+    """--embedded's overlay trains one reward model before the experiments (96 pairs, 12 steps of 8), and
+    sets it as every recipe's judge in place of the study's GPT-4; a judge that is not there stops a run
+    before training, naming the setting."""
+    from preftune.config import WinrateConfig
+    from preftune.eval.judges import JudgeUnavailable, preflight
+    from preftune.study import apply_overlay, load_recipe
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["study", "--embedded", "--only", "b", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "== judge: a reward model from embedded:smollm2-135m-instruct, 96 pairs, 12 steps, into " \
+           "runs/study-embedded/judge, trained first" in out
+    assert "win-rate (reward_model judge, runs/study-embedded/judge)" in out
+    overlay = load_overlay(RECIPES)
+    raw = load_recipe(RECIPES / "f_training_length.yaml", overlay)
+    assert raw["eval"]["winrate"]["judge"] == "reward_model"
+    with pytest.raises(Exception, match="judge: needs recipe"):
+        apply_overlay({}, {"judge": {"recipe": "x.yaml"}}, "x")
+    with pytest.raises(JudgeUnavailable, match="eval.winrate.judge_model: the reward model cannot be loaded"):
+        preflight(WinrateConfig(judge="reward_model", judge_model=str(tmp_path / "runs" / "none")))
+
+
 def test_only_names_an_unknown_experiment(capsys):
     assert main(["study", "--only", "z", "--dry-run"]) != 0
     assert "--only z: no such experiment; choose one of a_downstream" in capsys.readouterr().err
@@ -116,10 +139,13 @@ def _tiny_overlay(model: str) -> dict:
         "data": {"max_rows": 16, "max_eval_rows": 6, "max_length": 64, "max_prompt_length": 32},
         "sft": {"max_steps": 2, "batch_size": 4, "grad_accum": 1, "gradient_checkpointing": False},
         "dpo": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "gradient_checkpointing": False, "eval_every": 1},
-        "eval": {"batch_size": 8, "tasks": [], "winrate": {"enabled": True, "judge": "rule", "categories": "rows",
+        "eval": {"batch_size": 8, "tasks": [], "winrate": {"enabled": True, "categories": "rows",
                                                            "per_category": 1, "max_new_tokens": 4},
                  "heldout": {"chunk_length": 32, "max_chunks": 2}},
     })
+    overlay["judge"].update({"model": model, "data": {"max_rows": 8, "max_eval_rows": 4, "max_length": 64,
+                                                      "max_prompt_length": 32},
+                             "rm": {"max_steps": 2, "batch_size": 4}})
     for exp in ("a_downstream", "f_training_length"):
         overlay["experiments"][exp]["eval"] = {"curve_every": 1}
     return overlay
@@ -139,8 +165,12 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     for exp in ("a_downstream", "b_precision", "c_forgetting", "d_beta_data", "f_training_length"):
         sweep = json.loads((root / exp / "sweep.json").read_text())
         assert all(r["status"] == "done" for r in sweep["runs"]), exp
+    judge = json.loads((root / "judge" / "run.json").read_text())
+    assert judge["method"] == "rm" and judge["steps"] == 2 and any("== judge: a reward model" in p for p in printed)
     b = json.loads((root / "b_precision" / "sweep.json").read_text())["runs"]
     assert [r["result"]["sft_trained_here"] for r in b] == [True, False, False]
+    verdicts = json.loads((root / "b_precision" / "runs" / "fp32-full" / "eval" / "winrate.json").read_text())
+    assert verdicts["judge"] == "reward_model" and verdicts["invalid"] == 0  # every row judged, open-ended ones too
     curve = json.loads((root / "f_training_length" / "runs" / "smollm2-135m" / "eval" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2, 3]
     rows = {f.claim: f for f in findings(root, {"e_sft_data": "one source"})}

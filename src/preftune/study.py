@@ -2,7 +2,8 @@
 planned offline (stages shared and trained, steps, pairs and evaluations of each run) or run in turn,
 then one report whose first table sets the study's findings beside ours (report/findings.py).
 ``--embedded`` runs the same recipes through an overlay (``configs/study/embedded.yaml``) that swaps the
-Hub models and data for the embedded ones and shrinks every size."""
+Hub models and data for the embedded ones, shrinks every size, and trains the offline judge (a reward
+model) that judges every win-rate in place of the study's GPT-4."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from preftune.config import Config, ConfigError, DataConfig, apply_overrides, load_raw, merge, to_dict
+from preftune.config.validate import config_from_dict
 from preftune.data.sources import read_records
 from preftune.data.stage import stage_data_config, steps_per_epoch, total_steps
 from preftune.errors import PreftuneError
@@ -81,12 +83,24 @@ def skipped(overlay: dict | None) -> dict[str, str]:
             if isinstance(e, dict) and e.get("skip")}
 
 
+def judged_by(overlay: dict) -> dict:
+    """What the overlay's ``judge`` block sets in every recipe: the reward-model judge at its output_dir."""
+    block = overlay.get("judge")
+    if not block:
+        return {}
+    if not isinstance(block, dict) or not block.get("recipe") or not block.get("output_dir"):
+        raise PreftuneError("the overlay's judge: needs recipe (a `preftune rm` config, relative to the overlay) "
+                            "and output_dir (where the reward model is trained)")
+    return {"eval": {"winrate": {"judge": "reward_model", "judge_model": str(block["output_dir"])}}}
+
+
 def apply_overlay(raw: dict, overlay: dict, name: str) -> dict:
     """A recipe under an overlay: ``replace`` (names -> their stand-ins, sweep variants included), then
-    ``all`` and ``experiments.<name>`` merged over it; ``{name}`` in ``output_dir`` is the experiment."""
+    ``all``, the ``judge`` block's judge and ``experiments.<name>`` merged over it; ``{name}`` in
+    ``output_dir`` is the experiment."""
     out = _replace(copy.deepcopy(raw), overlay.get("replace") or {})
     own = {k: v for k, v in ((overlay.get("experiments") or {}).get(name) or {}).items() if k != "skip"}
-    for part in (overlay.get("all") or {}, own):
+    for part in (overlay.get("all") or {}, judged_by(overlay), own):
         for key, value in part.items():
             if key == "sweep":
                 out["sweep"] = copy.deepcopy(value)  # a sweep block is replaced, not merged
@@ -110,6 +124,30 @@ def load_overlay(folder: Path) -> dict:
     if not path.is_file():
         raise PreftuneError(f"--embedded needs {path} (the overlay that swaps in the embedded model and data)")
     return yaml.safe_load(path.read_text()) or {}
+
+
+def judge_config(overlay: dict | None, folder: Path) -> Config | None:
+    """The overlay's offline judge, or None: its ``judge`` block's ``recipe`` (a ``preftune rm`` config,
+    relative to ``folder``) with the block's other keys merged over it."""
+    if not (overlay or {}).get("judge"):
+        return None
+    judged_by(overlay)  # the block's shape
+    block = overlay["judge"]
+    path = (folder / block["recipe"]).resolve()
+    raw = load_raw(path)
+    merge(raw, {k: copy.deepcopy(v) for k, v in block.items() if k != "recipe"})
+    return config_from_dict(raw, f"{path} (the overlay's judge)")
+
+
+def train_judge(cfg: Config, echo=print) -> None:
+    """Train the judge (a run that finished earlier is kept) and say how well it ranks held-out pairs."""
+    from preftune.model import model_folder
+    from preftune.train import run_stage
+
+    summary = run_stage(cfg, "rm", cfg.output_dir, model_folder(cfg), resume=True)
+    acc = summary.get("eval_accuracy")
+    echo(f"study: judge {cfg.output_dir}: {summary['steps']} steps" +
+         (f", held-out accuracy {acc:.3f}" if isinstance(acc, (int, float)) else ""))
 
 
 # ---------------------------------------------------------------- the offline plan
@@ -221,6 +259,23 @@ def format_experiment(name: str, raw: dict, runs: list[PlannedRun]) -> str:
 # ---------------------------------------------------------------- running
 
 
+def shared_sft_lines(planned: dict[str, list[PlannedRun]]) -> list[str]:
+    """The plan's word on SFT across experiments: each SFT stage is trained once, by the first run that
+    needs it, for every experiment with the same SFT settings (the study ran its DPO variants from one
+    SFT model); a later experiment's "trained here" then finds it finished."""
+    users: dict[str, list[str]] = {}
+    for name, runs in planned.items():
+        for r in runs:
+            if r.sft_key and name not in users.setdefault(r.sft_key, []):
+                users[r.sft_key].append(name)
+    lines = [f"== SFT stages for the whole study: {len(users)}, each trained once (in {Path('shared', 'sft')})"]
+    for key, names in users.items():
+        first = next(r.name for r in planned[names[0]] if r.sft_key == key)
+        lines.append(f"  {key[:8]}: trained by {names[0]}/{first}" +
+                     (f", shared with {', '.join(names[1:])}" if len(names) > 1 else ""))
+    return lines
+
+
 def study_root(raws: list[dict]) -> Path:
     """The folder that holds every experiment's sweep: the common parent of their ``output_dir``."""
     parents = {Path(r.get("output_dir") or Config.output_dir).parent for r in raws}
@@ -261,15 +316,24 @@ def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = F
         raise ConfigError(problems, "the study's recipes" + (" (--embedded)" if embedded else ""))
     for name, runs in planned.items():
         echo(format_experiment(name, raws[name], runs))
+    judge = judge_config(overlay, folder)
+    if judge is not None:
+        pairs, steps, where = stage_steps(judge, "rm")
+        echo(f"== judge: a reward model from {judge.model}, {_count(pairs, where)} pairs, {steps} steps, "
+             f"into {judge.output_dir}, trained first; it judges every win-rate")
     root = study_root(list(raws.values()))
+    for line in shared_sft_lines(planned):
+        echo(line)
     if dry_run:
         echo(f"\nplan only (--dry-run): {len(planned)} experiment(s) into {root}; nothing was trained")
         return {name: {"runs": [r.name for r in runs]} for name, runs in planned.items()}
+    if judge is not None:
+        train_judge(judge, echo)
     preflight_judges(planned)
     states: dict[str, Any] = {}
     for name, raw in raws.items():
         echo(f"\nstudy: experiment {name}")
-        states[name] = run_sweep(raw, source=str(chosen[name]), echo=echo)
+        states[name] = run_sweep(raw, source=str(chosen[name]), echo=echo, shared_root=root)
     states["findings"] = str(write_findings(root, StudyDir(root).report_dir, left_out))
     echo(f"study: findings in {states['findings']}")
     return states

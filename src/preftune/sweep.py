@@ -371,7 +371,8 @@ def _trained_tokens(run_dir: Path, sft_trained: bool) -> int:
 
 
 def run_one(r: PlannedRun, root: Path, share_sft: bool) -> dict:
-    """Run (or resume) one pipeline run; write its ``done.json``; return its status record."""
+    """Run (or resume) one pipeline run (its shared SFT stage under ``root``); write its ``done.json``;
+    return its status record."""
     out = Path(r.cfg.output_dir)
     resume = out.is_dir() and any(out.iterdir())  # an interrupted run continues from its checkpoints
     sft_trained = True
@@ -440,10 +441,12 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=print) -> dict:
+def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=print,
+              shared_root: Path | None = None) -> dict:
     """Plan, (dry-run: print and stop), run every unfinished run one after another, then the report.
     Returns the ``sweep.json`` record. Failed runs are recorded and the others still run; the sweep
-    then raises a PreftuneError naming them."""
+    then raises a PreftuneError naming them. ``shared_root`` holds the shared SFT stages in place of the
+    sweep's folder (the study shares them across its experiments)."""
     runs = plan(raw, source)
     _, options, _ = sweep_block(raw)
     share = bool(options.get("share_sft", True))
@@ -470,7 +473,7 @@ def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=pri
         state["runs"][i]["status"] = "running"
         write_json(SweepDir(root).state, state)
         try:
-            state["runs"][i] = _record(r, "done", result=run_one(r, root, share))
+            state["runs"][i] = _record(r, "done", result=run_one(r, shared_root or root, share))
         except KeyboardInterrupt:
             state["runs"][i]["status"] = "interrupted"
             write_json(SweepDir(root).state, state)

@@ -335,7 +335,17 @@ checks its ``judge`` against it)."""
 def preflight(w) -> None:
     """Stop before any training when the configured LLM judge cannot judge: the ``openai`` judge's
     model is unset, its API key is missing for the default (OpenAI) endpoint, or one short request does
-    not come back with a verdict. Raises JudgeUnavailable naming the setting to fix; other judges pass."""
+    not come back with a verdict, or the ``reward_model`` judge's model is not there. Raises JudgeUnavailable
+    naming the setting to fix; other judges pass."""
+    if w.enabled and w.judge == "reward_model" and w.judge_model:
+        from preftune.model import resolve_model
+
+        try:
+            resolve_model(w.judge_model)
+        except PreftuneError as e:
+            raise JudgeUnavailable(f"eval.winrate.judge_model: the reward model cannot be loaded ({e}); train it "
+                                   "first (`preftune rm`) or point eval.winrate.judge_model at one") from None
+        return
     if not w.enabled or w.judge != "openai":
         return
     if not w.judge_model:
