@@ -112,9 +112,9 @@ def test_findings_agree_disagree_and_not_shown(tmp_path):
     rows = {f.claim: f for f in findings(tmp_path)}
     equal, lora = rows["fp32 and bf16 DPO are about equal"], rows["full fine-tuning is at least as good as LoRA"]
     beta = rows["a higher beta forgets less (held-out loss on pre-training text)"]
-    assert equal.verdict == AGREES and equal.ours == "win-rate fp32 - bf16: -0.010 [-0.081, +0.061]"
+    assert equal.verdict == AGREES and equal.ours == "win-rate fp32 - bf16 (independent): -0.010 [-0.081, +0.061]"
     assert lora.verdict == NOT_SHOWN and "the 95% CI spans 0" in lora.reason
-    assert lora.ours == "win-rate full - LoRA: +0.020 [-0.051, +0.091]"
+    assert lora.ours == "win-rate full - LoRA (independent): +0.020 [-0.051, +0.091]"
     assert beta.verdict == DISAGREES and beta.ours.endswith("difference -0.0090 [-0.0104, -0.0076]")
     down = rows["DPO improves downstream accuracy over the base model"]
     assert down.verdict == NOT_SHOWN and down.reason.startswith("a_downstream: no downstream task scores")
@@ -125,6 +125,29 @@ def test_findings_agree_disagree_and_not_shown(tmp_path):
     assert "| DPO improves downstream accuracy over the base model | about +2% (Table 1) |" in table[2]
     assert any("e_sft_data was not run: one source" in line for line in table)
     assert json.loads((tmp_path / "report" / "findings.json").read_text())[2]["verdict"] == AGREES
+
+
+def _samples(root: Path, experiment: str, name: str, scores: list[float]) -> None:
+    path = root / experiment / "runs" / name / "eval" / "samples-dpo.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "score": s}) + "\n" for i, s in enumerate(scores)))
+
+
+def test_run_differences_are_paired_over_the_prompts_both_judged(tmp_path):
+    """Full 0.70 [0.45, 0.90] vs LoRA 0.50 [0.30, 0.70]: from the two CIs alone, +0.20 spans 0. Their
+    samples show the same 40 prompts, where full wins 8 that LoRA lost and is equal on the rest:
+    paired, +0.20 with a bootstrap CI above 0, so full >= LoRA agrees."""
+    _run(tmp_path, "b_precision", "bf16-full", {"precision": "bf16-mixed", "lora": {"enabled": False}},
+         {"dpo": _wr(0.70, 0.45, 0.90)})
+    _run(tmp_path, "b_precision", "bf16-lora", {"precision": "bf16-mixed", "lora": {"enabled": True}},
+         {"dpo": _wr(0.50, 0.30, 0.70)})
+    lora = [1.0] * 20 + [0.0] * 20
+    _samples(tmp_path, "b_precision", "bf16-lora", lora)
+    _samples(tmp_path, "b_precision", "bf16-full", lora[:20] + [1.0] * 8 + [0.0] * 12)
+    row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
+    assert row.ours.startswith("win-rate full - LoRA (paired, n=40): +0.200 [+0.") and row.verdict == AGREES
+    _samples(tmp_path, "b_precision", "bf16-full", [None] * 40)  # nothing both judged: the two CIs again
+    row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
+    assert row.ours.startswith("win-rate full - LoRA (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
 
 
 # ---------------------------------------------------------------- every experiment on the tiny model
@@ -167,15 +190,20 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
         assert all(r["status"] == "done" for r in sweep["runs"]), exp
     judge = json.loads((root / "judge" / "run.json").read_text())
     assert judge["method"] == "rm" and judge["steps"] == 2 and any("== judge: a reward model" in p for p in printed)
-    b = json.loads((root / "b_precision" / "sweep.json").read_text())["runs"]
-    assert [r["result"]["sft_trained_here"] for r in b] == [True, False, False]
-    verdicts = json.loads((root / "b_precision" / "runs" / "fp32-full" / "eval" / "winrate.json").read_text())
-    assert verdicts["judge"] == "reward_model" and verdicts["invalid"] == 0  # every row judged, open-ended ones too
+    trained = {exp: [r["result"]["sft_trained_here"] for r in json.loads((root / exp / "sweep.json").read_text())["runs"]]
+               for exp in ("a_downstream", "b_precision", "c_forgetting", "d_beta_data", "f_training_length")}
+    assert trained == {"a_downstream": [True], "b_precision": [False] * 3, "c_forgetting": [False] * 2,
+                       "d_beta_data": [False] * 2, "f_training_length": [False]}  # one SFT for the study
+    (shared,) = (root / "shared" / "sft").iterdir()
+    assert (root / "b_precision" / "runs" / "bf16-lora" / "sft").resolve() == shared.resolve()
+    ev = json.loads((root / "b_precision" / "runs" / "fp32-full" / "eval" / "eval.json").read_text())
+    assert ev["config"]["winrate"]["judge"] == "reward_model"
+    assert all(m["winrate"]["invalid"] == 0 and m["winrate"]["n"] > 0 for m in ev["models"].values())  # open-ended rows too
     curve = json.loads((root / "f_training_length" / "runs" / "smollm2-135m" / "eval" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2, 3]
     rows = {f.claim: f for f in findings(root, {"e_sft_data": "one source"})}
     assert all(f.verdict in (AGREES, DISAGREES, NOT_SHOWN) for f in rows.values())
-    assert rows["fp32 and bf16 DPO are about equal"].ours.startswith("win-rate fp32 - bf16: ")
+    assert rows["fp32 and bf16 DPO are about equal"].ours.startswith("win-rate fp32 - bf16 (paired, n=")
     assert rows["a higher beta forgets less (held-out loss on pre-training text)"].ours.startswith("Δ bits/byte vs base: beta 0.05")
     assert "e_sft_data was not run" in rows["the SFT data matters: Alpaca SFT + HH DPO is best"].reason
     peaks = rows["the win-rate peaks with the reward accuracy"]

@@ -110,6 +110,10 @@ class EvalDir(Folder):
     curve_json = property(lambda self: self.root / "curve.json")
     curve_samples = property(lambda self: self.root / "curve")
 
+    def samples(self, model: str, dataset: str | None = None) -> Path:
+        """One model's per-prompt generations, verdicts and scores (on an ``eval.datasets`` entry's rows)."""
+        return (self.root / "datasets" / dataset if dataset else self.root) / f"samples-{model}.jsonl"
+
 
 @dataclass(frozen=True)
 class RoundDir(Folder):

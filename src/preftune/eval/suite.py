@@ -33,6 +33,7 @@ from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
 from preftune.files import write_json
 from preftune.methods import METHODS
+from preftune.paths import EvalDir
 from preftune.model import (
     adapter_base,
     content_digest,
@@ -312,7 +313,7 @@ def dataset_entries(sets: list[DatasetInputs], name: str, path: str, model, tok,
             checked, _ = checked_entry(wr_rows, responses)
             if checked:
                 entry["checked"] = checked
-            _write_samples(out / "datasets" / ds_name / f"samples-{name}.jsonl", wr_rows, responses, run)
+            _write_samples(EvalDir(out).samples(name, ds_name), wr_rows, responses, run)
         figures[ds_name] = entry
     return figures
 
@@ -389,7 +390,7 @@ def evaluate_models(cfg: Config, models: dict[str, str], out_dir: str | Path,
             checked, checked_marks[name] = checked_entry(wr_rows, responses)
             if checked:
                 entry["checked"] = checked
-            _write_samples(out / f"samples-{name}.jsonl", wr_rows, responses, run)
+            _write_samples(EvalDir(out).samples(name), wr_rows, responses, run)
         if full and ev.heldout.enabled:
             ho = heldout_entry(cfg, str(path), model, tok)
             chunks[name] = ho["per_chunk"]

@@ -4,15 +4,16 @@ where the text gives one, our figure with its 95% CI, and a verdict), read from 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.eval.stats import Z95
+from preftune.eval.stats import Z95, paired_bootstrap
 from preftune.eval.tasks import mean_accuracy
 from preftune.files import write_json
-from preftune.paths import SweepDir
+from preftune.paths import EvalDir, RunDir, SweepDir
 from preftune.report.runs import Run, load_run
 from preftune.report.table import markdown_table
 
@@ -84,6 +85,28 @@ def difference(a: Estimate, b: Estimate) -> Estimate:
     return d, d - Z95 * se, d + Z95 * se
 
 
+def _scores(run: Run, model: str, dataset: str | None) -> dict[str, float | None]:
+    """Prompt -> the judged score of one model of a run (its per-prompt samples file), or {} without one."""
+    path = EvalDir(RunDir(run.path).eval_dir).samples(model, dataset)
+    if not path.is_file():
+        return {}
+    rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return {json.dumps(r["prompt"], sort_keys=True): r.get("score") for r in rows}
+
+
+def between(a: Run, b: Run, ea: Estimate, eb: Estimate, model: str = "dpo",
+            dataset: str | None = None) -> tuple[Estimate, str]:
+    """The win-rate of ``a``'s model minus ``b``'s, and how it was taken: paired over the prompts both
+    runs judged (their held-out prompts against the same chosen responses, so each prompt's difficulty
+    cancels), or from the two rates' own CIs when a run has no per-prompt samples."""
+    sa, sb = _scores(a, model, dataset), _scores(b, model, dataset)
+    keys = [k for k in sa if k in sb and sa[k] is not None and sb[k] is not None]
+    if keys:
+        mean, low, high = paired_bootstrap([sa[k] for k in keys], [sb[k] for k in keys])
+        return (mean, low, high), f"paired, n={len(keys)}"
+    return difference(ea, eb), "independent"
+
+
 def show(e: Estimate, signed: bool = True, digits: int = 3) -> str:
     f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
     return f"{f.format(e[0])} [{f.format(e[1])}, {f.format(e[2])}]"
@@ -145,8 +168,8 @@ def precision_equal(root: Path, f: Finding) -> None:
     if not (a and b):
         f.verdict, f.reason = _missing("b_precision", "needs the fp32-full and bf16-full win-rates")
         return
-    d = difference(a, b)
-    f.ours = f"win-rate fp32 - bf16: {show(d)}"
+    d, how = between(fp32, bf16, a, b)
+    f.ours = f"win-rate fp32 - bf16 ({how}): {show(d)}"
     if d[1] > 0 or d[2] < 0:
         f.verdict, f.reason = DISAGREES, "fp32 and bf16 differ beyond the 95% CI"
     elif d[2] - d[1] > 0.2:
@@ -162,8 +185,8 @@ def full_vs_lora(root: Path, f: Finding) -> None:
     if not (a and b):
         f.verdict, f.reason = _missing("b_precision", "needs the bf16-full and bf16-lora win-rates")
         return
-    d = difference(a, b)
-    f.ours = f"win-rate full - LoRA: {show(d)}"
+    d, how = between(full, lora, a, b)
+    f.ours = f"win-rate full - LoRA ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "full - LoRA")
 
 
@@ -187,15 +210,15 @@ def beta_forgetting(root: Path, f: Finding) -> None:
 def small_beta_chat(root: Path, f: Finding) -> None:
     runs = [r for r in experiment_runs(root, "d_beta_data").values()
             if "hh" in str((r.config.get("data") or {}).get("source", "")).lower() or r.name.startswith("hh")]
-    pts = [(_beta(r), winrate(_model(r, "dpo"))) for r in runs]
-    small = [(b, e) for b, e in pts if b is not None and e and b < 0.1]
-    large = [(b, e) for b, e in pts if b is not None and e and b >= 0.1]
+    pts = [(_beta(r), winrate(_model(r, "dpo")), r) for r in runs]
+    small = [p for p in pts if p[0] is not None and p[1] and p[0] < 0.1]
+    large = [p for p in pts if p[0] is not None and p[1] and p[0] >= 0.1]
     if not (small and large):
         f.verdict, f.reason = _missing("d_beta_data", "needs HH win-rates at betas below and at or above 0.1")
         return
-    (sb, s), (lb, big) = max(small, key=lambda p: p[1][0]), max(large, key=lambda p: p[1][0])
-    d = difference(s, big)
-    f.ours = f"HH win-rate, best beta < 0.1 ({sb:g}) - best beta >= 0.1 ({lb:g}): {show(d)}"
+    (sb, s, s_run), (lb, big, l_run) = max(small, key=lambda p: p[1][0]), max(large, key=lambda p: p[1][0])
+    d, how = between(s_run, l_run, s, big)
+    f.ours = f"HH win-rate, best beta < 0.1 ({sb:g}) - best beta >= 0.1 ({lb:g}) ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "the difference")
 
 
@@ -210,8 +233,8 @@ def hh_generalises(root: Path, f: Finding) -> None:
     if not (hh and shp):
         f.verdict, f.reason = _missing("e_sft_data", "needs the SHP win-rates of DPO on HH and DPO on SHP")
         return
-    d = difference(hh, shp)
-    f.ours = f"SHP win-rate, DPO on HH - DPO on SHP: {show(d)}"
+    d, how = between(runs["sft_hh-dpo_hh"], runs["sft_hh-dpo_shp"], hh, shp, dataset="shp")
+    f.ours = f"SHP win-rate, DPO on HH - DPO on SHP ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "DPO on HH - DPO on SHP")
 
 
@@ -223,8 +246,8 @@ def sft_data_matters(root: Path, f: Finding) -> None:
         f.verdict, f.reason = _missing("e_sft_data", "needs the HH win-rates of Alpaca-SFT + HH-DPO and the others")
         return
     name, other = max(others, key=lambda p: p[1][0])
-    d = difference(best, other)
-    f.ours = f"HH win-rate, SFT Alpaca + DPO HH - the best other ({name}): {show(d)}"
+    d, how = between(runs["sft_alpaca-dpo_hh"], runs[name], best, other, dataset="hh")
+    f.ours = f"HH win-rate, SFT Alpaca + DPO HH - the best other ({name}) ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "the difference")
 
 
