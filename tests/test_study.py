@@ -114,12 +114,12 @@ def test_findings_agree_disagree_and_not_shown(tmp_path):
     beta = rows["a higher beta forgets less (held-out loss on pre-training text)"]
     assert equal.verdict == AGREES and equal.ours == "win-rate fp32 - bf16 (independent): -0.010 [-0.081, +0.061]"
     assert lora.verdict == NOT_SHOWN and "the 95% CI spans 0" in lora.reason
-    assert lora.ours == "win-rate full - LoRA (independent): +0.020 [-0.051, +0.091]"
+    assert lora.ours == "win-rate full - LoRA, bf16 (independent): +0.020 [-0.051, +0.091]"
     assert beta.verdict == DISAGREES and beta.ours.endswith("difference -0.0090 [-0.0104, -0.0076]")
     down = rows["DPO improves downstream accuracy over the base model"]
     assert down.verdict == NOT_SHOWN and down.reason.startswith("a_downstream: no downstream task scores")
 
-    md = write_findings(tmp_path, tmp_path / "report", {"e_sft_data": "one source"}).read_text()
+    md = write_findings(tmp_path, tmp_path / "report", {"e_sft_data": "was not run: one source"}).read_text()
     table = md.split("## Findings\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert table[0] == "| the study's finding | its number | ours [95% CI] | verdict |" and len(table) == 2 + 9
     assert "| DPO improves downstream accuracy over the base model | about +2% (Table 1) |" in table[2]
@@ -144,10 +144,10 @@ def test_run_differences_are_paired_over_the_prompts_both_judged(tmp_path):
     _samples(tmp_path, "b_precision", "bf16-lora", lora)
     _samples(tmp_path, "b_precision", "bf16-full", lora[:20] + [1.0] * 8 + [0.0] * 12)
     row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
-    assert row.ours.startswith("win-rate full - LoRA (paired, n=40): +0.200 [+0.") and row.verdict == AGREES
+    assert row.ours.startswith("win-rate full - LoRA, bf16 (paired, n=40): +0.200 [+0.") and row.verdict == AGREES
     _samples(tmp_path, "b_precision", "bf16-full", [None] * 40)  # nothing both judged: the two CIs again
     row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
-    assert row.ours.startswith("win-rate full - LoRA (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
+    assert row.ours.startswith("win-rate full - LoRA, bf16 (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
 
 
 # ---------------------------------------------------------------- every experiment on the tiny model
@@ -201,7 +201,7 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     assert all(m["winrate"]["invalid"] == 0 and m["winrate"]["n"] > 0 for m in ev["models"].values())  # open-ended rows too
     curve = json.loads((root / "f_training_length" / "runs" / "smollm2-135m" / "eval" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 1, 2, 3]
-    rows = {f.claim: f for f in findings(root, {"e_sft_data": "one source"})}
+    rows = {f.claim: f for f in findings(root, {"e_sft_data": "was not run: one source"})}
     assert all(f.verdict in (AGREES, DISAGREES, NOT_SHOWN) for f in rows.values())
     assert rows["fp32 and bf16 DPO are about equal"].ours.startswith("win-rate fp32 - bf16 (paired, n=")
     assert rows["a higher beta forgets less (held-out loss on pre-training text)"].ours.startswith("Δ bits/byte vs base: beta 0.05")

@@ -226,10 +226,14 @@ def expand(cfg_raw: dict) -> list[tuple[str, Config]]:
 
 
 def sft_settings(cfg: Config) -> dict:
-    """The flattened settings that decide a run's SFT stage (all but ``SFT_IRRELEVANT``)."""
+    """The flattened settings that decide a run's SFT stage (all but ``SFT_IRRELEVANT``). The stage reads
+    ``sft.data`` when set, else ``data``: a set ``sft.data`` stands where ``data`` would, so a run that
+    names its SFT data and one that takes the same data from ``data`` share their SFT stage."""
     d = to_dict(cfg)
-    for k in SFT_IRRELEVANT + (("data",) if cfg.sft.data is not None else ()):
+    for k in SFT_IRRELEVANT:
         d.pop(k, None)
+    if cfg.sft.data is not None:
+        d["data"], d["sft"]["data"] = d["sft"]["data"], None
     return _flatten_axes(d)
 
 
@@ -442,12 +446,15 @@ def _duration(s: float) -> str:
 
 
 def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=print,
-              shared_root: Path | None = None) -> dict:
+              shared_root: Path | None = None, leave_out: dict[str, str] | None = None) -> dict:
     """Plan, (dry-run: print and stop), run every unfinished run one after another, then the report.
     Returns the ``sweep.json`` record. Failed runs are recorded and the others still run; the sweep
     then raises a PreftuneError naming them. ``shared_root`` holds the shared SFT stages in place of the
-    sweep's folder (the study shares them across its experiments)."""
+    sweep's folder (the study shares them across its experiments); ``leave_out`` (run -> why) drops runs."""
     runs = plan(raw, source)
+    for name, why in (leave_out or {}).items():
+        echo(f"sweep: {name}: left out ({why})")
+    runs = [r for r in runs if r.name not in (leave_out or {})]
     _, options, _ = sweep_block(raw)
     share = bool(options.get("share_sft", True))
     root = sweep_dir(raw)

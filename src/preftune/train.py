@@ -50,7 +50,7 @@ from preftune.errors import PreftuneError
 from preftune.eval.rewards import WeightedMeans, evaluate_batches
 from preftune.logprobs import SequenceLogps
 from preftune.methods import METHODS, Method
-from preftune.model import is_adapter, load_model, load_tokenizer, trainable_parameters
+from preftune.model import is_adapter, load_model, load_tokenizer, slow_bf16, trainable_parameters
 from preftune.paths import StageDir
 from preftune.resume import check_finished, check_resume, check_writable, trim_metrics
 from preftune.reward import (
@@ -335,6 +335,8 @@ def setup(cfg: Config, stage: str, out_dir: str | Path, model_path: str, resume:
         ckpt.clean_stale(Path(out_dir))
     if cfg.threads:  # run_stage restores the process's count
         torch.set_num_threads(cfg.threads)
+    if accelerator.is_main_process and (slow := slow_bf16(cfg.precision)):
+        log.warning("%s", slow)
     seed_everything(cfg.seed)
 
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, cfg.data.chat_template)

@@ -55,8 +55,10 @@ class Config:
     snapshot; recorded in run.json and the model card."""
     tokenizer: str | None = None
     """Tokenizer path when it differs from the model's."""
-    precision: Literal["fp32", "bf16", "bf16-mixed"] = "fp32"
-    """fp32; bf16 = pure bf16 weights; bf16-mixed = fp32 weights with bf16 autocast."""
+    precision: Literal["fp32", "bf16", "bf16-mixed", "auto"] = "fp32"
+    """fp32; bf16 = pure bf16 weights; bf16-mixed = fp32 weights with bf16 autocast; auto = bf16-mixed
+    where this machine runs bf16 matmuls at least 1.5x faster than fp32 (a GPU with bf16, a CPU with AMX
+    or AVX-512 BF16), else fp32, decided when the config loads (the run records the choice)."""
     attn_implementation: str | None = None
     """transformers attention backend (sdpa, eager, flex_attention, flash_attention_2); null = model
     default. flex_attention takes the prefix-shared layouts as a BlockMask (training on CUDA only);

@@ -40,6 +40,10 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
     problems += validate(cfg)
     if problems:
         raise ConfigError(problems, source)
+    if cfg.precision == "auto":
+        from preftune.model import auto_precision  # torch: only when asked
+
+        cfg = dataclasses.replace(cfg, precision=auto_precision())
     return cfg
 
 
