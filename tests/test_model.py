@@ -155,3 +155,23 @@ def test_model_revision_is_recorded_in_run_json_and_the_card(hub_repo, tmp_path,
     assert run["model_revision"] == summary["model_revision"] == "v1"
     assert Path(run["base_model"]).name == V1
     assert "`preftune-test/tiny` at revision `v1`" in lineage(cfg, run)
+
+
+def test_auto_precision_follows_the_machines_bf16_speed(monkeypatch):
+    """``precision: auto`` resolves at config load: bf16-mixed where bf16 matmuls run at least 1.5x fp32
+    (AMX, a bf16 GPU), else fp32; an explicit bf16 on a machine that runs it slower is named, with the
+    factor. The real probe and the config agree on this machine."""
+    import preftune.model as model_module
+
+    real = model_module.bf16_speedup()
+    assert real > 0
+    assert config_from_dict({"precision": "auto"}).precision == ("bf16-mixed" if real >= 1.5 else "fp32")
+    assert (model_module.slow_bf16("bf16-mixed") is None) == (real >= 1.0)
+    assert model_module.slow_bf16("fp32") is None
+    monkeypatch.setattr(model_module, "bf16_speedup", lambda: 0.02)  # an AVX2-only CPU: bf16 50x slower
+    assert config_from_dict({"precision": "auto"}).precision == "fp32"
+    assert model_module.slow_bf16("bf16").startswith("precision bf16: this machine runs bf16 matmuls 50x slower")
+    monkeypatch.setattr(model_module, "bf16_speedup", lambda: 3.2)  # AMX
+    assert config_from_dict({"precision": "auto"}).precision == "bf16-mixed"
+    assert model_module.slow_bf16("bf16-mixed") is None
+    assert config_from_dict({"precision": "fp32"}).precision == "fp32"
