@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from preftune.cli import main
-from preftune.model import slow_bf16
 from preftune.report.findings import AGREES, DISAGREES, NOT_SHOWN, Finding, findings, write_findings
 from preftune.study import RECIPES, load_overlay, recipes
 
@@ -115,12 +114,12 @@ def test_findings_agree_disagree_and_not_shown(tmp_path):
     beta = rows["a higher beta forgets less (held-out loss on pre-training text)"]
     assert equal.verdict == AGREES and equal.ours == "win-rate fp32 - bf16 (independent): -0.010 [-0.081, +0.061]"
     assert lora.verdict == NOT_SHOWN and "the 95% CI spans 0" in lora.reason
-    assert lora.ours == "win-rate full - LoRA, bf16 (independent): +0.020 [-0.051, +0.091]"
+    assert lora.ours == "win-rate full - LoRA (independent): +0.020 [-0.051, +0.091]"
     assert beta.verdict == DISAGREES and beta.ours.endswith("difference -0.0090 [-0.0104, -0.0076]")
     down = rows["DPO improves downstream accuracy over the base model"]
     assert down.verdict == NOT_SHOWN and down.reason.startswith("a_downstream: no downstream task scores")
 
-    md = write_findings(tmp_path, tmp_path / "report", {"e_sft_data": "was not run: one source"}).read_text()
+    md = write_findings(tmp_path, tmp_path / "report", {"e_sft_data": "one source"}).read_text()
     table = md.split("## Findings\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert table[0] == "| the study's finding | its number | ours [95% CI] | verdict |" and len(table) == 2 + 9
     assert "| DPO improves downstream accuracy over the base model | about +2% (Table 1) |" in table[2]
@@ -145,10 +144,10 @@ def test_run_differences_are_paired_over_the_prompts_both_judged(tmp_path):
     _samples(tmp_path, "b_precision", "bf16-lora", lora)
     _samples(tmp_path, "b_precision", "bf16-full", lora[:20] + [1.0] * 8 + [0.0] * 12)
     row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
-    assert row.ours.startswith("win-rate full - LoRA, bf16 (paired, n=40): +0.200 [+0.") and row.verdict == AGREES
+    assert row.ours.startswith("win-rate full - LoRA (paired, n=40): +0.200 [+0.") and row.verdict == AGREES
     _samples(tmp_path, "b_precision", "bf16-full", [None] * 40)  # nothing both judged: the two CIs again
     row = next(f for f in findings(tmp_path) if f.claim.startswith("full fine-tuning"))
-    assert row.ours.startswith("win-rate full - LoRA, bf16 (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
+    assert row.ours.startswith("win-rate full - LoRA (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
 
 
 # ---------------------------------------------------------------- every experiment on the tiny model
@@ -191,13 +190,12 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
         assert all(r["status"] == "done" for r in sweep["runs"]), exp
     judge = json.loads((root / "judge" / "run.json").read_text())
     assert judge["method"] == "rm" and judge["steps"] == 2 and any("== judge: a reward model" in p for p in printed)
-    slow = slow_bf16("bf16-mixed")  # a CPU without native bf16: the bf16 runs are left out, and said so
     trained = {exp: [r["result"]["sft_trained_here"] for r in json.loads((root / exp / "sweep.json").read_text())["runs"]]
                for exp in ("a_downstream", "b_precision", "c_forgetting", "d_beta_data", "f_training_length")}
-    assert trained == {"a_downstream": [True], "b_precision": [False] * (2 if slow else 4), "c_forgetting": [False] * 2,
+    assert trained == {"a_downstream": [True], "b_precision": [False] * 3, "c_forgetting": [False] * 2,
                        "d_beta_data": [False] * 2, "f_training_length": [False]}  # one SFT for the study
     (shared,) = (root / "shared" / "sft").iterdir()
-    assert (root / "b_precision" / "runs" / "fp32-lora" / "sft").resolve() == shared.resolve()
+    assert (root / "b_precision" / "runs" / "bf16-lora" / "sft").resolve() == shared.resolve()
     ev = json.loads((root / "b_precision" / "runs" / "fp32-full" / "eval" / "eval.json").read_text())
     assert ev["config"]["winrate"]["judge"] == "reward_model"
     assert all(m["winrate"]["invalid"] == 0 and m["winrate"]["n"] > 0 for m in ev["models"].values())  # open-ended rows too
@@ -205,14 +203,8 @@ def test_every_experiment_runs_end_to_end_on_the_tiny_model(tmp_path, monkeypatc
     assert [p["step"] for p in curve["points"]] == [0, 1, 2, 3]
     rows = {f["claim"]: Finding(**f) for f in json.loads((Path(states["findings"]).parent / "findings.json").read_text())}
     assert all(f.verdict in (AGREES, DISAGREES, NOT_SHOWN) for f in rows.values())
-    equal = rows["fp32 and bf16 DPO are about equal"]
-    if slow:
-        assert equal.reason == f"b_precision left out bf16-full, bf16-lora: {slow}"
-        assert any(line.startswith("  left out here: bf16-full, bf16-lora (precision bf16-mixed: ") for line in printed)
-    else:
-        assert equal.ours.startswith("win-rate fp32 - bf16 (paired, n=")
-    assert rows["full fine-tuning is at least as good as LoRA"].ours.startswith(
-        f"win-rate full - LoRA, {'fp32' if slow else 'bf16'} (paired, n=")
+    assert rows["fp32 and bf16 DPO are about equal"].ours.startswith("win-rate fp32 - bf16 (paired, n=")
+    assert rows["full fine-tuning is at least as good as LoRA"].ours.startswith("win-rate full - LoRA (paired, n=")
     assert rows["a higher beta forgets less (held-out loss on pre-training text)"].ours.startswith("Δ bits/byte vs base: beta 0.05")
     assert "e_sft_data was not run" in rows["the SFT data matters: Alpaca SFT + HH DPO is best"].reason
     peaks = rows["the win-rate peaks with the reward accuracy"]

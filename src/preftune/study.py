@@ -259,20 +259,6 @@ def format_experiment(name: str, raw: dict, runs: list[PlannedRun]) -> str:
 # ---------------------------------------------------------------- running
 
 
-def too_slow_here(planned: dict[str, list[PlannedRun]]) -> dict[str, dict[str, str]]:
-    """Experiment -> {run: why} for the runs whose precision this machine runs slower than fp32 (bf16
-    on a CPU without native bf16, 50-100x slower): ``--embedded`` leaves them out rather than spend its
-    hour on them, and the findings report says so."""
-    from preftune.model import slow_bf16  # torch: only when the study runs
-
-    out: dict[str, dict[str, str]] = {}
-    for name, runs in planned.items():
-        why = {r.name: slow for r in runs if (slow := slow_bf16(r.cfg.precision))}
-        if why:
-            out[name] = why
-    return out
-
-
 def shared_sft_lines(planned: dict[str, list[PlannedRun]]) -> list[str]:
     """The plan's word on SFT across experiments: each SFT stage is trained once, by the first run that
     needs it, for every experiment with the same SFT settings (the study ran its DPO variants from one
@@ -328,14 +314,8 @@ def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = F
             problems += [f"{name}: {p}" for p in e.problems]
     if problems:
         raise ConfigError(problems, "the study's recipes" + (" (--embedded)" if embedded else ""))
-    slow = too_slow_here(planned) if embedded else {}
     for name, runs in planned.items():
         echo(format_experiment(name, raws[name], runs))
-        if slow.get(name):
-            echo(f"  left out here: {', '.join(slow[name])} ({next(iter(slow[name].values()))})")
-    planned = {name: [r for r in runs if r.name not in slow.get(name, {})] for name, runs in planned.items()}
-    left_out = {n: f"was not run: {why}" for n, why in left_out.items()}
-    left_out |= {n: f"left out {', '.join(runs)}: {next(iter(runs.values()))}" for n, runs in slow.items()}
     judge = judge_config(overlay, folder)
     if judge is not None:
         pairs, steps, where = stage_steps(judge, "rm")
@@ -353,8 +333,7 @@ def run_study(folder: Path = RECIPES, only: str | None = None, dry_run: bool = F
     states: dict[str, Any] = {}
     for name, raw in raws.items():
         echo(f"\nstudy: experiment {name}")
-        states[name] = run_sweep(raw, source=str(chosen[name]), echo=echo, shared_root=root,
-                                 leave_out=slow.get(name))
+        states[name] = run_sweep(raw, source=str(chosen[name]), echo=echo, shared_root=root)
     states["findings"] = str(write_findings(root, StudyDir(root).report_dir, left_out))
     echo(f"study: findings in {states['findings']}")
     return states

@@ -446,15 +446,12 @@ def _duration(s: float) -> str:
 
 
 def run_sweep(raw: dict, dry_run: bool = False, source: str = "config", echo=print,
-              shared_root: Path | None = None, leave_out: dict[str, str] | None = None) -> dict:
+              shared_root: Path | None = None) -> dict:
     """Plan, (dry-run: print and stop), run every unfinished run one after another, then the report.
     Returns the ``sweep.json`` record. Failed runs are recorded and the others still run; the sweep
     then raises a PreftuneError naming them. ``shared_root`` holds the shared SFT stages in place of the
-    sweep's folder (the study shares them across its experiments); ``leave_out`` (run -> why) drops runs."""
+    sweep's folder (the study shares them across its experiments)."""
     runs = plan(raw, source)
-    for name, why in (leave_out or {}).items():
-        echo(f"sweep: {name}: left out ({why})")
-    runs = [r for r in runs if r.name not in (leave_out or {})]
     _, options, _ = sweep_block(raw)
     share = bool(options.get("share_sft", True))
     root = sweep_dir(raw)

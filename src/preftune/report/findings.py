@@ -179,18 +179,14 @@ def precision_equal(root: Path, f: Finding) -> None:
 
 
 def full_vs_lora(root: Path, f: Finding) -> None:
-    """Full against LoRA in bf16, as the study ran them, else in fp32 where no bf16 pair ran."""
     runs = experiment_runs(root, "b_precision")
-    for precision in ("bf16", "fp32"):
-        full, lora = _variant(runs, precision, False), _variant(runs, precision, True)
-        a, b = (winrate(_model(r, "dpo")) if r else None for r in (full, lora))
-        if a and b:
-            break
-    else:
-        f.verdict, f.reason = _missing("b_precision", "needs the full and LoRA win-rates of one precision")
+    full, lora = _variant(runs, "bf16", False), _variant(runs, "bf16", True)
+    a, b = (winrate(_model(r, "dpo")) if r else None for r in (full, lora))
+    if not (a and b):
+        f.verdict, f.reason = _missing("b_precision", "needs the bf16-full and bf16-lora win-rates")
         return
     d, how = between(full, lora, a, b)
-    f.ours = f"win-rate full - LoRA, {precision} ({how}): {show(d)}"
+    f.ours = f"win-rate full - LoRA ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "full - LoRA")
 
 
@@ -295,15 +291,15 @@ FINDINGS: list[tuple[Finding, Callable[[Path, Finding], None]]] = [
 
 def findings(root: Path, left_out: dict[str, str] | None = None) -> list[Finding]:
     """Each finding with our figure and verdict, from the experiment folders under ``root``; a finding
-    not shown for want of an experiment, or of runs of it, that were left out (``left_out``: experiment
-    -> what and why, ``was not run: ...`` or ``left out RUNS: ...``) gives that reason."""
+    not shown for want of an experiment that was left out (``left_out``: experiment -> why) gives that
+    reason."""
     out = []
     for template, measure in FINDINGS:
         f = Finding(template.claim, template.study)
         measure(Path(root), f)
         for experiment, why in (left_out or {}).items():
             if f.verdict == NOT_SHOWN and f.reason.startswith(f"{experiment}:"):
-                f.reason = f"{experiment} {why}"
+                f.reason = f"{experiment} was not run: {why}"
         out.append(f)
     return out
 
