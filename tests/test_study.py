@@ -150,6 +150,30 @@ def test_run_differences_are_paired_over_the_prompts_both_judged(tmp_path):
     assert row.ours.startswith("win-rate full - LoRA (independent): +0.200 [-0.") and row.verdict == NOT_SHOWN
 
 
+def _curve(root: Path, accs: dict[int, float], rates: dict[int, tuple[float, float, float]]) -> None:
+    run = root / "f_training_length" / "runs" / "m"
+    (run / "dpo").mkdir(parents=True)
+    (run / "dpo" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "eval/rewards/accuracies": a}) + "\n" for s, a in accs.items()))
+    (run / "eval" / "curve.json").write_text(json.dumps({"points": [
+        {"step": s, **_wr(*r)} for s, r in rates.items()]}))
+
+
+@pytest.mark.parametrize("rates, verdict, reason", [
+    ({6: (0.40, 0.26, 0.55), 12: (0.30, 0.18, 0.45), 18: (0.35, 0.22, 0.50)}, AGREES, "is the best win-rate"),
+    ({6: (0.27, 0.16, 0.42), 12: (0.30, 0.18, 0.45), 18: (0.39, 0.26, 0.54)}, NOT_SHOWN, "CIs overlap"),
+    ({6: (0.10, 0.05, 0.20), 12: (0.30, 0.18, 0.45), 18: (0.60, 0.50, 0.70)}, DISAGREES, "beyond both CIs"),
+])
+def test_the_peaks_finding_calls_overlapping_cis_not_shown(tmp_path, rates, verdict, reason):
+    """Reward accuracy peaks at step 6 in every case. The win-rate there is the best (agrees), below the
+    best with overlapping CIs (not shown: no finding from noise), or below it beyond both CIs (disagrees)."""
+    _run(tmp_path, "f_training_length", "m", {}, {"dpo": _wr(0.3, 0.2, 0.4)})
+    _curve(tmp_path, {6: 0.9, 12: 0.8, 18: 0.7}, rates)
+    row = next(f for f in findings(tmp_path) if f.claim == "the win-rate peaks with the reward accuracy")
+    assert row.ours.startswith("m: reward-acc peak at step 6 (win-rate ")
+    assert row.verdict == verdict and reason in row.reason
+
+
 # ---------------------------------------------------------------- every experiment on the tiny model
 
 

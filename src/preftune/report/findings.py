@@ -265,12 +265,13 @@ def peaks_together(root: Path, f: Finding) -> None:
         a, w = winrate(at_acc), winrate(at_win)
         f.ours = (f"{run.name}: reward-acc peak at step {at_acc['step']} (win-rate {show(a, signed=False)}); "
                   f"win-rate peak at step {at_win['step']} ({show(w, signed=False)})")
-        if at_acc["step"] == at_win["step"] or a[2] >= w[0]:
-            f.verdict, f.reason = AGREES, "the win-rate at the reward-accuracy peak is within the CI of the best"
+        if at_acc["step"] == at_win["step"] or a[0] >= w[0]:
+            f.verdict, f.reason = AGREES, "the win-rate at the reward-accuracy peak is the best win-rate"
         elif a[2] < w[1]:
             f.verdict, f.reason = DISAGREES, "the win-rate at the reward-accuracy peak is below the best beyond both CIs"
         else:
-            f.verdict, f.reason = NOT_SHOWN, "the two peaks differ, but their CIs overlap"
+            f.verdict, f.reason = NOT_SHOWN, ("the two peaks are at different checkpoints, but their CIs overlap "
+                                              "(too few prompts to tell)")
         return
     f.verdict, f.reason = _missing("f_training_length", "needs win-rate and reward accuracy at 3 or more shared checkpoints")
 
