@@ -184,7 +184,7 @@ def _tiny_overlay(model: str) -> dict:
     overlay["replace"] = {k: (model if v.startswith("embedded:smollm2") else v) for k, v in overlay["replace"].items()}
     overlay["all"].update({
         "data": {"max_rows": 16, "max_eval_rows": 6, "max_length": 64, "max_prompt_length": 32},
-        "sft": {"max_steps": 2, "batch_size": 4, "grad_accum": 1, "gradient_checkpointing": False},
+        "sft": {**overlay["all"]["sft"], "max_steps": 2, "batch_size": 4},  # one lr for every recipe: one SFT
         "dpo": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "gradient_checkpointing": False, "eval_every": 1},
         "eval": {"batch_size": 8, "tasks": [], "winrate": {"enabled": True, "categories": "rows",
                                                            "per_category": 1, "max_new_tokens": 4},
