@@ -111,9 +111,13 @@ def peak_rss_mb() -> float:
 
 def matmul_peak(precision: str, threads: int, n: int = 2048, repeats: int = 5) -> float:
     """Best GFLOP/s of an ``n x n`` ``torch.mm`` in the precision's matmul dtype (bf16 for bf16 and
-    bf16-mixed) on ``threads`` threads: the peak the achieved rate is held against."""
+    bf16-mixed) on ``threads`` threads: the peak the achieved rate is held against. On a CPU without
+    native bf16, bf16 matmuls take fp32 kernels as in a run (``model.bf16_fallback``), on both sides."""
     import torch
 
+    from preftune.model import bf16_fallback
+
+    bf16_fallback(precision)
     torch.set_num_threads(threads)
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
