@@ -33,7 +33,6 @@ from preftune.eval.stats import paired_bootstrap, wilson_interval
 from preftune.eval.tasks import run_tasks
 from preftune.files import write_json
 from preftune.methods import METHODS
-from preftune.paths import EvalDir
 from preftune.model import (
     adapter_base,
     content_digest,
@@ -42,6 +41,7 @@ from preftune.model import (
     resolve_model,
     trust_options,
 )
+from preftune.paths import EvalDir
 
 PUBLIC_HELDOUT = ("nll", "ppl", "bpb", "n_tokens", "n_bytes", "n_chunks", "chunk_length")
 
