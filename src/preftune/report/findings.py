@@ -161,14 +161,23 @@ def _variant(runs: dict[str, Run], precision: str, lora: bool) -> Run | None:
     return None
 
 
+def _precision_pair(f: Finding, first: Run | None, second: Run | None, need: str) -> tuple[Estimate, str] | None:
+    """``first``'s DPO win-rate minus ``second``'s (:func:`between`); None, with ``f`` marked as wanting
+    ``need``, when either b_precision run or its win-rate is missing."""
+    a, b = (winrate(_model(r, "dpo")) if r else None for r in (first, second))
+    if not (a and b):
+        f.verdict, f.reason = _missing("b_precision", need)
+        return None
+    return between(first, second, a, b)
+
+
 def precision_equal(root: Path, f: Finding) -> None:
     runs = experiment_runs(root, "b_precision")
-    fp32, bf16 = _variant(runs, "fp32", False), _variant(runs, "bf16", False)
-    a, b = (winrate(_model(r, "dpo")) if r else None for r in (fp32, bf16))
-    if not (a and b):
-        f.verdict, f.reason = _missing("b_precision", "needs the fp32-full and bf16-full win-rates")
+    pair = _precision_pair(f, _variant(runs, "fp32", False), _variant(runs, "bf16", False),
+                           "needs the fp32-full and bf16-full win-rates")
+    if pair is None:
         return
-    d, how = between(fp32, bf16, a, b)
+    d, how = pair
     f.ours = f"win-rate fp32 - bf16 ({how}): {show(d)}"
     if d[1] > 0 or d[2] < 0:
         f.verdict, f.reason = DISAGREES, "fp32 and bf16 differ beyond the 95% CI"
@@ -180,12 +189,11 @@ def precision_equal(root: Path, f: Finding) -> None:
 
 def full_vs_lora(root: Path, f: Finding) -> None:
     runs = experiment_runs(root, "b_precision")
-    full, lora = _variant(runs, "bf16", False), _variant(runs, "bf16", True)
-    a, b = (winrate(_model(r, "dpo")) if r else None for r in (full, lora))
-    if not (a and b):
-        f.verdict, f.reason = _missing("b_precision", "needs the bf16-full and bf16-lora win-rates")
+    pair = _precision_pair(f, _variant(runs, "bf16", False), _variant(runs, "bf16", True),
+                           "needs the bf16-full and bf16-lora win-rates")
+    if pair is None:
         return
-    d, how = between(full, lora, a, b)
+    d, how = pair
     f.ours = f"win-rate full - LoRA ({how}): {show(d)}"
     f.verdict, f.reason = by_sign(d, "full - LoRA")
 
