@@ -158,6 +158,15 @@ def ours(models, pairs, layout, cfg: OurDPOConfig) -> dict[str, float]:
     return out
 
 
+def ours_every_way(models, pairs, our_kwargs: dict, layouts: dict | None = None):
+    """(layout name, chunked, preftune's metrics) for every layout (padded and collate.py's prefix-shared
+    by default) with chunked and plain log-probs."""
+    layouts = layouts or {"padded": padded, "collate:prefix_shared": collate_layouts()["collate:collate_prefix_shared"]}
+    for name, layout in layouts.items():
+        for chunked in (True, False):
+            yield name, chunked, ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
+
+
 DPO_KEYS = [
     "loss",
     "rewards/chosen",
@@ -237,11 +246,9 @@ def test_dpo_losses_match_trl(models, dataset, case):
     loss_type=['sigmoid', 'sft'] with loss_weights [1, w] = preftune's sft_weight w."""
     trl_kwargs, our_kwargs = DPO_CASES[case]
     expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
-    for name, layout in (LAYOUTS | collate_layouts()).items():
-        for chunked in (True, False):
-            got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
-            for key in DPO_KEYS:
-                assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
+    for name, chunked, got in ours_every_way(models, pairs, our_kwargs, LAYOUTS | collate_layouts()):
+        for key in DPO_KEYS:
+            assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
     assert abs(expected["rewards/margins"]) > 1e-3  # a real, non-trivial comparison
 
 
@@ -267,19 +274,20 @@ def test_dpo_matches_trl_in_bf16(models, dataset, case, precision):
     """The same comparison in bf16, within :data:`BF16_TOL`: ``bf16-mixed`` runs both sides on the fp32
     models inside ``torch.autocast("cpu", bfloat16)`` (what TRL's ``bf16=True`` and preftune's
     ``bf16-mixed`` train under), ``bf16`` on bf16 copies of the weights; preftune's chunked head (its
-    matmuls in bf16) and plain path, padded and prefix-shared."""
+    matmuls in bf16) and plain path, padded and prefix-shared. On a CPU without native bf16 both sides
+    run as a preftune run does there (``model.bf16_fallback``), whatever ran before in this process."""
+    from preftune.model import bf16_fallback
+
     trl_kwargs, our_kwargs = DPO_CASES[case]
     fp32, _ = trl_dpo(models, dataset, **trl_kwargs)
+    bf16_fallback(precision)
     models = _bf16_models(models, precision)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
-        layouts = {"padded": padded, "collate:prefix_shared": collate_layouts()["collate:collate_prefix_shared"]}
-        for name, layout in layouts.items():
-            for chunked in (True, False):
-                got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
-                for key in DPO_KEYS:
-                    tol = next(t for prefix, t in BF16_TOL.items() if key.startswith(prefix))
-                    assert got[key] == pytest.approx(expected[key], abs=tol), (name, chunked, key)
+        for name, chunked, got in ours_every_way(models, pairs, our_kwargs):
+            for key in DPO_KEYS:
+                tol = next(t for prefix, t in BF16_TOL.items() if key.startswith(prefix))
+                assert got[key] == pytest.approx(expected[key], abs=tol), (name, chunked, key)
     assert max(abs(expected[k] - fp32[k]) for k in ("logps/chosen", "logps/rejected")) > 2.5e-4  # really bf16
 
 
@@ -293,12 +301,9 @@ def test_every_trl_loss_type_and_option_matches(models, dataset, case):
     loss, rewards/* and logps/* within 1e-5, in the padded and the prefix-shared layout, chunked and plain."""
     trl_kwargs, our_kwargs = MORE_CASES[case]
     expected, pairs = trl_dpo(models, dataset, **trl_kwargs)
-    layouts = {"padded": padded, "collate:prefix_shared": collate_layouts()["collate:collate_prefix_shared"]}
-    for name, layout in layouts.items():
-        for chunked in (True, False):
-            got = ours(models, pairs, layout, OurDPOConfig(chunked_logps=chunked, **our_kwargs))
-            for key in DPO_KEYS:
-                assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
+    for name, chunked, got in ours_every_way(models, pairs, our_kwargs):
+        for key in DPO_KEYS:
+            assert got[key] == pytest.approx(expected[key], abs=TOL), (name, chunked, key)
     assert abs(expected["rewards/margins"]) > 1e-3
 
 
